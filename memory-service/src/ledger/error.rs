@@ -1,0 +1,78 @@
+//! Domain errors of the ledger, each naming the numbers a caller needs to fix the call.
+
+use std::time::Duration;
+
+/// Why a ledger operation was refused. `From<Error> for tonic::Status` (in `service::status`) maps
+/// each variant to exactly one gRPC code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A request field is malformed or out of range.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The request field at fault, as named in the proto.
+        field: String,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+    /// No pool has this name.
+    #[error("pool {0:?} not found")]
+    PoolNotFound(String),
+    /// A pool with this name already exists.
+    #[error("pool {0:?} already exists")]
+    PoolExists(String),
+    /// No live lease has this id: never granted, freed, or reclaimed after expiry.
+    #[error("lease {0} not found: it was never granted, or it was already freed or reclaimed")]
+    LeaseNotFound(String),
+    /// The lease reached its deadline: it is dead even if its reclamation had not run yet.
+    #[error("lease {id} expired {ago:?} ago; allocate a new lease")]
+    LeaseExpired {
+        /// The lease id.
+        id: String,
+        /// How long ago the deadline passed.
+        ago: Duration,
+    },
+    /// The request can never fit: it asks more of a pool than its whole capacity.
+    #[error("pool {pool:?} cannot ever hold {requested} bytes: its capacity is {capacity} bytes")]
+    ExceedsCapacity {
+        /// The pool.
+        pool: String,
+        /// Bytes asked from it by the request (summed over its items).
+        requested: u64,
+        /// Capacity of the pool.
+        capacity: u64,
+    },
+    /// No room now, and the caller's wait (if any) ran out.
+    #[error(
+        "pool {pool:?} has {available} of {capacity} bytes available, {requested} requested, \
+         {waiters} earlier waiter(s); waited {waited:?}"
+    )]
+    NoRoom {
+        /// The first pool that could not serve the request.
+        pool: String,
+        /// Bytes asked from it.
+        requested: u64,
+        /// Bytes available in it.
+        available: u64,
+        /// Its capacity.
+        capacity: u64,
+        /// Allocate calls queued for it ahead of this one.
+        waiters: u64,
+        /// How long this call waited before giving up.
+        waited: Duration,
+        /// Whether the call waited at all (a timeout) or was refused at once.
+        timed_out: bool,
+    },
+    /// An Allocate with the same request id is still waiting.
+    #[error("an Allocate with request_id {0:?} is still waiting; retry after it completes")]
+    RequestInProgress(String),
+    /// The server is shutting down and takes no new work.
+    #[error("memory-service is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument { field: field.into(), reason: reason.into() }
+    }
+}

@@ -1,0 +1,717 @@
+//! The ledger: a plain synchronous state machine owning pools, leases, deadlines and waiters.
+//!
+//! Every operation takes `now` explicitly, so the whole policy (expiry, FIFO waiting, idempotency)
+//! is unit- and property-testable without a runtime; the gRPC layer is a thin shell that holds the
+//! ledger behind a mutex and never awaits while holding it.
+
+mod error;
+mod events;
+mod expiry;
+mod lease;
+mod pool;
+mod waiters;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    sync::{Notify, broadcast, oneshot},
+    time::Instant,
+};
+
+pub use self::{
+    error::Error,
+    events::{Event, EventKind},
+    lease::{IdGen, Lease, LeaseId},
+    pool::{Counters, PoolId, PoolStats, Release},
+};
+use self::{
+    events::{Change, EventBus},
+    expiry::ExpiryQueue,
+    pool::Pool,
+    waiters::WaitQueue,
+};
+
+/// (pool, bytes) pairs.
+type PoolBytes = Vec<(PoolId, u64)>;
+
+/// An Allocate call as the ledger sees it: validated, pools still named.
+#[derive(Debug, Clone)]
+pub struct AllocRequest {
+    /// (pool name, bytes) per lease wanted, in order.
+    pub items: Vec<(String, u64)>,
+    /// Holder name.
+    pub holder: Arc<str>,
+    /// Scope, if any.
+    pub scope: Option<Arc<str>>,
+    /// TTL of the leases.
+    pub ttl: Duration,
+    /// Idempotency key, if any.
+    pub request_id: Option<Arc<str>>,
+}
+
+/// A request with its pools resolved and its demand summed per pool.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    items: Vec<(PoolId, u64)>,
+    /// Bytes per distinct pool, in order of first mention.
+    demand: Vec<(PoolId, u64)>,
+    holder: Arc<str>,
+    scope: Option<Arc<str>>,
+    ttl: Duration,
+    /// `holder` + request id: idempotency keys are per holder, so two holders cannot collide.
+    key: Option<Arc<str>>,
+}
+
+/// Leases granted by one Allocate, in request order.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The leases.
+    pub leases: Vec<Lease>,
+    /// True if an earlier call with the same request id granted them.
+    pub replayed: bool,
+}
+
+/// The outcome of [`Ledger::allocate`] that is not an error.
+#[derive(Debug)]
+pub enum Admission {
+    /// Granted now.
+    Granted(Grant),
+    /// Queued: the grant arrives on `grant`, unless the caller abandons the wait first.
+    Queued {
+        /// Identifies the waiter for [`Ledger::abandon_wait`].
+        ticket: u64,
+        /// Receives the grant.
+        grant: oneshot::Receiver<Grant>,
+    },
+}
+
+/// How one pool stands against a request (CanAllocate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolFit {
+    /// The pool.
+    pub pool: Arc<str>,
+    /// Bytes the request asks of it.
+    pub requested: u64,
+    /// Bytes available now.
+    pub available: u64,
+    /// Capacity.
+    pub capacity: u64,
+    /// Calls queued on it.
+    pub waiters: u64,
+}
+
+/// Answer of [`Ledger::can_allocate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Feasibility {
+    /// An Allocate would be granted without waiting.
+    pub now: bool,
+    /// Every pool is large enough to ever hold the request.
+    pub fits_capacity: bool,
+    /// One entry per distinct pool.
+    pub pools: Vec<PoolFit>,
+}
+
+/// What an Allocate granted under an idempotency key, so a retry gets the same leases.
+#[derive(Debug)]
+struct Replay {
+    items: Vec<(PoolId, u64)>,
+    scope: Option<Arc<str>>,
+    ttl: Duration,
+    leases: Vec<LeaseId>,
+}
+
+/// All of memory-service's state. See the module docs.
+#[derive(Debug)]
+pub struct Ledger {
+    pools: Vec<Pool>,
+    pool_index: HashMap<Arc<str>, PoolId>,
+    leases: HashMap<LeaseId, Lease>,
+    scopes: HashMap<Arc<str>, HashSet<LeaseId>>,
+    expiry: ExpiryQueue,
+    waiters: WaitQueue,
+    replays: HashMap<Arc<str>, Replay>,
+    events: EventBus,
+    ids: IdGen,
+    epoch: u64,
+    /// Woken when the earliest deadline moves earlier, so the reaper re-arms its timer.
+    reaper: Arc<Notify>,
+}
+
+impl Ledger {
+    /// An empty ledger whose event ring holds `event_capacity` events per watcher.
+    pub fn new(event_capacity: usize) -> Self {
+        let mut ids = IdGen::from_os();
+        Ledger {
+            pools: Vec::new(),
+            pool_index: HashMap::new(),
+            leases: HashMap::new(),
+            scopes: HashMap::new(),
+            expiry: ExpiryQueue::default(),
+            waiters: WaitQueue::default(),
+            replays: HashMap::new(),
+            events: EventBus::new(event_capacity),
+            epoch: ids.next_u64(),
+            ids,
+            reaper: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Boot id: random per ledger, so clients notice a restart.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Notified when the earliest deadline moves earlier.
+    pub fn reaper_notify(&self) -> Arc<Notify> {
+        self.reaper.clone()
+    }
+
+    /// A receiver of every event published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+
+    /// Sequence number of the last event.
+    pub fn last_sequence(&self) -> u64 {
+        self.events.last_sequence()
+    }
+
+    /// Adds a pool. The name must already be validated.
+    pub fn create_pool(&mut self, name: &str, capacity: u64) -> Result<PoolStats, Error> {
+        if self.pool_index.contains_key(name) {
+            return Err(Error::PoolExists(name.to_owned()));
+        }
+        if capacity == 0 {
+            return Err(Error::invalid("capacity_bytes", "must be greater than zero"));
+        }
+        let name: Arc<str> = name.into();
+        let id = self.pools.len();
+        self.pools.push(Pool::new(name.clone(), capacity));
+        self.pool_index.insert(name.clone(), id);
+        self.events.publish(Change {
+            kind: EventKind::PoolCreated,
+            pool: &name,
+            lease: None,
+            size: capacity,
+            holder: None,
+            scope: None,
+            pool_used: 0,
+        });
+        Ok(self.pools[id].stats())
+    }
+
+    /// Statistics of one pool.
+    pub fn pool_stats(&self, name: &str) -> Result<PoolStats, Error> {
+        self.pool_id(name).map(|id| self.pools[id].stats())
+    }
+
+    /// Statistics of every pool, sorted by name.
+    pub fn list_pools(&self) -> Vec<PoolStats> {
+        let mut all: Vec<_> = self.pools.iter().map(Pool::stats).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Number of live leases (all pools).
+    pub fn live_leases(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// The earliest lease deadline, for the reaper's timer.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.expiry.next_deadline()
+    }
+
+    /// Whether `items` would be granted now. Unknown pools and malformed sizes are errors; a
+    /// request larger than a pool is not (it is reported as `fits_capacity == false`).
+    pub fn can_allocate(&mut self, items: &[(String, u64)], now: Instant) -> Result<Feasibility, Error> {
+        self.reap(now);
+        let (_, demand) = self.resolve_items(items)?;
+        let fits_capacity = demand.iter().all(|&(p, bytes)| bytes <= self.pools[p].capacity());
+        let pools = demand
+            .iter()
+            .map(|&(p, requested)| {
+                let pool = &self.pools[p];
+                PoolFit {
+                    pool: pool.name().clone(),
+                    requested,
+                    available: pool.available(),
+                    capacity: pool.capacity(),
+                    waiters: pool.waiters(),
+                }
+            })
+            .collect();
+        Ok(Feasibility { now: self.fits_now(&demand), fits_capacity, pools })
+    }
+
+    /// Grants `request` now, queues it (if `may_wait`), or refuses it.
+    pub fn allocate(
+        &mut self,
+        request: AllocRequest,
+        now: Instant,
+        may_wait: bool,
+    ) -> Result<Admission, Error> {
+        self.reap(now);
+        let (items, demand) = self.resolve_items(&request.items)?;
+        let key =
+            request.request_id.as_ref().map(|id| Arc::<str>::from(format!("{}\u{0}{}", request.holder, id)));
+        let resolved =
+            Resolved { items, demand, holder: request.holder, scope: request.scope, ttl: request.ttl, key };
+
+        if let Some(key) = &resolved.key {
+            if let Some(grant) = self.replay(key, &resolved)? {
+                return Ok(Admission::Granted(grant));
+            }
+            if self.waiters.has_key(key) {
+                let id = request.request_id.as_deref().unwrap_or_default();
+                return Err(Error::RequestInProgress(id.to_owned()));
+            }
+        }
+
+        if let Some(&(p, requested)) =
+            resolved.demand.iter().find(|&&(p, bytes)| bytes > self.pools[p].capacity())
+        {
+            let pool = &mut self.pools[p];
+            pool.count_rejected();
+            let err = Error::ExceedsCapacity {
+                pool: pool.name().to_string(),
+                requested,
+                capacity: pool.capacity(),
+            };
+            self.publish_refusal(EventKind::Rejected, p, requested, &resolved);
+            return Err(err);
+        }
+
+        if self.fits_now(&resolved.demand) {
+            return Ok(Admission::Granted(self.grant(&resolved, now)));
+        }
+        if !may_wait {
+            let err = self.no_room(&resolved, Duration::ZERO, false);
+            for &(p, requested) in &resolved.demand {
+                self.pools[p].count_rejected();
+                self.publish_refusal(EventKind::Rejected, p, requested, &resolved);
+            }
+            return Err(err);
+        }
+
+        for &(p, _) in &resolved.demand {
+            self.pools[p].add_waiter();
+        }
+        let (reply, grant) = oneshot::channel();
+        let ticket = self.waiters.push(resolved, reply);
+        Ok(Admission::Queued { ticket, grant })
+    }
+
+    /// Takes waiter `ticket` out of the queue. Returns `None` if it was no longer queued (it was
+    /// granted: the grant is in its receiver). Otherwise the error to answer: if `timed_out`, the
+    /// wait is counted and published as a timeout.
+    pub fn abandon_wait(
+        &mut self,
+        ticket: u64,
+        now: Instant,
+        waited: Duration,
+        timed_out: bool,
+    ) -> Option<Error> {
+        let waiter = self.waiters.remove(ticket)?;
+        for &(p, _) in &waiter.request.demand {
+            self.pools[p].remove_waiter();
+        }
+        let err = self.no_room(&waiter.request, waited, timed_out);
+        if timed_out {
+            for &(p, requested) in &waiter.request.demand {
+                self.pools[p].count_wait_timeout();
+                self.publish_refusal(EventKind::WaitTimedOut, p, requested, &waiter.request);
+            }
+        }
+        // A waiter leaving can unblock those behind it on the same pools.
+        self.serve_waiters(now);
+        Some(err)
+    }
+
+    /// Renews one lease to `now + ttl`.
+    pub fn renew(&mut self, id: LeaseId, now: Instant) -> Result<Lease, Error> {
+        self.check_live(id, now)?;
+        self.reap(now);
+        let lease = self.leases.get_mut(&id).ok_or_else(|| Error::LeaseNotFound(id.to_string()))?;
+        self.expiry.remove(lease.expires_at, id);
+        lease.expires_at = now + lease.ttl;
+        let lease = lease.clone();
+        self.expiry.insert(lease.expires_at, id);
+        let pool = &self.pools[lease.pool];
+        self.events.publish(Change {
+            kind: EventKind::Renewed,
+            pool: pool.name(),
+            lease: Some(id),
+            size: lease.size,
+            holder: Some(&lease.holder),
+            scope: lease.scope.as_ref(),
+            pool_used: pool.used(),
+        });
+        Ok(lease)
+    }
+
+    /// Renews every live lease of `scope`; returns them (empty if the scope has none).
+    pub fn renew_scope(&mut self, scope: &str, now: Instant) -> Vec<Lease> {
+        self.reap(now);
+        let ids: Vec<LeaseId> =
+            self.scopes.get(scope).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        ids.into_iter().filter_map(|id| self.renew(id, now).ok()).collect()
+    }
+
+    /// Frees one lease.
+    pub fn free(&mut self, id: LeaseId, now: Instant) -> Result<Lease, Error> {
+        self.check_live(id, now)?;
+        self.reap(now);
+        let lease =
+            self.remove_lease(id, Release::Freed).ok_or_else(|| Error::LeaseNotFound(id.to_string()))?;
+        self.serve_waiters(now);
+        Ok(lease)
+    }
+
+    /// Frees every live lease of `scope`; returns (leases, bytes) freed.
+    pub fn free_scope(&mut self, scope: &str, now: Instant) -> (u64, u64) {
+        self.reap(now);
+        let ids: Vec<LeaseId> =
+            self.scopes.get(scope).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let (mut count, mut bytes) = (0, 0);
+        for id in ids {
+            if let Some(lease) = self.remove_lease(id, Release::Freed) {
+                count += 1;
+                bytes += lease.size;
+            }
+        }
+        if count > 0 {
+            self.serve_waiters(now);
+        }
+        (count, bytes)
+    }
+
+    /// Reclaims every lease whose deadline is at or before `now`, all at once (never rate
+    /// limited), then hands the room to waiters. Returns how many expired.
+    pub fn reap(&mut self, now: Instant) -> usize {
+        let mut expired = 0;
+        while let Some(id) = self.expiry.pop_due(now) {
+            if let Some(lease) = self.leases.remove(&id) {
+                self.release(lease, Release::Expired);
+                expired += 1;
+            }
+        }
+        if expired > 0 {
+            self.serve_waiters(now);
+        }
+        expired
+    }
+
+    /// Drops every waiter (shutdown): their receivers see the channel closed.
+    pub fn close_waiters(&mut self) {
+        let waiters: Vec<_> = self.waiters.drain().collect();
+        for waiter in waiters {
+            for &(p, _) in &waiter.request.demand {
+                self.pools[p].remove_waiter();
+            }
+        }
+    }
+
+    /// Checks every accounting invariant; `Err` describes the first broken one. Used by tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut used = vec![0u64; self.pools.len()];
+        let mut count = vec![0u64; self.pools.len()];
+        for (id, lease) in &self.leases {
+            used[lease.pool] += lease.size;
+            count[lease.pool] += 1;
+            if let Some(scope) = &lease.scope
+                && !self.scopes.get(scope).is_some_and(|s| s.contains(id))
+            {
+                return Err(format!("lease {id} missing from scope {scope}"));
+            }
+        }
+        let mut waiting = vec![0u64; self.pools.len()];
+        for i in 0..self.waiters.len() {
+            if let Some(w) = self.waiters.get(i) {
+                for &(p, _) in &w.request.demand {
+                    waiting[p] += 1;
+                }
+            }
+        }
+        for (p, pool) in self.pools.iter().enumerate() {
+            let s = pool.stats();
+            if s.used + s.available != s.capacity {
+                return Err(format!(
+                    "{}: used {} + available {} != capacity {}",
+                    s.name, s.used, s.available, s.capacity
+                ));
+            }
+            if s.used != used[p] || s.live_leases != count[p] {
+                return Err(format!(
+                    "{}: books say {} bytes in {} leases, leases sum to {} in {}",
+                    s.name, s.used, s.live_leases, used[p], count[p]
+                ));
+            }
+            if s.waiters != waiting[p] {
+                return Err(format!("{}: {} waiters counted, {} queued", s.name, s.waiters, waiting[p]));
+            }
+            let c = s.counters;
+            if c.granted != c.freed + c.expired + s.live_leases
+                || c.granted_bytes != c.released_bytes + s.used
+            {
+                return Err(format!("{}: counters do not add up: {c:?}, live {}", s.name, s.live_leases));
+            }
+        }
+        if self.expiry.len() != self.leases.len() {
+            return Err(format!("{} deadlines for {} leases", self.expiry.len(), self.leases.len()));
+        }
+        let scoped: usize = self.scopes.values().map(HashSet::len).sum();
+        if scoped != self.leases.values().filter(|l| l.scope.is_some()).count()
+            || self.scopes.values().any(HashSet::is_empty)
+        {
+            return Err("scope index out of step with leases".into());
+        }
+        Ok(())
+    }
+
+    fn pool_id(&self, name: &str) -> Result<PoolId, Error> {
+        self.pool_index.get(name).copied().ok_or_else(|| Error::PoolNotFound(name.to_owned()))
+    }
+
+    /// Resolves pool names and sums the demand per pool, refusing unknown pools, zero sizes and
+    /// sums that overflow.
+    fn resolve_items(&self, items: &[(String, u64)]) -> Result<(PoolBytes, PoolBytes), Error> {
+        if items.is_empty() {
+            return Err(Error::invalid("items", "at least one item is required"));
+        }
+        let mut resolved = Vec::with_capacity(items.len());
+        let mut demand: Vec<(PoolId, u64)> = Vec::with_capacity(items.len());
+        for (i, (name, size)) in items.iter().enumerate() {
+            let p = self.pool_id(name)?;
+            if *size == 0 {
+                return Err(Error::invalid(format!("items[{i}].size_bytes"), "must be greater than zero"));
+            }
+            resolved.push((p, *size));
+            match demand.iter_mut().find(|(q, _)| *q == p) {
+                Some((_, sum)) => {
+                    *sum = sum.checked_add(*size).ok_or_else(|| {
+                        Error::invalid("items", format!("sizes asked of pool {name:?} overflow 64 bits"))
+                    })?;
+                }
+                None => demand.push((p, *size)),
+            }
+        }
+        Ok((resolved, demand))
+    }
+
+    /// True if `demand` fits now without jumping the queue: a pool with waiters serves them first.
+    fn fits_now(&self, demand: &[(PoolId, u64)]) -> bool {
+        demand.iter().all(|&(p, bytes)| {
+            let pool = &self.pools[p];
+            pool.waiters() == 0 && bytes <= pool.available()
+        })
+    }
+
+    fn check_live(&mut self, id: LeaseId, now: Instant) -> Result<(), Error> {
+        match self.leases.get(&id) {
+            None => Err(Error::LeaseNotFound(id.to_string())),
+            // Dead at its deadline, even if the reaper has not run yet (etcd users' lesson).
+            Some(lease) if lease.expires_at <= now => {
+                let ago = now - lease.expires_at;
+                self.reap(now);
+                Err(Error::LeaseExpired { id: id.to_string(), ago })
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Returns the leases already granted under `key`, or `None` if there are none. A key reused
+    /// with different parameters is refused rather than silently answered with other leases.
+    fn replay(&self, key: &str, request: &Resolved) -> Result<Option<Grant>, Error> {
+        let Some(replay) = self.replays.get(key) else { return Ok(None) };
+        if replay.items != request.items || replay.scope != request.scope || replay.ttl != request.ttl {
+            return Err(Error::invalid(
+                "request_id",
+                "already used by an earlier Allocate with different items, scope or ttl; use a new request_id",
+            ));
+        }
+        let leases = replay.leases.iter().filter_map(|id| self.leases.get(id).cloned()).collect();
+        Ok(Some(Grant { leases, replayed: true }))
+    }
+
+    fn grant(&mut self, request: &Resolved, now: Instant) -> Grant {
+        let expires_at = now + request.ttl;
+        let mut leases = Vec::with_capacity(request.items.len());
+        for &(p, size) in &request.items {
+            let id = loop {
+                let id = self.ids.next_id();
+                if !self.leases.contains_key(&id) {
+                    break id;
+                }
+            };
+            let pool = &mut self.pools[p];
+            pool.take(size);
+            let lease = Lease {
+                id,
+                pool: p,
+                size,
+                holder: request.holder.clone(),
+                scope: request.scope.clone(),
+                ttl: request.ttl,
+                expires_at,
+                request_key: request.key.clone(),
+            };
+            self.events.publish(Change {
+                kind: EventKind::Allocated,
+                pool: pool.name(),
+                lease: Some(id),
+                size,
+                holder: Some(&lease.holder),
+                scope: lease.scope.as_ref(),
+                pool_used: pool.used(),
+            });
+            if self.expiry.insert(expires_at, id) {
+                self.reaper.notify_one();
+            }
+            if let Some(scope) = &request.scope {
+                self.scopes.entry(scope.clone()).or_default().insert(id);
+            }
+            self.leases.insert(id, lease.clone());
+            leases.push(lease);
+        }
+        if let Some(key) = &request.key {
+            self.replays.insert(
+                key.clone(),
+                Replay {
+                    items: request.items.clone(),
+                    scope: request.scope.clone(),
+                    ttl: request.ttl,
+                    leases: leases.iter().map(|l| l.id).collect(),
+                },
+            );
+        }
+        Grant { leases, replayed: false }
+    }
+
+    fn remove_lease(&mut self, id: LeaseId, how: Release) -> Option<Lease> {
+        let lease = self.leases.remove(&id)?;
+        self.expiry.remove(lease.expires_at, id);
+        Some(self.release(lease, how))
+    }
+
+    /// Returns a lease, already out of `leases` and `expiry`, to its pool and its indexes.
+    fn release(&mut self, lease: Lease, how: Release) -> Lease {
+        let id = lease.id;
+        if let Some(scope) = &lease.scope
+            && let Some(members) = self.scopes.get_mut(scope)
+        {
+            members.remove(&id);
+            if members.is_empty() {
+                self.scopes.remove(scope);
+            }
+        }
+        // The grant is no longer whole: a retry under its key allocates afresh.
+        if let Some(key) = &lease.request_key {
+            self.replays.remove(key);
+        }
+        let pool = &mut self.pools[lease.pool];
+        pool.give_back(lease.size, how);
+        self.events.publish(Change {
+            kind: match how {
+                Release::Freed => EventKind::Freed,
+                Release::Expired => EventKind::Expired,
+            },
+            pool: pool.name(),
+            lease: Some(id),
+            size: lease.size,
+            holder: Some(&lease.holder),
+            scope: lease.scope.as_ref(),
+            pool_used: pool.used(),
+        });
+        lease
+    }
+
+    /// Grants queued requests that now fit, in arrival order, FIFO per pool: once a waiter cannot
+    /// be served, no later waiter may take from any of its pools (else a large request starves
+    /// behind a stream of small ones).
+    fn serve_waiters(&mut self, now: Instant) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let mut blocked = vec![false; self.pools.len()];
+        let mut index = 0;
+        while let Some(waiter) = self.waiters.get(index) {
+            let demand = &waiter.request.demand;
+            if waiter.reply.is_closed() {
+                // The call is gone (its guard is about to look for it): drop it, grant nothing.
+                if let Some(gone) = self.waiters.remove_at(index) {
+                    for &(p, _) in &gone.request.demand {
+                        self.pools[p].remove_waiter();
+                    }
+                }
+                continue;
+            }
+            let fits = demand.iter().all(|&(p, bytes)| !blocked[p] && bytes <= self.pools[p].available());
+            if !fits {
+                for &(p, _) in demand {
+                    blocked[p] = true;
+                }
+                index += 1;
+                if blocked.iter().all(|b| *b) {
+                    break;
+                }
+                continue;
+            }
+            let Some(waiter) = self.waiters.remove_at(index) else { break };
+            for &(p, _) in &waiter.request.demand {
+                self.pools[p].remove_waiter();
+            }
+            let grant = self.grant(&waiter.request, now);
+            // The receiver is owned by the waiting call's guard, which takes the grant back out
+            // and frees it if the call is gone; so a failed send here can only follow a dropped
+            // guard, and the leases must be returned now.
+            if let Err(grant) = waiter.reply.send(grant) {
+                for lease in grant.leases {
+                    self.remove_lease(lease.id, Release::Freed);
+                }
+            }
+        }
+    }
+
+    fn no_room(&self, request: &Resolved, waited: Duration, timed_out: bool) -> Error {
+        // `resolve_items` refuses empty requests, so `demand` has a first entry.
+        let Some(&(p, requested)) = request
+            .demand
+            .iter()
+            .find(|&&(p, bytes)| bytes > self.pools[p].available() || self.pools[p].waiters() > 0)
+            .or(request.demand.first())
+        else {
+            return Error::invalid("items", "at least one item is required");
+        };
+        let pool = &self.pools[p];
+        Error::NoRoom {
+            pool: pool.name().to_string(),
+            requested,
+            available: pool.available(),
+            capacity: pool.capacity(),
+            waiters: pool.waiters(),
+            waited,
+            timed_out,
+        }
+    }
+
+    fn publish_refusal(&mut self, kind: EventKind, p: PoolId, requested: u64, request: &Resolved) {
+        let pool = &self.pools[p];
+        self.events.publish(Change {
+            kind,
+            pool: pool.name(),
+            lease: None,
+            size: requested,
+            holder: Some(&request.holder),
+            scope: request.scope.as_ref(),
+            pool_used: pool.used(),
+        });
+    }
+}

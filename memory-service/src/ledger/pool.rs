@@ -1,0 +1,179 @@
+//! One pool's accounting: capacity, bytes in use, and the counters that `GetPoolStats` reports.
+
+use std::sync::Arc;
+
+/// Index of a pool in the ledger. Pools are never removed, so an index stays valid.
+pub type PoolId = usize;
+
+/// A named pool of simulated device memory. `available` is derived (`capacity - used`), so the
+/// invariant `used + available == capacity` cannot drift; `used` is kept equal to the sum of live
+/// lease sizes by the ledger, which is the only writer.
+#[derive(Debug)]
+pub struct Pool {
+    name: Arc<str>,
+    capacity: u64,
+    used: u64,
+    live_leases: u64,
+    waiters: u64,
+    peak_used: u64,
+    counters: Counters,
+}
+
+/// Cumulative counters of a pool since it was created.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Leases granted.
+    pub granted: u64,
+    /// Leases released by Free or FreeScope.
+    pub freed: u64,
+    /// Leases released because their TTL ran out.
+    pub expired: u64,
+    /// Allocate calls that waited for this pool and gave up.
+    pub wait_timeouts: u64,
+    /// Allocate calls refused at once.
+    pub rejected: u64,
+    /// Bytes granted.
+    pub granted_bytes: u64,
+    /// Bytes returned by frees and expiries.
+    pub released_bytes: u64,
+}
+
+/// A point-in-time copy of a pool's state, detached from the ledger lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Pool name.
+    pub name: Arc<str>,
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Bytes held by live leases.
+    pub used: u64,
+    /// Bytes free.
+    pub available: u64,
+    /// Live leases.
+    pub live_leases: u64,
+    /// Allocate calls waiting on this pool.
+    pub waiters: u64,
+    /// Highest `used` seen.
+    pub peak_used: u64,
+    /// Cumulative counters.
+    pub counters: Counters,
+}
+
+/// How a lease left its pool, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Free or FreeScope.
+    Freed,
+    /// TTL ran out.
+    Expired,
+}
+
+impl Pool {
+    pub(crate) fn new(name: Arc<str>, capacity: u64) -> Self {
+        Pool {
+            name,
+            capacity,
+            used: 0,
+            live_leases: 0,
+            waiters: 0,
+            peak_used: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes held by live leases.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Bytes free now.
+    pub fn available(&self) -> u64 {
+        self.capacity - self.used
+    }
+
+    /// Allocate calls queued on this pool.
+    pub fn waiters(&self) -> u64 {
+        self.waiters
+    }
+
+    pub(crate) fn take(&mut self, size: u64) {
+        debug_assert!(size <= self.available(), "ledger granted past capacity");
+        self.used += size;
+        self.live_leases += 1;
+        self.peak_used = self.peak_used.max(self.used);
+        self.counters.granted += 1;
+        self.counters.granted_bytes += size;
+    }
+
+    pub(crate) fn give_back(&mut self, size: u64, how: Release) {
+        debug_assert!(size <= self.used && self.live_leases > 0, "ledger released twice");
+        self.used -= size;
+        self.live_leases -= 1;
+        self.counters.released_bytes += size;
+        match how {
+            Release::Freed => self.counters.freed += 1,
+            Release::Expired => self.counters.expired += 1,
+        }
+    }
+
+    pub(crate) fn add_waiter(&mut self) {
+        self.waiters += 1;
+    }
+
+    pub(crate) fn remove_waiter(&mut self) {
+        self.waiters -= 1;
+    }
+
+    pub(crate) fn count_wait_timeout(&mut self) {
+        self.counters.wait_timeouts += 1;
+    }
+
+    pub(crate) fn count_rejected(&mut self) {
+        self.counters.rejected += 1;
+    }
+
+    /// A detached copy for reporting.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            name: self.name.clone(),
+            capacity: self.capacity,
+            used: self.used,
+            available: self.available(),
+            live_leases: self.live_leases,
+            waiters: self.waiters,
+            peak_used: self.peak_used,
+            counters: self.counters,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_and_give_back_keep_the_books() {
+        let mut pool = Pool::new("kv-cache".into(), 100);
+        pool.take(60);
+        pool.take(40);
+        assert_eq!((pool.used(), pool.available()), (100, 0));
+        pool.give_back(60, Release::Freed);
+        pool.give_back(40, Release::Expired);
+        let stats = pool.stats();
+        assert_eq!((stats.used, stats.available, stats.live_leases), (0, 100, 0));
+        assert_eq!(stats.peak_used, 100);
+        assert_eq!(stats.counters.granted, 2);
+        assert_eq!((stats.counters.freed, stats.counters.expired), (1, 1));
+        assert_eq!(stats.counters.granted_bytes, stats.counters.released_bytes);
+    }
+}

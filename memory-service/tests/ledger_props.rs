@@ -1,0 +1,165 @@
+//! Property test: any sequence of ledger operations keeps the books exact, and once everything
+//! is freed or expired every pool is back to zero.
+
+use std::{sync::Arc, time::Duration};
+
+use memory_service::ledger::{Admission, AllocRequest, Grant, LeaseId, Ledger};
+use proptest::prelude::*;
+use tokio::{sync::oneshot, time::Instant};
+
+const POOLS: [&str; 3] = ["kv-cache", "activations", "uniforms"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    CreatePool { name: u8, capacity: u64 },
+    Allocate { items: Vec<(u8, u64)>, scope: Option<u8>, ttl_ms: u64, wait: bool, key: Option<u8> },
+    Free { pick: usize },
+    FreeBogus,
+    FreeScope { scope: u8 },
+    Renew { pick: usize },
+    RenewScope { scope: u8 },
+    Advance { ms: u64 },
+    Abandon { pick: usize, timed_out: bool },
+    DropWaiter { pick: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        1 => (0u8..6, 1u64..200).prop_map(|(name, capacity)| Op::CreatePool { name, capacity }),
+        6 => (
+            prop::collection::vec((0u8..4, 1u64..120), 1..4),
+            prop::option::of(0u8..3),
+            1u64..5_000,
+            any::<bool>(),
+            prop::option::of(0u8..4),
+        )
+            .prop_map(|(items, scope, ttl_ms, wait, key)| Op::Allocate { items, scope, ttl_ms, wait, key }),
+        3 => any::<usize>().prop_map(|pick| Op::Free { pick }),
+        1 => Just(Op::FreeBogus),
+        1 => (0u8..3).prop_map(|scope| Op::FreeScope { scope }),
+        2 => any::<usize>().prop_map(|pick| Op::Renew { pick }),
+        1 => (0u8..3).prop_map(|scope| Op::RenewScope { scope }),
+        2 => (0u64..3_000).prop_map(|ms| Op::Advance { ms }),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(pick, timed_out)| Op::Abandon { pick, timed_out }),
+        1 => any::<usize>().prop_map(|pick| Op::DropWaiter { pick }),
+    ]
+}
+
+fn pool_name(i: u8) -> String {
+    POOLS.get(usize::from(i)).map_or_else(|| format!("extra-{i}"), |p| p.to_string())
+}
+
+/// Leases the test believes it holds, and calls still waiting.
+#[derive(Default)]
+struct Model {
+    leases: Vec<LeaseId>,
+    waiters: Vec<(u64, oneshot::Receiver<Grant>)>,
+}
+
+impl Model {
+    /// Collects grants delivered to waiters since the last step.
+    fn collect(&mut self) {
+        self.waiters.retain_mut(|(_, rx)| match rx.try_recv() {
+            Ok(grant) => {
+                self.leases.extend(grant.leases.iter().map(|l| l.id));
+                false
+            }
+            Err(oneshot::error::TryRecvError::Empty) => true,
+            Err(oneshot::error::TryRecvError::Closed) => false,
+        });
+    }
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut ledger = Ledger::new(16);
+    for (i, name) in POOLS.iter().enumerate() {
+        ledger.create_pool(name, 100 * (i as u64 + 1)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    }
+    let mut now = Instant::now();
+    let mut model = Model::default();
+    for op in ops {
+        match op {
+            Op::CreatePool { name, capacity } => {
+                let _ = ledger.create_pool(&pool_name(name), capacity);
+            }
+            Op::Allocate { items, scope, ttl_ms, wait, key } => {
+                let request = AllocRequest {
+                    items: items.iter().map(|&(p, s)| (pool_name(p), s)).collect(),
+                    holder: Arc::from("prop"),
+                    scope: scope.map(|s| Arc::from(format!("scope-{s}"))),
+                    ttl: Duration::from_millis(ttl_ms),
+                    request_id: key.map(|k| Arc::from(format!("req-{k}"))),
+                };
+                match ledger.allocate(request, now, wait) {
+                    Ok(Admission::Granted(grant)) if !grant.replayed => {
+                        model.leases.extend(grant.leases.iter().map(|l| l.id));
+                    }
+                    Ok(Admission::Granted(_)) | Err(_) => {}
+                    Ok(Admission::Queued { ticket, grant }) => model.waiters.push((ticket, grant)),
+                }
+            }
+            Op::Free { pick } if !model.leases.is_empty() => {
+                let id = model.leases.swap_remove(pick % model.leases.len());
+                let _ = ledger.free(id, now);
+            }
+            Op::FreeBogus => {
+                prop_assert!(ledger.free(LeaseId::from_raw(u128::MAX), now).is_err());
+            }
+            Op::FreeScope { scope } => {
+                ledger.free_scope(&format!("scope-{scope}"), now);
+            }
+            Op::Renew { pick } if !model.leases.is_empty() => {
+                let _ = ledger.renew(model.leases[pick % model.leases.len()], now);
+            }
+            Op::RenewScope { scope } => {
+                ledger.renew_scope(&format!("scope-{scope}"), now);
+            }
+            Op::Advance { ms } => {
+                now += Duration::from_millis(ms);
+                ledger.reap(now);
+            }
+            Op::Abandon { pick, timed_out } if !model.waiters.is_empty() => {
+                let (ticket, _rx) = model.waiters.swap_remove(pick % model.waiters.len());
+                if ledger.abandon_wait(ticket, now, Duration::ZERO, timed_out).is_none() {
+                    // Granted before it was abandoned: as the service's guard does, free it.
+                    let mut rx = _rx;
+                    if let Ok(grant) = rx.try_recv() {
+                        for lease in grant.leases {
+                            let _ = ledger.free(lease.id, now);
+                        }
+                    }
+                }
+            }
+            Op::DropWaiter { pick } if !model.waiters.is_empty() => {
+                // A caller that vanished without abandoning: the ledger must skip it.
+                model.waiters.swap_remove(pick % model.waiters.len());
+            }
+            _ => {}
+        }
+        model.collect();
+        ledger.check_invariants().map_err(TestCaseError::fail)?;
+    }
+
+    // Everything left either expires or is freed: every pool returns to zero.
+    ledger.close_waiters();
+    model.collect();
+    now += Duration::from_secs(3600);
+    ledger.reap(now);
+    ledger.check_invariants().map_err(TestCaseError::fail)?;
+    for pool in ledger.list_pools() {
+        prop_assert_eq!(pool.used, 0, "pool {} not empty", pool.name);
+        prop_assert_eq!(pool.live_leases, 0);
+        prop_assert_eq!(pool.counters.granted, pool.counters.freed + pool.counters.expired);
+    }
+    prop_assert_eq!(ledger.live_leases(), 0);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn books_balance_after_any_sequence(ops in prop::collection::vec(op(), 1..80)) {
+        run(ops)?;
+    }
+}

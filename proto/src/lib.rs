@@ -1,0 +1,13 @@
+//! Generated Rust bindings of the `proto/` API, plus the descriptor set that server reflection serves.
+#![allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+
+/// The memory-service API (`memory.v1`).
+pub mod memory {
+    /// Version 1 of the memory-service API.
+    pub mod v1 {
+        tonic::include_proto!("memory.v1");
+    }
+}
+
+/// Encoded `google.protobuf.FileDescriptorSet` of every proto in this crate, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");
