@@ -1,1 +1,96 @@
-fn main() {}
+//! The memory-service binary: flags and environment → validated [`Config`] → [`run`].
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use memory_service::{Config, config::PoolSpec, run};
+
+/// Leases named pools of simulated device memory over gRPC (memory.v1.MemoryService).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "MEMORY_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// TOML file with pools and limits (see deploy/memory-service.toml). Flags override it.
+    #[arg(long, env = "MEMORY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Pools as NAME=SIZE (e.g. kv-cache=8GiB), comma-separated or repeated; replaces the
+    /// defaults and the file's pools.
+    #[arg(long = "pool", env = "MEMORY_POOLS", value_delimiter = ',')]
+    pools: Vec<String>,
+    /// TTL of a lease whose Allocate names none, in milliseconds.
+    #[arg(long, env = "MEMORY_DEFAULT_TTL_MS")]
+    default_ttl_ms: Option<u64>,
+    /// Longest TTL a caller may ask for, in milliseconds.
+    #[arg(long, env = "MEMORY_MAX_TTL_MS")]
+    max_ttl_ms: Option<u64>,
+    /// Longest server-side wait a caller may ask for, in milliseconds.
+    #[arg(long, env = "MEMORY_MAX_WAIT_MS")]
+    max_wait_ms: Option<u64>,
+    /// Retry delay suggested when memory is short, in milliseconds.
+    #[arg(long, env = "MEMORY_RETRY_HINT_MS")]
+    retry_hint_ms: Option<u64>,
+    /// Events a watcher may fall behind before it is told it lagged.
+    #[arg(long, env = "MEMORY_EVENT_BUFFER")]
+    event_buffer: Option<usize>,
+    /// Time given to in-flight calls at shutdown, in milliseconds.
+    #[arg(long, env = "MEMORY_GRACE_PERIOD_MS")]
+    grace_period_ms: Option<u64>,
+}
+
+impl Args {
+    fn into_config(self) -> Result<Config, String> {
+        let mut config = Config::default();
+        if let Some(path) = &self.config {
+            config = config.merge_file(path).map_err(|e| e.to_string())?;
+        }
+        if !self.pools.is_empty() {
+            config.pools = self.pools.iter().map(|spec| parse_pool(spec)).collect::<Result<_, _>>()?;
+        }
+        let ms = Duration::from_millis;
+        config.default_ttl = self.default_ttl_ms.map_or(config.default_ttl, ms);
+        config.max_ttl = self.max_ttl_ms.map_or(config.max_ttl, ms);
+        config.max_wait = self.max_wait_ms.map_or(config.max_wait, ms);
+        config.retry_hint = self.retry_hint_ms.map_or(config.retry_hint, ms);
+        config.event_buffer = self.event_buffer.unwrap_or(config.event_buffer);
+        config.grace_period = self.grace_period_ms.map_or(config.grace_period, ms);
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+fn parse_pool(spec: &str) -> Result<PoolSpec, String> {
+    let (name, size) = spec.split_once('=').ok_or_else(|| format!("--pool {spec:?}: expected NAME=SIZE"))?;
+    let capacity = memory_service::config::parse_bytes(size).map_err(|e| format!("--pool {spec:?}: {e}"))?;
+    Ok(PoolSpec { name: name.trim().to_owned(), capacity })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    serving::logging::init("info");
+    let args = Args::parse();
+    let listen = args.listen;
+    // Validate everything before binding: a bad config must not briefly hold the port.
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(message) => {
+            tracing::error!(%message, "invalid configuration");
+            return ExitCode::from(serving::EXIT_CONFIG as u8);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(%listen, cause = %err, "cannot bind");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(listener, config, serving::shutdown::signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(cause = %err, "memory-service failed");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -219,6 +219,11 @@ impl Ledger {
         all
     }
 
+    /// Name of pool `id` (ids come from leases this ledger granted).
+    pub fn pool_name(&self, id: PoolId) -> &Arc<str> {
+        self.pools[id].name()
+    }
+
     /// Number of live leases (all pools).
     pub fn live_leases(&self) -> usize {
         self.leases.len()

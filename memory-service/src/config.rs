@@ -1,0 +1,257 @@
+//! Validated configuration: pools and lease limits. `main.rs` builds it from flags, environment and
+//! an optional TOML file; tests build it directly.
+
+use std::{path::Path, time::Duration};
+
+use serde::Deserialize;
+
+use crate::validate;
+
+/// One pool to create at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// Pool name (a DNS label).
+    pub name: String,
+    /// Capacity in bytes.
+    pub capacity: u64,
+}
+
+/// Everything the server needs, checked by [`Config::validate`] before any port is bound.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Pools created at start-up.
+    pub pools: Vec<PoolSpec>,
+    /// TTL of a lease whose Allocate names none (the seed's 30 s idle limit).
+    pub default_ttl: Duration,
+    /// Longest TTL a caller may ask for; longer is refused, never clamped.
+    pub max_ttl: Duration,
+    /// Longest server-side wait a caller may ask for.
+    pub max_wait: Duration,
+    /// Delay suggested to a caller refused for lack of room (RetryInfo).
+    pub retry_hint: Duration,
+    /// Events each watcher may fall behind before it is told it lagged.
+    pub event_buffer: usize,
+    /// How long shutdown waits for in-flight calls before closing connections.
+    pub grace_period: Duration,
+}
+
+const GIB: u64 = 1 << 30;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            pools: vec![
+                PoolSpec { name: "kv-cache".into(), capacity: 8 * GIB },
+                PoolSpec { name: "activations".into(), capacity: 2 * GIB },
+                PoolSpec { name: "uniforms".into(), capacity: GIB },
+            ],
+            default_ttl: Duration::from_secs(30),
+            max_ttl: Duration::from_secs(3600),
+            max_wait: Duration::from_secs(300),
+            retry_hint: Duration::from_millis(200),
+            event_buffer: 4096,
+            grace_period: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A configuration that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML file is malformed.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// File path.
+        path: String,
+        /// Parser message, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The TOML file's shape. Every key is optional; pools listed here replace the defaults.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    pools: Vec<FilePool>,
+    default_ttl_ms: Option<u64>,
+    max_ttl_ms: Option<u64>,
+    max_wait_ms: Option<u64>,
+    retry_hint_ms: Option<u64>,
+    event_buffer: Option<usize>,
+    grace_period_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePool {
+    name: String,
+    /// Bytes, as an integer or a string with a unit (`"8GiB"`).
+    capacity: ByteSize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Config {
+    /// Overlays the TOML file at `path` on `self`.
+    pub fn merge_file(mut self, path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+        let file: File =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: shown, message: e.to_string() })?;
+        if !file.pools.is_empty() {
+            self.pools = file
+                .pools
+                .into_iter()
+                .map(|p| {
+                    let capacity = match p.capacity {
+                        ByteSize::Bytes(n) => n,
+                        ByteSize::Text(text) => parse_bytes(&text).map_err(ConfigError::Invalid)?,
+                    };
+                    Ok(PoolSpec { name: p.name, capacity })
+                })
+                .collect::<Result<_, ConfigError>>()?;
+        }
+        let ms = Duration::from_millis;
+        self.default_ttl = file.default_ttl_ms.map_or(self.default_ttl, ms);
+        self.max_ttl = file.max_ttl_ms.map_or(self.max_ttl, ms);
+        self.max_wait = file.max_wait_ms.map_or(self.max_wait, ms);
+        self.retry_hint = file.retry_hint_ms.map_or(self.retry_hint, ms);
+        self.event_buffer = file.event_buffer.unwrap_or(self.event_buffer);
+        self.grace_period = file.grace_period_ms.map_or(self.grace_period, ms);
+        Ok(self)
+    }
+
+    /// Checks every value; the first problem found is reported.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let mut seen = std::collections::HashSet::new();
+        for pool in &self.pools {
+            if let Err(reason) = validate::pool_name(&pool.name) {
+                return invalid(format!("pool {:?}: {reason}", pool.name));
+            }
+            if pool.capacity == 0 {
+                return invalid(format!("pool {:?}: capacity must be greater than zero", pool.name));
+            }
+            if !seen.insert(&pool.name) {
+                return invalid(format!("pool {:?} is listed twice", pool.name));
+            }
+        }
+        if self.max_ttl < validate::MIN_TTL {
+            return invalid(format!("max TTL {:?} is below the 1 ms minimum", self.max_ttl));
+        }
+        if self.default_ttl < validate::MIN_TTL || self.default_ttl > self.max_ttl {
+            return invalid(format!(
+                "default TTL {:?} must be between 1 ms and the max TTL {:?}",
+                self.default_ttl, self.max_ttl
+            ));
+        }
+        if self.event_buffer == 0 || self.event_buffer > 1 << 20 {
+            return invalid(format!("event buffer {} must be between 1 and 1048576", self.event_buffer));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `"8GiB"`, `"512 MiB"`, `"64KiB"`, `"1GB"`, `"4096"` (bytes) into bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size like 8GiB or 4096"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+            ));
+        }
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("{text:?} does not fit in 64 bits"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_hold_the_three_pools() {
+        let config = Config::default();
+        config.validate().unwrap();
+        let names: Vec<_> = config.pools.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["kv-cache", "activations", "uniforms"]);
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_bytes("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("1GB"), Ok(1_000_000_000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("8 parsecs").is_err());
+        assert!(parse_bytes("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let bad_name =
+            Config { pools: vec![PoolSpec { name: "KV".into(), capacity: 1 }], ..Config::default() };
+        assert!(bad_name.validate().is_err());
+        let dup = PoolSpec { name: "a".into(), capacity: 1 };
+        assert!(Config { pools: vec![dup.clone(), dup], ..Config::default() }.validate().is_err());
+        let ttl = Config { default_ttl: Duration::from_secs(7200), ..Config::default() };
+        assert!(ttl.validate().is_err());
+    }
+
+    #[test]
+    fn a_toml_file_replaces_pools_and_limits() {
+        let dir = std::env::temp_dir().join(format!("memory-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("memory.toml");
+        std::fs::write(
+            &path,
+            "default_ttl_ms = 5000\n[[pools]]\nname = \"kv-cache\"\ncapacity = \"1GiB\"\n\
+             [[pools]]\nname = \"scratch\"\ncapacity = 4096\n",
+        )
+        .unwrap();
+        let config = Config::default().merge_file(&path).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.default_ttl, Duration::from_secs(5));
+        assert_eq!(
+            config.pools,
+            [
+                PoolSpec { name: "kv-cache".into(), capacity: 1 << 30 },
+                PoolSpec { name: "scratch".into(), capacity: 4096 }
+            ]
+        );
+        std::fs::write(&path, "unknown_key = 1\n").unwrap();
+        assert!(matches!(Config::default().merge_file(&path), Err(ConfigError::Parse { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,89 @@
+//! Serving memory-service on a bound listener until a shutdown future resolves.
+
+use std::future::Future;
+
+use proto::memory::v1::memory_service_server::MemoryServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, ConfigError},
+    reaper,
+    service::{MemoryApi, Shared},
+};
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Reflection could not be built from the descriptor set.
+    #[error("reflection: {0}")]
+    Reflection(#[from] serving::grpc::ReflectionError),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves `memory.v1.MemoryService`, health and reflection on `listener` until `shutdown`
+/// resolves, then drains: health turns NOT_SERVING, open watch and keep-alive streams end with
+/// UNAVAILABLE, waiting Allocate calls are answered UNAVAILABLE, and in-flight calls get up to
+/// `config.grace_period` to finish before connections are closed.
+///
+/// Taking a bound listener (rather than an address) lets tests serve on `127.0.0.1:0` and read
+/// the port before the server starts.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    config.validate()?;
+    let grace = config.grace_period;
+    let token = CancellationToken::new();
+    let shared = Shared::new(config, token.clone())
+        .map_err(|e| ConfigError::Invalid(format!("cannot create the configured pools: {e}")))?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<MemoryServiceServer<MemoryApi>>().await;
+    let (reflection_v1, reflection_v1alpha) = serving::grpc::reflection(&[proto::FILE_DESCRIPTOR_SET])?;
+
+    let reaper = tokio::spawn(reaper::run(shared.clone()));
+    let addr = listener.local_addr().ok();
+    let drain = token.clone();
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(MemoryServiceServer::new(MemoryApi::new(shared.clone())))
+        .serve_with_incoming_shutdown(serving::grpc::incoming(listener), drain.cancelled_owned());
+    tokio::pin!(server);
+    info!(addr = ?addr, epoch = shared.ledger().epoch(), "memory-service listening");
+
+    tokio::select! {
+        result = &mut server => {
+            token.cancel();
+            return Ok(result?);
+        }
+        () = shutdown => {}
+    }
+
+    info!(grace = ?grace, "draining");
+    // Not serving first, so load balancers and probes stop sending new work while we drain.
+    health.set_not_serving::<MemoryServiceServer<MemoryApi>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    token.cancel();
+    shared.ledger().close_waiters();
+    let result = match tokio::time::timeout(grace, &mut server).await {
+        Ok(result) => result.map_err(ServeError::from),
+        Err(_) => {
+            warn!(grace = ?grace, "grace period over; closing remaining connections");
+            Ok(())
+        }
+    };
+    let _ = reaper.await;
+    info!("memory-service stopped");
+    result
+}

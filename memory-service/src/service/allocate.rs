@@ -1,0 +1,100 @@
+//! Allocate: grant now, or wait server-side (event-driven, bounded) for room.
+
+use std::{sync::Arc, time::Duration};
+
+use proto::memory::v1 as pb;
+use tokio::{sync::oneshot, time::Instant};
+use tonic::Request;
+
+use super::{Shared, convert, convert::Clock};
+use crate::ledger::{Admission, Error, Grant};
+
+/// Runs one Allocate call.
+pub(super) async fn allocate(
+    shared: &Arc<Shared>,
+    request: Request<pb::AllocateRequest>,
+) -> Result<pb::AllocateResponse, Error> {
+    // The wait never outlives the caller's deadline: past it the answer would go nowhere.
+    let deadline = serving::deadline::grpc_timeout(request.metadata());
+    let (req, asked_wait) = convert::allocate(request.into_inner(), shared.config())?;
+    let max_wait = deadline.map_or(asked_wait, |d| d.min(asked_wait));
+    let started = Instant::now();
+
+    let admission = shared.ledger().allocate(req, started, !max_wait.is_zero())?;
+    let grant = match admission {
+        Admission::Granted(grant) => grant,
+        Admission::Queued { ticket, grant } => {
+            let mut guard = WaitGuard { shared, ticket, started, grant: Some(grant) };
+            guard.wait(max_wait).await?
+        }
+    };
+    let clock = Clock::now();
+    let leases = {
+        let ledger = shared.ledger();
+        grant.leases.iter().map(|l| convert::lease(l, ledger.pool_name(l.pool), &clock)).collect()
+    };
+    Ok(pb::AllocateResponse {
+        leases,
+        waited: prost_types::Duration::try_from(clock.instant() - started).ok(),
+        replayed: grant.replayed,
+        server_epoch: shared.epoch,
+    })
+}
+
+/// Owns a queued Allocate. However the call ends — granted, timed out, shut down, or dropped
+/// because the client cancelled — the guard leaves the ledger as if the call never waited, or
+/// hands over a grant; a grant that raced a cancellation is freed in `Drop`.
+struct WaitGuard<'a> {
+    shared: &'a Arc<Shared>,
+    ticket: u64,
+    started: Instant,
+    /// `None` once the outcome has been taken.
+    grant: Option<oneshot::Receiver<Grant>>,
+}
+
+impl WaitGuard<'_> {
+    async fn wait(&mut self, max_wait: Duration) -> Result<Grant, Error> {
+        let Some(receiver) = self.grant.as_mut() else { return Err(Error::ShuttingDown) };
+        let outcome = tokio::select! {
+            granted = receiver => Some(granted.map_err(|_| Error::ShuttingDown)),
+            () = tokio::time::sleep(max_wait) => None,
+            () = self.shared.shutdown().cancelled() => Some(Err(Error::ShuttingDown)),
+        };
+        match outcome {
+            Some(result) => {
+                if result.is_ok() {
+                    self.grant = None;
+                }
+                result
+            }
+            None => self.time_out(),
+        }
+    }
+
+    /// The wait ran out: leave the queue, unless a grant arrived first, which then wins.
+    fn time_out(&mut self) -> Result<Grant, Error> {
+        let now = Instant::now();
+        let refused = self.shared.ledger().abandon_wait(self.ticket, now, now - self.started, true);
+        let mut receiver = self.grant.take().ok_or(Error::ShuttingDown)?;
+        match refused {
+            Some(err) => Err(err),
+            None => receiver.try_recv().map_err(|_| Error::ShuttingDown),
+        }
+    }
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut receiver) = self.grant.take() else { return };
+        let now = Instant::now();
+        let mut ledger = self.shared.ledger();
+        if ledger.abandon_wait(self.ticket, now, now - self.started, false).is_none() {
+            // Granted while the caller was leaving: nobody will use these leases.
+            if let Ok(grant) = receiver.try_recv() {
+                for lease in grant.leases {
+                    let _ = ledger.free(lease.id, now);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! KeepAlive: a bidirectional stream on which a long-lived holder renews leases and scopes.
+
+use std::sync::Arc;
+
+use proto::memory::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use super::{Shared, convert, convert::Clock};
+use crate::ledger::Error;
+
+/// Most lease ids in one KeepAlive message.
+pub const MAX_LEASES: usize = 1024;
+/// Most scope ids in one KeepAlive message.
+pub const MAX_SCOPES: usize = 64;
+
+/// The response half of a KeepAlive call.
+pub type KeepAliveStream = ReceiverStream<Result<pb::KeepAliveResponse, Status>>;
+
+/// Spawns the task that answers `inbound`. It ends when the client closes its half, when the
+/// client goes away (a failed send), on a malformed message (INVALID_ARGUMENT), or at shutdown
+/// (UNAVAILABLE, so clients reconnect elsewhere).
+pub(super) fn spawn(shared: Arc<Shared>, mut inbound: Streaming<pb::KeepAliveRequest>) -> KeepAliveStream {
+    // Small buffer: one answer per request, so a client that stops reading also stops renewing.
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                message = inbound.message() => message,
+                () = shared.shutdown().cancelled() => {
+                    let _ = tx.send(Err(shared.status(Error::ShuttingDown))).await;
+                    return;
+                }
+            };
+            let reply = match message {
+                Ok(Some(req)) => renew(&shared, req).map_err(|e| shared.status(e)),
+                // The client closed its half, or the connection broke: nothing left to answer.
+                Ok(None) | Err(_) => return,
+            };
+            let fatal = reply.is_err();
+            if tx.send(reply).await.is_err() || fatal {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+fn renew(shared: &Shared, req: pb::KeepAliveRequest) -> Result<pb::KeepAliveResponse, Error> {
+    if req.lease_ids.is_empty() && req.scope_ids.is_empty() {
+        return Err(Error::invalid("lease_ids", "name at least one lease or scope to renew"));
+    }
+    if req.lease_ids.len() > MAX_LEASES {
+        return Err(Error::invalid("lease_ids", format!("at most {MAX_LEASES} per message")));
+    }
+    if req.scope_ids.len() > MAX_SCOPES {
+        return Err(Error::invalid("scope_ids", format!("at most {MAX_SCOPES} per message")));
+    }
+    let ids = req.lease_ids.iter().map(|id| convert::lease_id(id)).collect::<Result<Vec<_>, _>>()?;
+    for scope in &req.scope_ids {
+        convert::scope_id(scope)?;
+    }
+
+    let clock = Clock::now();
+    let now = clock.instant();
+    let mut renewed = Vec::with_capacity(ids.len());
+    let mut not_found = Vec::new();
+    let mut ledger = shared.ledger();
+    for (id, text) in ids.into_iter().zip(req.lease_ids) {
+        match ledger.renew(id, now) {
+            Ok(lease) => renewed.push(convert::lease(&lease, ledger.pool_name(lease.pool), &clock)),
+            Err(_) => not_found.push(text),
+        }
+    }
+    for scope in req.scope_ids {
+        let leases = ledger.renew_scope(&scope, now);
+        if leases.is_empty() {
+            not_found.push(scope);
+        }
+        renewed.extend(leases.iter().map(|l| convert::lease(l, ledger.pool_name(l.pool), &clock)));
+    }
+    Ok(pb::KeepAliveResponse { renewed, not_found, server_epoch: shared.epoch })
+}

@@ -1,0 +1,215 @@
+//! The gRPC shell: `memory.v1.MemoryService` over a shared [`Ledger`].
+//!
+//! Each handler validates its request, takes the ledger lock for a few microseconds, renders the
+//! answer and releases the lock before any await.
+
+mod allocate;
+pub mod convert;
+mod keepalive;
+pub mod status;
+mod watch;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use proto::memory::v1::{self as pb, memory_service_server::MemoryService};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use self::convert::Clock;
+use crate::{
+    config::Config,
+    ledger::{Error, Ledger},
+    validate,
+};
+
+/// State shared by every handler and background task.
+#[derive(Debug)]
+pub struct Shared {
+    /// A std mutex, not tokio's: it is never held across an await, critical sections are
+    /// microseconds, and the ledger must stay usable from `Drop` (wait guards) where no await is
+    /// possible.
+    ledger: Mutex<Ledger>,
+    config: Config,
+    epoch: u64,
+    /// Cancelled when shutdown starts: streams end and waiters give up.
+    shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// Builds the ledger with the configured pools. `config` must be validated.
+    pub fn new(config: Config, shutdown: CancellationToken) -> Result<Arc<Self>, Error> {
+        let mut ledger = Ledger::new(config.event_buffer);
+        for pool in &config.pools {
+            ledger.create_pool(&pool.name, pool.capacity)?;
+        }
+        let epoch = ledger.epoch();
+        Ok(Arc::new(Shared { ledger: Mutex::new(ledger), config, epoch, shutdown }))
+    }
+
+    /// Locks the ledger. A poisoned lock is recovered: every ledger method leaves the books
+    /// consistent before anything that could panic, and refusing service forever would be worse.
+    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The shutdown token.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    fn status(&self, err: Error) -> Status {
+        status::to_status(err, self.config.retry_hint)
+    }
+}
+
+/// The `MemoryService` implementation.
+#[derive(Debug, Clone)]
+pub struct MemoryApi {
+    shared: Arc<Shared>,
+}
+
+impl MemoryApi {
+    /// Serves over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        MemoryApi { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl MemoryService for MemoryApi {
+    async fn create_pool(
+        &self,
+        request: Request<pb::CreatePoolRequest>,
+    ) -> Result<Response<pb::CreatePoolResponse>, Status> {
+        let req = request.into_inner();
+        validate::pool_name(&req.name)
+            .map_err(|reason| self.shared.status(Error::invalid("name", reason)))?;
+        let stats = self.shared.ledger().create_pool(&req.name, req.capacity_bytes);
+        let stats = stats.map_err(|e| self.shared.status(e))?;
+        tracing::info!(pool = %req.name, capacity = req.capacity_bytes, "pool created");
+        Ok(Response::new(pb::CreatePoolResponse {
+            pool: Some(convert::pool_stats(stats)),
+            server_epoch: self.shared.epoch,
+        }))
+    }
+
+    async fn list_pools(
+        &self,
+        _request: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        let pools = {
+            let mut ledger = self.shared.ledger();
+            ledger.reap(Clock::now().instant());
+            ledger.list_pools()
+        };
+        Ok(Response::new(pb::ListPoolsResponse {
+            pools: pools.into_iter().map(convert::pool_stats).collect(),
+            server_epoch: self.shared.epoch,
+        }))
+    }
+
+    async fn get_pool_stats(
+        &self,
+        request: Request<pb::GetPoolStatsRequest>,
+    ) -> Result<Response<pb::GetPoolStatsResponse>, Status> {
+        let name = request.into_inner().name;
+        if name.is_empty() {
+            return Err(self.shared.status(Error::invalid("name", "is required")));
+        }
+        let stats = {
+            let mut ledger = self.shared.ledger();
+            ledger.reap(Clock::now().instant());
+            ledger.pool_stats(&name)
+        };
+        let stats = stats.map_err(|e| self.shared.status(e))?;
+        Ok(Response::new(pb::GetPoolStatsResponse {
+            pool: Some(convert::pool_stats(stats)),
+            server_epoch: self.shared.epoch,
+        }))
+    }
+
+    async fn can_allocate(
+        &self,
+        request: Request<pb::CanAllocateRequest>,
+    ) -> Result<Response<pb::CanAllocateResponse>, Status> {
+        let items = convert::items(request.into_inner().items).map_err(|e| self.shared.status(e))?;
+        let fit = self.shared.ledger().can_allocate(&items, Clock::now().instant());
+        let fit = fit.map_err(|e| self.shared.status(e))?;
+        Ok(Response::new(pb::CanAllocateResponse {
+            can_allocate_now: fit.now,
+            fits_capacity: fit.fits_capacity,
+            pools: fit.pools.into_iter().map(convert::pool_fit).collect(),
+            server_epoch: self.shared.epoch,
+        }))
+    }
+
+    async fn allocate(
+        &self,
+        request: Request<pb::AllocateRequest>,
+    ) -> Result<Response<pb::AllocateResponse>, Status> {
+        allocate::allocate(&self.shared, request).await.map(Response::new).map_err(|e| self.shared.status(e))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let id = convert::lease_id(&request.into_inner().lease_id).map_err(|e| self.shared.status(e))?;
+        let clock = Clock::now();
+        let lease = {
+            let mut ledger = self.shared.ledger();
+            ledger.renew(id, clock.instant()).map(|l| convert::lease(&l, ledger.pool_name(l.pool), &clock))
+        };
+        let lease = lease.map_err(|e| self.shared.status(e))?;
+        Ok(Response::new(pb::RenewLeaseResponse { lease: Some(lease), server_epoch: self.shared.epoch }))
+    }
+
+    type KeepAliveStream = keepalive::KeepAliveStream;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<pb::KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        Ok(Response::new(keepalive::spawn(self.shared.clone(), request.into_inner())))
+    }
+
+    async fn free(&self, request: Request<pb::FreeRequest>) -> Result<Response<pb::FreeResponse>, Status> {
+        let id = convert::lease_id(&request.into_inner().lease_id).map_err(|e| self.shared.status(e))?;
+        let clock = Clock::now();
+        let lease = {
+            let mut ledger = self.shared.ledger();
+            ledger.free(id, clock.instant()).map(|l| convert::lease(&l, ledger.pool_name(l.pool), &clock))
+        };
+        let lease = lease.map_err(|e| self.shared.status(e))?;
+        Ok(Response::new(pb::FreeResponse { lease: Some(lease), server_epoch: self.shared.epoch }))
+    }
+
+    async fn free_scope(
+        &self,
+        request: Request<pb::FreeScopeRequest>,
+    ) -> Result<Response<pb::FreeScopeResponse>, Status> {
+        let req = request.into_inner();
+        let scope = convert::scope_id(&req.scope_id).map_err(|e| self.shared.status(e))?;
+        let (freed_leases, freed_bytes) = self.shared.ledger().free_scope(scope, Clock::now().instant());
+        Ok(Response::new(pb::FreeScopeResponse {
+            freed_leases,
+            freed_bytes,
+            server_epoch: self.shared.epoch,
+        }))
+    }
+
+    type WatchEventsStream = watch::WatchStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let filter = watch::Filter::new(request.into_inner()).map_err(|e| self.shared.status(e))?;
+        Ok(Response::new(watch::spawn(self.shared.clone(), filter)))
+    }
+}

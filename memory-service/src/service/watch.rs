@@ -1,0 +1,75 @@
+//! WatchEvents: a server stream of ledger events, filtered per watcher.
+
+use std::{collections::HashSet, sync::Arc};
+
+use proto::memory::v1 as pb;
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::{Shared, convert};
+use crate::{
+    ledger::{Error, Event, EventKind},
+    validate,
+};
+
+/// The response half of a WatchEvents call.
+pub type WatchStream = ReceiverStream<Result<pb::WatchEventsResponse, Status>>;
+
+/// Which events a watcher wants; empty sets pass everything.
+#[derive(Debug)]
+pub(super) struct Filter {
+    pools: HashSet<String>,
+    kinds: HashSet<EventKind>,
+}
+
+impl Filter {
+    /// Validates the request's filters. Pools need not exist yet: a watcher may wait for a pool.
+    pub(super) fn new(req: pb::WatchEventsRequest) -> Result<Self, Error> {
+        for pool in &req.pools {
+            validate::pool_name(pool)
+                .map_err(|reason| Error::invalid("pools", format!("{pool:?}: {reason}")))?;
+        }
+        let kinds = req.kinds.into_iter().map(convert::event_kind_filter).collect::<Result<_, _>>()?;
+        Ok(Filter { pools: req.pools.into_iter().collect(), kinds })
+    }
+
+    fn passes(&self, event: &Event) -> bool {
+        (self.pools.is_empty() || self.pools.contains(&*event.pool))
+            && (self.kinds.is_empty() || self.kinds.contains(&event.kind))
+    }
+}
+
+/// Spawns the task feeding one watcher. The ledger publishes into a broadcast ring and never
+/// waits; this task is the only place a slow client costs anything, and what it costs is its own
+/// lag, reported as a `Lagged` item with the number of events missed.
+pub(super) fn spawn(shared: Arc<Shared>, filter: Filter) -> WatchStream {
+    let mut events = shared.ledger().subscribe();
+    let (tx, rx) = mpsc::channel(64);
+    let epoch = shared.epoch;
+    tokio::spawn(async move {
+        loop {
+            let item = tokio::select! {
+                received = events.recv() => match received {
+                    Ok(event) if filter.passes(&event) => pb::watch_events_response::Item::Event(convert::event(&event)),
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(missed)) => {
+                        pb::watch_events_response::Item::Lagged(pb::Lagged { missed_events: missed })
+                    }
+                    // The ledger is gone: the server is stopping.
+                    Err(RecvError::Closed) => break,
+                },
+                () = shared.shutdown().cancelled() => break,
+                // The client went away: stop now rather than at the next matching event.
+                () = tx.closed() => return,
+            };
+            let reply = pb::WatchEventsResponse { item: Some(item), server_epoch: epoch };
+            tokio::select! {
+                sent = tx.send(Ok(reply)) => if sent.is_err() { return },
+                () = shared.shutdown().cancelled() => break,
+            }
+        }
+        let _ = tx.send(Err(shared.status(Error::ShuttingDown))).await;
+    });
+    ReceiverStream::new(rx)
+}

@@ -1,0 +1,39 @@
+//! Pieces every gRPC server here needs: an accept loop with TCP_NODELAY, reflection (v1 and
+//! v1alpha) and the standard health service.
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+pub use tonic_reflection::server::Error as ReflectionError;
+
+/// Accepts on an already-bound listener (tests bind `127.0.0.1:0`, `main` binds the configured
+/// address). TCP_NODELAY is set on every accepted socket: without it Nagle's algorithm and delayed
+/// ACKs add ~40 ms to small unary replies.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Reflection servers over `descriptor_sets` plus the health service's own descriptor, so
+/// `grpc.health.v1` is listed too. Both versions are served: grpcurl and `buf curl` ask v1, while
+/// Python's grpcio-reflection client speaks only v1alpha.
+pub fn reflection(
+    descriptor_sets: &[&[u8]],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ReflectionError,
+> {
+    let builder = || {
+        descriptor_sets.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, set| b.register_encoded_file_descriptor_set(set),
+        )
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
