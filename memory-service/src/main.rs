@@ -69,7 +69,18 @@ fn parse_pool(spec: &str) -> Result<PoolSpec, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     serving::logging::init("info");
-    let args = Args::parse();
+    // Every configuration mistake, malformed flags included, exits 64 (help and version exit 0).
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(serving::EXIT_CONFIG as u8)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let listen = args.listen;
     // Validate everything before binding: a bad config must not briefly hold the port.
     let config = match args.into_config() {
