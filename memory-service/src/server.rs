@@ -51,7 +51,7 @@ pub async fn run(
     let (reflection_v1, reflection_v1alpha) = serving::grpc::reflection(&[proto::FILE_DESCRIPTOR_SET])?;
 
     let reaper = tokio::spawn(reaper::run(shared.clone()));
-    let addr = listener.local_addr().ok();
+    let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let drain = token.clone();
     let server = Server::builder()
         .add_service(health_service)
@@ -60,7 +60,7 @@ pub async fn run(
         .add_service(MemoryServiceServer::new(MemoryApi::new(shared.clone())))
         .serve_with_incoming_shutdown(serving::grpc::incoming(listener), drain.cancelled_owned());
     tokio::pin!(server);
-    info!(addr = ?addr, epoch = shared.ledger().epoch(), "memory-service listening");
+    info!(%addr, epoch = shared.ledger().epoch(), "memory-service listening");
 
     tokio::select! {
         result = &mut server => {
