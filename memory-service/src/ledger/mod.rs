@@ -14,11 +14,7 @@ mod waiters;
 #[cfg(test)]
 mod tests;
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio::{
     sync::{Notify, broadcast, oneshot},
@@ -28,7 +24,7 @@ use tokio::{
 pub use self::{
     error::Error,
     events::{Event, EventKind},
-    lease::{IdGen, Lease, LeaseId},
+    lease::{IdGen, Lease, LeaseId, LeaseMap, LeaseSet},
     pool::{Counters, PoolId, PoolStats, Release},
 };
 use self::{
@@ -132,8 +128,8 @@ struct Replay {
 pub struct Ledger {
     pools: Vec<Pool>,
     pool_index: HashMap<Arc<str>, PoolId>,
-    leases: HashMap<LeaseId, Lease>,
-    scopes: HashMap<Arc<str>, HashSet<LeaseId>>,
+    leases: LeaseMap<Lease>,
+    scopes: HashMap<Arc<str>, LeaseSet>,
     expiry: ExpiryQueue,
     waiters: WaitQueue,
     replays: HashMap<Arc<str>, Replay>,
@@ -151,7 +147,7 @@ impl Ledger {
         Ledger {
             pools: Vec::new(),
             pool_index: HashMap::new(),
-            leases: HashMap::new(),
+            leases: LeaseMap::default(),
             scopes: HashMap::new(),
             expiry: ExpiryQueue::default(),
             waiters: WaitQueue::default(),
@@ -472,9 +468,9 @@ impl Ledger {
         if self.expiry.len() != self.leases.len() {
             return Err(format!("{} deadlines for {} leases", self.expiry.len(), self.leases.len()));
         }
-        let scoped: usize = self.scopes.values().map(HashSet::len).sum();
+        let scoped: usize = self.scopes.values().map(LeaseSet::len).sum();
         if scoped != self.leases.values().filter(|l| l.scope.is_some()).count()
-            || self.scopes.values().any(HashSet::is_empty)
+            || self.scopes.values().any(LeaseSet::is_empty)
         {
             return Err("scope index out of step with leases".into());
         }
@@ -550,24 +546,27 @@ impl Ledger {
         let expires_at = now + request.ttl;
         let mut leases = Vec::with_capacity(request.items.len());
         for &(p, size) in &request.items {
-            let id = loop {
+            // One probe: a vacant entry both proves the random id unused and is where it goes.
+            let (id, slot) = loop {
                 let id = self.ids.next_id();
-                if !self.leases.contains_key(&id) {
-                    break id;
+                if let std::collections::hash_map::Entry::Vacant(slot) = self.leases.entry(id) {
+                    break (id, slot);
                 }
             };
             let pool = &mut self.pools[p];
             pool.take(size);
-            let lease = Lease {
-                id,
-                pool: p,
-                size,
-                holder: request.holder.clone(),
-                scope: request.scope.clone(),
-                ttl: request.ttl,
-                expires_at,
-                request_key: request.key.clone(),
-            };
+            let lease = slot
+                .insert(Lease {
+                    id,
+                    pool: p,
+                    size,
+                    holder: request.holder.clone(),
+                    scope: request.scope.clone(),
+                    ttl: request.ttl,
+                    expires_at,
+                    request_key: request.key.clone(),
+                })
+                .clone();
             self.events.publish(Change {
                 kind: EventKind::Allocated,
                 pool: pool.name(),
@@ -583,7 +582,6 @@ impl Ledger {
             if let Some(scope) = &request.scope {
                 self.scopes.entry(scope.clone()).or_default().insert(id);
             }
-            self.leases.insert(id, lease.clone());
             leases.push(lease);
         }
         if let Some(key) = &request.key {
