@@ -5,7 +5,7 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["memory/v1/memory.proto"];
+const PROTOS: &[&str] = &["memory/v1/memory.proto", "runtime/v1/runtime.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);

@@ -4,6 +4,8 @@
 use std::{path::Path, time::Duration};
 
 use serde::Deserialize;
+use serving::units::ByteSize;
+pub use serving::units::parse_bytes;
 
 use crate::validate;
 
@@ -101,13 +103,6 @@ struct FilePool {
     capacity: ByteSize,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum ByteSize {
-    Bytes(u64),
-    Text(String),
-}
-
 impl Config {
     /// Overlays the TOML file at `path` on `self`.
     pub fn merge_file(mut self, path: &Path) -> Result<Self, ConfigError> {
@@ -121,10 +116,7 @@ impl Config {
                 .pools
                 .into_iter()
                 .map(|p| {
-                    let capacity = match p.capacity {
-                        ByteSize::Bytes(n) => n,
-                        ByteSize::Text(text) => parse_bytes(&text).map_err(ConfigError::Invalid)?,
-                    };
+                    let capacity = p.capacity.bytes().map_err(ConfigError::Invalid)?;
                     Ok(PoolSpec { name: p.name, capacity })
                 })
                 .collect::<Result<_, ConfigError>>()?;
@@ -170,31 +162,6 @@ impl Config {
     }
 }
 
-/// Parses `"8GiB"`, `"512 MiB"`, `"64KiB"`, `"1GB"`, `"4096"` (bytes) into bytes.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size like 8GiB or 4096"))?;
-    let scale: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "TB" => 1_000_000_000_000,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-            ));
-        }
-    };
-    n.checked_mul(scale).ok_or_else(|| format!("{text:?} does not fit in 64 bits"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,17 +172,6 @@ mod tests {
         config.validate().unwrap();
         let names: Vec<_> = config.pools.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["kv-cache", "activations", "uniforms"]);
-    }
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_bytes("8GiB"), Ok(8 << 30));
-        assert_eq!(parse_bytes("512 MiB"), Ok(512 << 20));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert_eq!(parse_bytes("1GB"), Ok(1_000_000_000));
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("8 parsecs").is_err());
-        assert!(parse_bytes("99999999999TiB").is_err());
     }
 
     #[test]

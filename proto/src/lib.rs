@@ -9,5 +9,13 @@ pub mod memory {
     }
 }
 
+/// The runtime-service API (`runtime.v1`).
+pub mod runtime {
+    /// Version 1 of the runtime-service API.
+    pub mod v1 {
+        tonic::include_proto!("runtime.v1");
+    }
+}
+
 /// Encoded `google.protobuf.FileDescriptorSet` of every proto in this crate, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");

@@ -6,6 +6,7 @@ pub mod deadline;
 pub mod grpc;
 pub mod logging;
 pub mod shutdown;
+pub mod units;
 
 /// Exit code for a configuration error (`EX_USAGE` in sysexits.h): the process exits with it
 /// before binding any port.

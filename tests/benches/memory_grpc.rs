@@ -62,7 +62,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[allow(clippy::print_stdout)]
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async {
         let server = MemoryServer::with_pools(&[("kv-cache", 1 << 40)]).await;
         let channel = server.channel().await;
