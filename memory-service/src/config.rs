@@ -139,8 +139,11 @@ impl Config {
             if let Err(reason) = validate::pool_name(&pool.name) {
                 return invalid(format!("pool {:?}: {reason}", pool.name));
             }
-            if pool.capacity == 0 {
-                return invalid(format!("pool {:?}: capacity must be greater than zero", pool.name));
+            if pool.capacity == 0 || pool.capacity > crate::ledger::MAX_CAPACITY {
+                return invalid(format!(
+                    "pool {:?}: capacity must be between 1 byte and 4 EiB, got {}",
+                    pool.name, pool.capacity
+                ));
             }
             if !seen.insert(&pool.name) {
                 return invalid(format!("pool {:?} is listed twice", pool.name));

@@ -86,7 +86,7 @@ async fn main() -> ExitCode {
     let config = match args.into_config() {
         Ok(config) => config,
         Err(message) => {
-            tracing::error!(%message, "invalid configuration");
+            tracing::error!(%message, "bad configuration, not starting");
             return ExitCode::from(serving::EXIT_CONFIG as u8);
         }
     };

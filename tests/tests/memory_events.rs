@@ -21,6 +21,12 @@ async fn next_event(stream: &mut Streaming<WatchEventsResponse>) -> Event {
 async fn a_watcher_sees_every_kind_of_event_in_sequence() {
     let server = MemoryServer::with_pools(&[("kv-cache", 100)]).await;
     let mut client = server.client().await;
+    // Virtual time crawls while RPCs are in flight, so no lease expires early.
+    let _crawl = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
     let mut watch = client.watch_events(WatchEventsRequest::default()).await.unwrap().into_inner();
 
     client.create_pool(CreatePoolRequest { name: "scratch".into(), capacity_bytes: 10 }).await.unwrap();

@@ -25,6 +25,7 @@ async fn concurrent_random_operations_leave_the_books_exact() {
         tasks.push(tokio::spawn(async move {
             let mut rng = StdRng::seed_from_u64(client_id);
             let mut held: Vec<String> = Vec::new();
+            let mut refusals = 0u64;
             let scope = format!("client-{client_id}");
             for _ in 0..OPS {
                 match rng.next_u32() % 8 {
@@ -47,10 +48,16 @@ async fn concurrent_random_operations_leave_the_books_exact() {
                             Ok(reply) => {
                                 held.extend(reply.into_inner().leases.into_iter().map(|l| l.lease_id))
                             }
-                            Err(status) => assert!(
-                                matches!(status.code(), Code::ResourceExhausted | Code::FailedPrecondition),
-                                "{status:?}"
-                            ),
+                            Err(status) => {
+                                assert!(
+                                    matches!(
+                                        status.code(),
+                                        Code::ResourceExhausted | Code::FailedPrecondition
+                                    ),
+                                    "{status:?}"
+                                );
+                                refusals += 1;
+                            }
                         }
                     }
                     3 | 4 if !held.is_empty() => {
@@ -84,16 +91,20 @@ async fn concurrent_random_operations_leave_the_books_exact() {
             for id in held {
                 let _ = client.free(FreeRequest { lease_id: id }).await;
             }
+            refusals
         }));
     }
+    let mut refusals = 0;
     for task in tasks {
-        task.await.expect("client task");
+        refusals += task.await.expect("client task");
     }
 
     let mut client = server.client().await;
     let pools = client.list_pools(ListPoolsRequest {}).await.unwrap().into_inner().pools;
     let mut granted = 0;
+    let mut charged = 0;
     for pool in pools {
+        charged += pool.rejected_total + pool.wait_timeouts_total;
         assert_eq!((pool.used_bytes, pool.live_leases, pool.waiters), (0, 0, 0), "{pool:?}");
         assert_eq!(pool.available_bytes, pool.capacity_bytes);
         assert_eq!(pool.granted_total, pool.freed_total + pool.expired_total, "{pool:?}");
@@ -102,5 +113,8 @@ async fn concurrent_random_operations_leave_the_books_exact() {
         granted += pool.granted_total;
     }
     assert!(granted > 1_000, "the load really allocated ({granted} leases)");
+    // Each refusal a client saw is charged to the one to three pools that blocked it.
+    assert!(refusals > 0, "the load really contended");
+    assert!(charged >= refusals && charged <= 3 * refusals, "{charged} charges for {refusals} refusals");
     server.stop().await;
 }

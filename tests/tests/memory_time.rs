@@ -28,6 +28,7 @@ fn crawl_clock() -> tokio::task::JoinHandle<()> {
 async fn a_waiting_allocate_is_woken_by_a_free() {
     let server = MemoryServer::with_pools(&[("kv-cache", 100)]).await;
     let mut client = server.client().await;
+    let _crawl = crawl_clock();
     let hold = client.allocate(alloc(&[("kv-cache", 80)])).await.unwrap().into_inner();
 
     let mut waiter = server.client().await;
@@ -50,9 +51,10 @@ async fn a_waiting_allocate_is_woken_by_a_free() {
 
     let granted = waiting.await.unwrap().expect("woken by the free").into_inner();
     assert_eq!(granted.leases[0].size_bytes, 50);
-    assert!(Instant::now() - freed_at < Duration::from_millis(100), "woken by the event, not a poll");
+    // Virtual time crawls 1 ms per idle moment: a poller on any interval would show it here.
+    assert!(Instant::now() - freed_at <= Duration::from_millis(2), "woken by the free, not by a poll");
     let kv = stats(&mut client, "kv-cache").await;
-    assert_eq!((kv.used_bytes, kv.waiters), (50, 0));
+    assert_eq!((kv.used_bytes, kv.waiters, kv.wait_timeouts_total), (50, 0, 0));
     server.stop().await;
 }
 
@@ -88,24 +90,14 @@ async fn the_grpc_deadline_bounds_the_wait() {
     req.set_timeout(Duration::from_millis(300));
     let started = Instant::now();
     let err = client.allocate(req).await.unwrap_err();
-    assert!(
-        matches!(err.code(), Code::ResourceExhausted | Code::DeadlineExceeded | Code::Cancelled),
-        "{err:?}"
-    );
-    assert!(Instant::now() - started < Duration::from_secs(1), "did not wait past the deadline");
-    // The abandoned wait left the queue and holds nothing.
-    let _crawl = crawl_clock();
-    let mut drained = false;
-    for _ in 0..1000 {
-        let kv = stats(&mut client, "kv-cache").await;
-        if kv.waiters == 0 {
-            assert_eq!(kv.used_bytes, 100);
-            drained = true;
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    assert!(drained, "waiter still queued after its deadline");
+    let waited = Instant::now() - started;
+    // The server gives up just before the deadline, so the caller gets the real reason and a
+    // retry hint rather than a bare DEADLINE_EXCEEDED.
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.get_error_details().retry_info().is_some());
+    assert!(waited >= Duration::from_millis(250) && waited < Duration::from_millis(300), "waited {waited:?}");
+    let kv = stats(&mut client, "kv-cache").await;
+    assert_eq!((kv.waiters, kv.used_bytes, kv.wait_timeouts_total), (0, 100, 1));
     server.stop().await;
 }
 
@@ -113,6 +105,7 @@ async fn the_grpc_deadline_bounds_the_wait() {
 async fn a_cancelled_wait_leaves_the_queue_and_holds_nothing() {
     let server = MemoryServer::with_pools(&[("kv-cache", 100)]).await;
     let mut client = server.client().await;
+    let _crawl = crawl_clock();
     let hold = client.allocate(alloc(&[("kv-cache", 100)])).await.unwrap().into_inner();
 
     let mut waiter = server.client().await;
@@ -140,6 +133,7 @@ async fn a_cancelled_wait_leaves_the_queue_and_holds_nothing() {
     client.free(FreeRequest { lease_id: hold.leases[0].lease_id.clone() }).await.unwrap();
     let kv = stats(&mut client, "kv-cache").await;
     assert_eq!((kv.used_bytes, kv.live_leases), (0, 0), "nothing granted to the departed caller");
+    assert_eq!(kv.wait_timeouts_total, 0, "it left because it was cancelled, not by timing out");
     server.stop().await;
 }
 

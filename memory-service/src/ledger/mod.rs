@@ -7,9 +7,12 @@
 mod error;
 mod events;
 mod expiry;
+mod invariants;
 mod lease;
 mod pool;
+mod request;
 mod waiters;
+mod waiting;
 
 #[cfg(test)]
 mod tests;
@@ -26,102 +29,19 @@ pub use self::{
     events::{Event, EventKind},
     lease::{IdGen, Lease, LeaseId, LeaseMap, LeaseSet},
     pool::{Counters, PoolId, PoolStats, Release},
+    request::{Admission, AllocRequest, Feasibility, Grant, PoolFit, Resolved},
 };
 use self::{
     events::{Change, EventBus},
     expiry::ExpiryQueue,
     pool::Pool,
+    request::{PoolBytes, Replay},
     waiters::WaitQueue,
 };
 
-/// (pool, bytes) pairs.
-type PoolBytes = Vec<(PoolId, u64)>;
-
-/// An Allocate call as the ledger sees it: validated, pools still named.
-#[derive(Debug, Clone)]
-pub struct AllocRequest {
-    /// (pool name, bytes) per lease wanted, in order.
-    pub items: Vec<(String, u64)>,
-    /// Holder name.
-    pub holder: Arc<str>,
-    /// Scope, if any.
-    pub scope: Option<Arc<str>>,
-    /// TTL of the leases.
-    pub ttl: Duration,
-    /// Idempotency key, if any.
-    pub request_id: Option<Arc<str>>,
-}
-
-/// A request with its pools resolved and its demand summed per pool.
-#[derive(Debug, Clone)]
-pub struct Resolved {
-    items: Vec<(PoolId, u64)>,
-    /// Bytes per distinct pool, in order of first mention.
-    demand: Vec<(PoolId, u64)>,
-    holder: Arc<str>,
-    scope: Option<Arc<str>>,
-    ttl: Duration,
-    /// `holder` + request id: idempotency keys are per holder, so two holders cannot collide.
-    key: Option<Arc<str>>,
-}
-
-/// Leases granted by one Allocate, in request order.
-#[derive(Debug, Clone)]
-pub struct Grant {
-    /// The leases.
-    pub leases: Vec<Lease>,
-    /// True if an earlier call with the same request id granted them.
-    pub replayed: bool,
-}
-
-/// The outcome of [`Ledger::allocate`] that is not an error.
-#[derive(Debug)]
-pub enum Admission {
-    /// Granted now.
-    Granted(Grant),
-    /// Queued: the grant arrives on `grant`, unless the caller abandons the wait first.
-    Queued {
-        /// Identifies the waiter for [`Ledger::abandon_wait`].
-        ticket: u64,
-        /// Receives the grant.
-        grant: oneshot::Receiver<Grant>,
-    },
-}
-
-/// How one pool stands against a request (CanAllocate).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolFit {
-    /// The pool.
-    pub pool: Arc<str>,
-    /// Bytes the request asks of it.
-    pub requested: u64,
-    /// Bytes available now.
-    pub available: u64,
-    /// Capacity.
-    pub capacity: u64,
-    /// Calls queued on it.
-    pub waiters: u64,
-}
-
-/// Answer of [`Ledger::can_allocate`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Feasibility {
-    /// An Allocate would be granted without waiting.
-    pub now: bool,
-    /// Every pool is large enough to ever hold the request.
-    pub fits_capacity: bool,
-    /// One entry per distinct pool.
-    pub pools: Vec<PoolFit>,
-}
-
-/// What an Allocate granted under an idempotency key, so a retry gets the same leases.
-#[derive(Debug)]
-struct Replay {
-    items: Vec<(PoolId, u64)>,
-    scope: Option<Arc<str>>,
-    ttl: Duration,
-    leases: Vec<LeaseId>,
-}
+/// Largest pool: 4 EiB. Bounding capacity bounds every sum of live lease sizes, so the books
+/// cannot overflow whatever a client asks.
+pub const MAX_CAPACITY: u64 = 1 << 62;
 
 /// All of memory-service's state. See the module docs.
 #[derive(Debug)]
@@ -184,8 +104,11 @@ impl Ledger {
         if self.pool_index.contains_key(name) {
             return Err(Error::PoolExists(name.to_owned()));
         }
-        if capacity == 0 {
-            return Err(Error::invalid("capacity_bytes", "must be greater than zero"));
+        if capacity == 0 || capacity > MAX_CAPACITY {
+            return Err(Error::invalid(
+                "capacity_bytes",
+                format!("{capacity} must be between 1 and {MAX_CAPACITY} (4 EiB)"),
+            ));
         }
         let name: Arc<str> = name.into();
         let id = self.pools.len();
@@ -294,12 +217,12 @@ impl Ledger {
             return Ok(Admission::Granted(self.grant(&resolved, now)));
         }
         if !may_wait {
-            let err = self.no_room(&resolved, Duration::ZERO, false);
-            for &(p, requested) in &resolved.demand {
+            let blocking = self.blocking(&resolved, None);
+            for &(p, requested) in &blocking {
                 self.pools[p].count_rejected();
                 self.publish_refusal(EventKind::Rejected, p, requested, &resolved);
             }
-            return Err(err);
+            return Err(self.no_room(&resolved, &blocking, Duration::ZERO, false));
         }
 
         for &(p, _) in &resolved.demand {
@@ -308,32 +231,6 @@ impl Ledger {
         let (reply, grant) = oneshot::channel();
         let ticket = self.waiters.push(resolved, reply);
         Ok(Admission::Queued { ticket, grant })
-    }
-
-    /// Takes waiter `ticket` out of the queue. Returns `None` if it was no longer queued (it was
-    /// granted: the grant is in its receiver). Otherwise the error to answer: if `timed_out`, the
-    /// wait is counted and published as a timeout.
-    pub fn abandon_wait(
-        &mut self,
-        ticket: u64,
-        now: Instant,
-        waited: Duration,
-        timed_out: bool,
-    ) -> Option<Error> {
-        let waiter = self.waiters.remove(ticket)?;
-        for &(p, _) in &waiter.request.demand {
-            self.pools[p].remove_waiter();
-        }
-        let err = self.no_room(&waiter.request, waited, timed_out);
-        if timed_out {
-            for &(p, requested) in &waiter.request.demand {
-                self.pools[p].count_wait_timeout();
-                self.publish_refusal(EventKind::WaitTimedOut, p, requested, &waiter.request);
-            }
-        }
-        // A waiter leaving can unblock those behind it on the same pools.
-        self.serve_waiters(now);
-        Some(err)
     }
 
     /// Renews one lease to `now + ttl`.
@@ -381,17 +278,18 @@ impl Ledger {
         self.reap(now);
         let ids: Vec<LeaseId> =
             self.scopes.get(scope).map(|s| s.iter().copied().collect()).unwrap_or_default();
-        let (mut count, mut bytes) = (0, 0);
+        let (mut count, mut bytes) = (0u64, 0u128);
         for id in ids {
             if let Some(lease) = self.remove_lease(id, Release::Freed) {
                 count += 1;
-                bytes += lease.size;
+                bytes += u128::from(lease.size);
             }
         }
         if count > 0 {
             self.serve_waiters(now);
         }
-        (count, bytes)
+        // A scope may span pools whose sizes add past 64 bits; the count is exact, bytes saturate.
+        (count, u64::try_from(bytes).unwrap_or(u64::MAX))
     }
 
     /// Reclaims every lease whose deadline is at or before `now`, all at once (never rate
@@ -408,73 +306,6 @@ impl Ledger {
             self.serve_waiters(now);
         }
         expired
-    }
-
-    /// Drops every waiter (shutdown): their receivers see the channel closed.
-    pub fn close_waiters(&mut self) {
-        let waiters: Vec<_> = self.waiters.drain().collect();
-        for waiter in waiters {
-            for &(p, _) in &waiter.request.demand {
-                self.pools[p].remove_waiter();
-            }
-        }
-    }
-
-    /// Checks every accounting invariant; `Err` describes the first broken one. Used by tests.
-    pub fn check_invariants(&self) -> Result<(), String> {
-        let mut used = vec![0u64; self.pools.len()];
-        let mut count = vec![0u64; self.pools.len()];
-        for (id, lease) in &self.leases {
-            used[lease.pool] += lease.size;
-            count[lease.pool] += 1;
-            if let Some(scope) = &lease.scope
-                && !self.scopes.get(scope).is_some_and(|s| s.contains(id))
-            {
-                return Err(format!("lease {id} missing from scope {scope}"));
-            }
-        }
-        let mut waiting = vec![0u64; self.pools.len()];
-        for i in 0..self.waiters.len() {
-            if let Some(w) = self.waiters.get(i) {
-                for &(p, _) in &w.request.demand {
-                    waiting[p] += 1;
-                }
-            }
-        }
-        for (p, pool) in self.pools.iter().enumerate() {
-            let s = pool.stats();
-            if s.used + s.available != s.capacity {
-                return Err(format!(
-                    "{}: used {} + available {} != capacity {}",
-                    s.name, s.used, s.available, s.capacity
-                ));
-            }
-            if s.used != used[p] || s.live_leases != count[p] {
-                return Err(format!(
-                    "{}: books say {} bytes in {} leases, leases sum to {} in {}",
-                    s.name, s.used, s.live_leases, used[p], count[p]
-                ));
-            }
-            if s.waiters != waiting[p] {
-                return Err(format!("{}: {} waiters counted, {} queued", s.name, s.waiters, waiting[p]));
-            }
-            let c = s.counters;
-            if c.granted != c.freed + c.expired + s.live_leases
-                || c.granted_bytes != c.released_bytes + s.used
-            {
-                return Err(format!("{}: counters do not add up: {c:?}, live {}", s.name, s.live_leases));
-            }
-        }
-        if self.expiry.len() != self.leases.len() {
-            return Err(format!("{} deadlines for {} leases", self.expiry.len(), self.leases.len()));
-        }
-        let scoped: usize = self.scopes.values().map(LeaseSet::len).sum();
-        if scoped != self.leases.values().filter(|l| l.scope.is_some()).count()
-            || self.scopes.values().any(LeaseSet::is_empty)
-        {
-            return Err("scope index out of step with leases".into());
-        }
-        Ok(())
     }
 
     fn pool_id(&self, name: &str) -> Result<PoolId, Error> {
@@ -634,87 +465,5 @@ impl Ledger {
             pool_used: pool.used(),
         });
         lease
-    }
-
-    /// Grants queued requests that now fit, in arrival order, FIFO per pool: once a waiter cannot
-    /// be served, no later waiter may take from any of its pools (else a large request starves
-    /// behind a stream of small ones).
-    fn serve_waiters(&mut self, now: Instant) {
-        if self.waiters.is_empty() {
-            return;
-        }
-        let mut blocked = vec![false; self.pools.len()];
-        let mut index = 0;
-        while let Some(waiter) = self.waiters.get(index) {
-            let demand = &waiter.request.demand;
-            if waiter.reply.is_closed() {
-                // The call is gone (its guard is about to look for it): drop it, grant nothing.
-                if let Some(gone) = self.waiters.remove_at(index) {
-                    for &(p, _) in &gone.request.demand {
-                        self.pools[p].remove_waiter();
-                    }
-                }
-                continue;
-            }
-            let fits = demand.iter().all(|&(p, bytes)| !blocked[p] && bytes <= self.pools[p].available());
-            if !fits {
-                for &(p, _) in demand {
-                    blocked[p] = true;
-                }
-                index += 1;
-                if blocked.iter().all(|b| *b) {
-                    break;
-                }
-                continue;
-            }
-            let Some(waiter) = self.waiters.remove_at(index) else { break };
-            for &(p, _) in &waiter.request.demand {
-                self.pools[p].remove_waiter();
-            }
-            let grant = self.grant(&waiter.request, now);
-            // The receiver is owned by the waiting call's guard, which takes the grant back out
-            // and frees it if the call is gone; so a failed send here can only follow a dropped
-            // guard, and the leases must be returned now.
-            if let Err(grant) = waiter.reply.send(grant) {
-                for lease in grant.leases {
-                    self.remove_lease(lease.id, Release::Freed);
-                }
-            }
-        }
-    }
-
-    fn no_room(&self, request: &Resolved, waited: Duration, timed_out: bool) -> Error {
-        // `resolve_items` refuses empty requests, so `demand` has a first entry.
-        let Some(&(p, requested)) = request
-            .demand
-            .iter()
-            .find(|&&(p, bytes)| bytes > self.pools[p].available() || self.pools[p].waiters() > 0)
-            .or(request.demand.first())
-        else {
-            return Error::invalid("items", "at least one item is required");
-        };
-        let pool = &self.pools[p];
-        Error::NoRoom {
-            pool: pool.name().to_string(),
-            requested,
-            available: pool.available(),
-            capacity: pool.capacity(),
-            waiters: pool.waiters(),
-            waited,
-            timed_out,
-        }
-    }
-
-    fn publish_refusal(&mut self, kind: EventKind, p: PoolId, requested: u64, request: &Resolved) {
-        let pool = &self.pools[p];
-        self.events.publish(Change {
-            kind,
-            pool: pool.name(),
-            lease: None,
-            size: requested,
-            holder: Some(&request.holder),
-            scope: request.scope.as_ref(),
-            pool_used: pool.used(),
-        });
     }
 }

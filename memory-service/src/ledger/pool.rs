@@ -32,10 +32,10 @@ pub struct Counters {
     pub wait_timeouts: u64,
     /// Allocate calls refused at once.
     pub rejected: u64,
-    /// Bytes granted.
-    pub granted_bytes: u64,
+    /// Bytes granted. 128 bits: cumulative totals of 4 EiB pools could pass 64 bits.
+    pub granted_bytes: u128,
     /// Bytes returned by frees and expiries.
-    pub released_bytes: u64,
+    pub released_bytes: u128,
 }
 
 /// A point-in-time copy of a pool's state, detached from the ledger lock.
@@ -112,14 +112,14 @@ impl Pool {
         self.live_leases += 1;
         self.peak_used = self.peak_used.max(self.used);
         self.counters.granted += 1;
-        self.counters.granted_bytes += size;
+        self.counters.granted_bytes += u128::from(size);
     }
 
     pub(crate) fn give_back(&mut self, size: u64, how: Release) {
         debug_assert!(size <= self.used && self.live_leases > 0, "ledger released twice");
         self.used -= size;
         self.live_leases -= 1;
-        self.counters.released_bytes += size;
+        self.counters.released_bytes += u128::from(size);
         match how {
             Release::Freed => self.counters.freed += 1,
             Release::Expired => self.counters.expired += 1,

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use tokio::sync::oneshot;
 
-use super::{Grant, Resolved};
+use super::{Grant, PoolId, Resolved};
 
 /// An Allocate call parked until its items fit. The ledger grants it by sending on `reply`; the
 /// waiting call owns the receiving end (see `WaitGuard` in the service layer).
@@ -54,6 +54,14 @@ impl WaitQueue {
     /// True if a waiter carries this idempotency key.
     pub fn has_key(&self, key: &str) -> bool {
         self.queue.iter().any(|w| w.request.key.as_deref() == Some(key))
+    }
+
+    /// True if a waiter ahead of `ticket` (any waiter, for `None`) asks for pool `pool`.
+    pub fn has_earlier(&self, pool: PoolId, ticket: Option<u64>) -> bool {
+        self.queue
+            .iter()
+            .take_while(|w| ticket.is_none_or(|t| w.ticket < t))
+            .any(|w| w.request.demand.iter().any(|&(p, _)| p == pool))
     }
 
     /// Takes every waiter out (shutdown).

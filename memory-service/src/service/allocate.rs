@@ -14,10 +14,9 @@ pub(super) async fn allocate(
     shared: &Arc<Shared>,
     request: Request<pb::AllocateRequest>,
 ) -> Result<pb::AllocateResponse, Error> {
-    // The wait never outlives the caller's deadline: past it the answer would go nowhere.
     let deadline = serving::deadline::grpc_timeout(request.metadata());
     let (req, asked_wait) = convert::allocate(request.into_inner(), shared.config())?;
-    let max_wait = deadline.map_or(asked_wait, |d| d.min(asked_wait));
+    let max_wait = deadline.map_or(asked_wait, |d| asked_wait.min(before_deadline(d)));
     let started = Instant::now();
 
     let admission = shared.ledger().allocate(req, started, !max_wait.is_zero())?;
@@ -39,6 +38,14 @@ pub(super) async fn allocate(
         replayed: grant.replayed,
         server_epoch: shared.epoch,
     })
+}
+
+/// How long a wait may last under a gRPC deadline `d`: a little less than `d`, so the caller gets
+/// RESOURCE_EXHAUSTED with its retry hint (and the timeout is counted and published) instead of a
+/// bare DEADLINE_EXCEEDED from tonic's own timer, which started earlier than ours.
+fn before_deadline(d: Duration) -> Duration {
+    let margin = (d / 10).clamp(Duration::from_millis(1), Duration::from_millis(50));
+    d.saturating_sub(margin)
 }
 
 /// Owns a queued Allocate. However the call ends — granted, timed out, shut down, or dropped

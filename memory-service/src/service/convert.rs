@@ -55,9 +55,7 @@ pub fn items(items: Vec<pb::AllocationItem>) -> Result<Vec<(String, u64)>, Error
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            if item.pool.is_empty() {
-                return Err(Error::invalid(format!("items[{i}].pool"), "is required"));
-            }
+            pool_name(&format!("items[{i}].pool"), &item.pool)?;
             if item.size_bytes == 0 {
                 return Err(Error::invalid(format!("items[{i}].size_bytes"), "must be greater than zero"));
             }
@@ -142,9 +140,20 @@ pub fn pool_stats(s: PoolStats) -> pb::PoolStats {
         expired_total: s.counters.expired,
         wait_timeouts_total: s.counters.wait_timeouts,
         rejected_total: s.counters.rejected,
-        granted_bytes_total: s.counters.granted_bytes,
-        released_bytes_total: s.counters.released_bytes,
+        // Cumulative byte totals are 128-bit inside; the API reports them saturated at 2^64 - 1.
+        granted_bytes_total: saturate(s.counters.granted_bytes),
+        released_bytes_total: saturate(s.counters.released_bytes),
     }
+}
+
+fn saturate(n: u128) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// Validates a pool name field: malformed names are INVALID_ARGUMENT (unknown ones, later,
+/// NOT_FOUND), and an unbounded name never reaches a status message.
+pub fn pool_name(field: &str, name: &str) -> Result<(), Error> {
+    validate::pool_name(name).map_err(|reason| Error::invalid(field, reason))
 }
 
 /// Renders a CanAllocate entry.

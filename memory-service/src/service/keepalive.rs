@@ -29,7 +29,8 @@ pub(super) fn spawn(shared: Arc<Shared>, mut inbound: Streaming<pb::KeepAliveReq
             let message = tokio::select! {
                 message = inbound.message() => message,
                 () = shared.shutdown().cancelled() => {
-                    let _ = tx.send(Err(shared.status(Error::ShuttingDown))).await;
+                    // Best effort: a client that stopped reading must not hold up the drain.
+                    let _ = tx.try_send(Err(shared.status(Error::ShuttingDown)));
                     return;
                 }
             };
@@ -39,7 +40,11 @@ pub(super) fn spawn(shared: Arc<Shared>, mut inbound: Streaming<pb::KeepAliveReq
                 Ok(None) | Err(_) => return,
             };
             let fatal = reply.is_err();
-            if tx.send(reply).await.is_err() || fatal {
+            let sent = tokio::select! {
+                sent = tx.send(reply) => sent.is_ok(),
+                () = shared.shutdown().cancelled() => false,
+            };
+            if !sent || fatal {
                 return;
             }
         }

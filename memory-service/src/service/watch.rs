@@ -69,7 +69,8 @@ pub(super) fn spawn(shared: Arc<Shared>, filter: Filter) -> WatchStream {
                 () = shared.shutdown().cancelled() => break,
             }
         }
-        let _ = tx.send(Err(shared.status(Error::ShuttingDown))).await;
+        // Best effort: a client that stopped reading must not hold up the drain.
+        let _ = tx.try_send(Err(shared.status(Error::ShuttingDown)));
     });
     ReceiverStream::new(rx)
 }

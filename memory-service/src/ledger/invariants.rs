@@ -1,0 +1,82 @@
+//! The accounting invariants, checked by unit, property and stress tests.
+
+use super::{Ledger, lease::LeaseSet};
+
+impl Ledger {
+    /// Checks every accounting invariant; `Err` describes the first broken one. Used by tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut used = vec![0u64; self.pools.len()];
+        let mut count = vec![0u64; self.pools.len()];
+        for (id, lease) in &self.leases {
+            used[lease.pool] += lease.size;
+            count[lease.pool] += 1;
+            if let Some(scope) = &lease.scope
+                && !self.scopes.get(scope).is_some_and(|s| s.contains(id))
+            {
+                return Err(format!("lease {id} missing from scope {scope}"));
+            }
+        }
+        let mut waiting = vec![0u64; self.pools.len()];
+        for i in 0..self.waiters.len() {
+            if let Some(w) = self.waiters.get(i) {
+                for &(p, _) in &w.request.demand {
+                    waiting[p] += 1;
+                }
+            }
+        }
+        for (p, pool) in self.pools.iter().enumerate() {
+            let s = pool.stats();
+            if s.used + s.available != s.capacity {
+                return Err(format!(
+                    "{}: used {} + available {} != capacity {}",
+                    s.name, s.used, s.available, s.capacity
+                ));
+            }
+            if s.used != used[p] || s.live_leases != count[p] {
+                return Err(format!(
+                    "{}: books say {} bytes in {} leases, leases sum to {} in {}",
+                    s.name, s.used, s.live_leases, used[p], count[p]
+                ));
+            }
+            if s.waiters != waiting[p] {
+                return Err(format!("{}: {} waiters counted, {} queued", s.name, s.waiters, waiting[p]));
+            }
+            let c = s.counters;
+            if c.granted != c.freed + c.expired + s.live_leases
+                || c.granted_bytes != c.released_bytes + u128::from(s.used)
+            {
+                return Err(format!("{}: counters do not add up: {c:?}, live {}", s.name, s.live_leases));
+            }
+        }
+        if self.expiry.len() != self.leases.len() {
+            return Err(format!("{} deadlines for {} leases", self.expiry.len(), self.leases.len()));
+        }
+        let scoped: usize = self.scopes.values().map(LeaseSet::len).sum();
+        if scoped != self.leases.values().filter(|l| l.scope.is_some()).count()
+            || self.scopes.values().any(LeaseSet::is_empty)
+        {
+            return Err("scope index out of step with leases".into());
+        }
+        self.check_no_servable_waiter()
+    }
+
+    /// Liveness: after any operation, no queued waiter could be granted under the FIFO-per-pool
+    /// rule (it would have been served when the room appeared).
+    fn check_no_servable_waiter(&self) -> Result<(), String> {
+        let mut blocked = vec![false; self.pools.len()];
+        for i in 0..self.waiters.len() {
+            let Some(w) = self.waiters.get(i) else { break };
+            let demand = &w.request.demand;
+            // A waiter whose caller left still holds its place until the next serving pass drops
+            // it (callers normally leave through `abandon_wait`, which serves at once).
+            let live = !w.reply.is_closed();
+            if live && demand.iter().all(|&(p, bytes)| !blocked[p] && bytes <= self.pools[p].available()) {
+                return Err(format!("waiter {} fits but is still queued", w.ticket));
+            }
+            for &(p, _) in demand {
+                blocked[p] = true;
+            }
+        }
+        Ok(())
+    }
+}

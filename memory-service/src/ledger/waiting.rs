@@ -1,0 +1,145 @@
+//! Waiting for room: serving the FIFO queue, abandoning a wait, and describing a refusal.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Error, EventKind, Ledger, PoolId, Release, Resolved, events::Change};
+
+impl Ledger {
+    /// Takes waiter `ticket` out of the queue. Returns `None` if it was no longer queued (it was
+    /// granted: the grant is in its receiver). Otherwise the error to answer: if `timed_out`, the
+    /// wait is counted and published as a timeout.
+    pub fn abandon_wait(
+        &mut self,
+        ticket: u64,
+        now: Instant,
+        waited: Duration,
+        timed_out: bool,
+    ) -> Option<Error> {
+        let waiter = self.waiters.remove(ticket)?;
+        for &(p, _) in &waiter.request.demand {
+            self.pools[p].remove_waiter();
+        }
+        let blocking = self.blocking(&waiter.request, Some(ticket));
+        let err = self.no_room(&waiter.request, &blocking, waited, timed_out);
+        if timed_out {
+            for &(p, requested) in &blocking {
+                self.pools[p].count_wait_timeout();
+                self.publish_refusal(EventKind::WaitTimedOut, p, requested, &waiter.request);
+            }
+        }
+        // A waiter leaving can unblock those behind it on the same pools.
+        self.serve_waiters(now);
+        Some(err)
+    }
+
+    /// Drops every waiter (shutdown): their receivers see the channel closed.
+    pub fn close_waiters(&mut self) {
+        let waiters: Vec<_> = self.waiters.drain().collect();
+        for waiter in waiters {
+            for &(p, _) in &waiter.request.demand {
+                self.pools[p].remove_waiter();
+            }
+        }
+    }
+
+    /// Grants queued requests that now fit, in arrival order, FIFO per pool: once a waiter cannot
+    /// be served, no later waiter may take from any of its pools (else a large request starves
+    /// behind a stream of small ones).
+    pub(super) fn serve_waiters(&mut self, now: Instant) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let mut blocked = vec![false; self.pools.len()];
+        let mut index = 0;
+        while let Some(waiter) = self.waiters.get(index) {
+            let demand = &waiter.request.demand;
+            if waiter.reply.is_closed() {
+                // The call is gone (its guard is about to look for it): drop it, grant nothing.
+                if let Some(gone) = self.waiters.remove_at(index) {
+                    for &(p, _) in &gone.request.demand {
+                        self.pools[p].remove_waiter();
+                    }
+                }
+                continue;
+            }
+            let fits = demand.iter().all(|&(p, bytes)| !blocked[p] && bytes <= self.pools[p].available());
+            if !fits {
+                for &(p, _) in demand {
+                    blocked[p] = true;
+                }
+                index += 1;
+                if blocked.iter().all(|b| *b) {
+                    break;
+                }
+                continue;
+            }
+            let Some(waiter) = self.waiters.remove_at(index) else { break };
+            for &(p, _) in &waiter.request.demand {
+                self.pools[p].remove_waiter();
+            }
+            let grant = self.grant(&waiter.request, now);
+            // The receiver is owned by the waiting call's guard, which takes the grant back out
+            // and frees it if the call is gone; so a failed send here can only follow a dropped
+            // guard, and the leases must be returned now.
+            if let Err(grant) = waiter.reply.send(grant) {
+                for lease in grant.leases {
+                    self.remove_lease(lease.id, Release::Freed);
+                }
+            }
+        }
+    }
+
+    /// The pools that keep `request` from being granted: too little room, or an earlier waiter.
+    /// `ticket` is the request's place in the queue (`None`: a new request, behind everyone).
+    /// Only these pools are charged with a refusal or timeout.
+    pub(super) fn blocking(&self, request: &Resolved, ticket: Option<u64>) -> Vec<(PoolId, u64)> {
+        let blocking: Vec<_> = request
+            .demand
+            .iter()
+            .copied()
+            .filter(|&(p, bytes)| bytes > self.pools[p].available() || self.waiters.has_earlier(p, ticket))
+            .collect();
+        // A queued request that nothing blocks would have been granted already, so this fallback
+        // only guards against describing a refusal with no pool at all.
+        if blocking.is_empty() { request.demand.first().copied().into_iter().collect() } else { blocking }
+    }
+
+    /// The error for a refusal, naming the first blocking pool and its numbers.
+    pub(super) fn no_room(
+        &self,
+        request: &Resolved,
+        blocking: &[(PoolId, u64)],
+        waited: Duration,
+        timed_out: bool,
+    ) -> Error {
+        // `resolve_items` refuses empty requests, so there is always a pool to name.
+        let Some(&(p, requested)) = blocking.first().or(request.demand.first()) else {
+            return Error::invalid("items", "at least one item is required");
+        };
+        let pool = &self.pools[p];
+        Error::NoRoom {
+            pool: pool.name().to_string(),
+            requested,
+            available: pool.available(),
+            capacity: pool.capacity(),
+            waiters: pool.waiters(),
+            waited,
+            timed_out,
+        }
+    }
+
+    pub(super) fn publish_refusal(&mut self, kind: EventKind, p: PoolId, requested: u64, request: &Resolved) {
+        let pool = &self.pools[p];
+        self.events.publish(Change {
+            kind,
+            pool: pool.name(),
+            lease: None,
+            size: requested,
+            holder: Some(&request.holder),
+            scope: request.scope.as_ref(),
+            pool_used: pool.used(),
+        });
+    }
+}
