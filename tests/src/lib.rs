@@ -1,50 +1,51 @@
-//! Helpers shared by the end-to-end tests: start a real server on `127.0.0.1:0`, connect clients,
-//! and stop it by joining its task, so a server error fails the test.
+//! Helpers shared by the end-to-end tests: start real servers on `127.0.0.1:0`, connect clients,
+//! and stop them by joining their tasks, so a server error fails the test.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
-use memory_service::{Config, server::ServeError};
-use proto::memory::v1::{
-    AllocateRequest, AllocationItem, GetPoolStatsRequest, PoolStats,
-    memory_service_client::MemoryServiceClient,
+use memory_service::Config;
+use proto::{
+    memory::v1::{
+        AllocateRequest, AllocationItem, GetPoolStatsRequest, PoolStats,
+        memory_service_client::MemoryServiceClient,
+    },
+    runtime::v1::runtime_service_client::RuntimeServiceClient,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_stream::StreamExt;
 use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
-/// A memory-service running in this process on an ephemeral loopback port.
+/// A server running in this process on a loopback port.
 #[derive(Debug)]
-pub struct MemoryServer {
+pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), ServeError>>>,
+    task: Option<JoinHandle<Result<(), String>>>,
 }
 
-impl MemoryServer {
-    /// Binds `127.0.0.1:0` and serves `config` on it. The port is bound before this returns, so
-    /// clients can connect at once: no readiness wait is needed.
-    pub async fn start(config: Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+impl TestServer {
+    /// Binds `addr` (`127.0.0.1:0` for an ephemeral port) and serves with `serve`. The port is
+    /// bound before this returns, so clients can connect at once: no readiness wait is needed.
+    pub async fn spawn<F, Fut, E>(addr: SocketAddr, serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let listener = TcpListener::bind(addr).await.expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(memory_service::run(listener, config, async {
-            let _ = stopped.await;
-        }));
-        MemoryServer { addr, stop: Some(stop), task: Some(task) }
+        let serving = serve(listener, stopped);
+        let task = tokio::spawn(async move { serving.await.map_err(|e| e.to_string()) });
+        TestServer { addr, stop: Some(stop), task: Some(task) }
     }
 
-    /// Starts with pools `(name, capacity)` and otherwise default settings.
-    pub async fn with_pools(pools: &[(&str, u64)]) -> Self {
-        Self::start(config_with_pools(pools)).await
-    }
-
-    /// A connected client.
-    pub async fn client(&self) -> MemoryServiceClient<Channel> {
-        MemoryServiceClient::new(self.channel().await)
-    }
-
-    /// A connected channel (for health and reflection clients).
+    /// A connected channel.
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.addr))
             .expect("valid uri")
@@ -66,7 +67,7 @@ impl MemoryServer {
         self.join().await;
     }
 
-    /// Joins the server task (after [`MemoryServer::begin_shutdown`]); panics if it failed.
+    /// Joins the server task (after [`TestServer::begin_shutdown`]); panics if it failed.
     pub async fn join(&mut self) {
         if let Some(task) = self.task.take() {
             task.await.expect("server task panicked").expect("server returned an error");
@@ -74,10 +75,127 @@ impl MemoryServer {
     }
 }
 
-impl Drop for MemoryServer {
+impl Drop for TestServer {
     fn drop(&mut self) {
         self.begin_shutdown();
     }
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A memory-service running in this process.
+#[derive(Debug)]
+pub struct MemoryServer(pub TestServer);
+
+impl std::ops::Deref for MemoryServer {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for MemoryServer {
+    fn deref_mut(&mut self) -> &mut TestServer {
+        &mut self.0
+    }
+}
+
+impl MemoryServer {
+    /// Serves `config` on an ephemeral loopback port.
+    pub async fn start(config: Config) -> Self {
+        Self::start_at(loopback(), config).await
+    }
+
+    /// Serves `config` on `addr` (to restart a server on the port it had).
+    pub async fn start_at(addr: SocketAddr, config: Config) -> Self {
+        MemoryServer(
+            TestServer::spawn(addr, |listener, stopped| {
+                memory_service::run(listener, config, async {
+                    let _ = stopped.await;
+                })
+            })
+            .await,
+        )
+    }
+
+    /// Starts with pools `(name, capacity)` and otherwise default settings.
+    pub async fn with_pools(pools: &[(&str, u64)]) -> Self {
+        Self::start(config_with_pools(pools)).await
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> MemoryServiceClient<Channel> {
+        MemoryServiceClient::new(self.channel().await)
+    }
+
+    /// Shuts down and joins.
+    pub async fn stop(self) {
+        self.0.stop().await;
+    }
+}
+
+/// A runtime-service running in this process.
+#[derive(Debug)]
+pub struct RuntimeServer(pub TestServer);
+
+impl std::ops::Deref for RuntimeServer {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RuntimeServer {
+    fn deref_mut(&mut self) -> &mut TestServer {
+        &mut self.0
+    }
+}
+
+impl RuntimeServer {
+    /// Serves `config` on an ephemeral loopback port.
+    pub async fn start(config: runtime_service::Config) -> Self {
+        RuntimeServer(
+            TestServer::spawn(loopback(), |listener, stopped| {
+                runtime_service::run(listener, config, async {
+                    let _ = stopped.await;
+                })
+            })
+            .await,
+        )
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(self.channel().await)
+    }
+
+    /// Resolves once health reports SERVING (event-driven: a health Watch stream, no polling).
+    pub async fn ready(&self) {
+        wait_serving(self.channel().await, "runtime.v1.RuntimeService").await;
+    }
+
+    /// Shuts down and joins.
+    pub async fn stop(self) {
+        self.0.stop().await;
+    }
+}
+
+/// Waits on a health Watch stream until `service` is SERVING.
+pub async fn wait_serving(channel: Channel, service: &str) {
+    let mut health = HealthClient::new(channel);
+    let mut watch = health
+        .watch(HealthCheckRequest { service: service.into() })
+        .await
+        .expect("health watch")
+        .into_inner();
+    while let Some(reply) = watch.next().await {
+        if reply.expect("health update").status() == ServingStatus::Serving {
+            return;
+        }
+    }
+    panic!("health stream ended before {service} was serving");
 }
 
 /// Default config with the given pools.
@@ -91,6 +209,48 @@ pub fn config_with_pools(pools: &[(&str, u64)]) -> Config {
             })
             .collect(),
         ..Config::default()
+    }
+}
+
+/// Test models: fast, jitter-free profiles and small memory footprints.
+pub const TEST_MODELS: &str = r#"
+[[models]]
+key = "test-webllm"
+engine = "webllm"
+preload = true
+uniform_bytes = "1MiB"
+kv_bytes_per_token = "1KiB"
+activation_bytes_per_token = "4KiB"
+max_tokens_limit = 512
+max_prompt_tokens = 256
+# Whole milliseconds: tokio's timer (paused or not) has millisecond resolution.
+prefill_per_token_ms = 1.0
+cpu_per_token_ms = 2.0
+gpu_per_token_ms = 3.0
+jitter = 0.0
+
+[[models]]
+key = "test-tjs"
+engine = "transformers-js"
+preload = false
+uniform_bytes = "2MiB"
+kv_bytes_per_token = "2KiB"
+activation_bytes_per_token = "8KiB"
+max_tokens_limit = 512
+max_prompt_tokens = 256
+prefill_per_token_ms = 0.1
+cpu_per_token_ms = 3.0
+gpu_per_token_ms = 2.0
+jitter = 0.2
+"#;
+
+/// A runtime config pointing at `memory` with the test models.
+pub fn runtime_config(memory: SocketAddr) -> runtime_service::Config {
+    runtime_service::Config {
+        memory_addr: format!("http://{memory}"),
+        instance: "test-runtime".into(),
+        models: runtime_service::config::parse_models(TEST_MODELS).expect("test models parse"),
+        ..runtime_service::Config::default()
     }
 }
 

@@ -1,0 +1,246 @@
+//! One Generate call: admission, model load, memory reservation with retries, then the pipeline
+//! streamed to the client under time limits, and the memory returned on every path.
+
+mod plan;
+mod reserve;
+
+use std::{sync::Arc, time::Duration};
+
+use proto::runtime::v1::{self as pb, generate_response::Item};
+use tokio::{
+    sync::mpsc,
+    time::{Instant, sleep_until},
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+pub use self::plan::Plan;
+use crate::{
+    engine::Decoder,
+    error::Error,
+    executor::{Admission, Ticket},
+    memory::Reservation,
+    pipeline::{self, Emitted, Pipeline},
+    state::Shared,
+};
+
+/// The response half of a Generate call.
+pub type GenerateStream = ReceiverStream<Result<pb::GenerateResponse, Status>>;
+
+/// Tokens buffered between the generation and the client's HTTP/2 stream.
+const STREAM_BUFFER: usize = 16;
+
+/// Validates and admits `request`, then streams it from a tracked task. Validation, a duplicate
+/// request id and load shedding are answered here, as the call's own status.
+pub fn start(
+    shared: &Arc<Shared>,
+    request: pb::GenerateRequest,
+    grpc_timeout: Option<Duration>,
+) -> Result<GenerateStream, Error> {
+    let started = Instant::now();
+    let plan = Plan::new(&shared.models, request)?;
+    let ticket = shared.executor.register(plan.request_id.clone())?;
+    let admission = shared.executor.admit()?;
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let limits = Limits::new(&shared.config, started, grpc_timeout);
+    let task = Generation { shared: shared.clone(), plan, ticket, tx, limits, started };
+    // Tracked: shutdown waits for every generation to end and return its memory.
+    shared.tracker.spawn(task.run(admission));
+    Ok(ReceiverStream::new(rx))
+}
+
+/// The time limits of one call.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    first_token: Instant,
+    idle: Duration,
+    end: Instant,
+}
+
+impl Limits {
+    fn new(config: &crate::config::Config, started: Instant, grpc_timeout: Option<Duration>) -> Self {
+        let lifetime = started + config.max_stream_lifetime;
+        let end = grpc_timeout.map_or(lifetime, |d| lifetime.min(started + d));
+        Limits { first_token: (started + config.ttft_timeout).min(end), idle: config.idle_timeout, end }
+    }
+
+    /// The deadline for the next token, and what to say if it passes.
+    fn next_token(&self, last: Option<Instant>) -> (Instant, &'static str) {
+        match last {
+            None => (self.first_token, "no first token within the time-to-first-token limit or deadline"),
+            Some(last) if last + self.idle < self.end => {
+                (last + self.idle, "no token within the idle-gap limit")
+            }
+            Some(_) => (self.end, "the stream reached its deadline or lifetime limit"),
+        }
+    }
+}
+
+/// How a generation ended without a summary.
+enum Stop {
+    /// The client went away: nobody to tell.
+    ClientGone,
+    /// Tell the client why.
+    Failed(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(err: Error) -> Self {
+        Stop::Failed(err)
+    }
+}
+
+/// Timings gathered along the way, for the summary.
+#[derive(Debug, Default)]
+struct Timings {
+    queue_wait: Duration,
+    memory_wait: Duration,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+struct Generation {
+    shared: Arc<Shared>,
+    plan: Plan,
+    ticket: Ticket,
+    tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    limits: Limits,
+    started: Instant,
+}
+
+impl Generation {
+    async fn run(self, admission: Admission) {
+        let mut held: Option<Reservation> = None;
+        let result = self.generate(admission, &mut held).await;
+        // Every path returns the memory, and does so before the client hears the outcome, so a
+        // caller told "done" or "failed" already sees the pools back where they were.
+        if let Some(reservation) = held.take() {
+            reservation.release().await;
+        }
+        let hint = self.shared.config.retry_hint;
+        let last = match result {
+            Ok(summary) => Ok(pb::GenerateResponse { item: Some(Item::Summary(summary)) }),
+            Err(Stop::Failed(err)) => {
+                tracing::debug!(request_id = %self.plan.request_id, cause = %err, "generation failed");
+                Err(err.to_status(hint))
+            }
+            Err(Stop::ClientGone) => return,
+        };
+        let _ = self.tx.send(last).await;
+    }
+
+    async fn generate(
+        &self,
+        admission: Admission,
+        held: &mut Option<Reservation>,
+    ) -> Result<pb::Summary, Stop> {
+        let flight = self.ticket.flight();
+        let executor = &self.shared.executor;
+        let _permit = match admission {
+            Admission::Running(permit) => {
+                executor.running(flight);
+                permit
+            }
+            Admission::Queued(slot) => executor.wait(slot, flight, self.limits.first_token).await?,
+        };
+        let mut timings = Timings { queue_wait: Instant::now() - self.started, ..Timings::default() };
+
+        let memory_started = Instant::now();
+        let loader = self.shared.loader();
+        tokio::select! {
+            loaded = self.plan.model.ensure_loaded(&loader) => loaded?,
+            () = flight.cancelled().cancelled() => return Err(flight.reason().into()),
+            () = sleep_until(self.limits.first_token) => {
+                return Err(Error::DeadlineExceeded("the model did not load before the time-to-first-token limit".into()).into());
+            }
+        }
+        let reservation = reserve::reserve(&self.shared, &self.plan, flight, self.limits.first_token).await?;
+        let lost = reservation.lost().clone();
+        *held = Some(reservation);
+        timings.memory_wait = Instant::now() - memory_started;
+
+        let spec = self.plan.pipeline_spec(self.shared.config.pipeline_depth as usize);
+        let decoder =
+            Decoder::new(self.plan.model.engine, &self.plan.prompt, self.plan.seed, self.plan.sampling);
+        let mut pipeline = Pipeline::new(spec.clone(), decoder);
+        loop {
+            let (until, why) = self.limits.next_token(timings.last_token);
+            let next = tokio::select! {
+                biased;
+                () = flight.cancelled().cancelled() => return Err(flight.reason().into()),
+                () = lost.cancelled() => return Err(Error::MemoryLost.into()),
+                () = self.tx.closed() => return Err(Stop::ClientGone),
+                () = sleep_until(until) => return Err(Error::DeadlineExceeded(why.into()).into()),
+                next = pipeline.next() => next,
+            };
+            let Some(emitted) = next else { break };
+            let now = Instant::now();
+            timings.first_token.get_or_insert(now);
+            timings.last_token = Some(now);
+            self.send(token(emitted, now - self.started), flight, &lost).await?;
+        }
+        Ok(self.summary(&spec, &pipeline.stats(), &timings))
+    }
+
+    /// Sends one token, waiting for the client's buffer (backpressure) but never past a stop.
+    async fn send(
+        &self,
+        item: pb::GenerateResponse,
+        flight: &crate::executor::Flight,
+        lost: &crate::memory::Lost,
+    ) -> Result<(), Stop> {
+        tokio::select! {
+            biased;
+            () = flight.cancelled().cancelled() => Err(flight.reason().into()),
+            () = lost.cancelled() => Err(Error::MemoryLost.into()),
+            () = sleep_until(self.limits.end) => {
+                Err(Error::DeadlineExceeded("the stream reached its deadline or lifetime limit".into()).into())
+            }
+            sent = self.tx.send(Ok(item)) => sent.map_err(|_| Stop::ClientGone),
+        }
+    }
+
+    fn summary(&self, spec: &pipeline::Spec, stats: &pipeline::Stats, timings: &Timings) -> pb::Summary {
+        let duration = |d: Duration| prost_types::Duration::try_from(d).ok();
+        let (first, last) =
+            (timings.first_token.unwrap_or(self.started), timings.last_token.unwrap_or(self.started));
+        let decode = (last - first).as_secs_f64();
+        let tokens_per_second =
+            if stats.tokens >= 2 && decode > 0.0 { f64::from(stats.tokens - 1) / decode } else { 0.0 };
+        pb::Summary {
+            finish_reason: if stats.stopped { pb::FinishReason::Stop } else { pb::FinishReason::Length }
+                .into(),
+            prompt_tokens: self.plan.prompt_tokens,
+            completion_tokens: stats.tokens,
+            time_to_first_token: duration(first - self.started),
+            total_time: duration(last - self.started),
+            tokens_per_second,
+            cpu_busy: duration(stats.cpu_busy),
+            gpu_busy: duration(stats.gpu_busy),
+            gpu_idle_waiting_for_cpu: duration(stats.gpu_idle),
+            memory_wait: duration(timings.memory_wait),
+            queue_wait: duration(timings.queue_wait),
+            pipeline_mode: match spec.mode {
+                pipeline::Mode::Pipelined => pb::PipelineMode::Pipelined,
+                pipeline::Mode::Sequential => pb::PipelineMode::Sequential,
+            }
+            .into(),
+            pipeline_depth: spec.depth as u32,
+            kv_cache_bytes: self.plan.kv_bytes(),
+            activation_bytes: self.plan.activation_bytes(spec.depth),
+            request_id: self.plan.request_id.clone(),
+        }
+    }
+}
+
+fn token(emitted: Emitted, elapsed: Duration) -> pb::GenerateResponse {
+    pb::GenerateResponse {
+        item: Some(Item::Token(pb::Token {
+            index: emitted.index,
+            text: emitted.token.text,
+            token_id: emitted.token.id,
+            elapsed: prost_types::Duration::try_from(elapsed).ok(),
+            gpu_time: prost_types::Duration::try_from(emitted.gpu_time).ok(),
+        })),
+    }
+}

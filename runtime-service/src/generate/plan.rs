@@ -1,0 +1,150 @@
+//! A validated Generate request: what to run and what memory it needs.
+
+use std::sync::Arc;
+
+use proto::runtime::v1 as pb;
+use rand::{TryRng, rngs::SysRng};
+
+use crate::{
+    engine::{mix, text::Sampling},
+    error::Error,
+    models::{Model, Models},
+    pipeline::{Mode, Spec},
+};
+
+/// Longest prompt accepted, in bytes, whatever the model.
+pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
+/// Longest request id.
+const MAX_REQUEST_ID: usize = 128;
+
+/// A validated request.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The model.
+    pub model: Arc<Model>,
+    /// The prompt.
+    pub prompt: String,
+    /// Its length in the model's tokens.
+    pub prompt_tokens: u32,
+    /// Tokens to generate at most.
+    pub max_tokens: u32,
+    /// Sampling seed.
+    pub seed: u64,
+    /// Sampling knobs.
+    pub sampling: Sampling,
+    /// CPU/GPU scheduling.
+    pub mode: Mode,
+    /// Given or assigned request id.
+    pub request_id: String,
+}
+
+impl Plan {
+    /// Validates `req` against the configured models. Every refusal names the field and what to
+    /// change.
+    pub fn new(models: &Models, req: pb::GenerateRequest) -> Result<Self, Error> {
+        if req.model.is_empty() {
+            return Err(Error::invalid("model", "is required; ListModels shows the configured models"));
+        }
+        let model = models.get(&req.model)?.clone();
+        let spec = &model.spec;
+        if req.prompt.len() > MAX_PROMPT_BYTES {
+            return Err(Error::invalid(
+                "prompt",
+                format!("is {} bytes; the limit is {MAX_PROMPT_BYTES} bytes", req.prompt.len()),
+            ));
+        }
+        let prompt_tokens = model.engine.count_prompt_tokens(&req.prompt);
+        if prompt_tokens == 0 {
+            return Err(Error::invalid("prompt", "is empty; give at least one word"));
+        }
+        if prompt_tokens > spec.max_prompt_tokens {
+            return Err(Error::invalid(
+                "prompt",
+                format!(
+                    "is {prompt_tokens} tokens; model {} accepts at most {}",
+                    spec.key, spec.max_prompt_tokens
+                ),
+            ));
+        }
+        if req.max_tokens == 0 || req.max_tokens > spec.max_tokens_limit {
+            return Err(Error::invalid(
+                "max_tokens",
+                format!("{} is outside 1..={} for model {}", req.max_tokens, spec.max_tokens_limit, spec.key),
+            ));
+        }
+        let temperature = f64::from(req.temperature);
+        if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
+            return Err(Error::invalid("temperature", format!("{temperature} is outside 0..=2")));
+        }
+        let top_p = if req.top_p == 0.0 { 1.0 } else { f64::from(req.top_p) };
+        if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
+            return Err(Error::invalid("top_p", format!("{top_p} is outside (0, 1]")));
+        }
+        let mode = match pb::PipelineMode::try_from(req.pipeline_mode) {
+            Ok(pb::PipelineMode::Unspecified | pb::PipelineMode::Pipelined) => Mode::Pipelined,
+            Ok(pb::PipelineMode::Sequential) => Mode::Sequential,
+            Err(_) => {
+                return Err(Error::invalid("pipeline_mode", format!("{} is not a mode", req.pipeline_mode)));
+            }
+        };
+        let request_id = if req.request_id.is_empty() {
+            new_request_id()
+        } else {
+            if req.request_id.chars().count() > MAX_REQUEST_ID || req.request_id.chars().any(char::is_control)
+            {
+                return Err(Error::invalid(
+                    "request_id",
+                    format!("must be at most {MAX_REQUEST_ID} printable characters"),
+                ));
+            }
+            req.request_id
+        };
+        Ok(Plan {
+            prompt_tokens,
+            max_tokens: req.max_tokens,
+            seed: req.seed,
+            sampling: Sampling { temperature, top_p },
+            mode,
+            request_id,
+            prompt: req.prompt,
+            model,
+        })
+    }
+
+    /// kv-cache bytes: the whole prompt and completion, reserved up front.
+    pub fn kv_bytes(&self) -> u64 {
+        self.model
+            .spec
+            .memory
+            .kv_bytes_per_token
+            .saturating_mul(u64::from(self.prompt_tokens + self.max_tokens))
+    }
+
+    /// Activation bytes: one buffer per token in flight (double buffering at depth 2), reused
+    /// every step, so decoding makes no per-token memory call.
+    pub fn activation_bytes(&self, depth: usize) -> u64 {
+        self.model.spec.memory.activation_bytes_per_token.saturating_mul(depth as u64)
+    }
+
+    /// The pipeline this plan runs.
+    pub fn pipeline_spec(&self, depth: usize) -> Spec {
+        Spec {
+            latency: self.model.spec.latency,
+            mode: self.mode,
+            depth,
+            prompt_tokens: self.prompt_tokens,
+            max_tokens: self.max_tokens,
+            jitter_seed: mix(self.seed ^ 0x6A09_E667_F3BC_C908),
+        }
+    }
+}
+
+/// A fresh request id: 64 random bits in hex.
+fn new_request_id() -> String {
+    let bits = SysRng.try_next_u64().unwrap_or_else(|_| {
+        // No OS randomness: fall back to the clock, mixed; ids need uniqueness, not secrecy.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        mix(nanos.as_nanos() as u64)
+    });
+    format!("gen-{bits:016x}")
+}

@@ -1,0 +1,122 @@
+//! The runtime-service binary: flags and environment → validated [`Config`] → [`run`].
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use rand::{TryRng, rngs::SysRng};
+use runtime_service::{Config, run};
+
+/// Streams generated tokens over gRPC (runtime.v1.RuntimeService), with memory leased from
+/// memory-service.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "RUNTIME_LISTEN", default_value = "127.0.0.1:50052")]
+    listen: SocketAddr,
+    /// memory-service endpoint.
+    #[arg(long, env = "RUNTIME_MEMORY_ADDR", default_value = "http://127.0.0.1:50051")]
+    memory_addr: String,
+    /// TOML file with models and limits (see deploy/runtime-service.toml). Flags override it.
+    #[arg(long, env = "RUNTIME_CONFIG")]
+    config: Option<PathBuf>,
+    /// Name of this instance on its memory leases (default: runtime-<random>). In Kubernetes,
+    /// the pod name.
+    #[arg(long, env = "RUNTIME_INSTANCE")]
+    instance: Option<String>,
+    /// Tokens the CPU stage may run ahead of the GPU stage.
+    #[arg(long, env = "RUNTIME_PIPELINE_DEPTH")]
+    pipeline_depth: Option<u32>,
+    /// Generations running at once.
+    #[arg(long, env = "RUNTIME_MAX_CONCURRENT")]
+    max_concurrent: Option<usize>,
+    /// Generations waiting for a slot before new ones are refused.
+    #[arg(long, env = "RUNTIME_QUEUE_CAPACITY")]
+    queue_capacity: Option<usize>,
+    /// Server-side wait for memory per attempt, in milliseconds.
+    #[arg(long, env = "RUNTIME_MEMORY_WAIT_MS")]
+    memory_wait_ms: Option<u64>,
+    /// Attempts at reserving memory before the first token.
+    #[arg(long, env = "RUNTIME_RETRY_ATTEMPTS")]
+    retry_attempts: Option<u32>,
+    /// TTL of this instance's memory leases, in milliseconds.
+    #[arg(long, env = "RUNTIME_LEASE_TTL_MS")]
+    lease_ttl_ms: Option<u64>,
+    /// Longest time to the first token, in milliseconds.
+    #[arg(long, env = "RUNTIME_TTFT_TIMEOUT_MS")]
+    ttft_timeout_ms: Option<u64>,
+    /// Longest gap between two tokens, in milliseconds.
+    #[arg(long, env = "RUNTIME_IDLE_TIMEOUT_MS")]
+    idle_timeout_ms: Option<u64>,
+    /// Longest stream, in milliseconds.
+    #[arg(long, env = "RUNTIME_MAX_STREAM_LIFETIME_MS")]
+    max_stream_lifetime_ms: Option<u64>,
+    /// Time given to streams and memory release at shutdown, in milliseconds.
+    #[arg(long, env = "RUNTIME_GRACE_PERIOD_MS")]
+    grace_period_ms: Option<u64>,
+}
+
+impl Args {
+    fn into_config(self) -> Result<Config, String> {
+        let mut config = Config::default();
+        if let Some(path) = &self.config {
+            config = config.merge_file(path).map_err(|e| e.to_string())?;
+        }
+        config.memory_addr = self.memory_addr;
+        config.instance = self
+            .instance
+            .unwrap_or_else(|| format!("runtime-{:08x}", SysRng.try_next_u64().unwrap_or_default() as u32));
+        let ms = Duration::from_millis;
+        config.pipeline_depth = self.pipeline_depth.unwrap_or(config.pipeline_depth);
+        config.max_concurrent = self.max_concurrent.unwrap_or(config.max_concurrent);
+        config.queue_capacity = self.queue_capacity.unwrap_or(config.queue_capacity);
+        config.memory_wait = self.memory_wait_ms.map_or(config.memory_wait, ms);
+        config.retry_attempts = self.retry_attempts.unwrap_or(config.retry_attempts);
+        config.lease_ttl = self.lease_ttl_ms.map_or(config.lease_ttl, ms);
+        config.ttft_timeout = self.ttft_timeout_ms.map_or(config.ttft_timeout, ms);
+        config.idle_timeout = self.idle_timeout_ms.map_or(config.idle_timeout, ms);
+        config.max_stream_lifetime = self.max_stream_lifetime_ms.map_or(config.max_stream_lifetime, ms);
+        config.grace_period = self.grace_period_ms.map_or(config.grace_period, ms);
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    serving::logging::init("info");
+    // Every configuration mistake, malformed flags included, exits 64 (help and version exit 0).
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(serving::EXIT_CONFIG as u8)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let listen = args.listen;
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(message) => {
+            tracing::error!(%message, "bad configuration, not starting");
+            return ExitCode::from(serving::EXIT_CONFIG as u8);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(%listen, cause = %err, "cannot bind");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(listener, config, serving::shutdown::signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(cause = %err, "runtime-service failed");
+            ExitCode::FAILURE
+        }
+    }
+}

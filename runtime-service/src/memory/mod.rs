@@ -1,0 +1,136 @@
+//! The memory-service client: every call bounded in time, every failure mapped to a domain error
+//! that keeps memory-service's gRPC code meaningful for the caller.
+
+mod renewer;
+mod reservation;
+
+use std::time::Duration;
+
+use proto::memory::v1::{
+    self as pb, AllocateRequest, AllocationItem, CanAllocateRequest, FreeScopeRequest,
+    memory_service_client::MemoryServiceClient,
+};
+use tonic::{Code, Request, Status, transport::Channel};
+
+pub use self::{
+    renewer::{Lost, Renewer},
+    reservation::Reservation,
+};
+use crate::error::Error;
+
+/// A cheap-to-clone handle on memory-service.
+#[derive(Debug, Clone)]
+pub struct MemoryClient {
+    client: MemoryServiceClient<Channel>,
+    holder: String,
+    /// Bound on each call's round trip (waits add to it).
+    pub(crate) timeout: Duration,
+}
+
+/// What one Allocate asks for.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    /// (pool, bytes) items, granted together.
+    pub items: Vec<(&'static str, u64)>,
+    /// Scope the leases join.
+    pub scope: String,
+    /// Lease TTL (renewed by the [`Renewer`]).
+    pub ttl: Duration,
+    /// Server-side wait for room.
+    pub max_wait: Duration,
+}
+
+impl MemoryClient {
+    /// A client for `addr` that connects lazily: a runtime may start before memory-service, and
+    /// calls made while it is down fail fast with UNAVAILABLE instead of hanging.
+    pub fn new(addr: &str, holder: &str, timeout: Duration) -> Result<Self, Error> {
+        let endpoint = Channel::from_shared(addr.to_owned())
+            .map_err(|e| Error::MemoryUnavailable(format!("bad memory address {addr:?}: {e}")))?
+            .connect_timeout(timeout)
+            .tcp_nodelay(true);
+        Ok(MemoryClient {
+            client: MemoryServiceClient::new(endpoint.connect_lazy()),
+            holder: holder.to_owned(),
+            timeout,
+        })
+    }
+
+    /// Whether memory-service answers at all.
+    pub async fn ping(&self) -> Result<u64, Error> {
+        let reply =
+            self.client.clone().list_pools(self.request(pb::ListPoolsRequest {}, Duration::ZERO)).await;
+        Ok(reply.map_err(|s| classify(&s))?.into_inner().server_epoch)
+    }
+
+    /// Checks `ask` against pool capacities; a request that can never fit fails at once.
+    pub async fn check_fits(&self, ask: &Ask) -> Result<(), Error> {
+        let items = items(ask);
+        let reply = self
+            .client
+            .clone()
+            .can_allocate(self.request(CanAllocateRequest { items }, Duration::ZERO))
+            .await;
+        let reply = reply.map_err(|s| classify(&s))?.into_inner();
+        if let Some(pool) = reply.pools.iter().find(|p| p.requested_bytes > p.capacity_bytes) {
+            return Err(Error::Unservable(format!(
+                "it needs {} bytes of {} but the pool holds {} bytes; lower max_tokens or shorten the prompt",
+                pool.requested_bytes, pool.pool, pool.capacity_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// One atomic Allocate of `ask`, idempotent under `request_id` (a retried call after a lost
+    /// reply gets the same leases back). Returns the server epoch the leases belong to.
+    pub async fn allocate(&self, ask: &Ask, request_id: &str) -> Result<u64, Error> {
+        let req = AllocateRequest {
+            items: items(ask),
+            holder: self.holder.clone(),
+            scope_id: ask.scope.clone(),
+            ttl: prost_types::Duration::try_from(ask.ttl).ok(),
+            max_wait: prost_types::Duration::try_from(ask.max_wait).ok(),
+            request_id: request_id.to_owned(),
+        };
+        let reply = self.client.clone().allocate(self.request(req, ask.max_wait)).await;
+        Ok(reply.map_err(|s| classify(&s))?.into_inner().server_epoch)
+    }
+
+    /// Frees every lease of `scope`; returns (leases, bytes) freed.
+    pub async fn free_scope(&self, scope: &str) -> Result<(u64, u64), Error> {
+        let req = FreeScopeRequest { scope_id: scope.to_owned() };
+        let reply = self.client.clone().free_scope(self.request(req, Duration::ZERO)).await;
+        let reply = reply.map_err(|s| classify(&s))?.into_inner();
+        Ok((reply.freed_leases, reply.freed_bytes))
+    }
+
+    /// The raw client, for the keep-alive stream.
+    pub(crate) fn raw(&self) -> MemoryServiceClient<Channel> {
+        self.client.clone()
+    }
+
+    fn request<T>(&self, message: T, extra: Duration) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(self.timeout + extra);
+        request
+    }
+}
+
+fn items(ask: &Ask) -> Vec<AllocationItem> {
+    ask.items.iter().map(|&(pool, size_bytes)| AllocationItem { pool: pool.to_owned(), size_bytes }).collect()
+}
+
+/// Maps a memory-service status to a domain error. Transient conditions (no room, unreachable)
+/// stay distinguishable so the executor can retry them before the first token.
+pub(crate) fn classify(status: &Status) -> Error {
+    let detail = format!("{:?}: {}", status.code(), status.message());
+    match status.code() {
+        Code::ResourceExhausted | Code::Aborted => {
+            Error::MemoryExhausted { detail, attempts: 1, waited: Duration::ZERO }
+        }
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+            Error::MemoryUnavailable(detail)
+        }
+        Code::FailedPrecondition | Code::NotFound => Error::Unservable(detail),
+        _ => Error::MemoryProtocol(detail),
+    }
+}

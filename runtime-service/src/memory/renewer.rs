@@ -1,0 +1,151 @@
+//! One keep-alive stream per runtime renews every scope it holds (model uniforms, generations).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use proto::memory::v1::{KeepAliveRequest, KeepAliveResponse};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tracing::{debug, warn};
+
+use super::MemoryClient;
+
+/// Cancelled when a scope's leases are gone (expired, or memory-service restarted).
+pub type Lost = CancellationToken;
+
+/// Scopes per KeepAlive message (memory-service's limit).
+const SCOPES_PER_MESSAGE: usize = 64;
+
+#[derive(Debug)]
+struct Entry {
+    /// Server epoch the leases were granted in.
+    epoch: u64,
+    lost: Lost,
+}
+
+/// Renews registered scopes every `interval` over one KeepAlive stream, and reports whether
+/// memory-service answered the last round. Scopes it finds dead are reported through their
+/// [`Lost`] token and forgotten.
+#[derive(Debug, Clone)]
+pub struct Renewer {
+    scopes: Arc<Mutex<HashMap<String, Entry>>>,
+    healthy: watch::Receiver<bool>,
+}
+
+impl Renewer {
+    /// Starts the renewal task; it ends with `shutdown`.
+    pub fn spawn(client: MemoryClient, interval: Duration, shutdown: CancellationToken) -> Self {
+        let scopes = Arc::new(Mutex::new(HashMap::new()));
+        let (health_tx, healthy) = watch::channel(true);
+        tokio::spawn(run(client, interval, scopes.clone(), health_tx, shutdown));
+        Renewer { scopes, healthy }
+    }
+
+    /// Starts renewing `scope`, whose leases were granted in `epoch`.
+    pub fn register(&self, scope: String, epoch: u64) -> Lost {
+        let lost = Lost::new();
+        lock(&self.scopes).insert(scope, Entry { epoch, lost: lost.clone() });
+        lost
+    }
+
+    /// Stops renewing `scope`.
+    pub fn unregister(&self, scope: &str) {
+        lock(&self.scopes).remove(scope);
+    }
+
+    /// `true` while memory-service answers keep-alives; changes are observable.
+    pub fn healthy(&self) -> watch::Receiver<bool> {
+        self.healthy.clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+type Stream = (mpsc::Sender<KeepAliveRequest>, Streaming<KeepAliveResponse>);
+
+async fn run(
+    client: MemoryClient,
+    interval: Duration,
+    scopes: Arc<Mutex<HashMap<String, Entry>>>,
+    health: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stream: Option<Stream> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let snapshot: Vec<(String, u64)> = lock(&scopes).iter().map(|(s, e)| (s.clone(), e.epoch)).collect();
+        if snapshot.is_empty() {
+            continue;
+        }
+        let ok = tokio::select! {
+            () = shutdown.cancelled() => return,
+            ok = renew_all(&client, &mut stream, &snapshot, &scopes) => ok,
+        };
+        if !ok {
+            stream = None; // reconnect on the next tick
+        }
+        health.send_if_modified(|h| std::mem::replace(h, ok) != ok);
+    }
+}
+
+/// One renewal round; false if memory-service could not be reached.
+async fn renew_all(
+    client: &MemoryClient,
+    stream: &mut Option<Stream>,
+    snapshot: &[(String, u64)],
+    scopes: &Mutex<HashMap<String, Entry>>,
+) -> bool {
+    if stream.is_none() {
+        let (tx, rx) = mpsc::channel(4);
+        let opened =
+            tokio::time::timeout(client.timeout, client.raw().keep_alive(ReceiverStream::new(rx))).await;
+        match opened {
+            Ok(Ok(replies)) => *stream = Some((tx, replies.into_inner())),
+            Ok(Err(status)) => {
+                warn!(code = ?status.code(), message = status.message(), "cannot open keep-alive stream");
+                return false;
+            }
+            Err(_) => {
+                warn!("memory-service did not answer the keep-alive stream in time");
+                return false;
+            }
+        }
+    }
+    let Some((tx, replies)) = stream.as_mut() else { return false };
+    for chunk in snapshot.chunks(SCOPES_PER_MESSAGE) {
+        let request =
+            KeepAliveRequest { lease_ids: vec![], scope_ids: chunk.iter().map(|(s, _)| s.clone()).collect() };
+        if tx.send(request).await.is_err() {
+            return false;
+        }
+        let reply = match tokio::time::timeout(client.timeout, replies.message()).await {
+            Ok(Ok(Some(reply))) => reply,
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                warn!("keep-alive stream to memory-service broke; reconnecting");
+                return false;
+            }
+        };
+        let mut scopes = lock(scopes);
+        for (scope, epoch) in chunk {
+            let dead = reply.server_epoch != *epoch || reply.not_found.contains(scope);
+            if dead && let Some(entry) = scopes.remove(scope) {
+                warn!(%scope, "memory leases lost");
+                entry.lost.cancel();
+            }
+        }
+        debug!(renewed = reply.renewed.len(), "renewed leases");
+    }
+    true
+}

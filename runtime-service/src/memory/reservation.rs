@@ -1,0 +1,100 @@
+//! A guard over memory held under one scope: it is freed on every path, explicitly on success
+//! and from `Drop` on error, cancellation, deadline and shutdown.
+
+use std::time::Duration;
+
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::{Ask, Lost, MemoryClient, Renewer};
+use crate::error::Error;
+
+/// Attempts at freeing a scope from `Drop` before leaving it to lease expiry.
+const FREE_ATTEMPTS: u32 = 3;
+
+/// Memory leased under one scope (a generation's kv-cache and activations, or a model's
+/// uniforms), renewed while held. Like text-generation-inference's `BlockAllocation`, it gives
+/// the memory back when dropped; lease expiry is only the backstop for a crashed process.
+#[derive(Debug)]
+pub struct Reservation {
+    client: MemoryClient,
+    renewer: Renewer,
+    tracker: TaskTracker,
+    scope: String,
+    lost: Lost,
+    released: bool,
+}
+
+impl Reservation {
+    /// Allocates `ask` in one atomic call (idempotent under the scope, so a retry after a lost
+    /// reply cannot double-allocate) and starts renewing it.
+    pub async fn acquire(
+        client: &MemoryClient,
+        renewer: &Renewer,
+        tracker: &TaskTracker,
+        ask: &Ask,
+    ) -> Result<Self, Error> {
+        let epoch = client.allocate(ask, &ask.scope).await?;
+        let lost = renewer.register(ask.scope.clone(), epoch);
+        Ok(Reservation {
+            client: client.clone(),
+            renewer: renewer.clone(),
+            tracker: tracker.clone(),
+            scope: ask.scope.clone(),
+            lost,
+            released: false,
+        })
+    }
+
+    /// Cancelled if the leases are lost (memory-service restarted or they expired).
+    pub fn lost(&self) -> &Lost {
+        &self.lost
+    }
+
+    /// The scope.
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// Frees the memory now and waits for memory-service to confirm, so that a caller told "done"
+    /// can already see the memory back in the pools. On failure the free is retried in the
+    /// background, like a drop.
+    pub async fn release(mut self) {
+        self.released = true;
+        self.renewer.unregister(&self.scope);
+        if let Err(err) = self.client.free_scope(&self.scope).await {
+            debug!(scope = %self.scope, cause = %err, "free failed; retrying in the background");
+            spawn_free(&self.tracker, self.client.clone(), self.scope.clone());
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        self.renewer.unregister(&self.scope);
+        // Tracked, so shutdown waits for these frees before the process exits.
+        spawn_free(&self.tracker, self.client.clone(), std::mem::take(&mut self.scope));
+    }
+}
+
+fn spawn_free(tracker: &TaskTracker, client: MemoryClient, scope: String) {
+    // A `Drop` may run outside a runtime (e.g. at process teardown); then expiry is the backstop.
+    if tokio::runtime::Handle::try_current().is_err() {
+        warn!(%scope, "no runtime to free memory; its leases will expire");
+        return;
+    }
+    tracker.spawn(async move {
+        for attempt in 1..=FREE_ATTEMPTS {
+            match client.free_scope(&scope).await {
+                Ok(_) => return,
+                Err(err) if attempt == FREE_ATTEMPTS => {
+                    warn!(%scope, cause = %err, "cannot free memory; its leases will expire");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100) * attempt).await,
+            }
+        }
+    });
+}

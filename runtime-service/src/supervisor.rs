@@ -1,0 +1,99 @@
+//! Readiness: health turns SERVING once memory-service answers and the preload models are
+//! loaded, and back to NOT_SERVING while either is lost (memory-service down or restarted).
+
+use std::{sync::Arc, time::Duration};
+
+use proto::runtime::v1::runtime_service_server::RuntimeServiceServer;
+use tokio_util::sync::CancellationToken;
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
+
+use crate::{error::Error, service::RuntimeApi, state::Shared};
+
+/// Runs until shutdown.
+pub(crate) async fn run(shared: Arc<Shared>, health: HealthReporter) {
+    loop {
+        if !become_ready(&shared).await {
+            return;
+        }
+        set(&health, true).await;
+        info!("ready: memory-service reachable, preload models loaded");
+        if !stay_ready(&shared).await {
+            return;
+        }
+        set(&health, false).await;
+        warn!("not ready: memory-service unreachable or model memory lost; recovering");
+    }
+}
+
+async fn set(health: &HealthReporter, serving: bool) {
+    let status =
+        if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+    health.set_service_status("", status).await;
+    if serving {
+        health.set_serving::<RuntimeServiceServer<RuntimeApi>>().await;
+    } else {
+        health.set_not_serving::<RuntimeServiceServer<RuntimeApi>>().await;
+    }
+}
+
+/// Retries until ready; false on shutdown.
+async fn become_ready(shared: &Shared) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            shared.memory.ping().await?;
+            let loader = shared.loader();
+            for model in shared.models.iter().filter(|m| m.spec.preload) {
+                model.ensure_loaded(&loader).await?;
+            }
+            Ok::<(), Error>(())
+        };
+        let result = tokio::select! {
+            () = shared.shutdown.cancelled() => return false,
+            result = attempt => result,
+        };
+        match result {
+            Ok(()) => return true,
+            Err(err) => warn!(cause = %err, retry_in = ?backoff, "not ready yet"),
+        }
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return false,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Waits for the renewer to fail or a preload model's memory to be lost (true: recover), or for
+/// shutdown (false).
+async fn stay_ready(shared: &Shared) -> bool {
+    let degraded = CancellationToken::new();
+    for lost in shared.models.iter().filter(|m| m.spec.preload).filter_map(|m| m.lost_signal()) {
+        let degraded = degraded.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = lost.cancelled() => degraded.cancel(),
+                () = degraded.cancelled() => {}
+            }
+        });
+    }
+    let mut healthy = shared.renewer.healthy();
+    // A failure reported before this readiness began is stale: only a new failed round counts.
+    healthy.borrow_and_update();
+    let renewals_failing = async {
+        while healthy.changed().await.is_ok() {
+            if !*healthy.borrow_and_update() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    let recover = tokio::select! {
+        () = shared.shutdown.cancelled() => false,
+        () = degraded.cancelled() => true,
+        () = renewals_failing => true,
+    };
+    degraded.cancel(); // also ends the watcher tasks
+    recover
+}
