@@ -156,7 +156,9 @@ impl Executor {
             permit = self.slots.clone().acquire_owned() => permit.map_err(|_| Error::ShuttingDown),
             () = flight.cancel.cancelled() => Err(flight.reason()),
             () = tokio::time::sleep_until(deadline) => {
-                Err(Error::DeadlineExceeded("no generation slot freed up before the deadline".into()))
+                Err(Error::DeadlineExceeded(
+                    "no generation slot freed up before the time-to-first-token limit or deadline".into(),
+                ))
             }
         };
         drop(slot);

@@ -1,0 +1,287 @@
+//! Every way a generation can end returns its memory: completion, Cancel, client disconnect,
+//! deadline, shutdown; plus backpressure (a small pool), load shedding, and memory-service going
+//! away and coming back.
+
+use std::time::Duration;
+
+use e2e::{MemoryServer, RuntimeServer, config_with_pools, runtime_config, stats};
+use proto::{
+    memory::v1::{
+        EventKind, WatchEventsRequest, WatchEventsResponse, watch_events_response::Item as MemItem,
+    },
+    runtime::v1::{
+        CancelRequest, GenerateRequest, GenerateResponse, generate_response::Item,
+        runtime_service_client::RuntimeServiceClient,
+    },
+};
+use tokio_stream::StreamExt;
+use tonic::{Code, Status, Streaming, transport::Channel};
+use tonic_types::StatusExt;
+
+const POOLS: &[(&str, u64)] = &[("kv-cache", 64 << 20), ("activations", 64 << 20), ("uniforms", 64 << 20)];
+
+fn request(max_tokens: u32, request_id: &str) -> GenerateRequest {
+    GenerateRequest {
+        model: "test-webllm".into(),
+        prompt: "Write a long story about caches.".into(),
+        max_tokens,
+        seed: 3,
+        request_id: request_id.into(),
+        ..GenerateRequest::default()
+    }
+}
+
+async fn read_tokens(stream: &mut Streaming<GenerateResponse>, n: usize) {
+    for _ in 0..n {
+        match stream.next().await.expect("open").expect("no error").item {
+            Some(Item::Token(_)) => {}
+            other => panic!("expected a token, got {other:?}"),
+        }
+    }
+}
+
+/// Reads to the end; the status the stream ended with (OK if it ended with a summary).
+async fn outcome(stream: &mut Streaming<GenerateResponse>) -> Result<(), Status> {
+    while let Some(item) = stream.next().await {
+        if let Some(Item::Summary(_)) = item?.item {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Waits for a FREED event of the scope's kv-cache and activations leases.
+async fn freed(events: &mut Streaming<WatchEventsResponse>, scope: &str) {
+    let mut pools = Vec::new();
+    while pools.len() < 2 {
+        let Some(MemItem::Event(event)) = events.next().await.expect("open").expect("no error").item else {
+            continue;
+        };
+        if event.kind() == EventKind::Freed && event.scope_id == scope {
+            pools.push(event.pool);
+        }
+    }
+    pools.sort();
+    assert_eq!(pools, ["activations", "kv-cache"]);
+}
+
+async fn watch(memory: &MemoryServer) -> Streaming<WatchEventsResponse> {
+    let filter = WatchEventsRequest { pools: vec![], kinds: vec![EventKind::Freed.into()] };
+    memory.client().await.watch_events(filter).await.expect("watch events").into_inner()
+}
+
+async fn assert_generation_memory_returned(memory: &MemoryServer) {
+    let mut pools = memory.client().await;
+    for pool in ["kv-cache", "activations"] {
+        let s = stats(&mut pools, pool).await;
+        assert_eq!((s.used_bytes, s.live_leases), (0, 0), "{pool}: {s:?}");
+    }
+}
+
+async fn stack(
+    config: impl FnOnce(&mut runtime_service::Config),
+) -> (MemoryServer, RuntimeServer, RuntimeServiceClient<Channel>) {
+    let memory = MemoryServer::start(config_with_pools(POOLS)).await;
+    let mut runtime_config = runtime_config(memory.addr);
+    config(&mut runtime_config);
+    let runtime = RuntimeServer::start(runtime_config).await;
+    runtime.ready().await;
+    let client = runtime.client().await;
+    (memory, runtime, client)
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_mid_stream_ends_it_and_frees_its_memory() {
+    let (memory, runtime, mut client) = stack(|_| {}).await;
+    let mut events = watch(&memory).await;
+    let mut stream = client.generate(request(400, "to-cancel")).await.unwrap().into_inner();
+    read_tokens(&mut stream, 3).await;
+
+    let reply = client.cancel(CancelRequest { request_id: "to-cancel".into() }).await.unwrap().into_inner();
+    assert!(!reply.was_queued);
+    assert_eq!(outcome(&mut stream).await.unwrap_err().code(), Code::Cancelled);
+    freed(&mut events, "test-runtime/gen/to-cancel").await;
+    assert_generation_memory_returned(&memory).await;
+    // The id is free again once the generation is gone.
+    let again = client.cancel(CancelRequest { request_id: "to-cancel".into() }).await.unwrap_err();
+    assert_eq!(again.code(), Code::NotFound);
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_hangs_up_frees_its_memory() {
+    let (memory, runtime, mut client) = stack(|_| {}).await;
+    let mut events = watch(&memory).await;
+    let mut stream = client.generate(request(400, "hang-up")).await.unwrap().into_inner();
+    read_tokens(&mut stream, 2).await;
+    drop(stream);
+    freed(&mut events, "test-runtime/gen/hang-up").await;
+    assert_generation_memory_returned(&memory).await;
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_mid_stream_frees_its_memory() {
+    let (memory, runtime, mut client) = stack(|_| {}).await;
+    let mut events = watch(&memory).await;
+    let mut req = tonic::Request::new(request(400, "deadline"));
+    req.set_timeout(Duration::from_millis(100)); // 400 tokens take 1.2 s
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    let err = outcome(&mut stream).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    freed(&mut events, "test-runtime/gen/deadline").await;
+    assert_generation_memory_returned(&memory).await;
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_mid_stream_ends_it_cleanly_and_returns_all_memory() {
+    let (memory, mut runtime, mut client) = stack(|_| {}).await;
+    let mut events = watch(&memory).await;
+    let mut stream = client.generate(request(400, "shutdown")).await.unwrap().into_inner();
+    read_tokens(&mut stream, 2).await;
+
+    runtime.begin_shutdown();
+    let err = outcome(&mut stream).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    freed(&mut events, "test-runtime/gen/shutdown").await;
+    runtime.join().await;
+    assert_generation_memory_returned(&memory).await;
+    let mut pools = memory.client().await;
+    assert_eq!(stats(&mut pools, "uniforms").await.used_bytes, 0, "models unloaded at shutdown");
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn twenty_generations_on_a_small_pool_all_complete_by_queueing_for_memory() {
+    // kv-cache for two generations at a time (each needs (7 + 20) × 1 KiB).
+    let memory = MemoryServer::start(config_with_pools(&[
+        ("kv-cache", 2 * 27 * 1024),
+        ("activations", 64 << 20),
+        ("uniforms", 64 << 20),
+    ]))
+    .await;
+    let runtime = RuntimeServer::start(runtime_config(memory.addr)).await;
+    runtime.ready().await;
+    let client = runtime.client().await;
+
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = client.generate(request(20, &format!("small-{i}"))).await?.into_inner();
+            let mut summary = None;
+            while let Some(item) = stream.next().await {
+                if let Some(Item::Summary(s)) = item?.item {
+                    summary = Some(s);
+                }
+            }
+            Ok::<_, Status>(summary.expect("summary"))
+        }));
+    }
+    let mut waited = 0;
+    for task in tasks {
+        let summary = task.await.unwrap().expect("queued, not failed");
+        assert_eq!(summary.completion_tokens, 20);
+        if Duration::try_from(summary.memory_wait.unwrap()).unwrap() > Duration::from_millis(10) {
+            waited += 1;
+        }
+    }
+    assert!(waited >= 10, "most generations waited for memory ({waited})");
+    assert_generation_memory_returned(&memory).await;
+    let mut pools = memory.client().await;
+    assert!(stats(&mut pools, "kv-cache").await.peak_used_bytes <= 2 * 27 * 1024);
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_sheds_load_and_cancel_reaches_queued_work() {
+    let (memory, runtime, mut client) = stack(|c| {
+        c.max_concurrent = 1;
+        c.queue_capacity = 1;
+    })
+    .await;
+    let mut running = client.generate(request(400, "running")).await.unwrap().into_inner();
+    read_tokens(&mut running, 1).await;
+    let mut queued = client.generate(request(10, "queued")).await.unwrap().into_inner();
+
+    let shed = client.generate(request(10, "shed")).await.unwrap_err();
+    assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
+    assert!(shed.get_error_details().retry_info().is_some(), "retry hint");
+
+    let reply = client.cancel(CancelRequest { request_id: "queued".into() }).await.unwrap().into_inner();
+    assert!(reply.was_queued);
+    assert_eq!(outcome(&mut queued).await.unwrap_err().code(), Code::Cancelled);
+    let dup = client.generate(request(10, "running")).await.unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+
+    client.cancel(CancelRequest { request_id: "running".into() }).await.unwrap();
+    assert_eq!(outcome(&mut running).await.unwrap_err().code(), Code::Cancelled);
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_too_long_for_the_first_token_is_a_deadline() {
+    let (memory, runtime, mut client) = stack(|c| {
+        c.max_concurrent = 1;
+        c.ttft_timeout = Duration::from_millis(50);
+    })
+    .await;
+    let mut running = client.generate(request(400, "hog")).await.unwrap().into_inner();
+    read_tokens(&mut running, 1).await;
+    let mut starved = client.generate(request(10, "starved")).await.unwrap().into_inner();
+    let err = outcome(&mut starved).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert!(err.message().contains("time-to-first-token"), "{}", err.message());
+    drop(running);
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_service_down_is_unavailable_fast_and_service_resumes_when_it_returns() {
+    let mut memory = MemoryServer::start(config_with_pools(POOLS)).await;
+    let addr = memory.addr;
+    let mut config = runtime_config(addr);
+    config.retry_attempts = 3;
+    let runtime = RuntimeServer::start(config).await;
+    runtime.ready().await;
+    let mut client = runtime.client().await;
+
+    memory.begin_shutdown();
+    memory.join().await;
+    drop(memory);
+
+    let started = tokio::time::Instant::now();
+    let mut stream = client.generate(request(5, "while-down")).await.unwrap().into_inner();
+    let err = outcome(&mut stream).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // Three attempts with 50 ms and 100 ms backoffs (jittered down to half): bounded, not a hang.
+    assert!(tokio::time::Instant::now() - started < Duration::from_secs(1));
+
+    // memory-service comes back on the same address, empty (a new epoch).
+    let memory = MemoryServer::start_at(addr, config_with_pools(POOLS)).await;
+    let mut uniforms = memory
+        .client()
+        .await
+        .watch_events(WatchEventsRequest {
+            pools: vec!["uniforms".into()],
+            kinds: vec![EventKind::Allocated.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = client.generate(request(5, "after")).await.unwrap().into_inner();
+    outcome(&mut stream).await.expect("served again once memory-service is back");
+    // The runtime notices the restart and leases its model's uniforms again.
+    let Some(MemItem::Event(event)) = uniforms.next().await.unwrap().unwrap().item else { panic!("event") };
+    assert_eq!((event.size_bytes, event.holder.as_str()), (1 << 20, "test-runtime"));
+    runtime.ready().await;
+    runtime.stop().await;
+    memory.stop().await;
+}
