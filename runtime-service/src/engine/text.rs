@@ -56,7 +56,7 @@ const VERB: &[&str] = &[
 const ADV: &[&str] =
     &["quickly", "quietly", "again", "together", "carefully", "softly", "early", "later", "often"];
 const PREP: &[&str] = &["into", "from", "through", "over", "under", "beside", "with", "across"];
-const PRON: &[&str] = &["it", "we", "they", "she", "he"];
+const PRON: &[&str] = &["it", "she", "he", "someone", "nothing"];
 const CONJ: &[&str] = &["and", "while", "but", "because", "so"];
 
 /// Sentence shapes; each is a sequence of classes ending in `Stop`.
