@@ -71,6 +71,21 @@ const TEMPLATES: &[&[Class]] = {
     ]
 };
 
+/// Largest word class or template list.
+const MAX_CHOICES: usize = 32;
+
+/// `-ln(i + 1)`, the Zipf-like prior of the i-th word of a class, computed once.
+fn zipf_prior(i: usize) -> f64 {
+    static PRIOR: std::sync::LazyLock<[f64; MAX_CHOICES]> =
+        std::sync::LazyLock::new(|| std::array::from_fn(|i| -((i + 1) as f64).ln()));
+    PRIOR[i]
+}
+
+/// 64 random bits as a uniform value in [0, 1).
+fn unit(bits: u64) -> f64 {
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
 fn words(class: Class) -> &'static [&'static str] {
     match class {
         Class::Det => DET,
@@ -170,15 +185,13 @@ impl LanguageModel {
         let class = self.template[self.slot];
         self.slot += 1;
         let choices = words(class);
-        let logits: Vec<f64> = (0..choices.len())
-            .map(|i| {
-                // Zipf-like prior plus a context-dependent perturbation: the "model's opinion".
-                let noise = (mix(self.context ^ (i as u64).wrapping_mul(0x9E37_79B9)) >> 11) as f64
-                    / (1u64 << 53) as f64;
-                -((i + 1) as f64).ln() + 2.5 * noise
-            })
-            .collect();
-        let index = self.sample(&logits);
+        let mut logits = [0.0; MAX_CHOICES];
+        for (i, logit) in logits.iter_mut().enumerate().take(choices.len()) {
+            // Zipf-like prior plus a context-dependent perturbation: the "model's opinion".
+            let noise = unit(mix(self.context ^ (i as u64).wrapping_mul(0x9E37_79B9)));
+            *logit = zipf_prior(i) + 2.5 * noise;
+        }
+        let index = self.sample(&logits[..choices.len()]);
         let id = word_id(class, index);
         self.context = mix(self.context ^ u64::from(id).wrapping_add(0x632B_E59B_D9B4_E019));
         let word = choices[index];
@@ -201,10 +214,11 @@ impl LanguageModel {
     }
 
     fn pick_template(&mut self) -> &'static [Class] {
-        let logits: Vec<f64> = (0..TEMPLATES.len())
-            .map(|i| (mix(self.context ^ (i as u64 + 1)) >> 11) as f64 / (1u64 << 53) as f64)
-            .collect();
-        TEMPLATES[self.sample(&logits)]
+        let mut logits = [0.0; MAX_CHOICES];
+        for (i, logit) in logits.iter_mut().enumerate().take(TEMPLATES.len()) {
+            *logit = unit(mix(self.context ^ (i as u64 + 1)));
+        }
+        TEMPLATES[self.sample(&logits[..TEMPLATES.len()])]
     }
 
     /// Samples an index from `logits` with temperature and top-p; argmax at temperature 0.
@@ -213,23 +227,29 @@ impl LanguageModel {
         if self.sampling.temperature <= 0.0 {
             return argmax();
         }
+        // Fixed-size buffers: this runs once per token, and allocating here showed in profiles.
         let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let mut probs: Vec<(usize, f64)> =
-            logits.iter().map(|l| ((l - max) / self.sampling.temperature).exp()).enumerate().collect();
+        let mut probs = [(0usize, 0.0f64); MAX_CHOICES];
+        let probs = &mut probs[..logits.len()];
+        for (i, (slot, l)) in probs.iter_mut().zip(logits).enumerate() {
+            *slot = (i, ((l - max) / self.sampling.temperature).exp());
+        }
         let total: f64 = probs.iter().map(|p| p.1).sum();
         probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let mut kept = Vec::with_capacity(probs.len());
+        let mut kept_len = 0;
         let mut cumulative = 0.0;
-        for (i, p) in probs {
-            kept.push((i, p / total));
-            cumulative += p / total;
+        for p in probs.iter_mut() {
+            p.1 /= total;
+            kept_len += 1;
+            cumulative += p.1;
             if cumulative >= self.sampling.top_p {
                 break;
             }
         }
+        let kept = &probs[..kept_len];
         let mass: f64 = kept.iter().map(|p| p.1).sum();
         let mut draw = self.rng.next_f64() * mass;
-        for &(i, p) in &kept {
+        for &(i, p) in kept {
             if draw < p {
                 return i;
             }

@@ -18,14 +18,17 @@ pub use self::plan::Plan;
 use crate::{
     engine::Decoder,
     error::Error,
-    executor::{Admission, Ticket},
-    memory::Reservation,
+    executor::{Admission, Flight, Ticket},
+    memory::{Lost, Reservation},
     pipeline::{self, Emitted, Pipeline},
     state::Shared,
 };
 
 /// The response half of a Generate call.
 pub type GenerateStream = ReceiverStream<Result<pb::GenerateResponse, Status>>;
+
+/// Why a stream cut at its end limit was cut.
+const END: &str = "the stream reached its deadline or lifetime limit";
 
 /// Tokens buffered between the generation and the client's HTTP/2 stream.
 const STREAM_BUFFER: usize = 16;
@@ -71,7 +74,7 @@ impl Limits {
             Some(last) if last + self.idle < self.end => {
                 (last + self.idle, "no token within the idle-gap limit")
             }
-            Some(_) => (self.end, "the stream reached its deadline or lifetime limit"),
+            Some(_) => (self.end, END),
         }
     }
 }
@@ -163,40 +166,68 @@ impl Generation {
         let decoder =
             Decoder::new(self.plan.model.engine, &self.plan.prompt, self.plan.seed, self.plan.sampling);
         let mut pipeline = Pipeline::new(spec.clone(), decoder);
-        loop {
-            let (until, why) = self.limits.next_token(timings.last_token);
-            let next = tokio::select! {
-                biased;
-                () = flight.cancelled().cancelled() => return Err(flight.reason().into()),
-                () = lost.cancelled() => return Err(Error::MemoryLost.into()),
-                () = self.tx.closed() => return Err(Stop::ClientGone),
-                () = sleep_until(until) => return Err(Error::DeadlineExceeded(why.into()).into()),
-                next = pipeline.next() => next,
-            };
-            let Some(emitted) = next else { break };
-            let now = Instant::now();
-            timings.first_token.get_or_insert(now);
-            timings.last_token = Some(now);
-            self.send(token(emitted, now - self.started), flight, &lost).await?;
-        }
+        self.stream(&mut pipeline, flight, &lost, &mut timings).await?;
         Ok(self.summary(&spec, &pipeline.stats(), &timings))
     }
 
-    /// Sends one token, waiting for the client's buffer (backpressure) but never past a stop.
-    async fn send(
+    /// Moves tokens from the pipeline to the client until the pipeline ends or something stops
+    /// the generation. The stop conditions are futures created once and polled in every select:
+    /// re-creating timers and cancellation waiters per token would cost more than the token.
+    async fn stream(
         &self,
-        item: pb::GenerateResponse,
-        flight: &crate::executor::Flight,
-        lost: &crate::memory::Lost,
+        pipeline: &mut Pipeline,
+        flight: &Flight,
+        lost: &Lost,
+        timings: &mut Timings,
     ) -> Result<(), Stop> {
-        tokio::select! {
-            biased;
-            () = flight.cancelled().cancelled() => Err(flight.reason().into()),
-            () = lost.cancelled() => Err(Error::MemoryLost.into()),
-            () = sleep_until(self.limits.end) => {
-                Err(Error::DeadlineExceeded("the stream reached its deadline or lifetime limit".into()).into())
+        let cancelled = flight.cancelled().cancelled();
+        let lost = lost.cancelled();
+        let closed = self.tx.closed();
+        // A watchdog, not a per-token timer: it fires at a possibly stale deadline, then re-arms
+        // to the current one (which only moves later as tokens arrive).
+        let watchdog = sleep_until(self.limits.next_token(None).0);
+        tokio::pin!(cancelled, lost, closed, watchdog);
+        loop {
+            // The pipeline first: the stop conditions are checked whenever it waits (every token
+            // of a real profile), and polling them before every ready token cost a lock each.
+            let next = tokio::select! {
+                biased;
+                next = pipeline.next() => next,
+                () = &mut cancelled => return Err(flight.reason().into()),
+                () = &mut lost => return Err(Error::MemoryLost.into()),
+                () = &mut closed => return Err(Stop::ClientGone),
+                () = &mut watchdog => {
+                    let (until, why) = self.limits.next_token(timings.last_token);
+                    if Instant::now() >= until {
+                        return Err(Error::DeadlineExceeded(why.into()).into());
+                    }
+                    watchdog.as_mut().reset(until);
+                    continue;
+                }
+            };
+            let Some(emitted) = next else { return Ok(()) };
+            let now = Instant::now();
+            timings.first_token.get_or_insert(now);
+            timings.last_token = Some(now);
+            let item = token(emitted, now - self.started);
+            // Fast path: room in the stream buffer. Otherwise the client is slower than the
+            // generation: wait for room (backpressure), bounded by the stream's end.
+            let item = match self.tx.try_send(Ok(item)) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Stop::ClientGone),
+                Err(mpsc::error::TrySendError::Full(item)) => item,
+            };
+            watchdog.as_mut().reset(self.limits.end);
+            tokio::select! {
+                biased;
+                () = &mut cancelled => return Err(flight.reason().into()),
+                () = &mut lost => return Err(Error::MemoryLost.into()),
+                () = &mut watchdog => {
+                    return Err(Error::DeadlineExceeded(END.into()).into());
+                }
+                sent = self.tx.send(item) => sent.map_err(|_| Stop::ClientGone)?,
             }
-            sent = self.tx.send(Ok(item)) => sent.map_err(|_| Stop::ClientGone),
+            watchdog.as_mut().reset(self.limits.next_token(timings.last_token).0);
         }
     }
 
