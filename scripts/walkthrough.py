@@ -7,13 +7,16 @@ method calls (unary and server-streaming) resolved through the server's reflecti
 (v1alpha, the version Python's grpcio-reflection speaks). Any failed call fails the script, so the
 README cannot drift from the API.
 
-Usage: walkthrough.py README.md NAME EXPECTED_EVENT_KINDS SERVER_BINARY [SERVER_ARGS...]
+Usage: walkthrough.py README.md NAME EXPECTED_EVENT_KINDS SERVER [ARGS...] [-- SERVER [ARGS...]]...
 
-EXPECTED_EVENT_KINDS is a comma-separated list of event kinds every streaming call of the block
-must have received (the README says what the watch terminal shows; this keeps it honest).
+EXPECTED_EVENT_KINDS is a comma-separated list of event kinds every WatchEvents call of the block
+must have received (the README says what the watch terminal shows; this keeps it honest); empty
+for none.
 
-The server is started on 127.0.0.1:0; its address is read from its "listening" log line, and it
-is stopped with SIGTERM at the end, which must make it exit 0 (graceful shutdown).
+Servers are started in order on 127.0.0.1:0, each address read from the server's "listening" log
+line; every server after the first gets `--memory-addr http://<first server>`. The commands go to
+the last server, once its health reports SERVING. At the end every server is stopped with
+SIGTERM, in reverse order, and must exit 0 (graceful shutdown).
 """
 
 import json
@@ -26,6 +29,7 @@ import threading
 
 import grpc
 from google.protobuf import descriptor_pb2, json_format, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -97,6 +101,11 @@ class Client:
         request = json_format.Parse(data, request_cls())
         rpc_path = f"/{service_name}/{method_name}"
         ser, de = request_cls.SerializeToString, response_cls.FromString
+        if method.server_streaming and method_name != "WatchEvents":
+            # A finite stream (Generate): print every message as it arrives.
+            for message in self.channel.unary_stream(rpc_path, ser, de)(request, timeout=TIMEOUT_S * 6):
+                print(json.dumps(json_format.MessageToDict(message)))
+            return
         if method.server_streaming:
             call = self.channel.unary_stream(rpc_path, ser, de)(request, timeout=TIMEOUT_S * 6)
             received = []
@@ -139,6 +148,16 @@ class Client:
             print(f"{name} received {len(received)} items: {', '.join(sorted(kinds(received)))}")
 
 
+def wait_serving(target):
+    """Blocks on a health Watch stream until the server reports SERVING (no polling)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for reply in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S * 6):
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+    sys.exit(f"{target} never became SERVING")
+
+
 def start_server(command):
     """Starts the server on an ephemeral loopback port; returns (process, address)."""
     server = subprocess.Popen(command + ["--listen", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
@@ -152,13 +171,26 @@ def start_server(command):
 
 
 def main():
-    readme, name, expected, *command = sys.argv[1:]
+    readme, name, expected, *rest = sys.argv[1:]
     expected_kinds = {f"EVENT_KIND_{k.strip().upper()}" for k in expected.split(",") if k.strip()}
+    commands = [[]]
+    for arg in rest:
+        if arg == "--":
+            commands.append([])
+        else:
+            commands[-1].append(arg)
     lines = walkthrough_lines(readme, name)
     if not lines:
         sys.exit("walkthrough block has no grpcurl lines")
-    server, target = start_server(command)
+    servers = []
+    code = 0
     try:
+        for command in commands:
+            if servers:
+                command = command + ["--memory-addr", f"http://{servers[0][1]}"]
+            servers.append(start_server(command))
+        target = servers[-1][1]
+        wait_serving(target)
         client = Client(target)
         for line in lines:
             print(f"$ {line}")
@@ -169,11 +201,12 @@ def main():
         client.finish_streams(expected_kinds)
         client.channel.close()
     finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=30)
+        for server, _ in reversed(servers):
+            server.send_signal(signal.SIGTERM)
+            code = code or server.wait(timeout=30)
     if code != 0:
-        sys.exit(f"server exited with {code} after SIGTERM")
-    print(f"walkthrough {name!r}: {len(lines)} commands OK, server stopped cleanly")
+        sys.exit(f"a server exited with {code} after SIGTERM")
+    print(f"walkthrough {name!r}: {len(lines)} commands OK, servers stopped cleanly")
 
 
 if __name__ == "__main__":
