@@ -8,6 +8,9 @@ use serving::units::ByteSize;
 
 use crate::engine::{EngineKind, LatencyProfile, MemoryProfile};
 
+/// Largest token limit a model may set (prompt or completion).
+const MAX_TOKENS: u32 = 1 << 20;
+
 /// Models served when no config file names any.
 pub const DEFAULT_MODELS: &str = include_str!("../models.toml");
 
@@ -258,7 +261,7 @@ impl Config {
         let mut keys = std::collections::HashSet::new();
         for m in &self.models {
             let key_ok = !m.key.is_empty()
-                && m.key.len() <= 64
+                && m.key.len() <= crate::memory::MAX_SCOPE_NAME
                 && m.key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
             if !key_ok {
                 return invalid(format!("model key {:?}: use 1 to 64 of a-z, 0-9, '-', '.', '_'", m.key));
@@ -266,8 +269,13 @@ impl Config {
             if !keys.insert(&m.key) {
                 return invalid(format!("model {:?} is listed twice", m.key));
             }
-            if m.max_tokens_limit == 0 || m.max_prompt_tokens == 0 {
-                return invalid(format!("model {:?}: token limits must be greater than zero", m.key));
+            if !(1..=MAX_TOKENS).contains(&m.max_tokens_limit)
+                || !(1..=MAX_TOKENS).contains(&m.max_prompt_tokens)
+            {
+                return invalid(format!(
+                    "model {:?}: token limits must be between 1 and {MAX_TOKENS}",
+                    m.key
+                ));
             }
             if m.memory.kv_bytes_per_token == 0
                 || m.memory.activation_bytes_per_token == 0
@@ -293,6 +301,13 @@ impl Config {
         }
         if self.retry_attempts == 0 || self.retry_attempts > 100 {
             return invalid(format!("retry attempts {} must be between 1 and 100", self.retry_attempts));
+        }
+        // memory-service refuses TTLs above its maximum (1 h by default) and waits above 5 min.
+        if self.lease_ttl > Duration::from_secs(3600) {
+            return invalid(format!("lease TTL {:?} must be at most 1 h", self.lease_ttl));
+        }
+        if self.memory_wait > Duration::from_secs(300) {
+            return invalid(format!("memory wait {:?} must be at most 5 min", self.memory_wait));
         }
         for (name, d) in [
             ("lease TTL", self.lease_ttl),

@@ -13,7 +13,7 @@ use crate::{
     config::{Config, ModelSpec},
     engine::Engine,
     error::Error,
-    memory::{Ask, Lost, MemoryClient, Renewer, Reservation},
+    memory::{Ask, Lost, MemoryClient, Renewer, Reservation, unique_scope},
 };
 
 /// Pool names in memory-service.
@@ -75,12 +75,13 @@ impl Model {
         {
             return Ok(()); // loaded by a concurrent request while we waited
         }
-        // A lost reservation frees its (already gone) scope on drop: harmless, and it keeps the
-        // new lease's scope free of leftovers if only some leases were lost.
-        *uniforms = None;
+        // A lost reservation may still hold some leases (only some expired): free them first.
+        if let Some(old) = uniforms.take() {
+            old.release().await;
+        }
         let ask = Ask {
             items: vec![(UNIFORMS, self.spec.memory.uniform_bytes)],
-            scope: format!("{}/model/{}", loader.instance, self.spec.key),
+            scope: unique_scope(&loader.instance, "model", &self.spec.key),
             ttl: loader.ttl,
             max_wait: loader.max_wait,
         };

@@ -15,6 +15,9 @@ use crate::{
     supervisor,
 };
 
+/// Extra time after the grace period for returning the models' memory and closing connections.
+const UNLOAD_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -32,7 +35,8 @@ pub enum ServeError {
 /// Serves `runtime.v1.RuntimeService`, health and reflection on `listener` until `shutdown`
 /// resolves. Health is NOT_SERVING until memory-service answers and the preload models are
 /// loaded. At shutdown: health turns NOT_SERVING, every generation ends with UNAVAILABLE after
-/// returning its memory, the models' memory is returned, all within `config.grace_period`.
+/// returning its memory (within `config.grace_period`), then the models' memory is returned
+/// (within 2 s more).
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -74,20 +78,24 @@ pub async fn run(
     // Cancels every generation (their tokens are children): each returns its memory, then ends
     // its stream with UNAVAILABLE.
     token.cancel();
-    let drain = async {
-        shared.tracker.close();
-        shared.tracker.wait().await;
+    shared.tracker.close();
+    if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
+        warn!(grace = ?grace, "generations still running at the end of the grace period; their leases will expire");
+    }
+    // The models' memory is returned even after a slow drain, under its own short bound.
+    let unload = async {
         for model in shared.models.iter() {
             model.unload().await;
         }
-        // Frees started by the unloads above.
-        shared.tracker.wait().await;
-        (&mut server).await
+        shared.tracker.wait().await; // frees retried in the background
     };
-    let result = match tokio::time::timeout(grace, drain).await {
+    if tokio::time::timeout(UNLOAD_BOUND.min(grace), unload).await.is_err() {
+        warn!("could not return every model's memory in time; those leases will expire");
+    }
+    let result = match tokio::time::timeout(UNLOAD_BOUND, &mut server).await {
         Ok(result) => result.map_err(ServeError::from),
         Err(_) => {
-            warn!(grace = ?grace, "grace period over; leases not yet freed will expire");
+            warn!("connections still open after the drain; closing them");
             Ok(())
         }
     };

@@ -57,7 +57,8 @@ async fn freed(events: &mut Streaming<WatchEventsResponse>, scope: &str) {
         let Some(MemItem::Event(event)) = events.next().await.expect("open").expect("no error").item else {
             continue;
         };
-        if event.kind() == EventKind::Freed && event.scope_id == scope {
+        // Scopes are `<instance>/gen/<request id>/<nonce>`: unique per attempt.
+        if event.kind() == EventKind::Freed && event.scope_id.starts_with(&format!("{scope}/")) {
             pools.push(event.pool);
         }
     }
@@ -282,6 +283,61 @@ async fn memory_service_down_is_unavailable_fast_and_service_resumes_when_it_ret
     let Some(MemItem::Event(event)) = uniforms.next().await.unwrap().unwrap().item else { panic!("event") };
     assert_eq!((event.size_bytes, event.holder.as_str()), (1 << 20, "test-runtime"));
     runtime.ready().await;
+    // And keeps them: several renewal rounds later they are still held, exactly once.
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    let mut pools = memory.client().await;
+    let held = stats(&mut pools, "uniforms").await;
+    assert_eq!((held.used_bytes, held.live_leases, held.expired_total), (1 << 20, 1, 0), "{held:?}");
     runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_longer_than_the_first_token_limit_loses_no_token() {
+    let (memory, runtime, mut client) = stack(|c| {
+        c.ttft_timeout = Duration::from_millis(50);
+        c.idle_timeout = Duration::from_millis(20);
+    })
+    .await;
+    // 100 tokens × 3 ms = 300 ms: six times the TTFT limit, each gap well inside the idle limit.
+    let mut stream = client.generate(request(100, "long")).await.unwrap().into_inner();
+    let mut indices = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item.expect("no error").item {
+            Some(Item::Token(token)) => indices.push(token.index),
+            Some(Item::Summary(summary)) => assert_eq!(summary.completion_tokens, 100),
+            None => panic!("empty item"),
+        }
+    }
+    assert_eq!(indices, (0..100).collect::<Vec<_>>());
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_is_bounded_even_if_a_client_stops_reading() {
+    let (memory, mut runtime, _) = stack(|c| c.grace_period = Duration::from_secs(3)).await;
+    let mut events = watch(&memory).await;
+    // A client whose HTTP/2 window holds ~1 KiB: the generation soon blocks on it.
+    let tiny = tonic::transport::Endpoint::from_shared(format!("http://{}", runtime.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .initial_connection_window_size(Some(1024))
+        .connect()
+        .await
+        .unwrap();
+    let mut client = RuntimeServiceClient::new(tiny);
+    let mut stream = client.generate(request(400, "stuck")).await.unwrap().into_inner();
+    read_tokens(&mut stream, 1).await; // then never read again
+    tokio::time::sleep(Duration::from_millis(500)).await; // long enough to fill every buffer
+    let started = tokio::time::Instant::now();
+    runtime.begin_shutdown();
+    freed(&mut events, "test-runtime/gen/stuck").await;
+    runtime.join().await;
+    assert!(tokio::time::Instant::now() - started <= Duration::from_secs(5), "grace + 2 s at most");
+    assert_generation_memory_returned(&memory).await;
+    let mut pools = memory.client().await;
+    assert_eq!(stats(&mut pools, "uniforms").await.used_bytes, 0, "models unloaded");
+    drop(stream);
     memory.stop().await;
 }

@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use proto::runtime::v1::{self as pb, generate_response::Item};
 use tokio::{
-    sync::mpsc,
+    sync::{OwnedSemaphorePermit, mpsc},
     time::{Instant, sleep_until},
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -121,7 +121,7 @@ impl Generation {
             reservation.release().await;
         }
         let hint = self.shared.config.retry_hint;
-        let last = match result {
+        let outcome = match result {
             Ok(summary) => Ok(pb::GenerateResponse { item: Some(Item::Summary(summary)) }),
             Err(Stop::Failed(err)) => {
                 tracing::debug!(request_id = %self.plan.request_id, cause = %err, "generation failed");
@@ -129,7 +129,16 @@ impl Generation {
             }
             Err(Stop::ClientGone) => return,
         };
-        let _ = self.tx.send(last).await;
+        // Bounded like every other send: a client that stopped reading must not keep this task
+        // (and its request id, and shutdown) waiting.
+        // Biased: the send goes first, so a client with room in its buffer always gets the
+        // outcome, shutdown or not; only a full buffer makes the other branches matter.
+        tokio::select! {
+            biased;
+            _ = self.tx.send(outcome) => {}
+            () = sleep_until(self.limits.end) => {}
+            () = self.shared.shutdown.cancelled() => {}
+        }
     }
 
     async fn generate(
@@ -138,29 +147,16 @@ impl Generation {
         held: &mut Option<Reservation>,
     ) -> Result<pb::Summary, Stop> {
         let flight = self.ticket.flight();
-        let executor = &self.shared.executor;
-        let _permit = match admission {
-            Admission::Running(permit) => {
-                executor.running(flight);
-                permit
-            }
-            Admission::Queued(slot) => executor.wait(slot, flight, self.limits.first_token).await?,
+        let mut timings = Timings::default();
+        // Everything before the first token, abandoned as soon as the client hangs up: a caller
+        // that left must not keep a queue place, load a model or take memory.
+        let admitted = self.admit(admission, flight, &mut timings);
+        let (_permit, reservation) = tokio::select! {
+            admitted = admitted => admitted?,
+            () = self.tx.closed() => return Err(Stop::ClientGone),
         };
-        let mut timings = Timings { queue_wait: Instant::now() - self.started, ..Timings::default() };
-
-        let memory_started = Instant::now();
-        let loader = self.shared.loader();
-        tokio::select! {
-            loaded = self.plan.model.ensure_loaded(&loader) => loaded?,
-            () = flight.cancelled().cancelled() => return Err(flight.reason().into()),
-            () = sleep_until(self.limits.first_token) => {
-                return Err(Error::DeadlineExceeded("the model did not load before the time-to-first-token limit".into()).into());
-            }
-        }
-        let reservation = reserve::reserve(&self.shared, &self.plan, flight, self.limits.first_token).await?;
         let lost = reservation.lost().clone();
         *held = Some(reservation);
-        timings.memory_wait = Instant::now() - memory_started;
 
         let spec = self.plan.pipeline_spec(self.shared.config.pipeline_depth as usize);
         let decoder =
@@ -168,6 +164,38 @@ impl Generation {
         let mut pipeline = Pipeline::new(spec.clone(), decoder);
         self.stream(&mut pipeline, flight, &lost, &mut timings).await?;
         Ok(self.summary(&spec, &pipeline.stats(), &timings))
+    }
+
+    /// Waits for a slot, loads the model and reserves the generation's memory.
+    async fn admit(
+        &self,
+        admission: Admission,
+        flight: &Flight,
+        timings: &mut Timings,
+    ) -> Result<(OwnedSemaphorePermit, Reservation), Stop> {
+        let executor = &self.shared.executor;
+        let permit = match admission {
+            Admission::Running(permit) => {
+                executor.running(flight);
+                permit
+            }
+            Admission::Queued(slot) => executor.wait(slot, flight, self.limits.first_token).await?,
+        };
+        timings.queue_wait = Instant::now() - self.started;
+
+        let memory_started = Instant::now();
+        let loader = self.shared.loader();
+        tokio::select! {
+            loaded = self.plan.model.ensure_loaded(&loader) => loaded?,
+            () = flight.cancelled().cancelled() => return Err(flight.reason().into()),
+            () = sleep_until(self.limits.first_token) => {
+                let why = "the model did not load before the time-to-first-token limit";
+                return Err(Error::DeadlineExceeded(why.into()).into());
+            }
+        }
+        let reservation = reserve::reserve(&self.shared, &self.plan, flight, self.limits.first_token).await?;
+        timings.memory_wait = Instant::now() - memory_started;
+        Ok((permit, reservation))
     }
 
     /// Moves tokens from the pipeline to the client until the pipeline ends or something stops
@@ -190,24 +218,33 @@ impl Generation {
         loop {
             // The pipeline first: the stop conditions are checked whenever it waits (every token
             // of a real profile), and polling them before every ready token cost a lock each.
-            let next = tokio::select! {
-                biased;
-                next = pipeline.next() => next,
-                () = &mut cancelled => return Err(flight.reason().into()),
-                () = &mut lost => return Err(Error::MemoryLost.into()),
-                () = &mut closed => return Err(Stop::ClientGone),
-                () = &mut watchdog => {
-                    let (until, why) = self.limits.next_token(timings.last_token);
-                    if Instant::now() >= until {
-                        return Err(Error::DeadlineExceeded(why.into()).into());
+            // The `next` future lives across watchdog re-arms: dropping it mid-step would lose
+            // the token it already took from the CPU stage.
+            let next = pipeline.next();
+            tokio::pin!(next);
+            let next = loop {
+                tokio::select! {
+                    biased;
+                    next = &mut next => break next,
+                    () = &mut cancelled => return Err(flight.reason().into()),
+                    () = &mut lost => return Err(Error::MemoryLost.into()),
+                    () = &mut closed => return Err(Stop::ClientGone),
+                    () = &mut watchdog => {
+                        let (until, why) = self.limits.next_token(timings.last_token);
+                        if Instant::now() >= until {
+                            return Err(Error::DeadlineExceeded(why.into()).into());
+                        }
+                        watchdog.as_mut().reset(until);
                     }
-                    watchdog.as_mut().reset(until);
-                    continue;
                 }
             };
             let Some(emitted) = next else { return Ok(()) };
             let now = Instant::now();
-            timings.first_token.get_or_insert(now);
+            if timings.first_token.is_none() {
+                timings.first_token = Some(now);
+                // From the time-to-first-token deadline to the (usually earlier) idle deadline.
+                watchdog.as_mut().reset(self.limits.next_token(Some(now)).0);
+            }
             timings.last_token = Some(now);
             let item = token(emitted, now - self.started);
             // Fast path: room in the stream buffer. Otherwise the client is slower than the

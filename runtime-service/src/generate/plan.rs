@@ -14,8 +14,8 @@ use crate::{
 
 /// Longest prompt accepted, in bytes, whatever the model.
 pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
-/// Longest request id.
-const MAX_REQUEST_ID: usize = 128;
+/// Longest request id: it becomes part of the generation's memory scope.
+const MAX_REQUEST_ID: usize = crate::memory::MAX_SCOPE_NAME;
 
 /// A validated request.
 #[derive(Debug, Clone)]

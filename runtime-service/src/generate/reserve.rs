@@ -8,7 +8,7 @@ use crate::{
     engine::{SplitMix64, fnv1a},
     error::Error,
     executor::Flight,
-    memory::{Ask, Reservation},
+    memory::{Ask, Reservation, unique_scope},
     models::{ACTIVATIONS, KV_CACHE},
     state::Shared,
 };
@@ -27,7 +27,7 @@ pub(super) async fn reserve(
             (KV_CACHE, plan.kv_bytes()),
             (ACTIVATIONS, plan.activation_bytes(config.pipeline_depth as usize)),
         ],
-        scope: format!("{}/gen/{}", config.instance, plan.request_id),
+        scope: String::new(),
         ttl: config.lease_ttl,
         max_wait: config.memory_wait,
     };
@@ -37,6 +37,7 @@ pub(super) async fn reserve(
     let mut attempt = 0;
     loop {
         attempt += 1;
+        ask.scope = unique_scope(&config.instance, "gen", &plan.request_id);
         // The server-side wait must end before our own deadline, or its answer arrives too late.
         ask.max_wait = config.memory_wait.min(until.saturating_duration_since(Instant::now()) * 9 / 10);
         let once = async {

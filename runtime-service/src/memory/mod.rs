@@ -4,7 +4,10 @@
 mod renewer;
 mod reservation;
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
 
 use proto::memory::v1::{
     self as pb, AllocateRequest, AllocationItem, CanAllocateRequest, FreeScopeRequest,
@@ -17,6 +20,20 @@ pub use self::{
     reservation::Reservation,
 };
 use crate::error::Error;
+
+/// Longest instance name: with a 64-character name (model key or request id) and the nonce, a
+/// scope stays within memory-service's 128-character limit.
+pub const MAX_INSTANCE: usize = 48;
+/// Longest name inside a scope (request id, model key).
+pub const MAX_SCOPE_NAME: usize = 64;
+
+/// A scope no other attempt uses: `<instance>/<kind>/<name>/<nonce>`. Readable in memory-service
+/// events, and unique, so a background free of an abandoned attempt can never hit a later
+/// attempt's leases.
+pub fn unique_scope(instance: &str, kind: &str, name: &str) -> String {
+    static NONCE: AtomicU32 = AtomicU32::new(0);
+    format!("{instance}/{kind}/{name}/{:08x}", NONCE.fetch_add(1, Ordering::Relaxed))
+}
 
 /// A cheap-to-clone handle on memory-service.
 #[derive(Debug, Clone)]

@@ -26,15 +26,27 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// Allocates `ask` in one atomic call (idempotent under the scope, so a retry after a lost
-    /// reply cannot double-allocate) and starts renewing it.
+    /// Allocates `ask` in one atomic call and starts renewing it. `ask.scope` must be unique to
+    /// this attempt (see [`super::unique_scope`]): if the call is dropped, or fails in a way that
+    /// leaves its outcome unknown (memory-service unreachable mid-call), the scope is freed in the
+    /// background in case it was granted, and that free must not hit anyone else's leases.
     pub async fn acquire(
         client: &MemoryClient,
         renewer: &Renewer,
         tracker: &TaskTracker,
         ask: &Ask,
     ) -> Result<Self, Error> {
-        let epoch = client.allocate(ask, &ask.scope).await?;
+        let mut pending = PendingScope { client, tracker, scope: Some(&ask.scope) };
+        let epoch = match client.allocate(ask, &ask.scope).await {
+            Ok(epoch) => epoch,
+            // Definitive refusals: nothing was granted, nothing to free.
+            Err(err @ (Error::MemoryExhausted { .. } | Error::Unservable(_) | Error::MemoryProtocol(_))) => {
+                pending.scope = None;
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        };
+        pending.scope = None;
         let lost = renewer.register(ask.scope.clone(), epoch);
         Ok(Reservation {
             client: client.clone(),
@@ -77,6 +89,21 @@ impl Drop for Reservation {
         self.renewer.unregister(&self.scope);
         // Tracked, so shutdown waits for these frees before the process exits.
         spawn_free(&self.tracker, self.client.clone(), std::mem::take(&mut self.scope));
+    }
+}
+
+/// Frees a scope whose Allocate was sent but whose outcome is unknown, unless disarmed.
+struct PendingScope<'a> {
+    client: &'a MemoryClient,
+    tracker: &'a TaskTracker,
+    scope: Option<&'a String>,
+}
+
+impl Drop for PendingScope<'_> {
+    fn drop(&mut self) {
+        if let Some(scope) = self.scope {
+            spawn_free(self.tracker, self.client.clone(), scope.clone());
+        }
     }
 }
 
