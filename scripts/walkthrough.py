@@ -160,7 +160,9 @@ def wait_serving(target):
 
 def start_server(command):
     """Starts the server on an ephemeral loopback port; returns (process, address)."""
-    server = subprocess.Popen(command + ["--listen", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        command + ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True
+    )
     for line in server.stderr:  # blocks until the server logs; no polling
         sys.stderr.write(line)
         match = re.search(r"listening addr=(\S+)", line)

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod ledger;
+pub mod metrics;
 mod reaper;
 pub mod server;
 pub mod service;

@@ -12,6 +12,12 @@ struct Args {
     /// Address to serve gRPC on.
     #[arg(long, env = "MEMORY_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// Address of the admin HTTP port (Prometheus metrics at /metrics), or "off".
+    #[arg(long, env = "MEMORY_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    admin_listen: String,
+    /// Log format: "text" (human-readable) or "json" (one object per line).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    log_format: serving::telemetry::LogFormat,
     /// TOML file with pools and limits (see deploy/memory-service.toml). Flags override it.
     #[arg(long, env = "MEMORY_CONFIG")]
     config: Option<PathBuf>,
@@ -68,7 +74,6 @@ fn parse_pool(spec: &str) -> Result<PoolSpec, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    serving::logging::init("info");
     // Every configuration mistake, malformed flags included, exits 64 (help and version exit 0).
     let args = match Args::try_parse() {
         Ok(args) => args,
@@ -81,23 +86,33 @@ async fn main() -> ExitCode {
             };
         }
     };
+    let telemetry = serving::telemetry::init("memory-service", "info", args.log_format);
+    let code = serve(args).await;
+    // Spans of the last calls are exported before the process exits.
+    telemetry.shutdown().await;
+    code
+}
+
+async fn serve(args: Args) -> ExitCode {
     let listen = args.listen;
     // Validate everything before binding: a bad config must not briefly hold the port.
-    let config = match args.into_config() {
-        Ok(config) => config,
+    let checked =
+        serving::admin::parse_listen(&args.admin_listen).and_then(|admin| Ok((admin, args.into_config()?)));
+    let (admin, config) = match checked {
+        Ok(checked) => checked,
         Err(message) => {
             tracing::error!(%message, "bad configuration, not starting");
             return ExitCode::from(serving::EXIT_CONFIG as u8);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::error!(%listen, cause = %err, "cannot bind");
+    let (listener, admin) = match serving::grpc::bind(listen, admin).await {
+        Ok(bound) => bound,
+        Err(message) => {
+            tracing::error!(%message, "cannot bind");
             return ExitCode::FAILURE;
         }
     };
-    match run(listener, config, serving::shutdown::signal()).await {
+    match run(listener, admin, config, serving::shutdown::signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(cause = %err, "memory-service failed");

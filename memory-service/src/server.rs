@@ -1,6 +1,6 @@
 //! Serving memory-service on a bound listener until a shutdown future resolves.
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use proto::memory::v1::memory_service_server::MemoryServiceServer;
 use tokio::net::TcpListener;
@@ -8,8 +8,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+use serving::observe::ObserveLayer;
+
 use crate::{
     config::{Config, ConfigError},
+    metrics::Metrics,
     reaper,
     service::{MemoryApi, Shared},
 };
@@ -26,6 +29,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// Serves `memory.v1.MemoryService`, health and reflection on `listener` until `shutdown`
@@ -33,18 +39,33 @@ pub enum ServeError {
 /// UNAVAILABLE, waiting Allocate calls are answered UNAVAILABLE, and in-flight calls get up to
 /// `config.grace_period` to finish before connections are closed.
 ///
-/// Taking a bound listener (rather than an address) lets tests serve on `127.0.0.1:0` and read
-/// the port before the server starts.
+/// Taking bound listeners (rather than addresses) lets tests serve on `127.0.0.1:0` and read
+/// the ports before the server starts. `admin`, if given, serves Prometheus metrics at
+/// `/metrics`.
 pub async fn run(
     listener: TcpListener,
+    admin: Option<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     config.validate()?;
     let grace = config.grace_period;
     let token = CancellationToken::new();
-    let shared = Shared::new(config, token.clone())
+    let metrics = Metrics::new()?;
+    let shared = Shared::new(config, token.clone(), metrics.clone())
         .map_err(|e| ConfigError::Invalid(format!("cannot create the configured pools: {e}")))?;
+    if let Some(admin) = admin {
+        let addr = admin.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+        let snapshot_of = shared.clone();
+        let snapshot: serving::admin::Snapshot = Arc::new(move || crate::metrics::snapshot(&snapshot_of));
+        tokio::spawn(serving::admin::serve(
+            admin,
+            metrics.registry.clone(),
+            snapshot,
+            token.clone().cancelled_owned(),
+        ));
+        info!(%addr, "metrics on /metrics");
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MemoryServiceServer<MemoryApi>>().await;
@@ -54,6 +75,9 @@ pub async fn run(
     let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let drain = token.clone();
     let server = Server::builder()
+        // Outermost, so every call (health and reflection included) gets a span that continues
+        // the caller's trace, and is counted with its final status.
+        .layer(ObserveLayer::new(metrics.grpc.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -12,6 +12,7 @@ pub mod error;
 pub mod executor;
 pub mod generate;
 pub mod memory;
+pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod server;

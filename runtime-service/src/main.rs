@@ -14,6 +14,12 @@ struct Args {
     /// Address to serve gRPC on.
     #[arg(long, env = "RUNTIME_LISTEN", default_value = "127.0.0.1:50052")]
     listen: SocketAddr,
+    /// Address of the admin HTTP port (Prometheus metrics at /metrics), or "off".
+    #[arg(long, env = "RUNTIME_ADMIN_LISTEN", default_value = "127.0.0.1:9092")]
+    admin_listen: String,
+    /// Log format: "text" (human-readable) or "json" (one object per line).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    log_format: serving::telemetry::LogFormat,
     /// memory-service endpoint.
     #[arg(long, env = "RUNTIME_MEMORY_ADDR", default_value = "http://127.0.0.1:50051")]
     memory_addr: String,
@@ -84,7 +90,6 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    serving::logging::init("info");
     // Every configuration mistake, malformed flags included, exits 64 (help and version exit 0).
     let args = match Args::try_parse() {
         Ok(args) => args,
@@ -97,22 +102,33 @@ async fn main() -> ExitCode {
             };
         }
     };
+    let telemetry = serving::telemetry::init("runtime-service", "info", args.log_format);
+    let code = serve(args).await;
+    // Spans of the last generations are exported before the process exits.
+    telemetry.shutdown().await;
+    code
+}
+
+async fn serve(args: Args) -> ExitCode {
     let listen = args.listen;
-    let config = match args.into_config() {
-        Ok(config) => config,
+    // Validate everything before binding: a bad config must not briefly hold the port.
+    let checked =
+        serving::admin::parse_listen(&args.admin_listen).and_then(|admin| Ok((admin, args.into_config()?)));
+    let (admin, config) = match checked {
+        Ok(checked) => checked,
         Err(message) => {
             tracing::error!(%message, "bad configuration, not starting");
             return ExitCode::from(serving::EXIT_CONFIG as u8);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(listen).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::error!(%listen, cause = %err, "cannot bind");
+    let (listener, admin) = match serving::grpc::bind(listen, admin).await {
+        Ok(bound) => bound,
+        Err(message) => {
+            tracing::error!(%message, "cannot bind");
             return ExitCode::FAILURE;
         }
     };
-    match run(listener, config, serving::shutdown::signal()).await {
+    match run(listener, admin, config, serving::shutdown::signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(cause = %err, "runtime-service failed");

@@ -71,6 +71,8 @@ pub struct Stats {
     pub gpu_busy: Duration,
     /// GPU idle time waiting for the CPU stage.
     pub gpu_idle: Duration,
+    /// CPU stage time blocked on a full channel, waiting for the GPU stage.
+    pub cpu_stalled: Duration,
     /// Tokens emitted.
     pub tokens: u32,
     /// True once the model produced its end-of-sequence token.
@@ -82,6 +84,8 @@ pub struct Stats {
 struct Prepared {
     token: Option<TokenOut>,
     cpu_time: Duration,
+    /// Time the CPU stage waited for room before it could hand this token over.
+    stalled: Duration,
 }
 
 /// A running generation. Dropping it drops the CPU stage with it.
@@ -215,13 +219,14 @@ impl Pipeline {
                 wait_until(ready_at).await;
                 let token = decoder.next_token();
                 let end = token.is_none();
-                match tx.try_send(Prepared { token, cpu_time: cost }) {
+                match tx.try_send(Prepared { token, cpu_time: cost, stalled: Duration::ZERO }) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(prepared)) => {
+                    Err(mpsc::error::TrySendError::Full(mut prepared)) => {
                         // The GPU is the bottleneck: wait for room, then restart the schedule.
-                        if tx.send(prepared).await.is_err() {
-                            return;
-                        }
+                        let blocked = Instant::now();
+                        let Ok(permit) = tx.reserve().await else { return };
+                        prepared.stalled = Instant::now() - blocked;
+                        permit.send(prepared);
                         ready_at = Instant::now();
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
@@ -247,6 +252,7 @@ impl Pipeline {
             Err(mpsc::error::TryRecvError::Disconnected) => return None,
         };
         self.stats.cpu_busy += prepared.cpu_time;
+        self.stats.cpu_stalled += prepared.stalled;
         self.compute(prepared.token, start).await
     }
 

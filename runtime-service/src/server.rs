@@ -1,6 +1,6 @@
 //! Serving runtime-service on a bound listener until a shutdown future resolves.
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use proto::runtime::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::TcpListener;
@@ -8,8 +8,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+use serving::observe::ObserveLayer;
+
 use crate::{
     config::{Config, ConfigError},
+    metrics::Metrics,
     service::RuntimeApi,
     state::Shared,
     supervisor,
@@ -30,22 +33,51 @@ pub enum ServeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// Serves `runtime.v1.RuntimeService`, health and reflection on `listener` until `shutdown`
 /// resolves. Health is NOT_SERVING until memory-service answers and the preload models are
 /// loaded. At shutdown: health turns NOT_SERVING, every generation ends with UNAVAILABLE after
 /// returning its memory (within `config.grace_period`), then the models' memory is returned
-/// (within 2 s more).
+/// (within 2 s more). `admin`, if given, serves Prometheus metrics at `/metrics`.
 pub async fn run(
     listener: TcpListener,
+    admin: Option<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     config.validate()?;
     let grace = config.grace_period;
     let token = CancellationToken::new();
-    let shared = Shared::new(config, token.clone()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let metrics = Metrics::new()?;
+    let shared = Shared::new(config, token.clone(), metrics.clone())
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    if let Some(admin) = admin {
+        let addr = admin.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+        let executor = shared.executor.clone();
+        let snapshot: serving::admin::Snapshot = Arc::new(move || {
+            let mut out = String::new();
+            let queued = vec![(String::new(), executor.queued() as f64)];
+            serving::admin::family(
+                &mut out,
+                "runtime_queue_depth",
+                "gauge",
+                "Generations waiting for a slot.",
+                &queued,
+            );
+            out
+        });
+        tokio::spawn(serving::admin::serve(
+            admin,
+            metrics.registry.clone(),
+            snapshot,
+            token.clone().cancelled_owned(),
+        ));
+        info!(%addr, "metrics on /metrics");
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<RuntimeServiceServer<RuntimeApi>>().await;
@@ -55,6 +87,9 @@ pub async fn run(
 
     let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let server = Server::builder()
+        // Outermost, so every call gets a span continuing the caller's trace and is counted
+        // with its final status (for Generate: when the stream ends).
+        .layer(ObserveLayer::new(metrics.grpc.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

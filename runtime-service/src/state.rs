@@ -9,6 +9,7 @@ use crate::{
     error::Error,
     executor::Executor,
     memory::{MemoryClient, Renewer},
+    metrics::Metrics,
     models::{Loader, Models},
 };
 
@@ -29,11 +30,13 @@ pub struct Shared {
     pub executor: Arc<Executor>,
     /// Cancelled when shutdown starts.
     pub shutdown: CancellationToken,
+    /// Prometheus instruments.
+    pub metrics: Metrics,
 }
 
 impl Shared {
     /// Builds the state; starts the renewal task.
-    pub fn new(config: Config, shutdown: CancellationToken) -> Result<Arc<Self>, Error> {
+    pub fn new(config: Config, shutdown: CancellationToken, metrics: Metrics) -> Result<Arc<Self>, Error> {
         let memory = MemoryClient::new(&config.memory_addr, &config.instance, config.memory_timeout)?;
         let renewer = Renewer::spawn(memory.clone(), config.lease_ttl / 3, shutdown.clone());
         let executor = Executor::new(config.max_concurrent, config.queue_capacity, shutdown.clone());
@@ -45,6 +48,7 @@ impl Shared {
             executor,
             shutdown,
             config,
+            metrics,
         }))
     }
 

@@ -12,6 +12,19 @@ pub fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// Binds the gRPC listener and, if given, the admin listener. Errors name the address.
+pub async fn bind(
+    grpc: std::net::SocketAddr,
+    admin: Option<std::net::SocketAddr>,
+) -> Result<(TcpListener, Option<TcpListener>), String> {
+    let listener = TcpListener::bind(grpc).await.map_err(|e| format!("gRPC address {grpc}: {e}"))?;
+    let admin = match admin {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| format!("admin address {addr}: {e}"))?),
+        None => None,
+    };
+    Ok((listener, admin))
+}
+
 /// Reflection servers over `descriptor_sets` plus the health service's own descriptor, so
 /// `grpc.health.v1` is listed too. Both versions are served: grpcurl and `buf curl` ask v1, while
 /// Python's grpcio-reflection client speaks only v1alpha.

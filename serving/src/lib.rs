@@ -1,11 +1,14 @@
 //! Serving glue shared by memory-service and runtime-service: listeners, reflection and health,
-//! shutdown signals, gRPC deadlines, logging and the config exit code.
+//! shutdown signals, gRPC deadlines, telemetry (logs, traces, metrics) and the config exit code.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod deadline;
 pub mod grpc;
-pub mod logging;
+pub mod observe;
+pub mod propagation;
 pub mod shutdown;
+pub mod telemetry;
 pub mod units;
 
 /// Exit code for a configuration error (`EX_USAGE` in sysexits.h): the process exits with it

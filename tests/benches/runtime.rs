@@ -145,14 +145,15 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 async fn serving_overhead(memory: SocketAddr) {
     const TOKENS: u32 = 5_000;
     let ours = runtime(memory, 0.0, 0.0).await;
-    let bare = TestServer::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), |listener: TcpListener, stopped| {
-        tonic::transport::Server::builder()
-            .add_service(RuntimeServiceServer::new(Bare))
-            .serve_with_incoming_shutdown(serving::grpc::incoming(listener), async {
-                let _ = stopped.await;
-            })
-    })
-    .await;
+    let bare =
+        TestServer::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), |listener: TcpListener, _admin, stopped| {
+            tonic::transport::Server::builder()
+                .add_service(RuntimeServiceServer::new(Bare))
+                .serve_with_incoming_shutdown(serving::grpc::incoming(listener), async {
+                    let _ = stopped.await;
+                })
+        })
+        .await;
     let mut ours_client = ours.client().await;
     let mut bare_client = RuntimeServiceClient::new(bare.channel().await);
     stream(&mut ours_client, request(TOKENS, PipelineMode::Pipelined)).await; // warm-up

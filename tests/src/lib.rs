@@ -22,8 +22,10 @@ use tonic_health::pb::{
 /// A server running in this process on a loopback port.
 #[derive(Debug)]
 pub struct TestServer {
-    /// Where it listens.
+    /// Where it serves gRPC.
     pub addr: SocketAddr,
+    /// Where it serves Prometheus metrics (`/metrics`).
+    pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), String>>>,
 }
@@ -33,16 +35,30 @@ impl TestServer {
     /// bound before this returns, so clients can connect at once: no readiness wait is needed.
     pub async fn spawn<F, Fut, E>(addr: SocketAddr, serve: F) -> Self
     where
-        F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+        F: FnOnce(TcpListener, TcpListener, oneshot::Receiver<()>) -> Fut,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: std::fmt::Display,
     {
         let listener = TcpListener::bind(addr).await.expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
+        let admin_listener = TcpListener::bind(loopback()).await.expect("bind loopback");
+        let admin = admin_listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let serving = serve(listener, stopped);
+        let serving = serve(listener, admin_listener, stopped);
         let task = tokio::spawn(async move { serving.await.map_err(|e| e.to_string()) });
-        TestServer { addr, stop: Some(stop), task: Some(task) }
+        TestServer { addr, admin, stop: Some(stop), task: Some(task) }
+    }
+
+    /// The Prometheus text its admin port serves now.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.admin).await.expect("connect admin port");
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.expect("send request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_owned()
     }
 
     /// A connected channel.
@@ -111,8 +127,8 @@ impl MemoryServer {
     /// Serves `config` on `addr` (to restart a server on the port it had).
     pub async fn start_at(addr: SocketAddr, config: Config) -> Self {
         MemoryServer(
-            TestServer::spawn(addr, |listener, stopped| {
-                memory_service::run(listener, config, async {
+            TestServer::spawn(addr, |listener, admin, stopped| {
+                memory_service::run(listener, Some(admin), config, async {
                     let _ = stopped.await;
                 })
             })
@@ -157,8 +173,8 @@ impl RuntimeServer {
     /// Serves `config` on an ephemeral loopback port.
     pub async fn start(config: runtime_service::Config) -> Self {
         RuntimeServer(
-            TestServer::spawn(loopback(), |listener, stopped| {
-                runtime_service::run(listener, config, async {
+            TestServer::spawn(loopback(), |listener, admin, stopped| {
+                runtime_service::run(listener, Some(admin), config, async {
                     let _ = stopped.await;
                 })
             })
@@ -180,6 +196,13 @@ impl RuntimeServer {
     pub async fn stop(self) {
         self.0.stop().await;
     }
+}
+
+/// The value of the sample `name{labels}` (labels as written, e.g. `pool="kv-cache"`; empty for
+/// none) in Prometheus text, if present.
+pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let key = if labels.is_empty() { name.to_owned() } else { format!("{name}{{{labels}}}") };
+    text.lines().find_map(|line| line.strip_prefix(&key)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Waits on a health Watch stream until `service` is SERVING.

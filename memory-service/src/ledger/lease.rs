@@ -131,6 +131,8 @@ pub struct Lease {
     pub expires_at: Instant,
     /// Idempotency key of the Allocate that granted it, if any.
     pub request_key: Option<Arc<str>>,
+    /// When it was granted (for the lease lifetime histogram).
+    pub granted_at: Instant,
 }
 
 #[cfg(test)]

@@ -58,6 +58,14 @@ pub struct Ledger {
     epoch: u64,
     /// Woken when the earliest deadline moves earlier, so the reaper re-arms its timer.
     reaper: Arc<Notify>,
+    /// Told of every lease that leaves (metrics).
+    observer: Option<Arc<dyn ReleaseObserver>>,
+}
+
+/// Learns how long each lease lived and how it ended.
+pub trait ReleaseObserver: Send + Sync + std::fmt::Debug {
+    /// `lease` of `pool` left after `lived`, freed or expired.
+    fn released(&self, pool: &str, lived: Duration, how: Release);
 }
 
 impl Ledger {
@@ -76,7 +84,13 @@ impl Ledger {
             epoch: ids.next_u64(),
             ids,
             reaper: Arc::new(Notify::new()),
+            observer: None,
         }
+    }
+
+    /// Reports every lease release to `observer`.
+    pub fn observe_releases(&mut self, observer: Arc<dyn ReleaseObserver>) {
+        self.observer = Some(observer);
     }
 
     /// Boot id: random per ledger, so clients notice a restart.
@@ -396,6 +410,7 @@ impl Ledger {
                     ttl: request.ttl,
                     expires_at,
                     request_key: request.key.clone(),
+                    granted_at: now,
                 })
                 .clone();
             self.events.publish(Change {
@@ -452,6 +467,11 @@ impl Ledger {
         }
         let pool = &mut self.pools[lease.pool];
         pool.give_back(lease.size, how);
+        if let Some(observer) = &self.observer {
+            // Expired leases died at their deadline, however late the reaper noticed.
+            let ended = if how == Release::Expired { lease.expires_at } else { Instant::now() };
+            observer.released(pool.name(), ended.saturating_duration_since(lease.granted_at), how);
+        }
         self.events.publish(Change {
             kind: match how {
                 Release::Freed => EventKind::Freed,

@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 use proto::memory::v1 as pb;
 use tokio::{sync::oneshot, time::Instant};
 use tonic::Request;
+use tracing::Instrument;
 
 use super::{Shared, convert, convert::Clock};
 use crate::ledger::{Admission, Error, Grant};
@@ -18,15 +19,38 @@ pub(super) async fn allocate(
     let (req, asked_wait) = convert::allocate(request.into_inner(), shared.config())?;
     let max_wait = deadline.map_or(asked_wait, |d| asked_wait.min(before_deadline(d)));
     let started = Instant::now();
+    let span = tracing::info_span!(
+        "memory.allocate",
+        holder = %req.holder,
+        scope = req.scope.as_deref().unwrap_or_default(),
+        items = req.items.len(),
+        bytes = req.items.iter().map(|(_, size)| u128::from(*size)).sum::<u128>() as f64,
+        pools = %req.items.iter().map(|(pool, _)| pool.as_str()).collect::<Vec<_>>().join(","),
+        max_wait_ms = max_wait.as_millis() as u64,
+        lease_ids = tracing::field::Empty,
+    );
 
     let admission = shared.ledger().allocate(req, started, !max_wait.is_zero())?;
     let grant = match admission {
         Admission::Granted(grant) => grant,
         Admission::Queued { ticket, grant } => {
+            let wait_span = tracing::info_span!(parent: &span, "memory.wait", waited_ms = tracing::field::Empty, outcome = tracing::field::Empty);
             let mut guard = WaitGuard { shared, ticket, started, grant: Some(grant) };
-            guard.wait(max_wait).await?
+            let result = guard.wait(max_wait).instrument(wait_span.clone()).await;
+            let outcome = match &result {
+                Ok(_) => "granted",
+                Err(Error::NoRoom { .. }) => "timed_out",
+                Err(_) => "shutdown",
+            };
+            let waited = Instant::now() - started;
+            wait_span.record("waited_ms", waited.as_millis() as u64);
+            wait_span.record("outcome", outcome);
+            shared.metrics().wait.with_label_values(&[outcome]).observe(waited.as_secs_f64());
+            result?
         }
     };
+    let ids: Vec<String> = grant.leases.iter().map(|l| l.id.to_string()).collect();
+    span.record("lease_ids", tracing::field::display(ids.join(",")));
     let clock = Clock::now();
     let leases = {
         let ledger = shared.ledger();

@@ -19,6 +19,7 @@ use self::convert::Clock;
 use crate::{
     config::Config,
     ledger::{Error, Ledger},
+    metrics::Metrics,
 };
 
 /// State shared by every handler and background task.
@@ -32,17 +33,20 @@ pub struct Shared {
     epoch: u64,
     /// Cancelled when shutdown starts: streams end and waiters give up.
     shutdown: CancellationToken,
+    /// Prometheus instruments.
+    metrics: Metrics,
 }
 
 impl Shared {
     /// Builds the ledger with the configured pools. `config` must be validated.
-    pub fn new(config: Config, shutdown: CancellationToken) -> Result<Arc<Self>, Error> {
+    pub fn new(config: Config, shutdown: CancellationToken, metrics: Metrics) -> Result<Arc<Self>, Error> {
         let mut ledger = Ledger::new(config.event_buffer);
+        ledger.observe_releases(metrics.lifetimes());
         for pool in &config.pools {
             ledger.create_pool(&pool.name, pool.capacity)?;
         }
         let epoch = ledger.epoch();
-        Ok(Arc::new(Shared { ledger: Mutex::new(ledger), config, epoch, shutdown }))
+        Ok(Arc::new(Shared { ledger: Mutex::new(ledger), config, epoch, shutdown, metrics }))
     }
 
     /// Locks the ledger. A poisoned lock is recovered rather than failing every later call. No
@@ -56,6 +60,16 @@ impl Shared {
     /// The validated configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Boot id.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Prometheus instruments.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The shutdown token.

@@ -66,7 +66,7 @@ impl Service {
         logs: &Path,
     ) -> Result<(Self, String), Error> {
         let mut child = Command::new(binary)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

@@ -13,6 +13,7 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
+use tracing::Instrument;
 
 pub use self::plan::Plan;
 use crate::{
@@ -46,9 +47,21 @@ pub fn start(
     let admission = shared.executor.admit()?;
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let limits = Limits::new(&shared.config, started, grpc_timeout);
+    // A child of the call's server span, so queue wait, model load, memory reservation (and the
+    // memory-service calls it makes), decoding and release all land in the caller's trace.
+    let span = tracing::info_span!(
+        "generate",
+        request_id = %plan.request_id,
+        model = %plan.model.spec.key,
+        prompt_tokens = plan.prompt_tokens,
+        max_tokens = plan.max_tokens,
+        mode = ?plan.mode,
+        completion_tokens = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
     let task = Generation { shared: shared.clone(), plan, ticket, tx, limits, started };
     // Tracked: shutdown waits for every generation to end and return its memory.
-    shared.tracker.spawn(task.run(admission));
+    shared.tracker.spawn(task.run(admission).instrument(span));
     Ok(ReceiverStream::new(rx))
 }
 
@@ -113,13 +126,24 @@ struct Generation {
 
 impl Generation {
     async fn run(self, admission: Admission) {
+        let metrics = &self.shared.metrics;
+        metrics.active_streams.inc();
         let mut held: Option<Reservation> = None;
         let result = self.generate(admission, &mut held).await;
         // Every path returns the memory, and does so before the client hears the outcome, so a
         // caller told "done" or "failed" already sees the pools back where they were.
         if let Some(reservation) = held.take() {
-            reservation.release().await;
+            reservation.release().instrument(tracing::info_span!("memory.release")).await;
         }
+        metrics.active_streams.dec();
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(Stop::ClientGone | Stop::Failed(Error::Cancelled)) => "cancelled",
+            Err(Stop::Failed(Error::DeadlineExceeded(_))) => "deadline",
+            Err(Stop::Failed(_)) => "error",
+        };
+        metrics.requests.with_label_values(&[outcome]).inc();
+        tracing::Span::current().record("outcome", outcome);
         let hint = self.shared.config.retry_hint;
         let outcome = match result {
             Ok(summary) => Ok(pb::GenerateResponse { item: Some(Item::Summary(summary)) }),
@@ -162,8 +186,37 @@ impl Generation {
         let decoder =
             Decoder::new(self.plan.model.engine, &self.plan.prompt, self.plan.seed, self.plan.sampling);
         let mut pipeline = Pipeline::new(spec.clone(), decoder);
-        self.stream(&mut pipeline, flight, &lost, &mut timings).await?;
-        Ok(self.summary(&spec, &pipeline.stats(), &timings))
+        // One span for the whole decode, not one per token; its fields summarise the stream.
+        let decode = tracing::info_span!(
+            "decode",
+            tokens = tracing::field::Empty,
+            ttft_ms = tracing::field::Empty,
+            gpu_idle_ms = tracing::field::Empty,
+        );
+        let streamed =
+            self.stream(&mut pipeline, flight, &lost, &mut timings).instrument(decode.clone()).await;
+        let stats = pipeline.stats();
+        decode.record("tokens", stats.tokens);
+        decode.record("gpu_idle_ms", stats.gpu_idle.as_millis() as u64);
+        if let Some(first) = timings.first_token {
+            decode.record("ttft_ms", (first - self.started).as_millis() as u64);
+        }
+        self.record_pipeline(&stats);
+        tracing::Span::current().record("completion_tokens", stats.tokens);
+        streamed?;
+        Ok(self.summary(&spec, &stats, &timings))
+    }
+
+    fn record_pipeline(&self, stats: &pipeline::Stats) {
+        let pipeline = &self.shared.metrics.pipeline;
+        for (stage, state, d) in [
+            ("cpu", "busy", stats.cpu_busy),
+            ("gpu", "busy", stats.gpu_busy),
+            ("gpu", "waiting_for_cpu", stats.gpu_idle),
+            ("cpu", "waiting_for_gpu", stats.cpu_stalled),
+        ] {
+            pipeline.with_label_values(&[stage, state]).inc_by(d.as_secs_f64());
+        }
     }
 
     /// Waits for a slot, loads the model and reserves the generation's memory.
@@ -179,22 +232,28 @@ impl Generation {
                 executor.running(flight);
                 permit
             }
-            Admission::Queued(slot) => executor.wait(slot, flight, self.limits.first_token).await?,
+            Admission::Queued(slot) => {
+                let wait = executor.wait(slot, flight, self.limits.first_token);
+                wait.instrument(tracing::info_span!("queue.wait")).await?
+            }
         };
         timings.queue_wait = Instant::now() - self.started;
 
         let memory_started = Instant::now();
         let loader = self.shared.loader();
+        let load = self.plan.model.ensure_loaded(&loader).instrument(tracing::info_span!("model.load"));
         tokio::select! {
-            loaded = self.plan.model.ensure_loaded(&loader) => loaded?,
+            loaded = load => loaded?,
             () = flight.cancelled().cancelled() => return Err(flight.reason().into()),
             () = sleep_until(self.limits.first_token) => {
                 let why = "the model did not load before the time-to-first-token limit";
                 return Err(Error::DeadlineExceeded(why.into()).into());
             }
         }
-        let reservation = reserve::reserve(&self.shared, &self.plan, flight, self.limits.first_token).await?;
+        let reserve = reserve::reserve(&self.shared, &self.plan, flight, self.limits.first_token);
+        let reservation = reserve.instrument(tracing::info_span!("memory.reserve")).await?;
         timings.memory_wait = Instant::now() - memory_started;
+        self.shared.metrics.memory_wait.observe(timings.memory_wait.as_secs_f64());
         Ok((permit, reservation))
     }
 
@@ -240,11 +299,17 @@ impl Generation {
             };
             let Some(emitted) = next else { return Ok(()) };
             let now = Instant::now();
-            if timings.first_token.is_none() {
-                timings.first_token = Some(now);
-                // From the time-to-first-token deadline to the (usually earlier) idle deadline.
-                watchdog.as_mut().reset(self.limits.next_token(Some(now)).0);
+            let metrics = &self.shared.metrics;
+            match timings.last_token {
+                None => {
+                    metrics.ttft.observe((now - self.started).as_secs_f64());
+                    timings.first_token = Some(now);
+                    // From the time-to-first-token deadline to the (usually earlier) idle deadline.
+                    watchdog.as_mut().reset(self.limits.next_token(Some(now)).0);
+                }
+                Some(last) => metrics.inter_token.observe((now - last).as_secs_f64()),
             }
+            metrics.tokens.inc();
             timings.last_token = Some(now);
             let item = token(emitted, now - self.started);
             // Fast path: room in the stream buffer. Otherwise the client is slower than the

@@ -13,7 +13,9 @@ use proto::memory::v1::{
     self as pb, AllocateRequest, AllocationItem, CanAllocateRequest, FreeScopeRequest,
     memory_service_client::MemoryServiceClient,
 };
+use serving::propagation;
 use tonic::{Code, Request, Status, transport::Channel};
+use tracing::{Instrument, Span};
 
 pub use self::{
     renewer::{Lost, Renewer},
@@ -74,20 +76,15 @@ impl MemoryClient {
 
     /// Whether memory-service answers at all.
     pub async fn ping(&self) -> Result<u64, Error> {
-        let reply =
-            self.client.clone().list_pools(self.request(pb::ListPoolsRequest {}, Duration::ZERO)).await;
-        Ok(reply.map_err(|s| classify(&s))?.into_inner().server_epoch)
+        let (span, request) = self.request("ListPools", pb::ListPoolsRequest {}, Duration::ZERO);
+        Ok(traced(&span, self.client.clone().list_pools(request)).await?.server_epoch)
     }
 
     /// Checks `ask` against pool capacities; a request that can never fit fails at once.
     pub async fn check_fits(&self, ask: &Ask) -> Result<(), Error> {
         let items = items(ask);
-        let reply = self
-            .client
-            .clone()
-            .can_allocate(self.request(CanAllocateRequest { items }, Duration::ZERO))
-            .await;
-        let reply = reply.map_err(|s| classify(&s))?.into_inner();
+        let (span, request) = self.request("CanAllocate", CanAllocateRequest { items }, Duration::ZERO);
+        let reply = traced(&span, self.client.clone().can_allocate(request)).await?;
         if let Some(pool) = reply.pools.iter().find(|p| p.requested_bytes > p.capacity_bytes) {
             return Err(Error::Unservable(format!(
                 "it needs {} bytes of {} but the pool holds {} bytes; lower max_tokens or shorten the prompt",
@@ -97,8 +94,8 @@ impl MemoryClient {
         Ok(())
     }
 
-    /// One atomic Allocate of `ask`, idempotent under `request_id` (a retried call after a lost
-    /// reply gets the same leases back). Returns the server epoch the leases belong to.
+    /// One atomic Allocate of `ask` under `request_id` (idempotent on memory-service's side).
+    /// Returns the server epoch the leases belong to.
     pub async fn allocate(&self, ask: &Ask, request_id: &str) -> Result<u64, Error> {
         let req = AllocateRequest {
             items: items(ask),
@@ -108,15 +105,20 @@ impl MemoryClient {
             max_wait: prost_types::Duration::try_from(ask.max_wait).ok(),
             request_id: request_id.to_owned(),
         };
-        let reply = self.client.clone().allocate(self.request(req, ask.max_wait)).await;
-        Ok(reply.map_err(|s| classify(&s))?.into_inner().server_epoch)
+        let (span, request) = self.request("Allocate", req, ask.max_wait);
+        span.record("memory.scope", ask.scope.as_str());
+        let bytes: u64 = ask.items.iter().map(|&(_, b)| b).fold(0, u64::saturating_add);
+        span.record("memory.bytes", bytes);
+        Ok(traced(&span, self.client.clone().allocate(request)).await?.server_epoch)
     }
 
     /// Frees every lease of `scope`; returns (leases, bytes) freed.
     pub async fn free_scope(&self, scope: &str) -> Result<(u64, u64), Error> {
         let req = FreeScopeRequest { scope_id: scope.to_owned() };
-        let reply = self.client.clone().free_scope(self.request(req, Duration::ZERO)).await;
-        let reply = reply.map_err(|s| classify(&s))?.into_inner();
+        let (span, request) = self.request("FreeScope", req, Duration::ZERO);
+        span.record("memory.scope", scope);
+        let reply = traced(&span, self.client.clone().free_scope(request)).await?;
+        span.record("memory.bytes", reply.freed_bytes);
         Ok((reply.freed_leases, reply.freed_bytes))
     }
 
@@ -125,11 +127,39 @@ impl MemoryClient {
         self.client.clone()
     }
 
-    fn request<T>(&self, message: T, extra: Duration) -> Request<T> {
+    /// A bounded request carrying the trace context of a new client span for `method`.
+    fn request<T>(&self, method: &'static str, message: T, extra: Duration) -> (Span, Request<T>) {
+        let span = tracing::info_span!(
+            "grpc.client",
+            otel.name = %format_args!("{SERVICE}/{method}"),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = SERVICE,
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            memory.scope = tracing::field::Empty,
+            memory.bytes = tracing::field::Empty,
+        );
         let mut request = Request::new(message);
         request.set_timeout(self.timeout + extra);
-        request
+        propagation::inject(&span, request.metadata_mut());
+        (span, request)
     }
+}
+
+/// The service name in client spans.
+const SERVICE: &str = "memory.v1.MemoryService";
+
+/// Runs `call` inside `span`, records its status code, and maps a failure to a domain error.
+async fn traced<T>(
+    span: &Span,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Error> {
+    let result = call.instrument(span.clone()).await;
+    let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+    propagation::record_status(span, code);
+    result.map(tonic::Response::into_inner).map_err(|s| classify(&s))
 }
 
 fn items(ask: &Ask) -> Vec<AllocationItem> {

@@ -1,0 +1,118 @@
+//! memory-service's Prometheus metrics: per-pool state read from the ledger at scrape time, and
+//! histograms of allocation waits and lease lifetimes.
+
+use std::{fmt::Write, sync::Arc, time::Duration};
+
+use prometheus::{HistogramOpts, HistogramVec, Registry};
+use serving::{admin, observe::GrpcMetrics};
+
+use crate::{
+    ledger::{PoolStats, Release, ReleaseObserver},
+    service::Shared,
+};
+
+/// The registry and the instruments handlers update.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Everything below, plus gRPC server metrics.
+    pub registry: Registry,
+    /// gRPC calls by method and code (the server layer).
+    pub grpc: GrpcMetrics,
+    /// Time Allocate calls spent waiting for room, by outcome.
+    pub wait: HistogramVec,
+    lifetimes: HistogramVec,
+}
+
+impl Metrics {
+    /// A registry with every instrument registered.
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let grpc = GrpcMetrics::register(&registry)?;
+        let wait = HistogramVec::new(
+            HistogramOpts::new(
+                "memory_allocate_wait_seconds",
+                "Time an Allocate waited for room (calls that waited), by outcome.",
+            )
+            .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            &["outcome"],
+        )?;
+        let lifetimes = HistogramVec::new(
+            HistogramOpts::new(
+                "memory_lease_lifetime_seconds",
+                "How long leases lived, by pool and how they ended.",
+            )
+            .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0]),
+            &["pool", "reason"],
+        )?;
+        registry.register(Box::new(wait.clone()))?;
+        registry.register(Box::new(lifetimes.clone()))?;
+        Ok(Metrics { registry, grpc, wait, lifetimes })
+    }
+
+    /// The ledger's release observer, feeding the lifetime histogram.
+    pub fn lifetimes(&self) -> Arc<dyn ReleaseObserver> {
+        Arc::new(Lifetimes(self.lifetimes.clone()))
+    }
+}
+
+#[derive(Debug)]
+struct Lifetimes(HistogramVec);
+
+impl ReleaseObserver for Lifetimes {
+    fn released(&self, pool: &str, lived: Duration, how: Release) {
+        let reason = match how {
+            Release::Freed => "freed",
+            Release::Expired => "expired",
+        };
+        self.0.with_label_values(&[pool, reason]).observe(lived.as_secs_f64());
+    }
+}
+
+/// Pool gauges and cumulative counters, read from the ledger when Prometheus scrapes: the ledger
+/// keeps them exactly, so they are never double-counted or lost to a lagging event stream.
+pub fn snapshot(shared: &Shared) -> String {
+    let pools = {
+        let mut ledger = shared.ledger();
+        ledger.reap(tokio::time::Instant::now());
+        ledger.list_pools()
+    };
+    let mut out = String::new();
+    type Pick = fn(&PoolStats) -> f64;
+    let families: [(&str, &str, &str, Pick); 13] = [
+        ("memory_pool_capacity_bytes", "gauge", "Pool capacity.", |p| p.capacity as f64),
+        ("memory_pool_used_bytes", "gauge", "Bytes held by live leases.", |p| p.used as f64),
+        ("memory_pool_available_bytes", "gauge", "Bytes free.", |p| p.available as f64),
+        ("memory_pool_peak_used_bytes", "gauge", "Highest used bytes since the pool was created.", |p| {
+            p.peak_used as f64
+        }),
+        ("memory_pool_live_leases", "gauge", "Live leases.", |p| p.live_leases as f64),
+        ("memory_pool_waiters", "gauge", "Allocate calls waiting for room.", |p| p.waiters as f64),
+        ("memory_leases_granted_total", "counter", "Leases granted.", |p| p.counters.granted as f64),
+        ("memory_leases_freed_total", "counter", "Leases freed by Free or FreeScope.", |p| {
+            p.counters.freed as f64
+        }),
+        ("memory_leases_expired_total", "counter", "Leases reclaimed at expiry.", |p| {
+            p.counters.expired as f64
+        }),
+        ("memory_allocate_wait_timeouts_total", "counter", "Allocate waits that timed out.", |p| {
+            p.counters.wait_timeouts as f64
+        }),
+        ("memory_allocate_rejected_total", "counter", "Allocate calls refused at once.", |p| {
+            p.counters.rejected as f64
+        }),
+        ("memory_granted_bytes_total", "counter", "Bytes granted.", |p| p.counters.granted_bytes as f64),
+        ("memory_released_bytes_total", "counter", "Bytes returned by frees and expiries.", |p| {
+            p.counters.released_bytes as f64
+        }),
+    ];
+    for (name, kind, help, pick) in families {
+        let samples: Vec<(String, f64)> =
+            pools.iter().map(|p| (format!("pool=\"{}\"", p.name), pick(p))).collect();
+        admin::family(&mut out, name, kind, help, &samples);
+    }
+    // The epoch as a label: a 64-bit id does not survive a float sample.
+    let _ = writeln!(out, "# HELP memory_server_info Constant 1, labelled with the server epoch (boot id).");
+    let _ = writeln!(out, "# TYPE memory_server_info gauge");
+    let _ = writeln!(out, "memory_server_info{{epoch=\"{}\"}} 1", shared.epoch());
+    out
+}

@@ -1,0 +1,56 @@
+//! The admin HTTP port: Prometheus text at `/metrics`.
+
+use std::{future::Future, sync::Arc};
+
+use axum::{Router, http::header, response::IntoResponse, routing::get};
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio::net::TcpListener;
+
+/// Renders metrics computed at scrape time (snapshots of live state), in Prometheus text format.
+pub type Snapshot = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves: the registry's metrics followed
+/// by `snapshot`'s.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    snapshot: Snapshot,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let metrics = move || {
+        let (registry, snapshot) = (registry.clone(), snapshot.clone());
+        async move {
+            let mut body = Vec::new();
+            // Encoding into a Vec cannot fail for well-formed metrics; an error leaves what was
+            // written, which a scraper reports as a parse error rather than silently.
+            let _ = TextEncoder::new().encode(&registry.gather(), &mut body);
+            body.extend_from_slice(snapshot().as_bytes());
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+        }
+    };
+    let app = Router::new().route("/metrics", get(metrics));
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// Parses an admin listen address: `host:port`, or `off` (or empty) for no admin port.
+pub fn parse_listen(value: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    match value.trim() {
+        "" | "off" => Ok(None),
+        addr => addr.parse().map(Some).map_err(|e| format!("admin address {addr:?}: {e}")),
+    }
+}
+
+/// Appends one metric family in Prometheus text format: `# HELP`, `# TYPE`, then one line per
+/// `(labels, value)` sample. `labels` is the text inside the braces, e.g. `pool="kv-cache"`.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! A tower layer around every gRPC call: a server span that continues the caller's trace, and
+//! request count and latency by method and status code.
+//!
+//! The gRPC status of a successful or streaming call travels in the HTTP/2 trailers, after the
+//! response headers, so the call is finished when its body yields the trailers (or, for an error
+//! answered at once, from the headers); a body dropped before that was cancelled by the client.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use http_body::{Body, Frame};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use tokio::time::Instant;
+use tonic::Code;
+use tower::{Layer, Service};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::{propagation, telemetry};
+
+/// gRPC server metrics shared by both services.
+#[derive(Debug, Clone)]
+pub struct GrpcMetrics {
+    handled: IntCounterVec,
+    latency: HistogramVec,
+}
+
+impl GrpcMetrics {
+    /// Registers `grpc_server_handled_total` and `grpc_server_handling_seconds` in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let handled = IntCounterVec::new(
+            Opts::new("grpc_server_handled_total", "gRPC calls completed, by method and status code."),
+            &["grpc_service", "grpc_method", "grpc_code"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new("grpc_server_handling_seconds", "gRPC call duration, streams to their end.")
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ]),
+            &["grpc_service", "grpc_method"],
+        )?;
+        registry.register(Box::new(handled.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        Ok(GrpcMetrics { handled, latency })
+    }
+}
+
+/// The layer to add to a tonic server.
+#[derive(Debug, Clone)]
+pub struct ObserveLayer {
+    metrics: GrpcMetrics,
+}
+
+impl ObserveLayer {
+    /// Observes calls into `metrics`.
+    pub fn new(metrics: GrpcMetrics) -> Self {
+        ObserveLayer { metrics }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner, metrics: self.metrics.clone() }
+    }
+}
+
+/// See [`ObserveLayer`].
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: GrpcMetrics,
+}
+
+/// One call in progress; finishing it records the span's status and the metrics. Dropped
+/// unfinished, the client went away: recorded as CANCELLED.
+#[derive(Debug)]
+struct Call {
+    span: Span,
+    started: Instant,
+    service: String,
+    method: String,
+    metrics: GrpcMetrics,
+    code: Option<Code>,
+}
+
+impl Call {
+    fn finish(mut self, code: Code) {
+        self.code = Some(code);
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(Code::Cancelled);
+        propagation::record_status(&self.span, code);
+        let labels = [self.service.as_str(), self.method.as_str()];
+        self.metrics.handled.with_label_values(&[labels[0], labels[1], code_name(code)]).inc();
+        self.metrics
+            .latency
+            .with_label_values(&labels)
+            .observe((Instant::now() - self.started).as_secs_f64());
+    }
+}
+
+/// The canonical name of a code, as grpc-go and Prometheus exporters spell it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn status_in(headers: &http::HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(Code::from_i32(value))
+}
+
+impl<S, B, RB> Service<http::Request<B>> for Observe<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
+    RB: Body,
+{
+    type Response = http::Response<ObservedBody<RB>>;
+    type Error = S::Error;
+    type Future = ObservedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().trim_start_matches('/');
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let span = tracing::info_span!(
+            "grpc.server",
+            otel.name = %path,
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        // The caller's trace becomes the parent; without a `traceparent` the span starts a trace.
+        let _ = span.set_parent(propagation::extract(request.headers()));
+        telemetry::record_trace_id(&span);
+        let call = Call {
+            span,
+            started: Instant::now(),
+            service: service.to_owned(),
+            method: method.to_owned(),
+            metrics: self.metrics.clone(),
+            code: None,
+        };
+        let future = {
+            let _entered = call.span.enter();
+            self.inner.call(request)
+        };
+        ObservedFuture { future, call: Some(call) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`Observe`]: runs the handler inside the call's span.
+    pub struct ObservedFuture<F> {
+        #[pin]
+        future: F,
+        call: Option<Call>,
+    }
+}
+
+impl<F, RB, E> Future for ObservedFuture<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+    RB: Body,
+{
+    type Output = Result<http::Response<ObservedBody<RB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = {
+            let _entered = this.call.as_ref().map(|call| call.span.enter());
+            ready!(this.future.poll(cx))
+        };
+        let mut call = this.call.take();
+        Poll::Ready(result.map(|response| {
+            // An error answered at once ("trailers-only") carries its status in the headers.
+            if let Some(code) = status_in(response.headers())
+                && let Some(call) = call.take()
+            {
+                call.finish(code);
+            }
+            response.map(|inner| ObservedBody { inner, call })
+        }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that finishes its call when the trailers carrying the status go by.
+    pub struct ObservedBody<B> {
+        #[pin]
+        inner: B,
+        call: Option<Call>,
+    }
+}
+
+impl<B: Body> Body for ObservedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(call) = this.call.take()
+                {
+                    call.finish(status_in(trailers).unwrap_or(Code::Ok));
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(call) = this.call.take() {
+                    call.finish(Code::Internal);
+                }
+            }
+            None => {
+                if let Some(call) = this.call.take() {
+                    call.finish(Code::Ok);
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

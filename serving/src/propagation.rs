@@ -1,0 +1,70 @@
+//! W3C trace context in gRPC metadata: extracted on the server side, injected on client calls.
+
+use opentelemetry::{
+    Context, global,
+    propagation::{Extractor, Injector},
+};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Reads propagation headers from an HTTP/2 request.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// Writes propagation headers into outgoing gRPC metadata.
+struct Metadata<'a>(&'a mut MetadataMap);
+
+impl Injector for Metadata<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) =
+            (MetadataKey::from_bytes(key.as_bytes()), MetadataValue::try_from(&value))
+        {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// The caller's trace context, from `traceparent`/`tracestate` headers (empty if absent).
+pub fn extract(headers: &http::HeaderMap) -> Context {
+    global::get_text_map_propagator(|propagator| propagator.extract(&Headers(headers)))
+}
+
+/// Writes `span`'s trace context into `metadata`, so the callee continues the trace.
+pub fn inject(span: &Span, metadata: &mut MetadataMap) {
+    let cx = span.context();
+    global::get_text_map_propagator(|propagator| propagator.inject_context(&cx, &mut Metadata(metadata)));
+}
+
+/// A client span for one call of `service`/`method`, following the OpenTelemetry RPC conventions.
+/// Record `rpc.grpc.status_code` on it with [`record_status`].
+pub fn client_span(service: &'static str, method: &'static str) -> Span {
+    tracing::info_span!(
+        "grpc.client",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+    )
+}
+
+/// Records a gRPC status code on a span made by [`client_span`] or the server layer; non-OK codes
+/// mark the span as an error.
+pub fn record_status(span: &Span, code: tonic::Code) {
+    span.record("rpc.grpc.status_code", code as i64);
+    if code != tonic::Code::Ok {
+        span.record("otel.status_code", "ERROR");
+    }
+}

@@ -1,0 +1,131 @@
+//! Logs and traces for both services: one `tracing` subscriber feeding a human or JSON log on
+//! stderr and an OpenTelemetry layer, exported over OTLP/gRPC when the standard `OTEL_*`
+//! variables name an endpoint.
+
+use std::io::IsTerminal;
+
+use opentelemetry::{global, trace::TracerProvider as _};
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, Layer, filter::Targets, fmt, prelude::*};
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (colours on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("log format {other:?} is not \"text\" or \"json\"")),
+        }
+    }
+}
+
+/// Keeps the tracer provider alive; [`Telemetry::shutdown`] flushes it.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+/// Whether the environment names an OTLP endpoint for traces.
+fn otlp_configured() -> bool {
+    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .iter()
+        .any(|var| std::env::var(var).is_ok_and(|v| !v.trim().is_empty()))
+}
+
+/// Installs the global subscriber and tracer provider. The log filter comes from `RUST_LOG`, else
+/// `default_filter`. `service_name` applies unless `OTEL_SERVICE_NAME` is set;
+/// `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_TRACES_SAMPLER`/`_ARG` are honoured by the SDK.
+///
+/// Spans always get W3C trace ids (so logs can carry them), but with no OTLP endpoint configured
+/// no exporter is installed: nothing is sent, nothing is retried at exit, nothing is delayed.
+/// Calling it twice keeps the first subscriber (tests may call it freely).
+pub fn init(service_name: &str, default_filter: &str, format: LogFormat) -> Telemetry {
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service_name.to_owned());
+    }
+    let mut provider = SdkTracerProvider::builder().with_resource(resource.build());
+    let mut export_error = None;
+    if otlp_configured() {
+        match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
+            Ok(exporter) => provider = provider.with_batch_exporter(exporter),
+            Err(err) => export_error = Some(err.to_string()),
+        }
+    }
+    let provider = provider.build();
+    // The default propagator injects nothing: W3C trace context must be chosen explicitly.
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    global::set_tracer_provider(provider.clone());
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // The exporter's own gRPC client must not be traced, or every export creates spans to export.
+    let otel_filter = Targets::new()
+        .with_default(tracing::Level::TRACE)
+        .with_target("h2", tracing::level_filters::LevelFilter::OFF)
+        .with_target("hyper", tracing::level_filters::LevelFilter::OFF)
+        .with_target("hyper_util", tracing::level_filters::LevelFilter::OFF)
+        .with_target("tonic", tracing::level_filters::LevelFilter::OFF)
+        .with_target("tower", tracing::level_filters::LevelFilter::OFF)
+        .with_target("opentelemetry", tracing::level_filters::LevelFilter::OFF)
+        .with_target("opentelemetry_sdk", tracing::level_filters::LevelFilter::OFF)
+        .with_target("opentelemetry_otlp", tracing::level_filters::LevelFilter::OFF);
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service_name.to_owned()))
+        .with_filter(otel_filter);
+    let logs = match format {
+        LogFormat::Text => fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            // Colour codes only for people: piped logs stay greppable.
+            .with_ansi(std::io::stderr().is_terminal())
+            .boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_current_span(true)
+            .with_span_list(true)
+            .boxed(),
+    };
+    let installed = tracing_subscriber::registry().with(filter).with(logs).with(otel).try_init().is_ok();
+    if installed && let Some(err) = export_error {
+        tracing::warn!(cause = %err, "cannot build the OTLP exporter; traces will not be exported");
+    }
+    Telemetry { provider }
+}
+
+impl Telemetry {
+    /// Flushes and stops the tracer provider. The SDK's flush blocks, so it runs on a blocking
+    /// thread rather than stalling the async runtime.
+    pub async fn shutdown(self) {
+        let provider = self.provider;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(err) = provider.shutdown() {
+                tracing::debug!(cause = %err, "tracer provider shutdown");
+            }
+        })
+        .await;
+    }
+}
+
+/// Records the OpenTelemetry trace id of `span` in its `trace_id` field (declared `Empty` at
+/// creation), so every log line emitted inside the span carries it.
+pub fn record_trace_id(span: &Span) {
+    use opentelemetry::trace::TraceContextExt;
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
+}
