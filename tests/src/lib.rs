@@ -198,11 +198,14 @@ impl RuntimeServer {
     }
 }
 
-/// The value of the sample `name{labels}` (labels as written, e.g. `pool="kv-cache"`; empty for
-/// none) in Prometheus text, if present.
-pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
-    let key = if labels.is_empty() { name.to_owned() } else { format!("{name}{{{labels}}}") };
-    text.lines().find_map(|line| line.strip_prefix(&key)?.strip_prefix(' ')?.trim().parse().ok())
+/// The value of the first sample of metric `name` whose labels include every `labels` pair
+/// (written `key="value"`), in Prometheus text; `None` if there is none.
+pub fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+        (metric == name && labels.iter().all(|l| rest.contains(l))).then(|| value.parse().ok())?
+    })
 }
 
 /// Waits on a health Watch stream until `service` is SERVING.

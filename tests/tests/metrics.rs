@@ -1,0 +1,84 @@
+//! Both admin ports serve Prometheus text, and the values move as a generation runs.
+
+use e2e::{MemoryServer, RuntimeServer, config_with_pools, runtime_config, sample};
+use proto::{
+    memory::v1::CreatePoolRequest,
+    runtime::v1::{GenerateRequest, generate_response::Item},
+};
+use tokio_stream::StreamExt;
+
+#[tokio::test(start_paused = true)]
+async fn metrics_follow_a_generation_in_both_services() {
+    let memory = MemoryServer::start(config_with_pools(&[
+        ("kv-cache", 64 << 20),
+        ("activations", 64 << 20),
+        ("uniforms", 64 << 20),
+    ]))
+    .await;
+    let runtime = RuntimeServer::start(runtime_config(memory.addr)).await;
+    runtime.ready().await;
+    let mut client = runtime.client().await;
+    let request = GenerateRequest {
+        model: "test-webllm".into(),
+        prompt: "Count the tokens.".into(),
+        max_tokens: 50,
+        seed: 1,
+        ..GenerateRequest::default()
+    };
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    for _ in 0..5 {
+        assert!(matches!(stream.next().await.unwrap().unwrap().item, Some(Item::Token(_))));
+    }
+
+    // Mid-stream.
+    let rt = runtime.scrape().await;
+    assert_eq!(sample(&rt, "runtime_active_streams", &[]), Some(1.0), "{rt}");
+    assert!(sample(&rt, "runtime_tokens_generated_total", &[]).unwrap() >= 5.0);
+    assert_eq!(sample(&rt, "runtime_time_to_first_token_seconds_count", &[]), Some(1.0));
+    assert_eq!(sample(&rt, "runtime_queue_depth", &[]), Some(0.0));
+    let mem = memory.scrape().await;
+    let kv = r#"pool="kv-cache""#;
+    assert_eq!(sample(&mem, "memory_pool_used_bytes", &[kv]), Some(f64::from(1024 * (4 + 50))), "{mem}");
+    assert_eq!(sample(&mem, "memory_pool_live_leases", &[r#"pool="activations""#]), Some(1.0));
+    assert_eq!(sample(&mem, "memory_pool_capacity_bytes", &[kv]), Some(f64::from(64 << 20)));
+    let allocate_ok =
+        [r#"grpc_service="memory.v1.MemoryService""#, r#"grpc_method="Allocate""#, r#"grpc_code="OK""#];
+    assert!(sample(&mem, "grpc_server_handled_total", &allocate_ok).unwrap() >= 2.0, "uniforms + generation");
+
+    while let Some(item) = stream.next().await {
+        item.unwrap();
+    }
+
+    // After the stream.
+    let rt = runtime.scrape().await;
+    assert_eq!(sample(&rt, "runtime_active_streams", &[]), Some(0.0));
+    assert_eq!(sample(&rt, "runtime_tokens_generated_total", &[]), Some(50.0));
+    assert_eq!(sample(&rt, "runtime_requests_total", &[r#"outcome="ok""#]), Some(1.0));
+    assert_eq!(sample(&rt, "runtime_inter_token_seconds_count", &[]), Some(49.0));
+    assert_eq!(sample(&rt, "runtime_memory_wait_seconds_count", &[]), Some(1.0));
+    let gpu = [r#"stage="gpu""#, r#"state="busy""#];
+    assert!(
+        (sample(&rt, "runtime_pipeline_seconds_total", &gpu).unwrap() - 0.154).abs() < 1e-9,
+        "4 ms prefill + 50 × 3 ms"
+    );
+    let generate_ok = [r#"grpc_method="Generate""#, r#"grpc_code="OK""#];
+    assert_eq!(
+        sample(&rt, "grpc_server_handled_total", &generate_ok),
+        Some(1.0),
+        "counted when the stream ended"
+    );
+    let mem = memory.scrape().await;
+    assert_eq!(sample(&mem, "memory_pool_used_bytes", &[kv]), Some(0.0));
+    assert_eq!(sample(&mem, "memory_leases_freed_total", &[kv]), Some(1.0));
+    assert_eq!(sample(&mem, "memory_lease_lifetime_seconds_count", &[kv, r#"reason="freed""#]), Some(1.0));
+
+    // A failing call is counted with its code.
+    let mut pools = memory.client().await;
+    let bad = pools.create_pool(CreatePoolRequest { name: "Bad Name".into(), capacity_bytes: 1 }).await;
+    assert!(bad.is_err());
+    let mem = memory.scrape().await;
+    let invalid = [r#"grpc_method="CreatePool""#, r#"grpc_code="INVALID_ARGUMENT""#];
+    assert_eq!(sample(&mem, "grpc_server_handled_total", &invalid), Some(1.0), "{mem}");
+    runtime.stop().await;
+    memory.stop().await;
+}
