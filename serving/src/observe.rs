@@ -235,7 +235,12 @@ impl<B: Body> Body for ObservedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        // Entered while the body streams, so the span ends with the stream (tracing-opentelemetry
+        // ends a span at its last exit).
+        let frame = {
+            let _entered = this.call.as_ref().map(|call| call.span.enter());
+            ready!(this.inner.poll_frame(cx))
+        };
         match &frame {
             Some(Ok(frame)) => {
                 if let Some(trailers) = frame.trailers_ref()

@@ -36,6 +36,12 @@ async fn metrics_follow_a_generation_in_both_services() {
     assert!(sample(&rt, "runtime_tokens_generated_total", &[]).unwrap() >= 5.0);
     assert_eq!(sample(&rt, "runtime_time_to_first_token_seconds_count", &[]), Some(1.0));
     assert_eq!(sample(&rt, "runtime_queue_depth", &[]), Some(0.0));
+    let generate_any = [r#"grpc_method="Generate""#];
+    assert_eq!(
+        sample(&rt, "grpc_server_handled_total", &generate_any),
+        None,
+        "not counted before the stream ends"
+    );
     let mem = memory.scrape().await;
     let kv = r#"pool="kv-cache""#;
     assert_eq!(sample(&mem, "memory_pool_used_bytes", &[kv]), Some(f64::from(1024 * (4 + 50))), "{mem}");

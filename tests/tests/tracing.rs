@@ -1,0 +1,313 @@
+//! One trace across both services: an OTLP receiver runs in this test, memory-service and
+//! runtime-service run as separate processes exporting to it, and a Generate carrying the test's
+//! own `traceparent` must come back as one trace with the right parents and attributes.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use e2e::{TEST_MODELS, TestServer, pb_duration, wait_serving};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{KeyValue, any_value::Value},
+    trace::v1::{Span, span::SpanKind},
+};
+use proto::{
+    memory::v1::{
+        AllocateRequest, AllocationItem, CreatePoolRequest, memory_service_client::MemoryServiceClient,
+    },
+    runtime::v1::{GenerateRequest, runtime_service_client::RuntimeServiceClient},
+};
+use tokio_stream::StreamExt;
+use tonic::{Code, Request, Response, Status, transport::Channel};
+
+/// Spans received, with the service that sent them.
+type Received = Arc<Mutex<Vec<(String, Span)>>>;
+
+#[derive(Debug, Default)]
+struct Receiver(Received);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut received = self.0.lock().map_err(|_| Status::internal("receiver poisoned"))?;
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(string)
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                received.extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn string(kv: &KeyValue) -> Option<String> {
+    match kv.value.as_ref()?.value.as_ref()? {
+        Value::StringValue(s) => Some(s.clone()),
+        Value::IntValue(i) => Some(i.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    span.attributes.iter().find(|kv| kv.key == key).and_then(string)
+}
+
+/// A binary of this workspace, built next to the test executable (`scripts/test` builds them
+/// first).
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target directory");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --bins` first", path.display());
+    path
+}
+
+/// A service process; killed if the test fails before stopping it.
+struct Process(Child, Arc<Mutex<Vec<String>>>);
+
+impl Process {
+    /// Starts `name` with `args`, exporting traces to `otlp`, and returns it with the address it
+    /// logged (no port guessing, no sleeping).
+    fn start(name: &str, args: &[&str], otlp: SocketAddr) -> (Self, String) {
+        let mut child = Command::new(binary(name))
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "off"])
+            .args(args)
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn service");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let keep = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Text logs: `listening addr=A`; JSON logs: `"addr":"A"` next to the message.
+                let addr = line
+                    .split("listening addr=")
+                    .nth(1)
+                    .map(|a| a.split_whitespace().next().unwrap_or_default())
+                    .or_else(|| {
+                        line.contains("listening")
+                            .then(|| line.split("\"addr\":\"").nth(1)?.split('"').next())
+                            .flatten()
+                    });
+                if let Some(addr) = addr {
+                    let _ = tx.send(addr.to_owned());
+                }
+                if let Ok(mut logs) = keep.lock() {
+                    logs.push(line);
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("service started");
+        (Process(child, logs), addr)
+    }
+
+    fn logs(&self) -> Vec<String> {
+        self.1.lock().expect("log buffer").clone()
+    }
+
+    /// SIGTERM, then wait: a clean exit flushes the spans.
+    fn stop(mut self) {
+        let pid = self.0.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        assert!(status.success());
+        let exit = self.0.wait().expect("wait");
+        assert!(exit.success(), "{exit}");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An ASCII waterfall of one trace: start offset, duration, service and span name by depth.
+fn waterfall<'a>(spans: &'a [(String, Span)]) -> String {
+    let by_id: HashMap<&'a [u8], &'a Span> = spans.iter().map(|(_, s)| (s.span_id.as_slice(), s)).collect();
+    let depth = |mut span: &'a Span| {
+        let mut d = 0;
+        while let Some(parent) = by_id.get(span.parent_span_id.as_slice()) {
+            d += 1;
+            span = parent;
+        }
+        d
+    };
+    let start = spans.iter().map(|(_, s)| s.start_time_unix_nano).min().unwrap_or_default();
+    let mut rows: Vec<_> = spans.iter().collect();
+    rows.sort_by_key(|(_, s)| (s.start_time_unix_nano, depth(s)));
+    rows.iter()
+        .map(|(service, s)| {
+            format!(
+                "{:>8.2} ms {:>8.2} ms  {:<16} {}{}",
+                (s.start_time_unix_nano - start) as f64 / 1e6,
+                (s.end_time_unix_nano - s.start_time_unix_nano) as f64 / 1e6,
+                service,
+                "  ".repeat(depth(s)),
+                s.name
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::print_stdout)] // the waterfall is the point of `--nocapture`
+async fn one_trace_spans_the_caller_both_services_and_memory_calls() {
+    let received = Received::default();
+    let sink = received.clone();
+    let otlp = TestServer::spawn("127.0.0.1:0".parse().unwrap(), |listener, _admin, stopped| {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver(sink)))
+            .serve_with_incoming_shutdown(serving::grpc::incoming(listener), async {
+                let _ = stopped.await;
+            })
+    })
+    .await;
+
+    let dir = std::env::temp_dir().join(format!("tracing-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let models = dir.join("models.toml");
+    std::fs::write(&models, TEST_MODELS).unwrap();
+    let (memory, memory_addr) = Process::start(
+        "memory-service",
+        &["--pool", "kv-cache=64MiB,activations=64MiB,uniforms=64MiB", "--log-format", "json"],
+        otlp.addr,
+    );
+    let memory_url = format!("http://{memory_addr}");
+    let (runtime, runtime_addr) = Process::start(
+        "runtime-service",
+        &["--memory-addr", &memory_url, "--config", models.to_str().unwrap(), "--instance", "trace-test"],
+        otlp.addr,
+    );
+    let runtime_channel =
+        Channel::from_shared(format!("http://{runtime_addr}")).unwrap().connect().await.unwrap();
+    wait_serving(runtime_channel.clone(), "runtime.v1.RuntimeService").await;
+
+    // The caller's own trace: a Generate that runs to its summary.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let mut request = Request::new(GenerateRequest {
+        model: "test-webllm".into(),
+        prompt: "Trace this generation.".into(),
+        max_tokens: 10,
+        seed: 1,
+        ..GenerateRequest::default()
+    });
+    request.metadata_mut().insert("traceparent", format!("00-{trace_id}-{caller_span}-01").parse().unwrap());
+    let mut stream = RuntimeServiceClient::new(runtime_channel).generate(request).await.unwrap().into_inner();
+    while let Some(item) = stream.next().await {
+        item.unwrap();
+    }
+
+    // A failing call in a second trace: a wait for room that times out.
+    let failing_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut memory_client =
+        MemoryServiceClient::new(Channel::from_shared(memory_url.clone()).unwrap().connect().await.unwrap());
+    memory_client.create_pool(CreatePoolRequest { name: "tiny".into(), capacity_bytes: 1 }).await.unwrap();
+    let item = AllocationItem { pool: "tiny".into(), size_bytes: 1 };
+    let hold =
+        AllocateRequest { items: vec![item.clone()], holder: "test".into(), ..AllocateRequest::default() };
+    memory_client.allocate(hold).await.unwrap();
+    let mut waits = Request::new(AllocateRequest {
+        items: vec![item],
+        holder: "test".into(),
+        max_wait: Some(pb_duration(Duration::from_millis(50))),
+        ..AllocateRequest::default()
+    });
+    waits
+        .metadata_mut()
+        .insert("traceparent", format!("00-{failing_trace}-b7ad6b7169203331-01").parse().unwrap());
+    assert_eq!(memory_client.allocate(waits).await.unwrap_err().code(), Code::ResourceExhausted);
+
+    // Logs: a line emitted inside a traced request carries its trace id (JSON format here).
+    let memory_logs = memory.logs();
+    let created = memory_logs.iter().find(|l| l.contains("pool created")).expect("a 'pool created' log line");
+    assert!(created.starts_with('{') && created.contains("\"trace_id\":\""), "{created}");
+
+    // Clean exits flush every span to the receiver before the processes end.
+    runtime.stop();
+    memory.stop();
+    let spans = received.lock().unwrap().clone();
+    otlp.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let trace: Vec<(String, Span)> =
+        spans.iter().filter(|(_, s)| hex(&s.trace_id) == trace_id).cloned().collect();
+    println!("trace {trace_id}:\n{}", waterfall(&trace));
+    let services: std::collections::BTreeSet<_> = trace.iter().map(|(service, _)| service.as_str()).collect();
+    assert_eq!(services, ["memory-service", "runtime-service"].into(), "one trace across both services");
+
+    let find = |service: &str, name: &str, kind: SpanKind| {
+        trace
+            .iter()
+            .find(|(s, span)| s == service && span.name == name && span.kind == kind as i32)
+            .map(|(_, span)| span)
+    };
+    let root = find("runtime-service", "runtime.v1.RuntimeService/Generate", SpanKind::Server)
+        .expect("Generate span");
+    assert_eq!(hex(&root.parent_span_id), caller_span, "the caller's span is the root's parent");
+    assert_eq!(attr(root, "rpc.system").as_deref(), Some("grpc"));
+    assert_eq!(attr(root, "rpc.service").as_deref(), Some("runtime.v1.RuntimeService"));
+    assert_eq!(attr(root, "rpc.method").as_deref(), Some("Generate"));
+    assert_eq!(attr(root, "rpc.grpc.status_code").as_deref(), Some("0"));
+
+    let client = find("runtime-service", "memory.v1.MemoryService/Allocate", SpanKind::Client);
+    let client = client.expect("runtime's client span for Allocate");
+    let server = find("memory-service", "memory.v1.MemoryService/Allocate", SpanKind::Server);
+    let server = server.expect("memory-service's server span for Allocate");
+    assert_eq!(
+        server.parent_span_id, client.span_id,
+        "memory's server span continues the runtime's client span"
+    );
+    assert!(attr(client, "memory.scope").is_some_and(|s| s.starts_with("trace-test/gen/")));
+    for name in ["generate", "model.load", "memory.reserve", "decode", "memory.release"] {
+        assert!(find("runtime-service", name, SpanKind::Internal).is_some(), "{name} span missing");
+    }
+    let generate = find("runtime-service", "generate", SpanKind::Internal).expect("generate span");
+    assert_eq!(attr(generate, "completion_tokens").as_deref(), Some("10"));
+    assert!(
+        root.end_time_unix_nano >= generate.end_time_unix_nano,
+        "the server span lasts as long as the stream"
+    );
+    assert!(find("memory-service", "memory.allocate", SpanKind::Internal).is_some());
+    let release =
+        find("runtime-service", "memory.v1.MemoryService/FreeScope", SpanKind::Client).expect("release");
+    assert_eq!(attr(release, "rpc.grpc.status_code").as_deref(), Some("0"));
+
+    let failed = spans.iter().find(|(service, s)| {
+        service == "memory-service" && hex(&s.trace_id) == failing_trace && s.kind == SpanKind::Server as i32
+    });
+    let (_, failed) = failed.expect("the failing call's server span");
+    assert_eq!(attr(failed, "rpc.grpc.status_code").as_deref(), Some("8"), "RESOURCE_EXHAUSTED recorded");
+    assert_eq!(failed.status.as_ref().map(|s| s.code), Some(2), "span status ERROR");
+}
