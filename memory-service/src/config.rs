@@ -4,6 +4,7 @@
 use std::{path::Path, time::Duration};
 
 use serde::Deserialize;
+pub use serving::config::ConfigError;
 use serving::units::ByteSize;
 pub use serving::units::parse_bytes;
 
@@ -57,30 +58,6 @@ impl Default for Config {
     }
 }
 
-/// A configuration that cannot be served.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The TOML file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// File path.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The TOML file is malformed.
-    #[error("invalid config file {path}: {message}")]
-    Parse {
-        /// File path.
-        path: String,
-        /// Parser message, with line and column.
-        message: String,
-    },
-    /// A value is out of range.
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
-}
-
 /// The TOML file's shape. Every key is optional; pools listed here replace the defaults.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,11 +83,7 @@ struct FilePool {
 impl Config {
     /// Overlays the TOML file at `path` on `self`.
     pub fn merge_file(mut self, path: &Path) -> Result<Self, ConfigError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-        let file: File =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: shown, message: e.to_string() })?;
+        let file: File = serving::config::read_toml(path)?;
         if !file.pools.is_empty() {
             self.pools = file
                 .pools

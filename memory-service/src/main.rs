@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use memory_service::{Config, config::PoolSpec, run};
+use serving::launch::Launch;
 
 /// Leases named pools of simulated device memory over gRPC (memory.v1.MemoryService).
 #[derive(Debug, Parser)]
@@ -74,49 +75,15 @@ fn parse_pool(spec: &str) -> Result<PoolSpec, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // Every configuration mistake, malformed flags included, exits 64 (help and version exit 0).
-    let args = match Args::try_parse() {
+    let args: Args = match serving::launch::parse_args() {
         Ok(args) => args,
-        Err(err) => {
-            let _ = err.print();
-            return if err.use_stderr() {
-                ExitCode::from(serving::EXIT_CONFIG as u8)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
-    let telemetry = serving::telemetry::init("memory-service", "info", args.log_format);
-    let code = serve(args).await;
-    // Spans of the last calls are exported before the process exits.
-    telemetry.shutdown().await;
-    code
-}
-
-async fn serve(args: Args) -> ExitCode {
-    let listen = args.listen;
-    // Validate everything before binding: a bad config must not briefly hold the port.
-    let checked =
-        serving::admin::parse_listen(&args.admin_listen).and_then(|admin| Ok((admin, args.into_config()?)));
-    let (admin, config) = match checked {
-        Ok(checked) => checked,
-        Err(message) => {
-            tracing::error!(%message, "bad configuration, not starting");
-            return ExitCode::from(serving::EXIT_CONFIG as u8);
-        }
+    let launch = Launch {
+        service: "memory-service",
+        listen: args.listen,
+        admin_listen: args.admin_listen.clone(),
+        log_format: args.log_format,
     };
-    let (listener, admin) = match serving::grpc::bind(listen, admin).await {
-        Ok(bound) => bound,
-        Err(message) => {
-            tracing::error!(%message, "cannot bind");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(listener, admin, config, serving::shutdown::signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(cause = %err, "memory-service failed");
-            ExitCode::FAILURE
-        }
-    }
+    serving::launch::launch(launch, move || args.into_config(), run).await
 }

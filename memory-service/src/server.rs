@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+pub use serving::config::ServeError;
 use serving::observe::ObserveLayer;
 
 use crate::{
@@ -16,23 +17,6 @@ use crate::{
     reaper,
     service::{MemoryApi, Shared},
 };
-
-/// Why the server could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// The configuration was refused.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// Reflection could not be built from the descriptor set.
-    #[error("reflection: {0}")]
-    Reflection(#[from] serving::grpc::ReflectionError),
-    /// The transport failed.
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    /// Metrics could not be registered.
-    #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-}
 
 /// Serves `memory.v1.MemoryService`, health and reflection on `listener` until `shutdown`
 /// resolves, then drains: health turns NOT_SERVING, open watch and keep-alive streams end with
@@ -54,18 +38,9 @@ pub async fn run(
     let metrics = Metrics::new()?;
     let shared = Shared::new(config, token.clone(), metrics.clone())
         .map_err(|e| ConfigError::Invalid(format!("cannot create the configured pools: {e}")))?;
-    if let Some(admin) = admin {
-        let addr = admin.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-        let snapshot_of = shared.clone();
-        let snapshot: serving::admin::Snapshot = Arc::new(move || crate::metrics::snapshot(&snapshot_of));
-        tokio::spawn(serving::admin::serve(
-            admin,
-            metrics.registry.clone(),
-            snapshot,
-            token.clone().cancelled_owned(),
-        ));
-        info!(%addr, "metrics on /metrics");
-    }
+    let snapshot_of = shared.clone();
+    let snapshot: serving::admin::Snapshot = Arc::new(move || crate::metrics::snapshot(&snapshot_of));
+    serving::admin::spawn(admin, &metrics.registry, snapshot, &token);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<MemoryServiceServer<MemoryApi>>().await;

@@ -4,6 +4,7 @@
 use std::{path::Path, time::Duration};
 
 use serde::Deserialize;
+pub use serving::config::ConfigError;
 use serving::units::ByteSize;
 
 use crate::engine::{EngineKind, LatencyProfile, MemoryProfile};
@@ -97,30 +98,6 @@ impl Default for Config {
     }
 }
 
-/// A configuration that cannot be served.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// File path.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The file is malformed.
-    #[error("invalid config {path}: {message}")]
-    Parse {
-        /// File path.
-        path: String,
-        /// Parser message.
-        message: String,
-    },
-    /// A value is out of range.
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -163,10 +140,6 @@ fn millis(field: &str, ms: f64) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(ms / 1000.0))
 }
 
-fn parse_file(text: &str, path: &str) -> Result<File, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
-}
-
 fn models_of(file: Vec<FileModel>) -> Result<Vec<ModelSpec>, ConfigError> {
     file.into_iter()
         .map(|m| {
@@ -206,16 +179,15 @@ fn models_of(file: Vec<FileModel>) -> Result<Vec<ModelSpec>, ConfigError> {
 
 /// Parses a `[[models]]` TOML document.
 pub fn parse_models(text: &str) -> Result<Vec<ModelSpec>, ConfigError> {
-    models_of(parse_file(text, "<embedded models.toml>")?.models)
+    let file: File = toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { path: "<models>".to_owned(), message: e.to_string() })?;
+    models_of(file.models)
 }
 
 impl Config {
     /// Overlays the TOML file at `path` on `self`.
     pub fn merge_file(mut self, path: &Path) -> Result<Self, ConfigError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-        let file = parse_file(&text, &shown)?;
+        let file: File = serving::config::read_toml(path)?;
         if !file.models.is_empty() {
             self.models = models_of(file.models)?;
         }

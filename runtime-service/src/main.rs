@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::Parser;
 use rand::{TryRng, rngs::SysRng};
 use runtime_service::{Config, run};
+use serving::launch::Launch;
 
 /// Streams generated tokens over gRPC (runtime.v1.RuntimeService), with memory leased from
 /// memory-service.
@@ -90,49 +91,15 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // Every configuration mistake, malformed flags included, exits 64 (help and version exit 0).
-    let args = match Args::try_parse() {
+    let args: Args = match serving::launch::parse_args() {
         Ok(args) => args,
-        Err(err) => {
-            let _ = err.print();
-            return if err.use_stderr() {
-                ExitCode::from(serving::EXIT_CONFIG as u8)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
-    let telemetry = serving::telemetry::init("runtime-service", "info", args.log_format);
-    let code = serve(args).await;
-    // Spans of the last generations are exported before the process exits.
-    telemetry.shutdown().await;
-    code
-}
-
-async fn serve(args: Args) -> ExitCode {
-    let listen = args.listen;
-    // Validate everything before binding: a bad config must not briefly hold the port.
-    let checked =
-        serving::admin::parse_listen(&args.admin_listen).and_then(|admin| Ok((admin, args.into_config()?)));
-    let (admin, config) = match checked {
-        Ok(checked) => checked,
-        Err(message) => {
-            tracing::error!(%message, "bad configuration, not starting");
-            return ExitCode::from(serving::EXIT_CONFIG as u8);
-        }
+    let launch = Launch {
+        service: "runtime-service",
+        listen: args.listen,
+        admin_listen: args.admin_listen.clone(),
+        log_format: args.log_format,
     };
-    let (listener, admin) = match serving::grpc::bind(listen, admin).await {
-        Ok(bound) => bound,
-        Err(message) => {
-            tracing::error!(%message, "cannot bind");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(listener, admin, config, serving::shutdown::signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(cause = %err, "runtime-service failed");
-            ExitCode::FAILURE
-        }
-    }
+    serving::launch::launch(launch, move || args.into_config(), run).await
 }

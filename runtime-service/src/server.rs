@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
+pub use serving::config::ServeError;
 use serving::observe::ObserveLayer;
 
 use crate::{
@@ -20,23 +21,6 @@ use crate::{
 
 /// Extra time after the grace period for returning the models' memory and closing connections.
 const UNLOAD_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Why the server could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// The configuration was refused.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// Reflection could not be built.
-    #[error("reflection: {0}")]
-    Reflection(#[from] serving::grpc::ReflectionError),
-    /// The transport failed.
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    /// Metrics could not be registered.
-    #[error("metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-}
 
 /// Serves `runtime.v1.RuntimeService`, health and reflection on `listener` until `shutdown`
 /// resolves. Health is NOT_SERVING until memory-service answers and the preload models are
@@ -55,29 +39,20 @@ pub async fn run(
     let metrics = Metrics::new()?;
     let shared = Shared::new(config, token.clone(), metrics.clone())
         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-    if let Some(admin) = admin {
-        let addr = admin.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-        let executor = shared.executor.clone();
-        let snapshot: serving::admin::Snapshot = Arc::new(move || {
-            let mut out = String::new();
-            let queued = vec![(String::new(), executor.queued() as f64)];
-            serving::admin::family(
-                &mut out,
-                "runtime_queue_depth",
-                "gauge",
-                "Generations waiting for a slot.",
-                &queued,
-            );
-            out
-        });
-        tokio::spawn(serving::admin::serve(
-            admin,
-            metrics.registry.clone(),
-            snapshot,
-            token.clone().cancelled_owned(),
-        ));
-        info!(%addr, "metrics on /metrics");
-    }
+    let executor = shared.executor.clone();
+    let snapshot: serving::admin::Snapshot = Arc::new(move || {
+        let mut out = String::new();
+        let queued = vec![(String::new(), executor.queued() as f64)];
+        serving::admin::family(
+            &mut out,
+            "runtime_queue_depth",
+            "gauge",
+            "Generations waiting for a slot.",
+            &queued,
+        );
+        out
+    });
+    serving::admin::spawn(admin, &metrics.registry, snapshot, &token);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<RuntimeServiceServer<RuntimeApi>>().await;

@@ -32,6 +32,19 @@ pub async fn serve(
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
+/// Serves `/metrics` on `admin` (if given) in the background until `stop` is cancelled.
+pub fn spawn(
+    admin: Option<TcpListener>,
+    registry: &Registry,
+    snapshot: Snapshot,
+    stop: &tokio_util::sync::CancellationToken,
+) {
+    let Some(admin) = admin else { return };
+    let addr = admin.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+    tokio::spawn(serve(admin, registry.clone(), snapshot, stop.clone().cancelled_owned()));
+    tracing::info!(%addr, "metrics on /metrics");
+}
+
 /// Parses an admin listen address: `host:port`, or `off` (or empty) for no admin port.
 pub fn parse_listen(value: &str) -> Result<Option<std::net::SocketAddr>, String> {
     match value.trim() {

@@ -3,8 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod config;
 pub mod deadline;
 pub mod grpc;
+pub mod launch;
 pub mod observe;
 pub mod propagation;
 pub mod shutdown;

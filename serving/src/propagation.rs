@@ -45,23 +45,8 @@ pub fn inject(span: &Span, metadata: &mut MetadataMap) {
     global::get_text_map_propagator(|propagator| propagator.inject_context(&cx, &mut Metadata(metadata)));
 }
 
-/// A client span for one call of `service`/`method`, following the OpenTelemetry RPC conventions.
-/// Record `rpc.grpc.status_code` on it with [`record_status`].
-pub fn client_span(service: &'static str, method: &'static str) -> Span {
-    tracing::info_span!(
-        "grpc.client",
-        otel.name = %format_args!("{service}/{method}"),
-        otel.kind = "client",
-        otel.status_code = tracing::field::Empty,
-        rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = method,
-        rpc.grpc.status_code = tracing::field::Empty,
-    )
-}
-
-/// Records a gRPC status code on a span made by [`client_span`] or the server layer; non-OK codes
-/// mark the span as an error.
+/// Records a gRPC status code on a client or server span (one declaring `rpc.grpc.status_code`
+/// and `otel.status_code`); non-OK codes mark the span as an error.
 pub fn record_status(span: &Span, code: tonic::Code) {
     span.record("rpc.grpc.status_code", code as i64);
     if code != tonic::Code::Ok {

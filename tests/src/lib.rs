@@ -70,6 +70,18 @@ impl TestServer {
             .expect("connect to loopback server")
     }
 
+    /// A channel whose HTTP/2 windows hold only 1 KiB: a client that does not read soon pushes
+    /// back on the server (to test slow readers).
+    pub async fn tiny_window_channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("valid uri")
+            .initial_stream_window_size(Some(1024))
+            .initial_connection_window_size(Some(1024))
+            .connect()
+            .await
+            .expect("connect to loopback server")
+    }
+
     /// Asks the server to shut down without waiting for it.
     pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {

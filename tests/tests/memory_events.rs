@@ -110,13 +110,7 @@ async fn a_slow_watcher_is_told_it_lagged_and_never_slows_allocation() {
     let mut client = server.client().await;
     // The watcher's connection takes at most 1 KiB before HTTP/2 flow control pushes back, so the
     // backlog lands in the server's buffers and the 16-event ring, not in this process.
-    let slow = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .initial_stream_window_size(Some(1024))
-        .initial_connection_window_size(Some(1024))
-        .connect()
-        .await
-        .unwrap();
+    let slow = server.tiny_window_channel().await;
     let mut watcher = proto::memory::v1::memory_service_client::MemoryServiceClient::new(slow);
     let mut watch = watcher.watch_events(WatchEventsRequest::default()).await.unwrap().into_inner();
 

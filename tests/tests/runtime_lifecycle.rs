@@ -319,13 +319,7 @@ async fn shutdown_is_bounded_even_if_a_client_stops_reading() {
     let (memory, mut runtime, _) = stack(|c| c.grace_period = Duration::from_secs(3)).await;
     let mut events = watch(&memory).await;
     // A client whose HTTP/2 window holds ~1 KiB: the generation soon blocks on it.
-    let tiny = tonic::transport::Endpoint::from_shared(format!("http://{}", runtime.addr))
-        .unwrap()
-        .initial_stream_window_size(Some(1024))
-        .initial_connection_window_size(Some(1024))
-        .connect()
-        .await
-        .unwrap();
+    let tiny = runtime.tiny_window_channel().await;
     let mut client = RuntimeServiceClient::new(tiny);
     let mut stream = client.generate(request(400, "stuck")).await.unwrap().into_inner();
     read_tokens(&mut stream, 1).await; // then never read again
