@@ -25,7 +25,7 @@ fn request(holder: &Arc<str>) -> AllocRequest {
 /// A ledger holding `live` leases, each with its own deadline.
 fn ledger_with(live: usize) -> Ledger {
     let mut ledger = Ledger::new(1024);
-    ledger.create_pool("kv-cache", u64::MAX / 2).expect("pool");
+    ledger.create_pool("kv-cache", memory_service::ledger::MAX_CAPACITY).expect("pool");
     let holder: Arc<str> = Arc::from("bench");
     let t0 = Instant::now();
     for i in 0..live {
