@@ -335,3 +335,30 @@ async fn shutdown_is_bounded_even_if_a_client_stops_reading() {
     drop(stream);
     memory.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_generation_whose_memory_is_lost_ends_unavailable() {
+    let mut memory = MemoryServer::start(config_with_pools(POOLS)).await;
+    let addr = memory.addr;
+    let mut config = runtime_config(addr);
+    config.lease_ttl = Duration::from_millis(300); // renewed every 100 ms
+    let runtime = RuntimeServer::start(config).await;
+    runtime.ready().await;
+    let mut client = runtime.client().await;
+    let mut stream = client.generate(request(400, "orphaned")).await.unwrap().into_inner();
+    read_tokens(&mut stream, 2).await;
+
+    // memory-service restarts: every lease of the old epoch is gone.
+    memory.begin_shutdown();
+    memory.join().await;
+    drop(memory);
+    let memory = MemoryServer::start_at(addr, config_with_pools(POOLS)).await;
+
+    let err = outcome(&mut stream).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("lost"), "{}", err.message());
+    // Nothing of the orphaned generation exists in the new epoch.
+    assert_generation_memory_returned(&memory).await;
+    runtime.stop().await;
+    memory.stop().await;
+}
