@@ -41,6 +41,7 @@ impl RuntimeService for RuntimeApi {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         if self.shared.shutdown.is_cancelled() {
+            self.shared.metrics.requests.with_label_values(&["rejected"]).inc();
             return Err(self.status(Error::ShuttingDown));
         }
         let timeout = serving::deadline::grpc_timeout(request.metadata());

@@ -99,7 +99,13 @@ impl Drop for Call {
     fn drop(&mut self) {
         let code = self.code.unwrap_or(Code::Cancelled);
         propagation::record_status(&self.span, code);
-        let labels = [self.service.as_str(), self.method.as_str()];
+        // Paths come from clients: only routed calls name their series, or any client could
+        // create series without bound.
+        let labels = if code == Code::Unimplemented {
+            ["unknown", "unknown"]
+        } else {
+            [self.service.as_str(), self.method.as_str()]
+        };
         self.metrics.handled.with_label_values(&[labels[0], labels[1], code_name(code)]).inc();
         self.metrics
             .latency

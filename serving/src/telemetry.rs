@@ -54,7 +54,11 @@ fn otlp_configured() -> bool {
 /// Calling it twice keeps the first subscriber (tests may call it freely).
 pub fn init(service_name: &str, default_filter: &str, format: LogFormat) -> Telemetry {
     let mut resource = Resource::builder();
-    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+    // Precedence per the spec: OTEL_SERVICE_NAME, then service.name in OTEL_RESOURCE_ATTRIBUTES
+    // (both read by the SDK's detectors), then this default.
+    let named_by_env = std::env::var("OTEL_SERVICE_NAME").is_ok()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|attrs| attrs.contains("service.name="));
+    if !named_by_env {
         resource = resource.with_service_name(service_name.to_owned());
     }
     let mut provider = SdkTracerProvider::builder().with_resource(resource.build());
@@ -71,9 +75,16 @@ pub fn init(service_name: &str, default_filter: &str, format: LogFormat) -> Tele
     global::set_tracer_provider(provider.clone());
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // The request spans (and their trace ids) stay visible to the log layer whatever `RUST_LOG`
+    // says, so every line logged while serving a request carries the request's trace id. The
+    // module emits no events of its own.
+    let filter = match "serving::observe=info".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     // The exporter's own gRPC client must not be traced, or every export creates spans to export.
     let otel_filter = Targets::new()
-        .with_default(tracing::Level::TRACE)
+        .with_default(tracing::Level::INFO)
         .with_target("h2", tracing::level_filters::LevelFilter::OFF)
         .with_target("hyper", tracing::level_filters::LevelFilter::OFF)
         .with_target("hyper_util", tracing::level_filters::LevelFilter::OFF)
@@ -99,7 +110,10 @@ pub fn init(service_name: &str, default_filter: &str, format: LogFormat) -> Tele
             .with_span_list(true)
             .boxed(),
     };
-    let installed = tracing_subscriber::registry().with(filter).with(logs).with(otel).try_init().is_ok();
+    // `RUST_LOG` filters the log lines only: turning logs down must not switch tracing off (no
+    // server spans would mean no propagation and no trace ids).
+    let installed =
+        tracing_subscriber::registry().with(logs.with_filter(filter)).with(otel).try_init().is_ok();
     if installed && let Some(err) = export_error {
         tracing::warn!(cause = %err, "cannot build the OTLP exporter; traces will not be exported");
     }

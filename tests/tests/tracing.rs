@@ -91,9 +91,17 @@ impl Process {
         let mut child = Command::new(binary(name))
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "off"])
             .args(args)
+            // Only what this test sets: an ambient OTEL_* variable must not redirect or mute it.
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_TRACES_SAMPLER")
+            .env_remove("OTEL_TRACES_SAMPLER_ARG")
+            .env_remove("OTEL_SERVICE_NAME")
+            .env_remove("OTEL_RESOURCE_ATTRIBUTES")
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .env("RUST_LOG", "info")
+            // Logs of the serving glue (where the gRPC spans live) filtered out: tracing must not
+            // depend on the log filter.
+            .env("RUST_LOG", "warn,memory_service=info,runtime_service=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -124,10 +132,6 @@ impl Process {
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("service started");
         (Process(child, logs), addr)
-    }
-
-    fn logs(&self) -> Vec<String> {
-        self.1.lock().expect("log buffer").clone()
     }
 
     /// SIGTERM, then wait: a clean exit flushes the spans.
@@ -249,14 +253,15 @@ async fn one_trace_spans_the_caller_both_services_and_memory_calls() {
         .insert("traceparent", format!("00-{failing_trace}-b7ad6b7169203331-01").parse().unwrap());
     assert_eq!(memory_client.allocate(waits).await.unwrap_err().code(), Code::ResourceExhausted);
 
-    // Logs: a line emitted inside a traced request carries its trace id (JSON format here).
-    let memory_logs = memory.logs();
-    let created = memory_logs.iter().find(|l| l.contains("pool created")).expect("a 'pool created' log line");
-    assert!(created.starts_with('{') && created.contains("\"trace_id\":\""), "{created}");
-
     // Clean exits flush every span to the receiver before the processes end.
+    let memory_logs = memory.1.clone();
     runtime.stop();
     memory.stop();
+
+    // Logs: a line emitted inside a traced request carries its trace id (JSON format here).
+    let memory_logs = memory_logs.lock().expect("log buffer").clone();
+    let created = memory_logs.iter().find(|l| l.contains("pool created")).expect("a 'pool created' log line");
+    assert!(created.starts_with('{') && created.contains("\"trace_id\":\""), "{created}");
     let spans = received.lock().unwrap().clone();
     otlp.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();

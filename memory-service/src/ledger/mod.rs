@@ -282,7 +282,7 @@ impl Ledger {
         self.check_live(id, now)?;
         self.reap(now);
         let lease =
-            self.remove_lease(id, Release::Freed).ok_or_else(|| Error::LeaseNotFound(id.to_string()))?;
+            self.remove_lease(id, Release::Freed, now).ok_or_else(|| Error::LeaseNotFound(id.to_string()))?;
         self.serve_waiters(now);
         Ok(lease)
     }
@@ -294,7 +294,7 @@ impl Ledger {
             self.scopes.get(scope).map(|s| s.iter().copied().collect()).unwrap_or_default();
         let (mut count, mut bytes) = (0u64, 0u128);
         for id in ids {
-            if let Some(lease) = self.remove_lease(id, Release::Freed) {
+            if let Some(lease) = self.remove_lease(id, Release::Freed, now) {
                 count += 1;
                 bytes += u128::from(lease.size);
             }
@@ -312,7 +312,7 @@ impl Ledger {
         let mut expired = 0;
         while let Some(id) = self.expiry.pop_due(now) {
             if let Some(lease) = self.leases.remove(&id) {
-                self.release(lease, Release::Expired);
+                self.release(lease, Release::Expired, now);
                 expired += 1;
             }
         }
@@ -444,14 +444,14 @@ impl Ledger {
         Grant { leases, replayed: false }
     }
 
-    fn remove_lease(&mut self, id: LeaseId, how: Release) -> Option<Lease> {
+    fn remove_lease(&mut self, id: LeaseId, how: Release, now: Instant) -> Option<Lease> {
         let lease = self.leases.remove(&id)?;
         self.expiry.remove(lease.expires_at, id);
-        Some(self.release(lease, how))
+        Some(self.release(lease, how, now))
     }
 
     /// Returns a lease, already out of `leases` and `expiry`, to its pool and its indexes.
-    fn release(&mut self, lease: Lease, how: Release) -> Lease {
+    fn release(&mut self, lease: Lease, how: Release, now: Instant) -> Lease {
         let id = lease.id;
         if let Some(scope) = &lease.scope
             && let Some(members) = self.scopes.get_mut(scope)
@@ -469,7 +469,7 @@ impl Ledger {
         pool.give_back(lease.size, how);
         if let Some(observer) = &self.observer {
             // Expired leases died at their deadline, however late the reaper noticed.
-            let ended = if how == Release::Expired { lease.expires_at } else { Instant::now() };
+            let ended = if how == Release::Expired { lease.expires_at } else { now };
             observer.released(pool.name(), ended.saturating_duration_since(lease.granted_at), how);
         }
         self.events.publish(Change {

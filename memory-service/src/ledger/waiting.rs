@@ -85,7 +85,7 @@ impl Ledger {
             // guard, and the leases must be returned now.
             if let Err(grant) = waiter.reply.send(grant) {
                 for lease in grant.leases {
-                    self.remove_lease(lease.id, Release::Freed);
+                    self.remove_lease(lease.id, Release::Freed, now);
                 }
             }
         }

@@ -118,6 +118,13 @@ impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
         let Some(mut receiver) = self.grant.take() else { return };
         let now = Instant::now();
+        // Still holding the receiver: the caller left mid-wait (or the call failed before its
+        // outcome was taken).
+        self.shared
+            .metrics()
+            .wait
+            .with_label_values(&["cancelled"])
+            .observe((now - self.started).as_secs_f64());
         let mut ledger = self.shared.ledger();
         if ledger.abandon_wait(self.ticket, now, now - self.started, false).is_none() {
             // Granted while the caller was leaving: nobody will use these leases.

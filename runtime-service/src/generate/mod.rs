@@ -92,6 +92,22 @@ impl Limits {
     }
 }
 
+/// Counts a generation in `runtime_active_streams` while it lives.
+struct ActiveStream<'a>(&'a prometheus::IntGauge);
+
+impl<'a> ActiveStream<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        ActiveStream(gauge)
+    }
+}
+
+impl Drop for ActiveStream<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// How a generation ended without a summary.
 enum Stop {
     /// The client went away: nobody to tell.
@@ -127,7 +143,6 @@ struct Generation {
 impl Generation {
     async fn run(self, admission: Admission) {
         let metrics = &self.shared.metrics;
-        metrics.active_streams.inc();
         let mut held: Option<Reservation> = None;
         let result = self.generate(admission, &mut held).await;
         // Every path returns the memory, and does so before the client hears the outcome, so a
@@ -135,7 +150,6 @@ impl Generation {
         if let Some(reservation) = held.take() {
             reservation.release().instrument(tracing::info_span!("memory.release")).await;
         }
-        metrics.active_streams.dec();
         let outcome = match &result {
             Ok(_) => "ok",
             Err(Stop::ClientGone | Stop::Failed(Error::Cancelled)) => "cancelled",
@@ -181,6 +195,8 @@ impl Generation {
         };
         let lost = reservation.lost().clone();
         *held = Some(reservation);
+        // Streaming from here on (admitted, loaded, memory held); the guard covers every exit.
+        let _active = ActiveStream::new(&self.shared.metrics.active_streams);
 
         let spec = self.plan.pipeline_spec(self.shared.config.pipeline_depth as usize);
         let decoder =
@@ -239,7 +255,6 @@ impl Generation {
         };
         timings.queue_wait = Instant::now() - self.started;
 
-        let memory_started = Instant::now();
         let loader = self.shared.loader();
         let load = self.plan.model.ensure_loaded(&loader).instrument(tracing::info_span!("model.load"));
         tokio::select! {
@@ -250,10 +265,13 @@ impl Generation {
                 return Err(Error::DeadlineExceeded(why.into()).into());
             }
         }
+        let memory_started = Instant::now();
         let reserve = reserve::reserve(&self.shared, &self.plan, flight, self.limits.first_token);
-        let reservation = reserve.instrument(tracing::info_span!("memory.reserve")).await?;
+        let reserved = reserve.instrument(tracing::info_span!("memory.reserve")).await;
+        // Observed whatever the outcome: the slow, failed reservations are the interesting ones.
         timings.memory_wait = Instant::now() - memory_started;
         self.shared.metrics.memory_wait.observe(timings.memory_wait.as_secs_f64());
+        let reservation = reserved?;
         Ok((permit, reservation))
     }
 
@@ -309,13 +327,15 @@ impl Generation {
                 }
                 Some(last) => metrics.inter_token.observe((now - last).as_secs_f64()),
             }
-            metrics.tokens.inc();
             timings.last_token = Some(now);
             let item = token(emitted, now - self.started);
             // Fast path: room in the stream buffer. Otherwise the client is slower than the
             // generation: wait for room (backpressure), bounded by the stream's end.
             let item = match self.tx.try_send(Ok(item)) {
-                Ok(()) => continue,
+                Ok(()) => {
+                    metrics.tokens.inc();
+                    continue;
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(Stop::ClientGone),
                 Err(mpsc::error::TrySendError::Full(item)) => item,
             };
@@ -329,6 +349,7 @@ impl Generation {
                 }
                 sent = self.tx.send(item) => sent.map_err(|_| Stop::ClientGone)?,
             }
+            metrics.tokens.inc();
             watchdog.as_mut().reset(self.limits.next_token(timings.last_token).0);
         }
     }

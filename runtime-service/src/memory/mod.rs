@@ -151,12 +151,24 @@ impl MemoryClient {
 /// The service name in client spans.
 const SERVICE: &str = "memory.v1.MemoryService";
 
-/// Runs `call` inside `span`, records its status code, and maps a failure to a domain error.
+/// Runs `call` inside `span`, records its status code, and maps a failure to a domain error. A
+/// call abandoned before its answer (the generation was cancelled or ran out of time) is
+/// recorded as CANCELLED when its future is dropped.
 async fn traced<T>(
     span: &Span,
     call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> Result<T, Error> {
+    struct Pending<'a>(Option<&'a Span>);
+    impl Drop for Pending<'_> {
+        fn drop(&mut self) {
+            if let Some(span) = self.0 {
+                propagation::record_status(span, Code::Cancelled);
+            }
+        }
+    }
+    let mut pending = Pending(Some(span));
     let result = call.instrument(span.clone()).await;
+    pending.0 = None;
     let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
     propagation::record_status(span, code);
     result.map(tonic::Response::into_inner).map_err(|s| classify(&s))

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::{Ask, Lost, MemoryClient, Renewer};
 use crate::error::Error;
@@ -113,15 +113,19 @@ fn spawn_free(tracker: &TaskTracker, client: MemoryClient, scope: String) {
         warn!(%scope, "no runtime to free memory; its leases will expire");
         return;
     }
-    tracker.spawn(async move {
-        for attempt in 1..=FREE_ATTEMPTS {
-            match client.free_scope(&scope).await {
-                Ok(_) => return,
-                Err(err) if attempt == FREE_ATTEMPTS => {
-                    warn!(%scope, cause = %err, "cannot free memory; its leases will expire");
+    // In the trace of whatever dropped the reservation, not a trace of its own.
+    tracker.spawn(
+        async move {
+            for attempt in 1..=FREE_ATTEMPTS {
+                match client.free_scope(&scope).await {
+                    Ok(_) => return,
+                    Err(err) if attempt == FREE_ATTEMPTS => {
+                        warn!(%scope, cause = %err, "cannot free memory; its leases will expire");
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100) * attempt).await,
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100) * attempt).await,
             }
         }
-    });
+        .instrument(tracing::Span::current()),
+    );
 }
