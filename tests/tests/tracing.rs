@@ -71,13 +71,25 @@ fn attr(span: &Span, key: &str) -> Option<String> {
     span.attributes.iter().find(|kv| kv.key == key).and_then(string)
 }
 
-/// A binary of this workspace, built next to the test executable (`scripts/test` builds them
-/// first).
+/// A binary of this workspace, next to the test executable. The first call builds both service
+/// binaries with the cargo running this test (a no-op when they are current), so the test never
+/// runs stale ones.
 fn binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe.parent().and_then(|deps| deps.parent()).expect("target directory");
+    BUILT.call_once(|| {
+        let mut build = Command::new(env!("CARGO"));
+        // The same selection as scripts/test, so features unify the same way and this is a no-op.
+        build.args(["build", "--locked", "--workspace", "--bins"]);
+        if dir.file_name().is_some_and(|profile| profile == "release") {
+            build.arg("--release");
+        }
+        let status = build.current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("run cargo build");
+        assert!(status.success(), "building the service binaries failed");
+    });
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --bins` first", path.display());
+    assert!(path.exists(), "{} is missing after the build", path.display());
     path
 }
 
