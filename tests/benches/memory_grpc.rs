@@ -3,7 +3,9 @@
 //! Allocate+Free pair is two RPCs, so `ratio = 2 × pairs/s ÷ no-op calls/s`; 1.0 would mean the
 //! memory logic costs nothing next to the gRPC round trip.
 //!
-//! Run: `cargo bench -p e2e --bench memory_grpc`
+//! Run: `cargo bench -p e2e --bench memory_grpc`; add `-- telemetry` to install the production
+//! subscriber first (log filter at warn, OpenTelemetry layer without exporter), as the binaries
+//! run: every call then also builds its spans.
 
 use std::time::Duration;
 
@@ -64,10 +66,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let telemetry = std::env::args().any(|a| a == "telemetry");
     runtime.block_on(async {
+        let _telemetry =
+            telemetry.then(|| serving::telemetry::init("bench", "warn", serving::telemetry::LogFormat::Text));
         let server = MemoryServer::with_pools(&[("kv-cache", 1 << 40)]).await;
         let channel = server.channel().await;
-        println!("memory-service over loopback gRPC (client and server in one process, 2 worker threads)");
+        let mode = if telemetry { "with the production tracing subscriber" } else { "no tracing subscriber" };
+        println!(
+            "memory-service over loopback gRPC (client and server in one process, 2 worker threads, {mode})"
+        );
         println!("| concurrency | no-op calls/s | Allocate+Free pairs/s | RPC rate ratio |");
         println!("| ---: | ---: | ---: | ---: |");
         for (concurrency, total) in [(1usize, 3_000usize), (32, 20_000)] {
