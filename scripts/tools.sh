@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 TOOLS="$PWD/target/tools"
 mkdir -p "$TOOLS"
 
-if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ] || ! "$TOOLS/venv/bin/python" -c 'import grpc_reflection' 2>/dev/null; then
+if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ] || [ ! -x "$TOOLS/venv/bin/yamllint" ] \
+  || ! "$TOOLS/venv/bin/python" -c 'import grpc_reflection, grpc_health' 2>/dev/null; then
   echo "installing Python tools into $TOOLS/venv" >&2
   python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check \

@@ -20,6 +20,8 @@ SIGTERM, in reverse order, and must exit 0 (graceful shutdown).
 """
 
 import json
+import os
+import queue
 import re
 import shlex
 import signal
@@ -160,16 +162,34 @@ def wait_serving(target):
 
 def start_server(command):
     """Starts the server on an ephemeral loopback port; returns (process, address)."""
+    # Pinned log settings: the address is read from the text "listening" line, whatever the
+    # caller's environment says.
+    env = dict(os.environ, RUST_LOG="info", LOG_FORMAT="text")
     server = subprocess.Popen(
-        command + ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True
+        command + ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
-    for line in server.stderr:  # blocks until the server logs; no polling
-        sys.stderr.write(line)
-        match = re.search(r"listening addr=(\S+)", line)
-        if match:
-            threading.Thread(target=lambda: [sys.stderr.write(l) for l in server.stderr], daemon=True).start()
-            return server, match.group(1)
-    sys.exit(f"server exited with {server.wait()} before listening")
+    found = queue.Queue()
+
+    def read():
+        for line in server.stderr:  # blocks until the server logs; no polling
+            sys.stderr.write(line)
+            match = re.search(r"listening addr=(\S+)", line)
+            if match:
+                found.put(match.group(1))
+        found.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        addr = found.get(timeout=TIMEOUT_S * 6)
+    except queue.Empty:
+        server.kill()
+        sys.exit(f"{command[0]} did not log its address within {TIMEOUT_S * 6} s")
+    if addr is None:
+        sys.exit(f"server exited with {server.wait()} before listening")
+    return server, addr
 
 
 def main():

@@ -218,12 +218,15 @@ impl Config {
                 ));
             }
         }
+        // The instance name prefixes every memory scope; longer names would push scopes past
+        // memory-service's 128-character limit and no model could ever load.
+        let max_instance = crate::memory::MAX_INSTANCE;
         if self.instance.is_empty()
-            || self.instance.len() > 100
-            || self.instance.chars().any(char::is_control)
+            || self.instance.chars().count() > max_instance
+            || self.instance.chars().any(|c| c.is_control() || c == '/')
         {
             return invalid(format!(
-                "instance name {:?} must be 1 to 100 printable characters",
+                "instance name {:?} must be 1 to {max_instance} printable characters without '/'",
                 self.instance
             ));
         }

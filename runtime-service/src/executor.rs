@@ -62,11 +62,6 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// The request id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// The generation's cancellation state.
     pub fn flight(&self) -> &Arc<Flight> {
         &self.flight

@@ -20,8 +20,7 @@ pub struct Metrics {
     pub inter_token: Histogram,
     /// Tokens streamed.
     pub tokens: IntCounter,
-    /// Pipeline time by stage and state: cpu_busy, gpu_busy, gpu_waiting_for_cpu,
-    /// cpu_waiting_for_gpu.
+    /// Pipeline time by `stage` (cpu, gpu) and `state` (busy, waiting_for_cpu, waiting_for_gpu).
     pub pipeline: prometheus::CounterVec,
     /// Time spent obtaining memory (waits and retries) per generation.
     pub memory_wait: Histogram,

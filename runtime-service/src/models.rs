@@ -136,9 +136,4 @@ impl Models {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Model>> {
         self.by_key.values()
     }
-
-    /// Whether every preload model is loaded.
-    pub fn preloaded(&self) -> bool {
-        self.iter().filter(|m| m.spec.preload).all(|m| m.is_loaded())
-    }
 }

@@ -45,9 +45,11 @@ impl RuntimeService for RuntimeApi {
             return Err(self.status(Error::ShuttingDown));
         }
         let timeout = serving::deadline::grpc_timeout(request.metadata());
-        generate::start(&self.shared, request.into_inner(), timeout)
-            .map(Response::new)
-            .map_err(|e| self.status(e))
+        generate::start(&self.shared, request.into_inner(), timeout).map(Response::new).map_err(|e| {
+            // Refused before it started: invalid, unknown model, duplicate id, or shed.
+            self.shared.metrics.requests.with_label_values(&["rejected"]).inc();
+            self.status(e)
+        })
     }
 
     async fn list_models(

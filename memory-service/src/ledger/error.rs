@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-/// Why a ledger operation was refused. `From<Error> for tonic::Status` (in `service::status`) maps
-/// each variant to exactly one gRPC code.
+/// Why a ledger operation was refused. `service::status::to_status` maps each variant to exactly
+/// one gRPC code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// A request field is malformed or out of range.

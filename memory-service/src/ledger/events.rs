@@ -82,11 +82,6 @@ impl EventBus {
         self.sender.subscribe()
     }
 
-    /// Sequence number of the last event published.
-    pub fn last_sequence(&self) -> u64 {
-        self.last_sequence
-    }
-
     /// Sequences `change` and sends it to every watcher. With no watcher the number is still
     /// taken (so numbering is the same whoever watches) but nothing is built.
     pub fn publish(&mut self, change: Change<'_>) {

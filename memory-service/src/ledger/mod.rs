@@ -108,11 +108,6 @@ impl Ledger {
         self.events.subscribe()
     }
 
-    /// Sequence number of the last event.
-    pub fn last_sequence(&self) -> u64 {
-        self.events.last_sequence()
-    }
-
     /// Adds a pool. The name must already be validated.
     pub fn create_pool(&mut self, name: &str, capacity: u64) -> Result<PoolStats, Error> {
         if self.pool_index.contains_key(name) {

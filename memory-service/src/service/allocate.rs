@@ -35,7 +35,7 @@ pub(super) async fn allocate(
         Admission::Granted(grant) => grant,
         Admission::Queued { ticket, grant } => {
             let wait_span = tracing::info_span!(parent: &span, "memory.wait", waited_ms = tracing::field::Empty, outcome = tracing::field::Empty);
-            let mut guard = WaitGuard { shared, ticket, started, grant: Some(grant) };
+            let mut guard = WaitGuard { shared, ticket, started, grant: Some(grant), observed: false };
             let result = guard.wait(max_wait).instrument(wait_span.clone()).await;
             let outcome = match &result {
                 Ok(_) => "granted",
@@ -43,6 +43,7 @@ pub(super) async fn allocate(
                 Err(_) => "shutdown",
             };
             let waited = Instant::now() - started;
+            guard.observed = true;
             wait_span.record("waited_ms", waited.as_millis() as u64);
             wait_span.record("outcome", outcome);
             shared.metrics().wait.with_label_values(&[outcome]).observe(waited.as_secs_f64());
@@ -81,6 +82,8 @@ struct WaitGuard<'a> {
     started: Instant,
     /// `None` once the outcome has been taken.
     grant: Option<oneshot::Receiver<Grant>>,
+    /// The wait histogram already has this wait (an ended wait is observed once, by its caller).
+    observed: bool,
 }
 
 impl WaitGuard<'_> {
@@ -118,13 +121,11 @@ impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
         let Some(mut receiver) = self.grant.take() else { return };
         let now = Instant::now();
-        // Still holding the receiver: the caller left mid-wait (or the call failed before its
-        // outcome was taken).
-        self.shared
-            .metrics()
-            .wait
-            .with_label_values(&["cancelled"])
-            .observe((now - self.started).as_secs_f64());
+        // Still holding the receiver and not observed: the caller left mid-wait.
+        if !self.observed {
+            let waited = (now - self.started).as_secs_f64();
+            self.shared.metrics().wait.with_label_values(&["cancelled"]).observe(waited);
+        }
         let mut ledger = self.shared.ledger();
         if ledger.abandon_wait(self.ticket, now, now - self.started, false).is_none() {
             // Granted while the caller was leaving: nobody will use these leases.

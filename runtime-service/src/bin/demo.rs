@@ -69,6 +69,7 @@ impl Service {
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
+            .env("LOG_FORMAT", "text")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

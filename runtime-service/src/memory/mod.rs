@@ -94,8 +94,9 @@ impl MemoryClient {
         Ok(())
     }
 
-    /// One atomic Allocate of `ask` under `request_id` (idempotent on memory-service's side).
-    /// Returns the server epoch the leases belong to.
+    /// One atomic Allocate of `ask`. `request_id` is the attempt's unique scope, so a retry by the
+    /// transport of this very call cannot double-allocate. Returns the server epoch the leases
+    /// belong to.
     pub async fn allocate(&self, ask: &Ask, request_id: &str) -> Result<u64, Error> {
         let req = AllocateRequest {
             items: items(ask),

@@ -63,11 +63,6 @@ impl Reservation {
         &self.lost
     }
 
-    /// The scope.
-    pub fn scope(&self) -> &str {
-        &self.scope
-    }
-
     /// Frees the memory now and waits for memory-service to confirm, so that a caller told "done"
     /// can already see the memory back in the pools. On failure the free is retried in the
     /// background, like a drop.
