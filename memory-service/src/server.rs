@@ -5,11 +5,9 @@ use std::{future::Future, sync::Arc};
 use proto::memory::v1::memory_service_server::MemoryServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
 use tracing::{info, warn};
 
 pub use serving::config::ServeError;
-use serving::observe::ObserveLayer;
 
 use crate::{
     config::{Config, ConfigError},
@@ -42,20 +40,13 @@ pub async fn run(
     let snapshot: serving::admin::Snapshot = Arc::new(move || crate::metrics::snapshot(&snapshot_of));
     serving::admin::spawn(admin, &metrics.registry, snapshot, &token);
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<MemoryServiceServer<MemoryApi>>().await;
-    let (reflection_v1, reflection_v1alpha) = serving::grpc::reflection(&[proto::FILE_DESCRIPTOR_SET])?;
+    let (health, router) = serving::grpc::base(metrics.grpc.clone(), &[proto::FILE_DESCRIPTOR_SET])?;
+    serving::grpc::set_health::<MemoryServiceServer<MemoryApi>>(&health, true).await;
 
     let reaper = tokio::spawn(reaper::run(shared.clone()));
     let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let drain = token.clone();
-    let server = Server::builder()
-        // Outermost, so every call (health and reflection included) gets a span that continues
-        // the caller's trace, and is counted with its final status.
-        .layer(ObserveLayer::new(metrics.grpc.clone()))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    let server = router
         .add_service(MemoryServiceServer::new(MemoryApi::new(shared.clone())))
         .serve_with_incoming_shutdown(serving::grpc::incoming(listener), drain.cancelled_owned());
     tokio::pin!(server);
@@ -71,8 +62,7 @@ pub async fn run(
 
     info!(grace = ?grace, "draining");
     // Not serving first, so load balancers and probes stop sending new work while we drain.
-    health.set_not_serving::<MemoryServiceServer<MemoryApi>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    serving::grpc::set_health::<MemoryServiceServer<MemoryApi>>(&health, false).await;
     token.cancel();
     shared.ledger().close_waiters();
     let result = match tokio::time::timeout(grace, &mut server).await {

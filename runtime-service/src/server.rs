@@ -5,11 +5,9 @@ use std::{future::Future, sync::Arc};
 use proto::runtime::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
 use tracing::{info, warn};
 
 pub use serving::config::ServeError;
-use serving::observe::ObserveLayer;
 
 use crate::{
     config::{Config, ConfigError},
@@ -54,20 +52,12 @@ pub async fn run(
     });
     serving::admin::spawn(admin, &metrics.registry, snapshot, &token);
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_not_serving::<RuntimeServiceServer<RuntimeApi>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-    let (reflection_v1, reflection_v1alpha) = serving::grpc::reflection(&[proto::FILE_DESCRIPTOR_SET])?;
+    let (health, router) = serving::grpc::base(metrics.grpc.clone(), &[proto::FILE_DESCRIPTOR_SET])?;
+    serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, false).await;
     let supervisor = tokio::spawn(supervisor::run(shared.clone(), health.clone()));
 
     let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-    let server = Server::builder()
-        // Outermost, so every call gets a span continuing the caller's trace and is counted
-        // with its final status (for Generate: when the stream ends).
-        .layer(ObserveLayer::new(metrics.grpc.clone()))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    let server = router
         .add_service(RuntimeServiceServer::new(RuntimeApi::new(shared.clone())))
         .serve_with_incoming_shutdown(serving::grpc::incoming(listener), token.clone().cancelled_owned());
     tokio::pin!(server);
@@ -83,8 +73,7 @@ pub async fn run(
 
     info!(grace = ?grace, "draining");
     supervisor.abort();
-    health.set_not_serving::<RuntimeServiceServer<RuntimeApi>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, false).await;
     // Cancels every generation (their tokens are children): each returns its memory, then ends
     // its stream with UNAVAILABLE.
     token.cancel();

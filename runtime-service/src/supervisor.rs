@@ -16,24 +16,13 @@ pub(crate) async fn run(shared: Arc<Shared>, health: HealthReporter) {
         if !become_ready(&shared).await {
             return;
         }
-        set(&health, true).await;
+        serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, true).await;
         info!("ready: memory-service reachable, preload models loaded");
         if !stay_ready(&shared).await {
             return;
         }
-        set(&health, false).await;
+        serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, false).await;
         warn!("not ready: memory-service unreachable or model memory lost; recovering");
-    }
-}
-
-async fn set(health: &HealthReporter, serving: bool) {
-    let status =
-        if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
-    health.set_service_status("", status).await;
-    if serving {
-        health.set_serving::<RuntimeServiceServer<RuntimeApi>>().await;
-    } else {
-        health.set_not_serving::<RuntimeServiceServer<RuntimeApi>>().await;
     }
 }
 

@@ -2,7 +2,17 @@
 //! v1alpha) and the standard health service.
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tonic::{
+    server::NamedService,
+    transport::{
+        Server,
+        server::{Router, TcpIncoming},
+    },
+};
+use tonic_health::server::HealthReporter;
+use tower::layer::util::{Identity, Stack};
+
+use crate::observe::{GrpcMetrics, ObserveLayer};
 pub use tonic_reflection::server::Error as ReflectionError;
 
 /// Accepts on an already-bound listener (tests bind `127.0.0.1:0`, `main` binds the configured
@@ -49,4 +59,32 @@ pub fn reflection(
         )
     };
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
+/// A router with what every server here carries, before its own service is added.
+pub type BaseRouter = Router<Stack<ObserveLayer, Identity>>;
+
+/// The common server: the observe layer outermost, so every call (health and reflection
+/// included) gets a span continuing the caller's trace and is counted with its final status;
+/// the standard health service; reflection v1 and v1alpha over `descriptor_sets`.
+pub fn base(
+    metrics: GrpcMetrics,
+    descriptor_sets: &[&[u8]],
+) -> Result<(HealthReporter, BaseRouter), ReflectionError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let (reflection_v1, reflection_v1alpha) = reflection(descriptor_sets)?;
+    let router = Server::builder()
+        .layer(ObserveLayer::new(metrics))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    Ok((health, router))
+}
+
+/// Sets the health of service `S` and of the server as a whole (`""`, what liveness probes ask).
+pub async fn set_health<S: NamedService>(health: &HealthReporter, serving: bool) {
+    let status =
+        if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+    health.set_service_status(S::NAME, status).await;
+    health.set_service_status("", status).await;
 }
