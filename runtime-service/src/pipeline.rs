@@ -215,8 +215,10 @@ impl Pipeline {
             let mut ready_at = start;
             for _ in 0..max_tokens {
                 let cost = jittered(cpu, jitter, &mut rng);
-                ready_at += cost;
-                wait_until(ready_at).await;
+                if !cost.is_zero() {
+                    ready_at += cost;
+                    wait_until(ready_at).await;
+                }
                 let token = decoder.next_token();
                 let end = token.is_none();
                 match tx.try_send(Prepared { token, cpu_time: cost, stalled: Duration::ZERO }) {
@@ -276,10 +278,13 @@ impl Pipeline {
         };
         let cost = jittered(self.spec.latency.gpu_per_token, self.spec.latency.jitter, &mut self.jitter);
         let done = start + cost;
-        // While the GPU computes token N, the CPU prepares token N+1.
-        match self.cpu.as_mut() {
-            Some(cpu) => driving(&mut cpu.work, wait_until(done)).await,
-            None => wait_until(done).await,
+        // While the GPU computes token N, the CPU prepares token N+1. (A zero-cost step has
+        // nothing to wait for: no clock read, no select.)
+        if !cost.is_zero() {
+            match self.cpu.as_mut() {
+                Some(cpu) => driving(&mut cpu.work, wait_until(done)).await,
+                None => wait_until(done).await,
+            }
         }
         self.stats.gpu_busy += cost;
         self.gpu_free_at = Some(done);
