@@ -45,42 +45,34 @@ where
     E: Display,
 {
     let telemetry = telemetry::init(launch.service, "info", launch.log_format);
-    let code = serve(launch, config, run).await;
+    let code = async {
+        // Validate everything before binding: a bad config must not briefly hold the port.
+        let checked =
+            crate::admin::parse_listen(&launch.admin_listen).and_then(|admin| Ok((admin, config()?)));
+        let (admin, config) = match checked {
+            Ok(checked) => checked,
+            Err(message) => {
+                tracing::error!(%message, "bad configuration, not starting");
+                return ExitCode::from(crate::EXIT_CONFIG as u8);
+            }
+        };
+        let (listener, admin) = match crate::grpc::bind(launch.listen, admin).await {
+            Ok(bound) => bound,
+            Err(message) => {
+                tracing::error!(%message, "cannot bind");
+                return ExitCode::FAILURE;
+            }
+        };
+        match run(listener, admin, config, Box::pin(crate::shutdown::signal())).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(cause = %err, service = launch.service, "failed");
+                ExitCode::FAILURE
+            }
+        }
+    }
+    .await;
     // Spans of the last calls are exported before the process exits.
     telemetry.shutdown().await;
     code
-}
-
-async fn serve<C, Fut, E>(
-    launch: Launch,
-    config: impl FnOnce() -> Result<C, String>,
-    run: impl FnOnce(TcpListener, Option<TcpListener>, C, Shutdown) -> Fut,
-) -> ExitCode
-where
-    Fut: Future<Output = Result<(), E>>,
-    E: Display,
-{
-    // Validate everything before binding: a bad config must not briefly hold the port.
-    let checked = crate::admin::parse_listen(&launch.admin_listen).and_then(|admin| Ok((admin, config()?)));
-    let (admin, config) = match checked {
-        Ok(checked) => checked,
-        Err(message) => {
-            tracing::error!(%message, "bad configuration, not starting");
-            return ExitCode::from(crate::EXIT_CONFIG as u8);
-        }
-    };
-    let (listener, admin) = match crate::grpc::bind(launch.listen, admin).await {
-        Ok(bound) => bound,
-        Err(message) => {
-            tracing::error!(%message, "cannot bind");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(listener, admin, config, Box::pin(crate::shutdown::signal())).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(cause = %err, service = launch.service, "failed");
-            ExitCode::FAILURE
-        }
-    }
 }

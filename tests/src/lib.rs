@@ -309,6 +309,18 @@ pub fn pb_duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration::try_from(d).expect("duration in range")
 }
 
+/// Polls `pool`'s stats (a bounded loop yielding between calls, never a sleep) until it has
+/// `waiters` queued Allocate calls; false if that never happens.
+pub async fn wait_for_waiters(client: &mut MemoryServiceClient<Channel>, pool: &str, waiters: u64) -> bool {
+    for _ in 0..1000 {
+        if stats(client, pool).await.waiters == waiters {
+            return true;
+        }
+        tokio::task::yield_now().await;
+    }
+    false
+}
+
 /// Stats of `pool`.
 pub async fn stats(client: &mut MemoryServiceClient<Channel>, pool: &str) -> PoolStats {
     client

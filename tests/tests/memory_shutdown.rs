@@ -45,14 +45,7 @@ async fn shutdown_ends_open_streams_cleanly_within_the_grace_period() {
     let mut waits = alloc(&[("kv-cache", 1)]);
     waits.max_wait = Some(pb_duration(Duration::from_secs(60)));
     let waiting = tokio::spawn(async move { waiter.allocate(waits).await });
-    let mut queued = false;
-    for _ in 0..1000 {
-        if e2e::stats(&mut client, "kv-cache").await.waiters == 1 {
-            queued = true;
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    let queued = e2e::wait_for_waiters(&mut client, "kv-cache", 1).await;
     assert!(queued, "the Allocate never queued");
 
     let started = Instant::now();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use e2e::{MemoryServer, alloc, pb_duration, stats};
+use e2e::{MemoryServer, alloc, pb_duration, stats, wait_for_waiters};
 use proto::memory::v1::{
     EventKind, FreeRequest, KeepAliveRequest, RenewLeaseRequest, WatchEventsRequest,
     watch_events_response::Item,
@@ -37,14 +37,7 @@ async fn a_waiting_allocate_is_woken_by_a_free() {
     let waiting = tokio::spawn(async move { waiter.allocate(req).await });
 
     // Watch the queue fill (a bounded poll of stats, not a sleep), then free.
-    let mut queued = false;
-    for _ in 0..1000 {
-        if stats(&mut client, "kv-cache").await.waiters == 1 {
-            queued = true;
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    let queued = wait_for_waiters(&mut client, "kv-cache", 1).await;
     assert!(queued, "the Allocate never queued");
     let freed_at = Instant::now();
     client.free(FreeRequest { lease_id: hold.leases[0].lease_id.clone() }).await.unwrap();
@@ -112,23 +105,11 @@ async fn a_cancelled_wait_leaves_the_queue_and_holds_nothing() {
     let mut req = alloc(&[("kv-cache", 40)]);
     req.max_wait = Some(pb_duration(Duration::from_secs(60)));
     let waiting = tokio::spawn(async move { waiter.allocate(req).await });
-    for _ in 0..1000 {
-        if stats(&mut client, "kv-cache").await.waiters == 1 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    assert!(wait_for_waiters(&mut client, "kv-cache", 1).await, "the Allocate never queued");
     waiting.abort(); // the client goes away: its HTTP/2 stream is reset
     let _ = waiting.await;
 
-    let mut gone = false;
-    for _ in 0..1000 {
-        if stats(&mut client, "kv-cache").await.waiters == 0 {
-            gone = true;
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    let gone = wait_for_waiters(&mut client, "kv-cache", 0).await;
     assert!(gone, "cancelled waiter still queued");
     client.free(FreeRequest { lease_id: hold.leases[0].lease_id.clone() }).await.unwrap();
     let kv = stats(&mut client, "kv-cache").await;
