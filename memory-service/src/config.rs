@@ -5,8 +5,8 @@ use std::{path::Path, time::Duration};
 
 use serde::Deserialize;
 pub use serving::config::ConfigError;
-use serving::units::ByteSize;
 pub use serving::units::parse_bytes;
+use serving::{device::DeviceSpec, units::ByteSize};
 
 use crate::validate;
 
@@ -38,16 +38,25 @@ pub struct Config {
     pub grace_period: Duration,
 }
 
-const GIB: u64 = 1 << 30;
+/// Device whose memory the default pools divide, so a bare memory-service fits a bare
+/// runtime-service (which simulates the same device).
+pub const DEFAULT_DEVICE: &str = "h100-sxm";
+
+/// The three pools for device preset `name` (see [`DeviceSpec::pool_split`]).
+pub fn pools_for_device(name: &str) -> Result<Vec<PoolSpec>, ConfigError> {
+    let device = DeviceSpec::preset(name).ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "no device preset {name:?}; use one of {} or set pools explicitly",
+            DeviceSpec::preset_names().join(", ")
+        ))
+    })?;
+    Ok(device.pool_split().iter().map(|&(name, capacity)| PoolSpec { name: name.into(), capacity }).collect())
+}
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            pools: vec![
-                PoolSpec { name: "kv-cache".into(), capacity: 8 * GIB },
-                PoolSpec { name: "activations".into(), capacity: 2 * GIB },
-                PoolSpec { name: "uniforms".into(), capacity: GIB },
-            ],
+            pools: pools_for_device(DEFAULT_DEVICE).unwrap_or_default(),
             default_ttl: Duration::from_secs(30),
             max_ttl: Duration::from_secs(3600),
             max_wait: Duration::from_secs(300),

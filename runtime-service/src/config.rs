@@ -1,33 +1,41 @@
-//! Validated configuration: models, the memory-service address, executor limits and timeouts.
-//! `main.rs` builds it from flags, environment and an optional TOML file; tests build it directly.
+//! Validated configuration: the device, its models, the scheduler, KV paging, the memory-service
+//! address and the stream limits. `main.rs` builds it from flags, environment and an optional TOML
+//! file; tests build it directly.
 
-use std::{path::Path, time::Duration};
+mod file;
 
-use serde::Deserialize;
+use std::time::Duration;
+
 pub use serving::config::ConfigError;
-use serving::units::ByteSize;
 
-use crate::engine::{EngineKind, LatencyProfile, MemoryProfile};
+pub use self::file::{defined_devices, find_device, parse_models, read_file};
+use crate::{
+    core::SchedulerMode,
+    device::{Arch, DeviceSpec},
+    engine::EngineKind,
+    scheduler::KvReserve,
+};
 
 /// Largest token limit a model may set (prompt or completion).
-const MAX_TOKENS: u32 = 1 << 20;
+pub const MAX_TOKENS: u32 = 1 << 20;
 
 /// Models served when no config file names any.
 pub const DEFAULT_MODELS: &str = include_str!("../models.toml");
+
+/// Device simulated when none is named.
+pub const DEFAULT_DEVICE: &str = "h100-sxm";
 
 /// One servable model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     /// Key clients name in GenerateRequest.model.
     pub key: String,
-    /// Simulated engine.
+    /// Tokenizer and sampling style (the seed's engines).
     pub engine: EngineKind,
-    /// Load (lease uniforms) at start-up; health waits for it.
+    /// Load (lease its weights) at start-up; health waits for it.
     pub preload: bool,
-    /// Memory needs.
-    pub memory: MemoryProfile,
-    /// Time costs.
-    pub latency: LatencyProfile,
+    /// Its architecture: weights, KV and FLOPs follow from it.
+    pub arch: Arch,
     /// Largest max_tokens accepted.
     pub max_tokens_limit: u32,
     /// Largest prompt, in tokens.
@@ -41,25 +49,37 @@ pub struct Config {
     pub memory_addr: String,
     /// Holder name on memory leases: identifies this instance in memory-service events.
     pub instance: String,
+    /// The simulated device.
+    pub device: DeviceSpec,
     /// Models.
     pub models: Vec<ModelSpec>,
-    /// Tokens the CPU stage may run ahead of the GPU stage; also how many tokens' activations a
-    /// generation reserves.
-    pub pipeline_depth: u32,
-    /// Generations running at once.
-    pub max_concurrent: usize,
-    /// Generations waiting for a slot before new ones are shed with RESOURCE_EXHAUSTED.
+    /// Overlapped or sequential CPU/GPU scheduling, for the whole device.
+    pub scheduler: SchedulerMode,
+    /// Sequences in one step at most (vLLM's `max_num_seqs`).
+    pub max_batch_size: usize,
+    /// Tokens computed in one step at most (vLLM's `max_num_batched_tokens`): decodes count one
+    /// each, prompts are chunked to fit.
+    pub max_batched_tokens: u32,
+    /// Generations admitted beyond a full batch before new ones are shed with RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
+    /// Tokens per KV block.
+    pub kv_block_tokens: u32,
+    /// Largest kv-cache slab leased at once, in blocks.
+    pub kv_slab_blocks: u64,
+    /// Free blocks kept ahead of need while a model has sequences.
+    pub kv_low_watermark_blocks: u64,
+    /// How long a model's idle slabs are kept after its last sequence leaves.
+    pub kv_idle_release: Duration,
+    /// Paged (blocks as sequences grow) or up-front (prompt + max_tokens at admission).
+    pub kv_reserve: KvReserve,
+    /// Relative jitter of step times, 0 to 1.
+    pub jitter: f64,
+    /// Seed of that jitter: the same seed repeats the same timings.
+    pub jitter_seed: u64,
     /// Server-side wait for memory per Allocate (the seed's 500 ms deadlock detector).
     pub memory_wait: Duration,
-    /// Budget to reach memory-service per call attempt; past it the attempt fails UNAVAILABLE.
+    /// Budget to reach memory-service per call; past it the call fails UNAVAILABLE.
     pub memory_timeout: Duration,
-    /// Attempts at reserving memory before the first token (1 = no retry).
-    pub retry_attempts: u32,
-    /// First retry backoff; doubles each attempt, with full jitter.
-    pub retry_backoff: Duration,
-    /// Largest retry backoff.
-    pub retry_backoff_max: Duration,
     /// TTL of this service's leases; a keep-alive stream renews them every third of it.
     pub lease_ttl: Duration,
     /// Longest time from the call to its first token.
@@ -79,15 +99,21 @@ impl Default for Config {
         Config {
             memory_addr: "http://127.0.0.1:50051".into(),
             instance: "runtime-service".into(),
+            device: DeviceSpec::preset(DEFAULT_DEVICE).unwrap_or_else(|| unreachable!("embedded preset")),
             models: parse_models(DEFAULT_MODELS).unwrap_or_default(),
-            pipeline_depth: 2,
-            max_concurrent: 64,
-            queue_capacity: 256,
+            scheduler: SchedulerMode::Overlapped,
+            max_batch_size: 256,
+            max_batched_tokens: 2048,
+            queue_capacity: 1024,
+            kv_block_tokens: 16,
+            kv_slab_blocks: 64,
+            kv_low_watermark_blocks: 8,
+            kv_idle_release: Duration::from_secs(1),
+            kv_reserve: KvReserve::Paged,
+            jitter: 0.02,
+            jitter_seed: 0x5EED,
             memory_wait: Duration::from_millis(500),
             memory_timeout: Duration::from_secs(2),
-            retry_attempts: 5,
-            retry_backoff: Duration::from_millis(50),
-            retry_backoff_max: Duration::from_secs(1),
             lease_ttl: Duration::from_secs(30),
             ttft_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(10),
@@ -98,111 +124,19 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    #[serde(default)]
-    models: Vec<FileModel>,
-    pipeline_depth: Option<u32>,
-    max_concurrent: Option<usize>,
-    queue_capacity: Option<usize>,
-    memory_wait_ms: Option<u64>,
-    retry_attempts: Option<u32>,
-    lease_ttl_ms: Option<u64>,
-    ttft_timeout_ms: Option<u64>,
-    idle_timeout_ms: Option<u64>,
-    max_stream_lifetime_ms: Option<u64>,
-    grace_period_ms: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileModel {
-    key: String,
-    engine: EngineKind,
-    #[serde(default)]
-    preload: bool,
-    uniform_bytes: ByteSize,
-    kv_bytes_per_token: ByteSize,
-    activation_bytes_per_token: ByteSize,
-    max_tokens_limit: u32,
-    max_prompt_tokens: u32,
-    prefill_per_token_ms: Option<f64>,
-    cpu_per_token_ms: Option<f64>,
-    gpu_per_token_ms: Option<f64>,
-    jitter: Option<f64>,
-}
-
-fn millis(field: &str, ms: f64) -> Result<Duration, String> {
-    if !ms.is_finite() || !(0.0..=60_000.0).contains(&ms) {
-        return Err(format!("{field} = {ms} must be between 0 and 60000 ms"));
+impl ModelSpec {
+    /// Bytes of one KV block.
+    pub fn block_bytes(&self, block_tokens: u32) -> u64 {
+        self.arch.kv_bytes_per_token() * u64::from(block_tokens)
     }
-    Ok(Duration::from_secs_f64(ms / 1000.0))
-}
-
-fn models_of(file: Vec<FileModel>) -> Result<Vec<ModelSpec>, ConfigError> {
-    file.into_iter()
-        .map(|m| {
-            let bad = |e: String| ConfigError::Invalid(format!("model {:?}: {e}", m.key));
-            let defaults = m.engine.engine().default_latency();
-            let latency = LatencyProfile {
-                prefill_per_token: m
-                    .prefill_per_token_ms
-                    .map_or(Ok(defaults.prefill_per_token), |v| millis("prefill_per_token_ms", v))
-                    .map_err(bad)?,
-                cpu_per_token: m
-                    .cpu_per_token_ms
-                    .map_or(Ok(defaults.cpu_per_token), |v| millis("cpu_per_token_ms", v))
-                    .map_err(bad)?,
-                gpu_per_token: m
-                    .gpu_per_token_ms
-                    .map_or(Ok(defaults.gpu_per_token), |v| millis("gpu_per_token_ms", v))
-                    .map_err(bad)?,
-                jitter: m.jitter.unwrap_or(defaults.jitter),
-            };
-            Ok(ModelSpec {
-                memory: MemoryProfile {
-                    kv_bytes_per_token: m.kv_bytes_per_token.bytes().map_err(bad)?,
-                    activation_bytes_per_token: m.activation_bytes_per_token.bytes().map_err(bad)?,
-                    uniform_bytes: m.uniform_bytes.bytes().map_err(bad)?,
-                },
-                key: m.key,
-                engine: m.engine,
-                preload: m.preload,
-                latency,
-                max_tokens_limit: m.max_tokens_limit,
-                max_prompt_tokens: m.max_prompt_tokens,
-            })
-        })
-        .collect()
-}
-
-/// Parses a `[[models]]` TOML document.
-pub fn parse_models(text: &str) -> Result<Vec<ModelSpec>, ConfigError> {
-    let file: File = toml::from_str(text)
-        .map_err(|e| ConfigError::Parse { path: "<models>".to_owned(), message: e.to_string() })?;
-    models_of(file.models)
 }
 
 impl Config {
-    /// Overlays the TOML file at `path` on `self`.
-    pub fn merge_file(mut self, path: &Path) -> Result<Self, ConfigError> {
-        let file: File = serving::config::read_toml(path)?;
-        if !file.models.is_empty() {
-            self.models = models_of(file.models)?;
-        }
-        let ms = Duration::from_millis;
-        self.pipeline_depth = file.pipeline_depth.unwrap_or(self.pipeline_depth);
-        self.max_concurrent = file.max_concurrent.unwrap_or(self.max_concurrent);
-        self.queue_capacity = file.queue_capacity.unwrap_or(self.queue_capacity);
-        self.memory_wait = file.memory_wait_ms.map_or(self.memory_wait, ms);
-        self.retry_attempts = file.retry_attempts.unwrap_or(self.retry_attempts);
-        self.lease_ttl = file.lease_ttl_ms.map_or(self.lease_ttl, ms);
-        self.ttft_timeout = file.ttft_timeout_ms.map_or(self.ttft_timeout, ms);
-        self.idle_timeout = file.idle_timeout_ms.map_or(self.idle_timeout, ms);
-        self.max_stream_lifetime = file.max_stream_lifetime_ms.map_or(self.max_stream_lifetime, ms);
-        self.grace_period = file.grace_period_ms.map_or(self.grace_period, ms);
-        Ok(self)
+    /// Activation bytes the device reserves: one buffer per step for the largest batch of the
+    /// hungriest model, twice (double buffering: step N+1 is built while step N runs).
+    pub fn activation_bytes(&self) -> u64 {
+        let per_token = self.models.iter().map(|m| m.arch.activation_bytes_per_token()).max().unwrap_or(0);
+        per_token.saturating_mul(u64::from(self.max_batched_tokens)).saturating_mul(2)
     }
 
     /// Checks every value; the first problem found is reported.
@@ -230,52 +164,30 @@ impl Config {
                 self.instance
             ));
         }
-        if self.models.is_empty() {
-            return invalid("at least one model is required".into());
+        self.device.validate().map_err(ConfigError::Invalid)?;
+        self.validate_models()?;
+        if !(1..=4096).contains(&self.max_batch_size) {
+            return invalid(format!("max batch size {} must be between 1 and 4096", self.max_batch_size));
         }
-        let mut keys = std::collections::HashSet::new();
-        for m in &self.models {
-            let key_ok = !m.key.is_empty()
-                && m.key.len() <= crate::memory::MAX_SCOPE_NAME
-                && m.key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
-            if !key_ok {
-                return invalid(format!("model key {:?}: use 1 to 64 of a-z, 0-9, '-', '.', '_'", m.key));
-            }
-            if !keys.insert(&m.key) {
-                return invalid(format!("model {:?} is listed twice", m.key));
-            }
-            if !(1..=MAX_TOKENS).contains(&m.max_tokens_limit)
-                || !(1..=MAX_TOKENS).contains(&m.max_prompt_tokens)
-            {
-                return invalid(format!(
-                    "model {:?}: token limits must be between 1 and {MAX_TOKENS}",
-                    m.key
-                ));
-            }
-            if m.memory.kv_bytes_per_token == 0
-                || m.memory.activation_bytes_per_token == 0
-                || m.memory.uniform_bytes == 0
-            {
-                return invalid(format!("model {:?}: memory sizes must be greater than zero", m.key));
-            }
-            if !(0.0..=1.0).contains(&m.latency.jitter) {
-                return invalid(format!(
-                    "model {:?}: jitter {} must be between 0 and 1",
-                    m.key, m.latency.jitter
-                ));
-            }
-        }
-        if !(1..=64).contains(&self.pipeline_depth) {
-            return invalid(format!("pipeline depth {} must be between 1 and 64", self.pipeline_depth));
-        }
-        if self.max_concurrent == 0 || self.max_concurrent > 100_000 {
-            return invalid(format!("max concurrent {} must be between 1 and 100000", self.max_concurrent));
+        if !(1..=1 << 20).contains(&self.max_batched_tokens) {
+            return invalid(format!(
+                "max batched tokens {} must be between 1 and 1048576",
+                self.max_batched_tokens
+            ));
         }
         if self.queue_capacity > 1_000_000 {
             return invalid(format!("queue capacity {} must be at most 1000000", self.queue_capacity));
         }
-        if self.retry_attempts == 0 || self.retry_attempts > 100 {
-            return invalid(format!("retry attempts {} must be between 1 and 100", self.retry_attempts));
+        if !(1..=1024).contains(&self.kv_block_tokens) {
+            return invalid(format!("KV block tokens {} must be between 1 and 1024", self.kv_block_tokens));
+        }
+        if !(1..=1 << 20).contains(&self.kv_slab_blocks) || self.kv_low_watermark_blocks > 1 << 20 {
+            return invalid(
+                "KV slab blocks must be between 1 and 1048576 and the low watermark at most that".into(),
+            );
+        }
+        if !(self.jitter.is_finite() && (0.0..=1.0).contains(&self.jitter)) {
+            return invalid(format!("jitter {} must be between 0 and 1", self.jitter));
         }
         // memory-service refuses TTLs above its maximum (1 h by default) and waits above 5 min.
         if self.lease_ttl > Duration::from_secs(3600) {
@@ -297,6 +209,41 @@ impl Config {
         }
         Ok(())
     }
+
+    fn validate_models(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.models.is_empty() {
+            return invalid("at least one model is required".into());
+        }
+        let mut keys = std::collections::HashSet::new();
+        for m in &self.models {
+            let key_ok = !m.key.is_empty()
+                && m.key.len() <= crate::memory::MAX_SCOPE_NAME
+                && m.key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+            if !key_ok {
+                return invalid(format!("model key {:?}: use 1 to 64 of a-z, 0-9, '-', '.', '_'", m.key));
+            }
+            if !keys.insert(&m.key) {
+                return invalid(format!("model {:?} is listed twice", m.key));
+            }
+            m.arch.validate().map_err(|e| ConfigError::Invalid(format!("model {:?}: {e}", m.key)))?;
+            if !(1..=MAX_TOKENS).contains(&m.max_tokens_limit)
+                || !(1..=MAX_TOKENS).contains(&m.max_prompt_tokens)
+            {
+                return invalid(format!(
+                    "model {:?}: token limits must be between 1 and {MAX_TOKENS}",
+                    m.key
+                ));
+            }
+            if m.max_prompt_tokens > m.arch.context_length || m.max_tokens_limit > m.arch.context_length {
+                return invalid(format!(
+                    "model {:?}: token limits must fit its context of {} tokens",
+                    m.key, m.arch.context_length
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -304,24 +251,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn embedded_models_are_valid_with_two_engines() {
+    fn embedded_defaults_are_valid_with_both_engines_and_fit_memory_services_defaults() {
         let config = Config::default();
-        config.validate().unwrap();
-        assert!(config.models.len() >= 2);
+        config.validate().expect("valid defaults");
         assert!(config.models.iter().any(|m| m.engine == EngineKind::Webllm));
         assert!(config.models.iter().any(|m| m.engine == EngineKind::TransformersJs));
-        assert!(config.models.iter().any(|m| m.preload));
+        let names: Vec<_> = config.models.iter().map(|m| m.key.as_str()).collect();
+        for preset in Arch::PRESETS {
+            assert!(names.contains(&preset), "{preset} is served by default");
+        }
+        // A bare memory-service sizes its pools for the same device: the preloaded weights fit in
+        // `uniforms` with room for a model loaded on demand, and activations fit theirs.
+        let pools = config.device.pool_split();
+        let pool = |name: &str| pools.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).unwrap_or(0);
+        let preloaded: u64 = config.models.iter().filter(|m| m.preload).map(|m| m.arch.weight_bytes()).sum();
+        let all: u64 = config.models.iter().map(|m| m.arch.weight_bytes()).sum();
+        assert!(preloaded <= pool("uniforms") && all <= pool("uniforms"), "{all} > {}", pool("uniforms"));
+        assert!(config.activation_bytes() <= pool("activations"));
+        assert!(pool("kv-cache") > 16 << 30, "a useful kv-cache");
     }
 
     #[test]
     fn bad_values_are_refused() {
         let bad_addr = Config { memory_addr: "127.0.0.1:50051".into(), ..Config::default() };
         assert!(bad_addr.validate().is_err());
-        assert!(Config { pipeline_depth: 0, ..Config::default() }.validate().is_err());
+        assert!(Config { max_batch_size: 0, ..Config::default() }.validate().is_err());
+        assert!(Config { jitter: 2.0, ..Config::default() }.validate().is_err());
         assert!(Config { models: vec![], ..Config::default() }.validate().is_err());
         let mut dup = Config::default();
         dup.models.push(dup.models[0].clone());
         assert!(dup.validate().is_err());
+        let mut long = Config::default();
+        long.models[0].max_prompt_tokens = long.models[0].arch.context_length + 1;
+        assert!(long.validate().is_err());
         assert!(parse_models("[[models]]\nkey = \"x\"\nengine = \"cuda\"\n").is_err());
+        assert!(parse_models("[[models]]\nkey = \"x\"\nengine = \"webllm\"\npreset = \"gpt-9\"\n").is_err());
     }
 }

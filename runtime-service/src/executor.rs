@@ -1,5 +1,6 @@
-//! The seed's TaskExecutor: a concurrency limit, a bounded admission queue that sheds load when
-//! full, and a registry of generations in flight so `Cancel` can reach them by request id.
+//! The seed's TaskExecutor: a bound on the generations admitted (a full batch plus a bounded
+//! queue; beyond it load is shed), and a registry of generations in flight so `Cancel` can reach
+//! them by request id. The device decides who runs; this decides who may wait for it.
 
 use std::{
     collections::HashMap,
@@ -9,10 +10,6 @@ use std::{
     },
 };
 
-use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
-    time::Instant,
-};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -20,8 +17,8 @@ use crate::error::Error;
 /// Admission control and the in-flight registry.
 #[derive(Debug)]
 pub struct Executor {
-    slots: Arc<Semaphore>,
-    queued: AtomicUsize,
+    admitted: AtomicUsize,
+    limit: usize,
     queue_capacity: usize,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     shutdown: CancellationToken,
@@ -45,6 +42,11 @@ impl Flight {
     pub fn stop(&self, reason: Error) {
         let _ = self.reason.set(reason);
         self.cancel.cancel();
+    }
+
+    /// Marks it as running on the device (no longer queued).
+    pub fn mark_running(&self) {
+        self.queued.store(false, Ordering::Release);
     }
 
     /// Why the generation was stopped; shutdown if nobody said.
@@ -77,33 +79,24 @@ impl Drop for Ticket {
     }
 }
 
-/// A place in the admission queue; gives it back on drop.
+/// A generation's place among the admitted; given back on drop.
 #[derive(Debug)]
-pub struct QueueSlot {
+pub struct Admission {
     executor: Arc<Executor>,
 }
 
-impl Drop for QueueSlot {
+impl Drop for Admission {
     fn drop(&mut self) {
-        self.executor.queued.fetch_sub(1, Ordering::AcqRel);
+        self.executor.admitted.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// The outcome of [`Executor::admit`].
-#[derive(Debug)]
-pub enum Admission {
-    /// A slot was free: run now.
-    Running(OwnedSemaphorePermit),
-    /// Wait in the queue for a slot.
-    Queued(QueueSlot),
-}
-
 impl Executor {
-    /// An executor running up to `max_concurrent` generations with `queue_capacity` waiting.
-    pub fn new(max_concurrent: usize, queue_capacity: usize, shutdown: CancellationToken) -> Arc<Self> {
+    /// An executor admitting a batch of `max_batch` plus `queue_capacity` waiting.
+    pub fn new(max_batch: usize, queue_capacity: usize, shutdown: CancellationToken) -> Arc<Self> {
         Arc::new(Executor {
-            slots: Arc::new(Semaphore::new(max_concurrent)),
-            queued: AtomicUsize::new(0),
+            admitted: AtomicUsize::new(0),
+            limit: max_batch.saturating_add(queue_capacity),
             queue_capacity,
             flights: Mutex::new(HashMap::new()),
             shutdown,
@@ -125,45 +118,21 @@ impl Executor {
         Ok(Ticket { executor: self.clone(), id, flight })
     }
 
-    /// Takes a slot if one is free, else a place in the queue; sheds the call if the queue is
-    /// full. Synchronous, so the shedding answer is the call's own status.
+    /// Admits a generation, or sheds it when the batch and the queue are full. Synchronous, so
+    /// the shedding answer is the call's own status.
     pub fn admit(self: &Arc<Self>) -> Result<Admission, Error> {
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            return Ok(Admission::Running(permit));
-        }
-        let taken = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-            (q < self.queue_capacity).then_some(q + 1)
-        });
+        let taken = self
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.limit).then_some(n + 1));
         match taken {
-            Ok(_) => Ok(Admission::Queued(QueueSlot { executor: self.clone() })),
-            Err(queued) => Err(Error::Overloaded { queued, limit: self.queue_capacity }),
+            Ok(_) => Ok(Admission { executor: self.clone() }),
+            Err(_) => Err(Error::Overloaded { queued: self.queue_capacity, limit: self.queue_capacity }),
         }
     }
 
-    /// Waits in the queue for a slot until `deadline`, or until the flight is stopped.
-    pub async fn wait(
-        &self,
-        slot: QueueSlot,
-        flight: &Flight,
-        deadline: Instant,
-    ) -> Result<OwnedSemaphorePermit, Error> {
-        let acquired = tokio::select! {
-            permit = self.slots.clone().acquire_owned() => permit.map_err(|_| Error::ShuttingDown),
-            () = flight.cancel.cancelled() => Err(flight.reason()),
-            () = tokio::time::sleep_until(deadline) => {
-                Err(Error::DeadlineExceeded(
-                    "no generation slot freed up before the time-to-first-token limit or deadline".into(),
-                ))
-            }
-        };
-        drop(slot);
-        flight.queued.store(false, Ordering::Release);
-        acquired
-    }
-
-    /// Marks a flight as running (it got a slot without queueing).
-    pub fn running(&self, flight: &Flight) {
-        flight.queued.store(false, Ordering::Release);
+    /// Generations admitted and not yet ended.
+    pub fn admitted(&self) -> usize {
+        self.admitted.load(Ordering::Acquire)
     }
 
     /// Cancels generation `id`; returns whether it was still queued.
@@ -173,63 +142,29 @@ impl Executor {
         flight.stop(Error::Cancelled);
         Ok(flight.queued.load(Ordering::Acquire))
     }
-
-    /// Generations waiting for a slot.
-    pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn sheds_when_the_queue_is_full_and_serves_in_turn() {
+    #[test]
+    fn sheds_beyond_a_full_batch_and_queue_and_cancel_reaches_registered_work() {
         let executor = Executor::new(1, 1, CancellationToken::new());
-        let Ok(Admission::Running(first)) = executor.admit() else { panic!("a free slot") };
-        let Ok(Admission::Queued(slot)) = executor.admit() else { panic!("queued") };
+        let first = executor.admit().expect("batch slot");
+        let _second = executor.admit().expect("queue slot");
         assert!(matches!(executor.admit(), Err(Error::Overloaded { queued: 1, limit: 1 })));
-
-        let ticket = executor.register("b".into()).unwrap();
-        let waiter = {
-            let executor = executor.clone();
-            let flight = ticket.flight().clone();
-            tokio::spawn(async move {
-                executor.wait(slot, &flight, Instant::now() + Duration::from_secs(5)).await.map(drop)
-            })
-        };
         drop(first);
-        waiter.await.unwrap().unwrap();
-        assert_eq!(executor.queued(), 0);
-    }
+        assert!(executor.admit().is_ok(), "a place freed up");
 
-    #[tokio::test(start_paused = true)]
-    async fn cancel_reaches_a_queued_generation_and_ids_are_unique() {
-        let executor = Executor::new(1, 4, CancellationToken::new());
-        let Ok(Admission::Running(_busy)) = executor.admit() else { panic!() };
-        let ticket = executor.register("gen-1".into()).unwrap();
+        let ticket = executor.register("gen-1".into()).expect("registered");
         assert!(matches!(executor.register("gen-1".into()), Err(Error::DuplicateRequest(_))));
-        let Ok(Admission::Queued(slot)) = executor.admit() else { panic!() };
         assert_eq!(executor.cancel("gen-1"), Ok(true), "still queued");
-        let result = executor.wait(slot, ticket.flight(), Instant::now() + Duration::from_secs(5)).await;
-        assert!(matches!(result, Err(Error::Cancelled)));
+        assert!(ticket.flight().cancelled().is_cancelled());
+        assert_eq!(ticket.flight().reason(), Error::Cancelled);
+        ticket.flight().mark_running();
+        assert_eq!(executor.cancel("gen-1"), Ok(false));
         drop(ticket);
         assert!(matches!(executor.cancel("gen-1"), Err(Error::RequestNotFound(_))));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_queued_generation_times_out_at_its_deadline() {
-        let executor = Executor::new(1, 4, CancellationToken::new());
-        let Ok(Admission::Running(_busy)) = executor.admit() else { panic!() };
-        let ticket = executor.register("x".into()).unwrap();
-        let Ok(Admission::Queued(slot)) = executor.admit() else { panic!() };
-        let started = Instant::now();
-        let result = executor.wait(slot, ticket.flight(), started + Duration::from_secs(2)).await;
-        assert!(matches!(result, Err(Error::DeadlineExceeded(_))));
-        assert_eq!(Instant::now() - started, Duration::from_secs(2));
-        assert_eq!(executor.queued(), 0);
     }
 }

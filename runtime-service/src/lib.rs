@@ -1,20 +1,26 @@
-//! runtime-service: token generation streamed over gRPC from simulated engines, pipelining a CPU
-//! stage with a GPU stage, with every byte of memory leased from memory-service.
+//! runtime-service: one simulated GPU serving models, with tokens streamed over gRPC from a
+//! continuous-batching engine core whose CPU stage prepares step N+1 while the GPU computes step
+//! N, and every byte of memory leased from memory-service.
 //!
-//! [`engine`] simulates the engines, [`pipeline`] overlaps their CPU and GPU stages,
-//! [`executor`] admits and cancels generations, [`memory`] leases and renews memory,
-//! [`generate`] runs one call end to end, and [`server::run`] serves it all.
+//! [`device`] prices steps with a roofline of real GPUs and models, [`scheduler`] forms batches
+//! and preempts over paged KV blocks, [`core`] runs the device loop, [`kv`] leases KV slabs,
+//! [`engine`] tokenizes and samples, [`executor`] admits and cancels generations, [`memory`]
+//! talks to memory-service, [`generate`] runs one call end to end, and [`server::run`] serves it
+//! all.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod core;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod executor;
 pub mod generate;
+pub mod kv;
 pub mod memory;
 pub mod metrics;
 pub mod models;
-pub mod pipeline;
+pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use rand::{TryRng, rngs::SysRng};
-use runtime_service::{Config, run};
+use runtime_service::{Config, config, core::SchedulerMode, run, scheduler::KvReserve};
 use serving::launch::Launch;
 
 /// Streams generated tokens over gRPC (runtime.v1.RuntimeService), with memory leased from
@@ -24,28 +24,47 @@ struct Args {
     /// memory-service endpoint.
     #[arg(long, env = "RUNTIME_MEMORY_ADDR", default_value = "http://127.0.0.1:50051")]
     memory_addr: String,
-    /// TOML file with models and limits (see deploy/runtime-service.toml). Flags override it.
+    /// TOML file with the device, models and limits (see deploy/runtime-service.toml). Flags
+    /// override it.
     #[arg(long, env = "RUNTIME_CONFIG")]
     config: Option<PathBuf>,
     /// Name of this instance on its memory leases (default: runtime-<random>). In Kubernetes,
     /// the pod name.
     #[arg(long, env = "RUNTIME_INSTANCE")]
     instance: Option<String>,
-    /// Tokens the CPU stage may run ahead of the GPU stage.
-    #[arg(long, env = "RUNTIME_PIPELINE_DEPTH")]
-    pipeline_depth: Option<u32>,
-    /// Generations running at once.
-    #[arg(long, env = "RUNTIME_MAX_CONCURRENT")]
-    max_concurrent: Option<usize>,
-    /// Generations waiting for a slot before new ones are refused.
+    /// Simulated device: an embedded preset (h100-sxm, a100-40gb, l4, webgpu-laptop) or one
+    /// defined under [[devices]] in the config file.
+    #[arg(long, env = "RUNTIME_DEVICE")]
+    device: Option<String>,
+    /// CPU/GPU scheduling of the device: "overlapped" (the CPU prepares step N+1 while the GPU
+    /// computes step N) or "sequential".
+    #[arg(long, env = "RUNTIME_SCHEDULER")]
+    scheduler: Option<SchedulerMode>,
+    /// Sequences in one device step at most.
+    #[arg(long, env = "RUNTIME_MAX_BATCH_SIZE")]
+    max_batch_size: Option<usize>,
+    /// Tokens computed in one step at most; prompts are chunked to fit.
+    #[arg(long, env = "RUNTIME_MAX_BATCHED_TOKENS")]
+    max_batched_tokens: Option<u32>,
+    /// Generations admitted beyond a full batch before new ones are refused.
     #[arg(long, env = "RUNTIME_QUEUE_CAPACITY")]
     queue_capacity: Option<usize>,
+    /// Tokens per KV-cache block.
+    #[arg(long, env = "RUNTIME_KV_BLOCK_TOKENS")]
+    kv_block_tokens: Option<u32>,
+    /// Largest kv-cache slab leased from memory-service at once, in blocks.
+    #[arg(long, env = "RUNTIME_KV_SLAB_BLOCKS")]
+    kv_slab_blocks: Option<u64>,
+    /// How KV memory is taken: "paged" (blocks as sequences grow) or "upfront" (prompt +
+    /// max_tokens at admission, for comparison).
+    #[arg(long, env = "RUNTIME_KV_RESERVE")]
+    kv_reserve: Option<KvReserve>,
+    /// Relative jitter of simulated step times, 0 to 1 (seeded: runs repeat exactly).
+    #[arg(long, env = "RUNTIME_JITTER")]
+    jitter: Option<f64>,
     /// Server-side wait for memory per attempt, in milliseconds.
     #[arg(long, env = "RUNTIME_MEMORY_WAIT_MS")]
     memory_wait_ms: Option<u64>,
-    /// Attempts at reserving memory before the first token.
-    #[arg(long, env = "RUNTIME_RETRY_ATTEMPTS")]
-    retry_attempts: Option<u32>,
     /// TTL of this instance's memory leases, in milliseconds.
     #[arg(long, env = "RUNTIME_LEASE_TTL_MS")]
     lease_ttl_ms: Option<u64>,
@@ -66,19 +85,28 @@ struct Args {
 impl Args {
     fn into_config(self) -> Result<Config, String> {
         let mut config = Config::default();
+        let mut defined = Vec::new();
         if let Some(path) = &self.config {
-            config = config.merge_file(path).map_err(|e| e.to_string())?;
+            config = config::read_file(config, path).map_err(|e| e.to_string())?;
+            defined = config::defined_devices(path).map_err(|e| e.to_string())?;
+        }
+        if let Some(name) = &self.device {
+            config.device = config::find_device(name, &defined).map_err(|e| e.to_string())?;
         }
         config.memory_addr = self.memory_addr;
         config.instance = self
             .instance
             .unwrap_or_else(|| format!("runtime-{:08x}", SysRng.try_next_u64().unwrap_or_default() as u32));
         let ms = Duration::from_millis;
-        config.pipeline_depth = self.pipeline_depth.unwrap_or(config.pipeline_depth);
-        config.max_concurrent = self.max_concurrent.unwrap_or(config.max_concurrent);
+        config.scheduler = self.scheduler.unwrap_or(config.scheduler);
+        config.max_batch_size = self.max_batch_size.unwrap_or(config.max_batch_size);
+        config.max_batched_tokens = self.max_batched_tokens.unwrap_or(config.max_batched_tokens);
         config.queue_capacity = self.queue_capacity.unwrap_or(config.queue_capacity);
+        config.kv_block_tokens = self.kv_block_tokens.unwrap_or(config.kv_block_tokens);
+        config.kv_slab_blocks = self.kv_slab_blocks.unwrap_or(config.kv_slab_blocks);
+        config.kv_reserve = self.kv_reserve.unwrap_or(config.kv_reserve);
+        config.jitter = self.jitter.unwrap_or(config.jitter);
         config.memory_wait = self.memory_wait_ms.map_or(config.memory_wait, ms);
-        config.retry_attempts = self.retry_attempts.unwrap_or(config.retry_attempts);
         config.lease_ttl = self.lease_ttl_ms.map_or(config.lease_ttl, ms);
         config.ttft_timeout = self.ttft_timeout_ms.map_or(config.ttft_timeout, ms);
         config.idle_timeout = self.idle_timeout_ms.map_or(config.idle_timeout, ms);

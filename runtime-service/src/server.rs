@@ -21,10 +21,10 @@ use crate::{
 const UNLOAD_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves `runtime.v1.RuntimeService`, health and reflection on `listener` until `shutdown`
-/// resolves. Health is NOT_SERVING until memory-service answers and the preload models are
-/// loaded. At shutdown: health turns NOT_SERVING, every generation ends with UNAVAILABLE after
-/// returning its memory (within `config.grace_period`), then the models' memory is returned
-/// (within 2 s more). `admin`, if given, serves Prometheus metrics at `/metrics`.
+/// resolves. Health is NOT_SERVING until memory-service answers, the device's activations are
+/// leased and the preload models are loaded. At shutdown: health turns NOT_SERVING, every
+/// generation ends with UNAVAILABLE and the device returns its KV slabs (within
+/// `config.grace_period`), then the models' and activations' memory is returned (within 2 s more). `admin`, if given, serves Prometheus metrics at `/metrics`.
 pub async fn run(
     listener: TcpListener,
     admin: Option<TcpListener>,
@@ -37,19 +37,8 @@ pub async fn run(
     let metrics = Metrics::new()?;
     let shared = Shared::new(config, token.clone(), metrics.clone())
         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-    let executor = shared.executor.clone();
-    let snapshot: serving::admin::Snapshot = Arc::new(move || {
-        let mut out = String::new();
-        let queued = vec![(String::new(), executor.queued() as f64)];
-        serving::admin::family(
-            &mut out,
-            "runtime_queue_depth",
-            "gauge",
-            "Generations waiting for a slot.",
-            &queued,
-        );
-        out
-    });
+    // Every runtime metric is a registered instrument; nothing extra to render per scrape.
+    let snapshot: serving::admin::Snapshot = Arc::new(String::new);
     serving::admin::spawn(admin, &metrics.registry, snapshot, &token);
 
     let (health, router) = serving::grpc::base(metrics.grpc.clone(), &[proto::FILE_DESCRIPTOR_SET])?;
@@ -81,11 +70,13 @@ pub async fn run(
     if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
         warn!(grace = ?grace, "generations still running at the end of the grace period; their leases will expire");
     }
-    // The models' memory is returned even after a slow drain, under its own short bound.
+    // The models' and the device's memory is returned even after a slow drain, under its own
+    // short bound. (The device loop dropped its kv-cache slabs as it stopped.)
     let unload = async {
         for model in shared.models.iter() {
             model.unload().await;
         }
+        shared.activations.release().await;
         shared.tracker.wait().await; // frees retried in the background
     };
     if tokio::time::timeout(UNLOAD_BOUND.min(grace), unload).await.is_err() {

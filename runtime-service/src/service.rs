@@ -6,6 +6,7 @@ use proto::runtime::v1::{self as pb, runtime_service_server::RuntimeService};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    device::{Roofline, Work},
     error::Error,
     generate::{self, GenerateStream},
     state::Shared,
@@ -56,28 +57,20 @@ impl RuntimeService for RuntimeApi {
         &self,
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let models = self
-            .shared
-            .models
-            .iter()
-            .map(|m| {
-                let spec = &m.spec;
-                pb::ModelInfo {
-                    key: spec.key.clone(),
-                    engine: spec.engine.name().to_owned(),
-                    loaded: m.is_loaded(),
-                    uniform_bytes: spec.memory.uniform_bytes,
-                    kv_cache_bytes_per_token: spec.memory.kv_bytes_per_token,
-                    activation_bytes_per_token: spec.memory.activation_bytes_per_token,
-                    max_tokens_limit: spec.max_tokens_limit,
-                    max_prompt_tokens: spec.max_prompt_tokens,
-                    prefill_per_token: duration(spec.latency.prefill_per_token),
-                    cpu_per_token: duration(spec.latency.cpu_per_token),
-                    gpu_per_token: duration(spec.latency.gpu_per_token),
-                }
-            })
-            .collect();
-        Ok(Response::new(pb::ListModelsResponse { models }))
+        let config = &self.shared.config;
+        let device = &config.device;
+        let models = self.shared.models.iter().map(|m| model_info(config, m)).collect();
+        let device = pb::DeviceInfo {
+            name: device.name.clone(),
+            memory_bytes: device.memory_bytes,
+            bandwidth_bytes_per_second: device.bandwidth_bytes_per_s,
+            flops_per_second: device.flops_per_s,
+            scheduler: config.scheduler.name().to_owned(),
+            max_batch_size: config.max_batch_size as u32,
+            max_batched_tokens: config.max_batched_tokens,
+            kv_block_tokens: config.kv_block_tokens,
+        };
+        Ok(Response::new(pb::ListModelsResponse { models, device: Some(device) }))
     }
 
     async fn cancel(
@@ -91,5 +84,31 @@ impl RuntimeService for RuntimeApi {
         let was_queued = self.shared.executor.cancel(&id).map_err(|e| self.status(e))?;
         tracing::info!(request_id = %id, was_queued, "generation cancelled");
         Ok(Response::new(pb::CancelResponse { was_queued }))
+    }
+}
+
+/// What ListModels says of one model: its size, and its costs on this device at batch 1.
+fn model_info(config: &crate::Config, model: &crate::models::Model) -> pb::ModelInfo {
+    let spec = &model.spec;
+    let roofline = Roofline::new(&config.device, &spec.arch);
+    let decode = roofline.step([Work { tokens: 1, context: 1 }]);
+    let chunk = 512u32.min(spec.max_prompt_tokens);
+    let prefill = roofline.step([Work { tokens: chunk, context: 0 }]).gpu / chunk;
+    pb::ModelInfo {
+        key: spec.key.clone(),
+        engine: spec.engine.name().to_owned(),
+        loaded: model.is_loaded(),
+        uniform_bytes: spec.arch.weight_bytes(),
+        kv_cache_bytes_per_token: spec.arch.kv_bytes_per_token(),
+        activation_bytes_per_token: spec.arch.activation_bytes_per_token(),
+        max_tokens_limit: spec.max_tokens_limit,
+        max_prompt_tokens: spec.max_prompt_tokens,
+        prefill_per_token: duration(prefill),
+        cpu_per_token: duration(decode.cpu),
+        gpu_per_token: duration(decode.gpu),
+        parameters: spec.arch.parameters,
+        layers: spec.arch.layers,
+        context_length: spec.arch.context_length,
+        decode_floor: duration(Roofline::weights_floor(&config.device, &spec.arch)),
     }
 }

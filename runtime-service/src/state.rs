@@ -1,16 +1,22 @@
-//! State shared by every handler and background task of runtime-service.
+//! State shared by every handler and background task of runtime-service, and the wiring of the
+//! device: one lane per model, each with its slab leaser.
 
 use std::sync::Arc;
 
+use tokio::sync::{Notify, OnceCell};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::Config,
+    core::{Device, DeviceSettings, LaneSpec},
+    device::Roofline,
     error::Error,
     executor::Executor,
-    memory::{MemoryClient, Renewer},
+    kv::{self, SlabPlan},
+    memory::{Loader, MemoryClient, Renewer, Standing},
     metrics::Metrics,
-    models::{Loader, Models},
+    models::{ACTIVATIONS, KV_CACHE, Models},
+    scheduler::Limits,
 };
 
 /// Everything a generation needs, built once at start-up.
@@ -24,10 +30,16 @@ pub struct Shared {
     pub memory: MemoryClient,
     /// Keeps this instance's leases alive.
     pub renewer: Renewer,
-    /// Generation tasks and background frees; shutdown waits for them.
+    /// Generation tasks, the device loop and background frees; shutdown waits for them.
     pub tracker: TaskTracker,
     /// Admission control and Cancel registry.
     pub executor: Arc<Executor>,
+    /// The simulated device.
+    pub device: Device,
+    /// The device's double-buffered activations, leased at start.
+    pub activations: Standing,
+    /// Capacity of memory-service's kv-cache pool, learned once.
+    kv_capacity: OnceCell<u64>,
     /// Cancelled when shutdown starts.
     pub shutdown: CancellationToken,
     /// Prometheus instruments.
@@ -35,24 +47,71 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Builds the state; starts the renewal task.
+    /// Builds the state; starts the renewal task, the device loop and the slab leasers.
     pub fn new(config: Config, shutdown: CancellationToken, metrics: Metrics) -> Result<Arc<Self>, Error> {
         let memory = MemoryClient::new(&config.memory_addr, &config.instance, config.memory_timeout)?;
         let renewer = Renewer::spawn(memory.clone(), config.lease_ttl / 3, shutdown.clone());
-        let executor = Executor::new(config.max_concurrent, config.queue_capacity, shutdown.clone());
+        let executor = Executor::new(config.max_batch_size, config.queue_capacity, shutdown.clone());
+        let tracker = TaskTracker::new();
+        let loader = Loader {
+            client: memory.clone(),
+            renewer: renewer.clone(),
+            tracker: tracker.clone(),
+            ttl: config.lease_ttl,
+            max_wait: config.memory_wait,
+            instance: config.instance.clone(),
+        };
+        let wake = Arc::new(Notify::new());
+        let limits = Limits {
+            max_batch: config.max_batch_size,
+            token_budget: config.max_batched_tokens,
+            reserve: config.kv_reserve,
+        };
+        let mut lanes = Vec::with_capacity(config.models.len());
+        for spec in &config.models {
+            let (link, end) = kv::link(wake.clone());
+            let plan = SlabPlan {
+                model: spec.key.clone(),
+                block_bytes: spec.block_bytes(config.kv_block_tokens),
+                slab_blocks: config.kv_slab_blocks,
+            };
+            kv::spawn(end, plan, loader.clone(), shutdown.clone());
+            let lane = LaneSpec {
+                model: spec.key.clone(),
+                roofline: Roofline::new(&config.device, &spec.arch),
+                block_tokens: config.kv_block_tokens,
+                limits,
+                low_watermark: config.kv_low_watermark_blocks,
+                slab_blocks: config.kv_slab_blocks,
+            };
+            lanes.push((lane, link));
+        }
+        let settings = DeviceSettings {
+            mode: config.scheduler,
+            jitter: config.jitter,
+            jitter_seed: config.jitter_seed,
+            kv_idle_release: config.kv_idle_release,
+        };
+        let inbox = config.max_batch_size.saturating_add(config.queue_capacity);
+        let device = Device::spawn(settings, lanes, inbox, wake, metrics.clone(), shutdown.clone(), &tracker);
+        let activations =
+            Standing::new(ACTIVATIONS, config.activation_bytes(), "device", &config.device.name);
         Ok(Arc::new(Shared {
             models: Models::new(&config),
             memory,
             renewer,
-            tracker: TaskTracker::new(),
+            tracker,
             executor,
+            device,
+            activations,
+            kv_capacity: OnceCell::new(),
             shutdown,
             config,
             metrics,
         }))
     }
 
-    /// What model loading needs.
+    /// What taking a standing lease needs.
     pub fn loader(&self) -> Loader {
         Loader {
             client: self.memory.clone(),
@@ -62,5 +121,10 @@ impl Shared {
             max_wait: self.config.memory_wait,
             instance: self.config.instance.clone(),
         }
+    }
+
+    /// Capacity of memory-service's kv-cache pool (asked once; pools are never resized).
+    pub async fn kv_capacity(&self) -> Result<u64, Error> {
+        self.kv_capacity.get_or_try_init(|| self.memory.pool_capacity(KV_CACHE)).await.copied()
     }
 }

@@ -1,5 +1,6 @@
-//! Readiness: health turns SERVING once memory-service answers and the preload models are
-//! loaded, and back to NOT_SERVING while either is lost (memory-service down or restarted).
+//! Readiness: health turns SERVING once memory-service answers, the device's activations are
+//! leased and the preload models are loaded, and back to NOT_SERVING while any is lost
+//! (memory-service down or restarted).
 
 use std::{sync::Arc, time::Duration};
 
@@ -33,6 +34,7 @@ async fn become_ready(shared: &Shared) -> bool {
         let attempt = async {
             shared.memory.ping().await?;
             let loader = shared.loader();
+            shared.activations.ensure(&loader).await?;
             for model in shared.models.iter().filter(|m| m.spec.preload) {
                 model.ensure_loaded(&loader).await?;
             }
@@ -58,7 +60,8 @@ async fn become_ready(shared: &Shared) -> bool {
 /// shutdown (false).
 async fn stay_ready(shared: &Shared) -> bool {
     let degraded = CancellationToken::new();
-    for lost in shared.models.iter().filter(|m| m.spec.preload).filter_map(|m| m.lost_signal()) {
+    let preloaded = shared.models.iter().filter(|m| m.spec.preload).filter_map(|m| m.lost_signal());
+    for lost in preloaded.chain(shared.activations.lost_signal()) {
         let degraded = degraded.clone();
         tokio::spawn(async move {
             tokio::select! {

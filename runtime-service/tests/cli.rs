@@ -17,9 +17,12 @@ fn bad_configuration_is_refused_before_binding() {
     let listen = taken.local_addr().expect("addr").to_string();
     let cases: &[(&[&str], &str)] = &[
         (&["--memory-addr", "127.0.0.1:50051"], "http://host:port"),
-        (&["--pipeline-depth", "0"], "pipeline depth"),
-        (&["--max-concurrent", "0"], "max concurrent"),
-        (&["--retry-attempts", "0"], "retry attempts"),
+        (&["--device", "h200"], "no device \"h200\""),
+        (&["--scheduler", "eager"], "overlapped"),
+        (&["--max-batch-size", "0"], "max batch size"),
+        (&["--kv-block-tokens", "0"], "KV block tokens"),
+        (&["--kv-reserve", "lazy"], "paged"),
+        (&["--jitter", "1.5"], "jitter"),
         (&["--idle-timeout-ms", "1"], "idle timeout"),
         (&["--config", "/nonexistent/runtime.toml"], "cannot read"),
         (&["--instance", ""], "instance name"),
@@ -40,12 +43,20 @@ fn a_config_file_with_bad_models_is_refused() {
     let dir = std::env::temp_dir().join(format!("runtime-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("runtime.toml");
-    let bad_engine = "[[models]]\nkey = \"m\"\nengine = \"cuda\"\nuniform_bytes = 1\nkv_bytes_per_token = 1\n\
-                      activation_bytes_per_token = 1\nmax_tokens_limit = 1\nmax_prompt_tokens = 1\n";
-    std::fs::write(&path, bad_engine).expect("write config");
-    let out = runtime(&["--config", path.to_str().expect("utf-8 path")]);
-    assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cuda"));
+    let cases = [
+        ("[[models]]\nkey = \"m\"\nengine = \"cuda\"\n", "cuda"),
+        ("[[models]]\nkey = \"m\"\nengine = \"webllm\"\npreset = \"gpt-9\"\n", "no architecture preset"),
+        ("[[models]]\nkey = \"phi-3-mini\"\nengine = \"webllm\"\nmax_prompt_tokens = 9000\n", "context"),
+        ("device = \"tpu\"\n", "no device"),
+        ("pipeline_depth = 2\n", "pipeline_depth"),
+    ];
+    for (text, needle) in cases {
+        std::fs::write(&path, text).expect("write config");
+        let out = runtime(&["--config", path.to_str().expect("utf-8 path")]);
+        assert_eq!(out.status.code(), Some(64), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+    }
     std::fs::remove_dir_all(&dir).expect("clean up");
 }
 
@@ -54,7 +65,9 @@ fn help_documents_the_environment_fallbacks() {
     let out = runtime(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
     let help = String::from_utf8_lossy(&out.stdout);
-    for var in ["RUNTIME_LISTEN", "RUNTIME_MEMORY_ADDR", "RUNTIME_CONFIG", "RUNTIME_PIPELINE_DEPTH"] {
+    for var in
+        ["RUNTIME_LISTEN", "RUNTIME_MEMORY_ADDR", "RUNTIME_CONFIG", "RUNTIME_DEVICE", "RUNTIME_SCHEDULER"]
+    {
         assert!(help.contains(var), "{var} missing from --help");
     }
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod deadline;
+pub mod device;
 pub mod grpc;
 pub mod launch;
 pub mod observe;

@@ -2,6 +2,8 @@
 //! and stop them by joining their tasks, so a server error fails the test.
 #![forbid(unsafe_code)]
 
+pub mod process;
+
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use memory_service::Config;
@@ -250,45 +252,113 @@ pub fn config_with_pools(pools: &[(&str, u64)]) -> Config {
     }
 }
 
-/// Test models: fast, jitter-free profiles and small memory footprints.
+/// Test models: tiny architectures, so steps are quick and memory footprints small. On
+/// [`test_device`] a decode step of `test-webllm` reads 1 MB of weights at 1 GB/s (1 ms) plus a
+/// 2 ms launch, about 3 ms; its CPU stage costs 2 ms per step. KV: 256 bytes per token, so a
+/// 16-token block is 4 KiB.
 pub const TEST_MODELS: &str = r#"
 [[models]]
 key = "test-webllm"
 engine = "webllm"
 preload = true
-uniform_bytes = "1MiB"
-kv_bytes_per_token = "1KiB"
-activation_bytes_per_token = "4KiB"
 max_tokens_limit = 512
 max_prompt_tokens = 256
-# Whole milliseconds: tokio's timer (paused or not) has millisecond resolution.
-prefill_per_token_ms = 1.0
-cpu_per_token_ms = 2.0
-gpu_per_token_ms = 3.0
-jitter = 0.0
+[models.arch]
+parameters = 1000000
+layers = 2
+hidden_size = 64
+attention_heads = 2
+kv_heads = 2
+head_dim = 32
+intermediate_size = 128
+dtype_bytes = 1
+context_length = 4096
 
 [[models]]
 key = "test-tjs"
 engine = "transformers-js"
 preload = false
-uniform_bytes = "2MiB"
-kv_bytes_per_token = "2KiB"
-activation_bytes_per_token = "8KiB"
 max_tokens_limit = 512
 max_prompt_tokens = 256
-prefill_per_token_ms = 0.1
-cpu_per_token_ms = 3.0
-gpu_per_token_ms = 2.0
-jitter = 0.2
+[models.arch]
+parameters = 2000000
+layers = 2
+hidden_size = 64
+attention_heads = 2
+kv_heads = 2
+head_dim = 32
+intermediate_size = 128
+dtype_bytes = 1
+context_length = 4096
 "#;
 
-/// A runtime config pointing at `memory` with the test models.
+/// The test device in config-file form (for child processes), selected by `device = "test-gpu"`.
+pub const TEST_DEVICE: &str = r#"
+device = "test-gpu"
+jitter = 0.0
+kv_idle_release_ms = 0
+kv_slab_blocks = 16
+[[devices]]
+name = "test-gpu"
+memory_bytes = 1073741824
+bandwidth_bytes_per_s = 1e9
+flops_per_s = 1e12
+bandwidth_efficiency = 1.0
+flops_efficiency = 1.0
+launch_overhead_s = 0.002
+cpu_per_step_s = 0.002
+cpu_per_seq_s = 0.0
+"#;
+
+/// The test device: round numbers, so step times can be checked by hand.
+pub fn test_device() -> runtime_service::device::DeviceSpec {
+    runtime_service::device::DeviceSpec {
+        name: "test-gpu".into(),
+        memory_bytes: 1 << 30,
+        bandwidth_bytes_per_s: 1e9,
+        flops_per_s: 1e12,
+        bandwidth_efficiency: 1.0,
+        flops_efficiency: 1.0,
+        launch_overhead_s: 0.002,
+        cpu_per_step_s: 0.002,
+        cpu_per_seq_s: 0.0,
+    }
+}
+
+/// Bytes of one KV block of the test models (16 tokens × 256 bytes).
+pub const TEST_BLOCK_BYTES: u64 = 4096;
+
+/// A runtime config pointing at `memory` with the test models on the test device, no jitter,
+/// 16-block slabs returned as soon as a model falls idle.
 pub fn runtime_config(memory: SocketAddr) -> runtime_service::Config {
     runtime_service::Config {
         memory_addr: format!("http://{memory}"),
         instance: "test-runtime".into(),
+        device: test_device(),
         models: runtime_service::config::parse_models(TEST_MODELS).expect("test models parse"),
+        jitter: 0.0,
+        kv_idle_release: Duration::ZERO,
+        kv_slab_blocks: 16,
         ..runtime_service::Config::default()
+    }
+}
+
+/// Waits until `pool` holds `used` bytes, woken by its FREED and EXPIRED events (no polling):
+/// slabs go back to memory-service in the background once a model falls idle.
+pub async fn wait_for_used(memory: &MemoryServer, pool: &str, used: u64) {
+    use proto::memory::v1::{EventKind, WatchEventsRequest};
+    let mut client = memory.client().await;
+    let filter = WatchEventsRequest {
+        pools: vec![pool.into()],
+        kinds: vec![EventKind::Freed.into(), EventKind::Expired.into(), EventKind::Allocated.into()],
+    };
+    let mut events = client.watch_events(filter).await.expect("watch events").into_inner();
+    loop {
+        if stats(&mut client, pool).await.used_bytes == used {
+            return;
+        }
+        let next = tokio::time::timeout(Duration::from_secs(60), events.next()).await;
+        assert!(matches!(next, Ok(Some(Ok(_)))), "{pool} never reached {used} bytes used");
     }
 }
 

@@ -1,6 +1,8 @@
 //! Both admin ports serve Prometheus text, and the values move as a generation runs.
 
-use e2e::{MemoryServer, RuntimeServer, config_with_pools, runtime_config, sample};
+use e2e::{
+    MemoryServer, RuntimeServer, TEST_BLOCK_BYTES, config_with_pools, runtime_config, sample, wait_for_used,
+};
 use proto::{
     memory::v1::CreatePoolRequest,
     runtime::v1::{GenerateRequest, generate_response::Item},
@@ -35,7 +37,14 @@ async fn metrics_follow_a_generation_in_both_services() {
     assert_eq!(sample(&rt, "runtime_active_streams", &[]), Some(1.0), "{rt}");
     assert!(sample(&rt, "runtime_tokens_generated_total", &[]).unwrap() >= 5.0);
     assert_eq!(sample(&rt, "runtime_time_to_first_token_seconds_count", &[]), Some(1.0));
-    assert_eq!(sample(&rt, "runtime_queue_depth", &[]), Some(0.0));
+    assert_eq!(sample(&rt, "runtime_waiting_sequences", &[]), Some(0.0));
+    assert_eq!(sample(&rt, "runtime_running_sequences", &[]), Some(1.0));
+    let model = r#"model="test-webllm""#;
+    assert_eq!(sample(&rt, "runtime_kv_blocks", &[model, r#"state="total""#]), Some(16.0), "one slab");
+    let used = sample(&rt, "runtime_kv_blocks", &[model, r#"state="used""#]).unwrap();
+    assert!((1.0..=2.0).contains(&used), "4 prompt + 5 tokens: one or two blocks ({used})");
+    assert_eq!(sample(&rt, "runtime_kv_utilization", &[model]), Some(used / 16.0));
+    assert_eq!(sample(&rt, "runtime_kv_slabs", &[model]), Some(1.0));
     let generate_any = [r#"grpc_method="Generate""#];
     assert_eq!(
         sample(&rt, "grpc_server_handled_total", &generate_any),
@@ -44,12 +53,14 @@ async fn metrics_follow_a_generation_in_both_services() {
     );
     let mem = memory.scrape().await;
     let kv = r#"pool="kv-cache""#;
-    assert_eq!(sample(&mem, "memory_pool_used_bytes", &[kv]), Some(f64::from(1024 * (4 + 50))), "{mem}");
+    let slab = (16 * TEST_BLOCK_BYTES) as f64;
+    assert_eq!(sample(&mem, "memory_pool_used_bytes", &[kv]), Some(slab), "{mem}");
     assert_eq!(sample(&mem, "memory_pool_live_leases", &[r#"pool="activations""#]), Some(1.0));
     assert_eq!(sample(&mem, "memory_pool_capacity_bytes", &[kv]), Some(f64::from(64 << 20)));
     let allocate_ok =
         [r#"grpc_service="memory.v1.MemoryService""#, r#"grpc_method="Allocate""#, r#"grpc_code="OK""#];
-    assert!(sample(&mem, "grpc_server_handled_total", &allocate_ok).unwrap() >= 2.0, "uniforms + generation");
+    let allocated = sample(&mem, "grpc_server_handled_total", &allocate_ok).unwrap();
+    assert_eq!(allocated, 3.0, "weights, activations and one kv-cache slab");
 
     while let Some(item) = stream.next().await {
         item.unwrap();
@@ -63,16 +74,21 @@ async fn metrics_follow_a_generation_in_both_services() {
     assert_eq!(sample(&rt, "runtime_inter_token_seconds_count", &[]), Some(49.0));
     assert_eq!(sample(&rt, "runtime_memory_wait_seconds_count", &[]), Some(1.0));
     let gpu = [r#"stage="gpu""#, r#"state="busy""#];
-    assert!(
-        (sample(&rt, "runtime_pipeline_seconds_total", &gpu).unwrap() - 0.154).abs() < 1e-9,
-        "4 ms prefill + 50 × 3 ms"
-    );
+    let gpu_busy = sample(&rt, "runtime_device_seconds_total", &gpu).unwrap();
+    assert!((gpu_busy - 0.150).abs() < 0.001, "50 steps of about 3 ms: {gpu_busy}");
+    let stall = [r#"stage="gpu""#, r#"state="waiting_for_cpu""#];
+    assert_eq!(sample(&rt, "runtime_device_seconds_total", &stall), Some(0.002), "only the first step's CPU");
+    assert_eq!(sample(&rt, "runtime_batch_size_count", &[]), Some(50.0));
+    assert_eq!(sample(&rt, "runtime_step_seconds_count", &[r#"phase="decode""#]), Some(49.0));
+    assert_eq!(sample(&rt, "runtime_preemptions_total", &[]), Some(0.0));
+    assert_eq!(sample(&rt, "runtime_running_sequences", &[]), Some(0.0));
     let generate_ok = [r#"grpc_method="Generate""#, r#"grpc_code="OK""#];
     assert_eq!(
         sample(&rt, "grpc_server_handled_total", &generate_ok),
         Some(1.0),
         "counted when the stream ended"
     );
+    wait_for_used(&memory, "kv-cache", 0).await;
     let mem = memory.scrape().await;
     assert_eq!(sample(&mem, "memory_pool_used_bytes", &[kv]), Some(0.0));
     assert_eq!(sample(&mem, "memory_leases_freed_total", &[kv]), Some(1.0));

@@ -1,14 +1,16 @@
-//! Generate end to end: both services on loopback, a full stream and its summary, determinism,
-//! validation, and memory returned to the pools after every generation.
+//! Generate end to end: both services on loopback, a full stream and its summary, the device's
+//! scheduler, determinism, validation, and memory returned to the pools after every generation.
 
 use std::time::Duration;
 
-use e2e::{MemoryServer, RuntimeServer, config_with_pools, runtime_config, stats};
+use e2e::{
+    MemoryServer, RuntimeServer, TEST_BLOCK_BYTES, config_with_pools, runtime_config, stats, wait_for_used,
+};
 use proto::runtime::v1::{
     CancelRequest, FinishReason, GenerateRequest, GenerateResponse, ListModelsRequest, PipelineMode, Summary,
     generate_response::Item,
 };
-use tokio::time::Instant;
+use runtime_service::core::SchedulerMode;
 use tokio_stream::StreamExt;
 use tonic::{Code, Status, Streaming};
 
@@ -52,64 +54,83 @@ async fn stack() -> (MemoryServer, RuntimeServer) {
     (memory, runtime)
 }
 
+fn ms(d: Option<prost_types::Duration>) -> f64 {
+    Duration::try_from(d.expect("duration set")).expect("non-negative").as_secs_f64() * 1e3
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_generation_streams_tokens_then_a_summary_and_returns_its_memory() {
     let (memory, runtime) = stack().await;
     let mut client = runtime.client().await;
     let mut pools = memory.client().await;
     let uniforms_loaded = stats(&mut pools, "uniforms").await.used_bytes;
-    assert_eq!(uniforms_loaded, 1 << 20, "the preload model holds its uniforms");
+    assert_eq!(uniforms_loaded, 1_000_000, "the preload model holds its weights");
+    let activations = stats(&mut pools, "activations").await.used_bytes;
+    assert_eq!(activations, 256 * 2048 * 2, "the device's double-buffered activations");
 
-    let started = Instant::now();
     let stream =
         client.generate(request("Explain pipelining in one paragraph.", 40, 7)).await.unwrap().into_inner();
     let (texts, summary) = collect(stream).await.unwrap();
-    let took = Instant::now() - started;
 
     assert_eq!(texts.len(), 40);
     assert!(texts[0].chars().next().is_some_and(char::is_uppercase), "{texts:?}");
     assert_eq!(summary.finish_reason(), FinishReason::Length);
     assert_eq!((summary.prompt_tokens, summary.completion_tokens), (6, 40));
     assert_eq!(summary.pipeline_mode(), PipelineMode::Pipelined);
-    assert_eq!(summary.pipeline_depth, 2);
-    assert_eq!(summary.kv_cache_bytes, 1024 * (6 + 40));
-    assert_eq!(summary.activation_bytes, 2 * 4096);
+    assert_eq!(summary.scheduler, "overlapped");
+    // Paged: 6 prompt tokens + 39 decoded ones hold ceil(45 / 16) = 3 blocks at the end.
+    assert_eq!((summary.peak_kv_blocks, summary.kv_block_tokens), (3, 16));
+    assert_eq!(summary.kv_cache_bytes, 3 * TEST_BLOCK_BYTES);
+    assert_eq!(summary.activation_bytes, activations);
+    assert_eq!((summary.mean_batch_size, summary.preemptions), (1.0, 0));
     assert!(!summary.request_id.is_empty());
-    // Paused clock, no jitter: prefill 6 × 1 ms, then min(cpu, gpu) 2 ms + 40 × max(cpu, gpu) 3 ms.
-    let ms = |v: f64| Duration::from_secs_f64(v / 1000.0);
-    assert_eq!(took, ms(6.0) + ms(2.0) + ms(3.0) * 40);
-    let ttft = Duration::try_from(summary.time_to_first_token.unwrap()).unwrap();
-    assert_eq!(ttft, ms(6.0) + ms(2.0) + ms(3.0));
-    assert!((summary.tokens_per_second - 1000.0 / 3.0).abs() < 0.01, "{}", summary.tokens_per_second);
-    assert_eq!(Duration::try_from(summary.gpu_idle_waiting_for_cpu.unwrap()).unwrap(), ms(2.0));
+    // Paused clock, no jitter: a decode step is 1 ms of weights + 2 ms launch (+ a few µs of
+    // KV); the 2 ms CPU stage hides behind it. The first token pays CPU 2 ms + prefill 3 ms.
+    let tpot = ms(summary.time_per_output_token);
+    assert!((3.0..3.05).contains(&tpot), "TPOT {tpot} ms");
+    let ttft = ms(summary.time_to_first_token);
+    assert!((5.0..=6.0).contains(&ttft), "TTFT {ttft} ms (plus up to a 1 ms timer tick)");
+    assert!((summary.tokens_per_second - 1000.0 / tpot).abs() < 0.5, "{}", summary.tokens_per_second);
+    assert!((ms(summary.gpu_busy) - 40.0 * 3.0).abs() < 1.0, "{}", ms(summary.gpu_busy));
+    assert!((ms(summary.gpu_idle_waiting_for_cpu) - 2.0).abs() < 1e-6, "only the first step waits");
 
-    for pool in ["kv-cache", "activations"] {
-        let s = stats(&mut pools, pool).await;
-        assert_eq!((s.used_bytes, s.live_leases), (0, 0), "{pool} returned before the summary was sent");
-        assert_eq!(s.granted_total, 1, "{pool}: one reservation, no per-token calls");
-    }
+    // The blocks went back to the device at once; the idle model's slab goes back to
+    // memory-service right after (the tests' linger is zero).
+    wait_for_used(&memory, "kv-cache", 0).await;
+    let kv = stats(&mut pools, "kv-cache").await;
+    assert_eq!((kv.granted_total, kv.live_leases), (1, 0), "one 16-block slab, no per-token calls");
     runtime.stop().await;
-    assert_eq!(stats(&mut pools, "uniforms").await.used_bytes, 0, "shutdown unloads the model");
+    for pool in ["uniforms", "activations", "kv-cache"] {
+        assert_eq!(stats(&mut pools, pool).await.used_bytes, 0, "shutdown returns {pool}");
+    }
     memory.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
-async fn sequential_mode_takes_the_sum_of_the_stages() {
-    let (memory, runtime) = stack().await;
-    let mut client = runtime.client().await;
-    let mut req = request("Same prompt.", 30, 1);
-    req.pipeline_mode = PipelineMode::Sequential.into();
-    let started = Instant::now();
-    let (texts, summary) = collect(client.generate(req.clone()).await.unwrap().into_inner()).await.unwrap();
-    let took = Instant::now() - started;
-    assert_eq!(summary.pipeline_mode(), PipelineMode::Sequential);
-    let ms = |v: f64| Duration::from_secs_f64(v / 1000.0);
-    assert_eq!(took, ms(3.0) + ms(5.0) * 30, "prefill + n·(cpu + gpu)");
-
-    req.pipeline_mode = PipelineMode::Pipelined.into();
-    let (pipelined, _) = collect(client.generate(req).await.unwrap().into_inner()).await.unwrap();
-    assert_eq!(texts, pipelined, "the schedule changes the timing, never the tokens");
-    runtime.stop().await;
+async fn the_devices_scheduler_overlaps_or_not_and_never_changes_the_tokens() {
+    let memory = MemoryServer::start(config_with_pools(POOLS)).await;
+    let mut runs = Vec::new();
+    for scheduler in [SchedulerMode::Overlapped, SchedulerMode::Sequential] {
+        let config = runtime_service::Config { scheduler, ..runtime_config(memory.addr) };
+        let runtime = RuntimeServer::start(config).await;
+        runtime.ready().await;
+        let mut client = runtime.client().await;
+        // The request's pipeline_mode is deprecated and ignored: the device decides.
+        #[allow(deprecated)]
+        let req = GenerateRequest {
+            pipeline_mode: PipelineMode::Pipelined.into(),
+            ..request("Same prompt.", 30, 1)
+        };
+        runs.push(collect(client.generate(req).await.unwrap().into_inner()).await.unwrap());
+        runtime.stop().await;
+    }
+    let ((overlapped, fast), (sequential, slow)) = (&runs[0], &runs[1]);
+    assert_eq!(overlapped, sequential, "the schedule changes the timing, never the tokens");
+    assert_eq!((fast.scheduler.as_str(), slow.scheduler.as_str()), ("overlapped", "sequential"));
+    assert_eq!(slow.pipeline_mode(), PipelineMode::Sequential);
+    // Overlapped: max(cpu 2, gpu 3) per step; sequential: cpu + gpu = 5.
+    let (fast, slow) = (ms(fast.time_per_output_token), ms(slow.time_per_output_token));
+    assert!((3.0..3.05).contains(&fast) && (5.0..5.05).contains(&slow), "{fast} vs {slow} ms");
     memory.stop().await;
 }
 
@@ -130,8 +151,19 @@ async fn the_same_seed_gives_the_same_tokens() {
     // The Transformers.js-like engine loads on first use and splits long words.
     let tjs = run(42, "test-tjs").await;
     assert_eq!(tjs, run(42, "test-tjs").await);
-    let models = client.list_models(ListModelsRequest {}).await.unwrap().into_inner().models;
+    let listed = client.list_models(ListModelsRequest {}).await.unwrap().into_inner();
+    let device = listed.device.expect("the device is described");
+    assert_eq!(
+        (device.name.as_str(), device.scheduler.as_str(), device.kv_block_tokens),
+        ("test-gpu", "overlapped", 16)
+    );
+    let models = listed.models;
     assert_eq!(models.len(), 2);
+    let webllm = &models[1];
+    assert_eq!((webllm.uniform_bytes, webllm.kv_cache_bytes_per_token, webllm.layers), (1_000_000, 256, 2));
+    // Its decode step on this device: 1 ms of weights at 1 GB/s plus the 2 ms launch.
+    assert!((ms(webllm.gpu_per_token) - 3.0).abs() < 0.01);
+    assert!((ms(webllm.decode_floor) - 1.0).abs() < 1e-9);
     assert!(models.iter().all(|m| m.loaded), "{models:?}");
     assert_eq!(models.iter().map(|m| m.engine.as_str()).collect::<Vec<_>>(), ["transformers-js", "webllm"]);
     runtime.stop().await;
@@ -158,6 +190,7 @@ async fn bad_requests_are_refused_with_what_to_change() {
             "temperature",
         ),
         (GenerateRequest { top_p: 1.5, ..request("hi", 1, 0) }, Code::InvalidArgument, "top_p"),
+        #[allow(deprecated)]
         (GenerateRequest { pipeline_mode: 9, ..request("hi", 1, 0) }, Code::InvalidArgument, "pipeline_mode"),
         (
             GenerateRequest { request_id: "a\nb".into(), ..request("hi", 1, 0) },
@@ -177,9 +210,10 @@ async fn bad_requests_are_refused_with_what_to_change() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_generation_larger_than_a_pool_fails_at_once() {
+async fn a_generation_larger_than_the_kv_pool_fails_at_once() {
+    // Two 4 KiB blocks: 32 tokens, less than the 2 + 100 this generation would reach.
     let memory = MemoryServer::start(config_with_pools(&[
-        ("kv-cache", 10 * 1024),
+        ("kv-cache", 2 * TEST_BLOCK_BYTES + 100),
         ("activations", 1 << 20),
         ("uniforms", 8 << 20),
     ]))
@@ -191,6 +225,9 @@ async fn a_generation_larger_than_a_pool_fails_at_once() {
     let err = collect(stream).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("lower max_tokens"), "{}", err.message());
+    // One that fits in the two blocks runs.
+    let stream = client.generate(request("hi there", 30, 0)).await.unwrap().into_inner();
+    assert_eq!(collect(stream).await.unwrap().0.len(), 30);
     runtime.stop().await;
     memory.stop().await;
 }

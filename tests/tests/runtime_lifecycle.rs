@@ -1,14 +1,15 @@
 //! Every way a generation can end returns its memory: completion, Cancel, client disconnect,
-//! deadline, shutdown; plus backpressure (a small pool), load shedding, and memory-service going
-//! away and coming back.
+//! deadline, shutdown; plus a small kv-cache pool, load shedding, and memory-service going away
+//! and coming back. A generation's KV blocks go back to the device at once; the device's slabs go
+//! back to memory-service as soon as the model falls idle (the tests' linger is zero).
 
 use std::time::Duration;
 
-use e2e::{MemoryServer, RuntimeServer, config_with_pools, runtime_config, stats};
+use e2e::{
+    MemoryServer, RuntimeServer, TEST_BLOCK_BYTES, config_with_pools, runtime_config, stats, wait_for_used,
+};
 use proto::{
-    memory::v1::{
-        EventKind, WatchEventsRequest, WatchEventsResponse, watch_events_response::Item as MemItem,
-    },
+    memory::v1::{EventKind, WatchEventsRequest, watch_events_response::Item as MemItem},
     runtime::v1::{
         CancelRequest, GenerateRequest, GenerateResponse, generate_response::Item,
         runtime_service_client::RuntimeServiceClient,
@@ -50,33 +51,15 @@ async fn outcome(stream: &mut Streaming<GenerateResponse>) -> Result<(), Status>
     Ok(())
 }
 
-/// Waits for a FREED event of the scope's kv-cache and activations leases.
-async fn freed(events: &mut Streaming<WatchEventsResponse>, scope: &str) {
-    let mut pools = Vec::new();
-    while pools.len() < 2 {
-        let Some(MemItem::Event(event)) = events.next().await.expect("open").expect("no error").item else {
-            continue;
-        };
-        // Scopes are `<instance>/gen/<request id>/<nonce>`: unique per attempt.
-        if event.kind() == EventKind::Freed && event.scope_id.starts_with(&format!("{scope}/")) {
-            pools.push(event.pool);
-        }
-    }
-    pools.sort();
-    assert_eq!(pools, ["activations", "kv-cache"]);
-}
-
-async fn watch(memory: &MemoryServer) -> Streaming<WatchEventsResponse> {
-    let filter = WatchEventsRequest { pools: vec![], kinds: vec![EventKind::Freed.into()] };
-    memory.client().await.watch_events(filter).await.expect("watch events").into_inner()
-}
-
+/// The generations' memory is back in memory-service: no kv-cache slab is left, and only the
+/// device's standing activation buffers remain.
 async fn assert_generation_memory_returned(memory: &MemoryServer) {
+    wait_for_used(memory, "kv-cache", 0).await;
     let mut pools = memory.client().await;
-    for pool in ["kv-cache", "activations"] {
-        let s = stats(&mut pools, pool).await;
-        assert_eq!((s.used_bytes, s.live_leases), (0, 0), "{pool}: {s:?}");
-    }
+    let kv = stats(&mut pools, "kv-cache").await;
+    assert_eq!((kv.used_bytes, kv.live_leases), (0, 0), "{kv:?}");
+    let activations = stats(&mut pools, "activations").await;
+    assert!(activations.live_leases <= 1, "{activations:?}");
 }
 
 async fn stack(
@@ -94,14 +77,12 @@ async fn stack(
 #[tokio::test(start_paused = true)]
 async fn cancel_mid_stream_ends_it_and_frees_its_memory() {
     let (memory, runtime, mut client) = stack(|_| {}).await;
-    let mut events = watch(&memory).await;
     let mut stream = client.generate(request(400, "to-cancel")).await.unwrap().into_inner();
     read_tokens(&mut stream, 3).await;
 
     let reply = client.cancel(CancelRequest { request_id: "to-cancel".into() }).await.unwrap().into_inner();
     assert!(!reply.was_queued);
     assert_eq!(outcome(&mut stream).await.unwrap_err().code(), Code::Cancelled);
-    freed(&mut events, "test-runtime/gen/to-cancel").await;
     assert_generation_memory_returned(&memory).await;
     // The id is free again once the generation is gone.
     let again = client.cancel(CancelRequest { request_id: "to-cancel".into() }).await.unwrap_err();
@@ -113,11 +94,9 @@ async fn cancel_mid_stream_ends_it_and_frees_its_memory() {
 #[tokio::test(start_paused = true)]
 async fn a_client_that_hangs_up_frees_its_memory() {
     let (memory, runtime, mut client) = stack(|_| {}).await;
-    let mut events = watch(&memory).await;
     let mut stream = client.generate(request(400, "hang-up")).await.unwrap().into_inner();
     read_tokens(&mut stream, 2).await;
     drop(stream);
-    freed(&mut events, "test-runtime/gen/hang-up").await;
     assert_generation_memory_returned(&memory).await;
     runtime.stop().await;
     memory.stop().await;
@@ -126,13 +105,11 @@ async fn a_client_that_hangs_up_frees_its_memory() {
 #[tokio::test(start_paused = true)]
 async fn a_deadline_mid_stream_frees_its_memory() {
     let (memory, runtime, mut client) = stack(|_| {}).await;
-    let mut events = watch(&memory).await;
     let mut req = tonic::Request::new(request(400, "deadline"));
     req.set_timeout(Duration::from_millis(100)); // 400 tokens take 1.2 s
     let mut stream = client.generate(req).await.unwrap().into_inner();
     let err = outcome(&mut stream).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
-    freed(&mut events, "test-runtime/gen/deadline").await;
     assert_generation_memory_returned(&memory).await;
     runtime.stop().await;
     memory.stop().await;
@@ -141,26 +118,26 @@ async fn a_deadline_mid_stream_frees_its_memory() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_mid_stream_ends_it_cleanly_and_returns_all_memory() {
     let (memory, mut runtime, mut client) = stack(|_| {}).await;
-    let mut events = watch(&memory).await;
     let mut stream = client.generate(request(400, "shutdown")).await.unwrap().into_inner();
     read_tokens(&mut stream, 2).await;
 
     runtime.begin_shutdown();
     let err = outcome(&mut stream).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    freed(&mut events, "test-runtime/gen/shutdown").await;
     runtime.join().await;
-    assert_generation_memory_returned(&memory).await;
     let mut pools = memory.client().await;
-    assert_eq!(stats(&mut pools, "uniforms").await.used_bytes, 0, "models unloaded at shutdown");
+    for pool in ["kv-cache", "activations", "uniforms"] {
+        let s = stats(&mut pools, pool).await;
+        assert_eq!((s.used_bytes, s.live_leases), (0, 0), "{pool} returned at shutdown: {s:?}");
+    }
     memory.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
-async fn twenty_generations_on_a_small_pool_all_complete_by_queueing_for_memory() {
-    // kv-cache for two generations at a time (each needs (7 + 20) × 1 KiB).
+async fn twenty_generations_on_a_small_kv_pool_all_complete_by_waiting_for_blocks() {
+    // kv-cache for two generations at a time: each reaches 7 + 19 tokens, two 16-token blocks.
     let memory = MemoryServer::start(config_with_pools(&[
-        ("kv-cache", 2 * 27 * 1024),
+        ("kv-cache", 4 * TEST_BLOCK_BYTES),
         ("activations", 64 << 20),
         ("uniforms", 64 << 20),
     ]))
@@ -185,16 +162,16 @@ async fn twenty_generations_on_a_small_pool_all_complete_by_queueing_for_memory(
     }
     let mut waited = 0;
     for task in tasks {
-        let summary = task.await.unwrap().expect("queued, not failed");
+        let summary = task.await.unwrap().expect("waited, not failed");
         assert_eq!(summary.completion_tokens, 20);
-        if Duration::try_from(summary.memory_wait.unwrap()).unwrap() > Duration::from_millis(10) {
+        if Duration::try_from(summary.queue_wait.unwrap()).unwrap() > Duration::from_millis(10) {
             waited += 1;
         }
     }
-    assert!(waited >= 10, "most generations waited for memory ({waited})");
+    assert!(waited >= 10, "most generations waited for KV blocks ({waited})");
     assert_generation_memory_returned(&memory).await;
     let mut pools = memory.client().await;
-    assert!(stats(&mut pools, "kv-cache").await.peak_used_bytes <= 2 * 27 * 1024);
+    assert!(stats(&mut pools, "kv-cache").await.peak_used_bytes <= 4 * TEST_BLOCK_BYTES);
     runtime.stop().await;
     memory.stop().await;
 }
@@ -202,7 +179,7 @@ async fn twenty_generations_on_a_small_pool_all_complete_by_queueing_for_memory(
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_sheds_load_and_cancel_reaches_queued_work() {
     let (memory, runtime, mut client) = stack(|c| {
-        c.max_concurrent = 1;
+        c.max_batch_size = 1;
         c.queue_capacity = 1;
     })
     .await;
@@ -229,7 +206,7 @@ async fn a_full_queue_sheds_load_and_cancel_reaches_queued_work() {
 #[tokio::test(start_paused = true)]
 async fn waiting_too_long_for_the_first_token_is_a_deadline() {
     let (memory, runtime, mut client) = stack(|c| {
-        c.max_concurrent = 1;
+        c.max_batch_size = 1;
         c.ttft_timeout = Duration::from_millis(50);
     })
     .await;
@@ -248,9 +225,7 @@ async fn waiting_too_long_for_the_first_token_is_a_deadline() {
 async fn memory_service_down_is_unavailable_fast_and_service_resumes_when_it_returns() {
     let mut memory = MemoryServer::start(config_with_pools(POOLS)).await;
     let addr = memory.addr;
-    let mut config = runtime_config(addr);
-    config.retry_attempts = 3;
-    let runtime = RuntimeServer::start(config).await;
+    let runtime = RuntimeServer::start(runtime_config(addr)).await;
     runtime.ready().await;
     let mut client = runtime.client().await;
 
@@ -262,7 +237,7 @@ async fn memory_service_down_is_unavailable_fast_and_service_resumes_when_it_ret
     let mut stream = client.generate(request(5, "while-down")).await.unwrap().into_inner();
     let err = outcome(&mut stream).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    // Three attempts with 50 ms and 100 ms backoffs (jittered down to half): bounded, not a hang.
+    // The first failed kv-cache lease fails the waiting sequence: no wait for its deadline.
     assert!(tokio::time::Instant::now() - started < Duration::from_secs(1));
 
     // memory-service comes back on the same address, empty (a new epoch).
@@ -281,13 +256,13 @@ async fn memory_service_down_is_unavailable_fast_and_service_resumes_when_it_ret
     outcome(&mut stream).await.expect("served again once memory-service is back");
     // The runtime notices the restart and leases its model's uniforms again.
     let Some(MemItem::Event(event)) = uniforms.next().await.unwrap().unwrap().item else { panic!("event") };
-    assert_eq!((event.size_bytes, event.holder.as_str()), (1 << 20, "test-runtime"));
+    assert_eq!((event.size_bytes, event.holder.as_str()), (1_000_000, "test-runtime"));
     runtime.ready().await;
     // And keeps them: several renewal rounds later they are still held, exactly once.
     tokio::time::sleep(Duration::from_secs(35)).await;
     let mut pools = memory.client().await;
     let held = stats(&mut pools, "uniforms").await;
-    assert_eq!((held.used_bytes, held.live_leases, held.expired_total), (1 << 20, 1, 0), "{held:?}");
+    assert_eq!((held.used_bytes, held.live_leases, held.expired_total), (1_000_000, 1, 0), "{held:?}");
     runtime.stop().await;
     memory.stop().await;
 }
@@ -317,7 +292,6 @@ async fn a_stream_longer_than_the_first_token_limit_loses_no_token() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_is_bounded_even_if_a_client_stops_reading() {
     let (memory, mut runtime, _) = stack(|c| c.grace_period = Duration::from_secs(3)).await;
-    let mut events = watch(&memory).await;
     // A client whose HTTP/2 window holds ~1 KiB: the generation soon blocks on it.
     let tiny = runtime.tiny_window_channel().await;
     let mut client = RuntimeServiceClient::new(tiny);
@@ -326,12 +300,12 @@ async fn shutdown_is_bounded_even_if_a_client_stops_reading() {
     tokio::time::sleep(Duration::from_millis(500)).await; // long enough to fill every buffer
     let started = tokio::time::Instant::now();
     runtime.begin_shutdown();
-    freed(&mut events, "test-runtime/gen/stuck").await;
     runtime.join().await;
     assert!(tokio::time::Instant::now() - started <= Duration::from_secs(5), "grace + 2 s at most");
-    assert_generation_memory_returned(&memory).await;
     let mut pools = memory.client().await;
-    assert_eq!(stats(&mut pools, "uniforms").await.used_bytes, 0, "models unloaded");
+    for pool in ["kv-cache", "activations", "uniforms"] {
+        assert_eq!(stats(&mut pools, pool).await.used_bytes, 0, "{pool} returned");
+    }
     drop(stream);
     memory.stop().await;
 }
@@ -358,7 +332,7 @@ async fn a_generation_whose_memory_is_lost_ends_unavailable() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("lost"), "{}", err.message());
     // Nothing of the orphaned generation exists in the new epoch.
-    assert_generation_memory_returned(&memory).await;
+    wait_for_used(&memory, "kv-cache", 0).await;
     runtime.stop().await;
     memory.stop().await;
 }

@@ -1,13 +1,13 @@
 //! Simulated inference engines: the seed's MockWebLLMEngine and MockTransformersJSEngine.
 //!
-//! An engine is a tokenizer (how text becomes tokens) plus default latency profile; the words come
-//! from the shared [`text::LanguageModel`]. Timing is applied by the pipeline, not here, so the
+//! An engine is a tokenizer (how text becomes tokens) and a sampling style; the words come from the
+//! shared [`text::LanguageModel`]. Timing comes from the device's roofline, not from here, so the
 //! same engine runs under tokio's paused clock in tests and in real time in production.
 
 mod rng;
 pub mod text;
 
-use std::{collections::VecDeque, fmt, time::Duration};
+use std::{collections::VecDeque, fmt};
 
 pub use self::rng::{SplitMix64, fnv1a, mix};
 use self::text::{LanguageModel, Sampling, Word};
@@ -40,40 +40,6 @@ impl EngineKind {
     }
 }
 
-/// Time costs of one model, applied by the pipeline.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LatencyProfile {
-    /// GPU time per prompt token, paid once before the first token.
-    pub prefill_per_token: Duration,
-    /// CPU time to prepare one decode step.
-    pub cpu_per_token: Duration,
-    /// GPU time to compute one decode step.
-    pub gpu_per_token: Duration,
-    /// Relative jitter, 0 to 1: each cost is scaled by `1 + jitter·u`, u uniform in [-1, 1).
-    pub jitter: f64,
-}
-
-impl LatencyProfile {
-    /// No simulated time at all (benchmarks of the serving overhead).
-    pub const ZERO: LatencyProfile = LatencyProfile {
-        prefill_per_token: Duration::ZERO,
-        cpu_per_token: Duration::ZERO,
-        gpu_per_token: Duration::ZERO,
-        jitter: 0.0,
-    };
-}
-
-/// Memory a model needs, leased from memory-service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryProfile {
-    /// kv-cache bytes per token of prompt and completion.
-    pub kv_bytes_per_token: u64,
-    /// Activation bytes per token in flight in the pipeline.
-    pub activation_bytes_per_token: u64,
-    /// Uniform (weights) bytes, leased while the model is loaded.
-    pub uniform_bytes: u64,
-}
-
 /// One generated token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenOut {
@@ -83,34 +49,23 @@ pub struct TokenOut {
     pub text: String,
 }
 
-/// A simulated engine: how it tokenizes, and its default latency.
+/// A simulated engine: how it tokenizes.
 pub trait Engine: Send + Sync + fmt::Debug {
     /// Which engine this is.
     fn kind(&self) -> EngineKind;
-    /// Default latency profile for models that do not set one.
-    fn default_latency(&self) -> LatencyProfile;
     /// Splits one word (with its leading space) into tokens.
     fn split(&self, id: u32, text: String, out: &mut VecDeque<TokenOut>);
     /// Number of tokens `prompt` costs.
     fn count_prompt_tokens(&self, prompt: &str) -> u32;
 }
 
-/// WebLLM-like engine: one token per word or punctuation mark; fast GPU.
+/// WebLLM-like engine: one token per word or punctuation mark.
 #[derive(Debug)]
 pub struct WebLlm;
 
 impl Engine for WebLlm {
     fn kind(&self) -> EngineKind {
         EngineKind::Webllm
-    }
-
-    fn default_latency(&self) -> LatencyProfile {
-        LatencyProfile {
-            prefill_per_token: Duration::from_micros(200),
-            cpu_per_token: Duration::from_millis(12),
-            gpu_per_token: Duration::from_millis(18),
-            jitter: 0.1,
-        }
     }
 
     fn split(&self, id: u32, text: String, out: &mut VecDeque<TokenOut>) {
@@ -123,7 +78,7 @@ impl Engine for WebLlm {
 }
 
 /// Transformers.js-like engine: sub-word tokens (words longer than five characters split after
-/// the fifth); heavier CPU work per step.
+/// the fifth).
 #[derive(Debug)]
 pub struct TransformersJs;
 
@@ -133,15 +88,6 @@ const PIECE_BASE: u32 = 1 << 16;
 impl Engine for TransformersJs {
     fn kind(&self) -> EngineKind {
         EngineKind::TransformersJs
-    }
-
-    fn default_latency(&self) -> LatencyProfile {
-        LatencyProfile {
-            prefill_per_token: Duration::from_micros(500),
-            cpu_per_token: Duration::from_millis(25),
-            gpu_per_token: Duration::from_millis(30),
-            jitter: 0.15,
-        }
     }
 
     fn split(&self, id: u32, text: String, out: &mut VecDeque<TokenOut>) {

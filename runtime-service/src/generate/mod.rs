@@ -1,27 +1,28 @@
-//! One Generate call: admission, model load, memory reservation with retries, then the pipeline
-//! streamed to the client under time limits, and the memory returned on every path.
+//! One Generate call: admission, model load, hand-over to the device, then the device's tokens
+//! streamed to the client under time limits. The sequence's KV blocks live on the device, which
+//! frees them the moment the sequence ends, whichever way it ends.
 
 mod plan;
-mod reserve;
 
 use std::{sync::Arc, time::Duration};
 
 use proto::runtime::v1::{self as pb, generate_response::Item};
 use tokio::{
-    sync::{OwnedSemaphorePermit, mpsc},
+    sync::{mpsc, oneshot},
     time::{Instant, sleep_until},
 };
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::Instrument;
 
 pub use self::plan::Plan;
 use crate::{
+    core::{Emitted, Outcome, Report, SchedulerMode, SeqGuard, Submission, TOKEN_BUFFER},
     engine::Decoder,
     error::Error,
     executor::{Admission, Flight, Ticket},
-    memory::{Lost, Reservation},
-    pipeline::{self, Emitted, Pipeline},
+    memory::Lost,
     state::Shared,
 };
 
@@ -47,15 +48,14 @@ pub fn start(
     let admission = shared.executor.admit()?;
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let limits = Limits::new(&shared.config, started, grpc_timeout);
-    // A child of the call's server span, so queue wait, model load, memory reservation (and the
-    // memory-service calls it makes), decoding and release all land in the caller's trace.
+    // A child of the call's server span, so model load (and the memory-service calls it makes)
+    // and decoding land in the caller's trace.
     let span = tracing::info_span!(
         "generate",
         request_id = %plan.request_id,
         model = %plan.model.spec.key,
         prompt_tokens = plan.prompt_tokens,
         max_tokens = plan.max_tokens,
-        mode = ?plan.mode,
         completion_tokens = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
@@ -125,10 +125,18 @@ impl From<Error> for Stop {
 /// Timings gathered along the way, for the summary.
 #[derive(Debug, Default)]
 struct Timings {
-    queue_wait: Duration,
     memory_wait: Duration,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
+    tokens: u32,
+}
+
+/// The device side of a generation, once handed over.
+struct OnDevice {
+    tokens: mpsc::Receiver<Emitted>,
+    outcome: oneshot::Receiver<Outcome>,
+    /// Dropped last: cancels the sequence on the device if the task ends early.
+    guard: SeqGuard,
 }
 
 struct Generation {
@@ -143,13 +151,8 @@ struct Generation {
 impl Generation {
     async fn run(self, admission: Admission) {
         let metrics = &self.shared.metrics;
-        let mut held: Option<Reservation> = None;
-        let result = self.generate(admission, &mut held).await;
-        // Every path returns the memory, and does so before the client hears the outcome, so a
-        // caller told "done" or "failed" already sees the pools back where they were.
-        if let Some(reservation) = held.take() {
-            reservation.release().instrument(tracing::info_span!("memory.release")).await;
-        }
+        let result = self.generate().await;
+        drop(admission);
         let outcome = match &result {
             Ok(_) => "ok",
             Err(Stop::ClientGone | Stop::Failed(Error::Cancelled)) => "cancelled",
@@ -179,112 +182,127 @@ impl Generation {
         }
     }
 
-    async fn generate(
-        &self,
-        admission: Admission,
-        held: &mut Option<Reservation>,
-    ) -> Result<pb::Summary, Stop> {
+    async fn generate(&self) -> Result<pb::Summary, Stop> {
         let flight = self.ticket.flight();
         let mut timings = Timings::default();
-        // Everything before the first token, abandoned as soon as the client hangs up: a caller
-        // that left must not keep a queue place, load a model or take memory.
-        let admitted = self.admit(admission, flight, &mut timings);
-        let (_permit, reservation) = tokio::select! {
+        // Everything before the hand-over, abandoned as soon as the client hangs up: a caller
+        // that left must not load a model or queue on the device.
+        let admitted = self.admit(flight, &mut timings);
+        let mut on_device = tokio::select! {
             admitted = admitted => admitted?,
             () = self.tx.closed() => return Err(Stop::ClientGone),
         };
-        let lost = reservation.lost().clone();
-        *held = Some(reservation);
-        // Streaming from here on (admitted, loaded, memory held); the guard covers every exit.
         let _active = ActiveStream::new(&self.shared.metrics.active_streams);
-
-        let spec = self.plan.pipeline_spec(self.shared.config.pipeline_depth as usize);
-        let decoder =
-            Decoder::new(self.plan.model.engine, &self.plan.prompt, self.plan.seed, self.plan.sampling);
-        let mut pipeline = Pipeline::new(spec.clone(), decoder);
         // One span for the whole decode, not one per token; its fields summarise the stream.
         let decode = tracing::info_span!(
             "decode",
             tokens = tracing::field::Empty,
             ttft_ms = tracing::field::Empty,
-            gpu_idle_ms = tracing::field::Empty,
+            preemptions = tracing::field::Empty,
         );
+        let lost = self.memory_lost();
         let streamed =
-            self.stream(&mut pipeline, flight, &lost, &mut timings).instrument(decode.clone()).await;
-        let stats = pipeline.stats();
-        decode.record("tokens", stats.tokens);
-        decode.record("gpu_idle_ms", stats.gpu_idle.as_millis() as u64);
+            self.stream(&mut on_device, flight, &lost, &mut timings).instrument(decode.clone()).await;
+        lost.cancel(); // ends the watcher tasks
+        decode.record("tokens", timings.tokens);
         if let Some(first) = timings.first_token {
             decode.record("ttft_ms", (first - self.started).as_millis() as u64);
         }
-        self.record_pipeline(&stats);
-        tracing::Span::current().record("completion_tokens", stats.tokens);
-        streamed?;
-        Ok(self.summary(&spec, &stats, &timings))
+        tracing::Span::current().record("completion_tokens", timings.tokens);
+        let report = streamed?;
+        decode.record("preemptions", report.preemptions);
+        drop(on_device.guard);
+        Ok(self.summary(&report, &timings))
     }
 
-    fn record_pipeline(&self, stats: &pipeline::Stats) {
-        let pipeline = &self.shared.metrics.pipeline;
-        for (stage, state, d) in [
-            ("cpu", "busy", stats.cpu_busy),
-            ("gpu", "busy", stats.gpu_busy),
-            ("gpu", "waiting_for_cpu", stats.gpu_idle),
-            ("cpu", "waiting_for_gpu", stats.cpu_stalled),
-        ] {
-            pipeline.with_label_values(&[stage, state]).inc_by(d.as_secs_f64());
+    /// Cancelled if the model's weights or the device's activations are lost (memory-service
+    /// restarted, or the leases expired): the sequence cannot go on.
+    fn memory_lost(&self) -> CancellationToken {
+        let lost = CancellationToken::new();
+        let signals: Vec<Lost> = [self.plan.model.lost_signal(), self.shared.activations.lost_signal()]
+            .into_iter()
+            .flatten()
+            .collect();
+        for signal in signals {
+            let lost = lost.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = signal.cancelled() => lost.cancel(),
+                    () = lost.cancelled() => {}
+                }
+            });
         }
+        lost
     }
 
-    /// Waits for a slot, loads the model and reserves the generation's memory.
-    async fn admit(
-        &self,
-        admission: Admission,
-        flight: &Flight,
-        timings: &mut Timings,
-    ) -> Result<(OwnedSemaphorePermit, Reservation), Stop> {
-        let executor = &self.shared.executor;
-        let permit = match admission {
-            Admission::Running(permit) => {
-                executor.running(flight);
-                permit
-            }
-            Admission::Queued(slot) => {
-                let wait = executor.wait(slot, flight, self.limits.first_token);
-                wait.instrument(tracing::info_span!("queue.wait")).await?
-            }
-        };
-        timings.queue_wait = Instant::now() - self.started;
-
-        let loader = self.shared.loader();
-        let load = self.plan.model.ensure_loaded(&loader).instrument(tracing::info_span!("model.load"));
-        tokio::select! {
-            loaded = load => loaded?,
-            () = flight.cancelled().cancelled() => return Err(flight.reason().into()),
-            () = sleep_until(self.limits.first_token) => {
-                let why = "the model did not load before the time-to-first-token limit";
-                return Err(Error::DeadlineExceeded(why.into()).into());
-            }
-        }
+    /// Loads the model, checks that the sequence can ever fit, and hands it to the device.
+    async fn admit(&self, flight: &Arc<Flight>, timings: &mut Timings) -> Result<OnDevice, Stop> {
         let memory_started = Instant::now();
-        let reserve = reserve::reserve(&self.shared, &self.plan, flight, self.limits.first_token);
-        let reserved = reserve.instrument(tracing::info_span!("memory.reserve")).await;
-        // Observed whatever the outcome: the slow, failed reservations are the interesting ones.
+        let loader = self.shared.loader();
+        let load = async {
+            self.plan.model.ensure_loaded(&loader).await?;
+            self.shared.activations.ensure(&loader).await?;
+            self.check_fits().await
+        };
+        let loaded = tokio::select! {
+            loaded = load.instrument(tracing::info_span!("model.load")) => loaded,
+            () = flight.cancelled().cancelled() => Err(flight.reason()),
+            () = sleep_until(self.limits.first_token) => Err(Error::DeadlineExceeded(
+                "the model's memory was not granted before the time-to-first-token limit or deadline".into(),
+            )),
+        };
         timings.memory_wait = Instant::now() - memory_started;
         self.shared.metrics.memory_wait.observe(timings.memory_wait.as_secs_f64());
-        let reservation = reserved?;
-        Ok((permit, reservation))
+        loaded?;
+        let (tokens_tx, tokens) = mpsc::channel(TOKEN_BUFFER);
+        let (outcome_tx, outcome) = oneshot::channel();
+        let plan = &self.plan;
+        let submission = Submission {
+            lane: plan.model.lane,
+            prompt_tokens: plan.prompt_tokens,
+            max_tokens: plan.max_tokens,
+            decoder: Decoder::new(plan.model.engine, &plan.prompt, plan.seed, plan.sampling),
+            tokens: tokens_tx,
+            outcome: outcome_tx,
+            abort: flight.cancelled().child_token(),
+            flight: flight.clone(),
+            span: tracing::Span::current(),
+        };
+        let guard = self.shared.device.submit(submission)?;
+        Ok(OnDevice { tokens, outcome, guard })
     }
 
-    /// Moves tokens from the pipeline to the client until the pipeline ends or something stops
-    /// the generation. The stop conditions are futures created once and polled in every select:
-    /// re-creating timers and cancellation waiters per token would cost more than the token.
+    /// A sequence whose prompt and completion need more KV blocks than memory-service's whole
+    /// kv-cache pool holds could never finish: refuse it now rather than preempt it forever.
+    async fn check_fits(&self) -> Result<(), Error> {
+        let config = &self.shared.config;
+        let spec = &self.plan.model.spec;
+        let block_bytes = spec.block_bytes(config.kv_block_tokens);
+        let tokens = self.plan.prompt_tokens + self.plan.max_tokens;
+        let needed = u64::from(tokens).div_ceil(u64::from(config.kv_block_tokens)) * block_bytes;
+        let capacity = self.shared.kv_capacity().await?;
+        // Whole blocks only: a pool is carved into blocks of this size.
+        let usable = capacity / block_bytes * block_bytes;
+        if needed > usable {
+            return Err(Error::Unservable(format!(
+                "{tokens} tokens of {} need {needed} bytes of kv-cache but the pool holds {capacity} bytes; \
+                 lower max_tokens or shorten the prompt",
+                spec.key
+            )));
+        }
+        Ok(())
+    }
+
+    /// Moves tokens from the device to the client until the device reports the end or something
+    /// stops the generation. The stop conditions are futures created once and polled in every
+    /// select: re-creating timers and cancellation waiters per token would cost more than the token.
     async fn stream(
         &self,
-        pipeline: &mut Pipeline,
+        on_device: &mut OnDevice,
         flight: &Flight,
-        lost: &Lost,
+        lost: &CancellationToken,
         timings: &mut Timings,
-    ) -> Result<(), Stop> {
+    ) -> Result<Report, Stop> {
         let cancelled = flight.cancelled().cancelled();
         let lost = lost.cancelled();
         let closed = self.tx.closed();
@@ -292,32 +310,36 @@ impl Generation {
         // to the current one (which only moves later as tokens arrive).
         let watchdog = sleep_until(self.limits.next_token(None).0);
         tokio::pin!(cancelled, lost, closed, watchdog);
+        let metrics = &self.shared.metrics;
         loop {
-            // The pipeline first: the stop conditions are checked whenever it waits (every token
-            // of a real profile), and polling them before every ready token cost a lock each.
-            // The `next` future lives across watchdog re-arms: dropping it mid-step would lose
-            // the token it already took from the CPU stage.
-            let next = pipeline.next();
-            tokio::pin!(next);
-            let next = loop {
-                tokio::select! {
-                    biased;
-                    next = &mut next => break next,
-                    () = &mut cancelled => return Err(flight.reason().into()),
-                    () = &mut lost => return Err(Error::MemoryLost.into()),
-                    () = &mut closed => return Err(Stop::ClientGone),
-                    () = &mut watchdog => {
-                        let (until, why) = self.limits.next_token(timings.last_token);
-                        if Instant::now() >= until {
-                            return Err(Error::DeadlineExceeded(why.into()).into());
-                        }
-                        watchdog.as_mut().reset(until);
+            let next = tokio::select! {
+                biased;
+                next = on_device.tokens.recv() => next,
+                () = &mut cancelled => return Err(flight.reason().into()),
+                () = &mut lost => return Err(Error::MemoryLost.into()),
+                () = &mut closed => return Err(Stop::ClientGone),
+                () = &mut watchdog => {
+                    let (until, why) = self.limits.next_token(timings.last_token);
+                    if Instant::now() >= until {
+                        return Err(Error::DeadlineExceeded(why.into()).into());
                     }
+                    watchdog.as_mut().reset(until);
+                    continue;
                 }
             };
-            let Some(emitted) = next else { return Ok(()) };
+            let Some(emitted) = next else {
+                // The device dropped the token channel: the outcome follows at once.
+                return match (&mut on_device.outcome).await {
+                    Ok(Ok(report)) => Ok(report),
+                    Ok(Err(err)) => Err(err.into()),
+                    Err(_) => Err(Error::ShuttingDown.into()),
+                };
+            };
+            // The device pauses a sequence whose buffer is full; tell it there is room again.
+            if on_device.tokens.len() + 1 == TOKEN_BUFFER {
+                on_device.guard.drained();
+            }
             let now = Instant::now();
-            let metrics = &self.shared.metrics;
             match timings.last_token {
                 None => {
                     metrics.ttft.observe((now - self.started).as_secs_f64());
@@ -328,14 +350,13 @@ impl Generation {
                 Some(last) => metrics.inter_token.observe((now - last).as_secs_f64()),
             }
             timings.last_token = Some(now);
+            timings.tokens += 1;
             let item = token(emitted, now - self.started);
             // Fast path: room in the stream buffer. Otherwise the client is slower than the
-            // generation: wait for room (backpressure), bounded by the stream's end.
+            // device: wait for room (the device pauses the sequence meanwhile), bounded by the
+            // stream's end.
             let item = match self.tx.try_send(Ok(item)) {
-                Ok(()) => {
-                    metrics.tokens.inc();
-                    continue;
-                }
+                Ok(()) => continue,
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(Stop::ClientGone),
                 Err(mpsc::error::TrySendError::Full(item)) => item,
             };
@@ -349,40 +370,55 @@ impl Generation {
                 }
                 sent = self.tx.send(item) => sent.map_err(|_| Stop::ClientGone)?,
             }
-            metrics.tokens.inc();
             watchdog.as_mut().reset(self.limits.next_token(timings.last_token).0);
         }
     }
 
-    fn summary(&self, spec: &pipeline::Spec, stats: &pipeline::Stats, timings: &Timings) -> pb::Summary {
+    fn summary(&self, report: &Report, timings: &Timings) -> pb::Summary {
         let duration = |d: Duration| prost_types::Duration::try_from(d).ok();
         let (first, last) =
             (timings.first_token.unwrap_or(self.started), timings.last_token.unwrap_or(self.started));
         let decode = (last - first).as_secs_f64();
-        let tokens_per_second =
-            if stats.tokens >= 2 && decode > 0.0 { f64::from(stats.tokens - 1) / decode } else { 0.0 };
+        let n = report.generated;
+        let tokens_per_second = if n >= 2 && decode > 0.0 { f64::from(n - 1) / decode } else { 0.0 };
+        let tpot = if n >= 2 { (last - first) / (n - 1) } else { Duration::ZERO };
+        let config = &self.shared.config;
+        let overlapped = config.scheduler == SchedulerMode::Overlapped;
+        let block_bytes = self.plan.model.spec.block_bytes(config.kv_block_tokens);
+        #[allow(deprecated)] // pipeline_depth is still filled for older clients
         pb::Summary {
-            finish_reason: if stats.stopped { pb::FinishReason::Stop } else { pb::FinishReason::Length }
+            finish_reason: if report.stopped { pb::FinishReason::Stop } else { pb::FinishReason::Length }
                 .into(),
             prompt_tokens: self.plan.prompt_tokens,
-            completion_tokens: stats.tokens,
+            completion_tokens: n,
             time_to_first_token: duration(first - self.started),
             total_time: duration(last - self.started),
             tokens_per_second,
-            cpu_busy: duration(stats.cpu_busy),
-            gpu_busy: duration(stats.gpu_busy),
-            gpu_idle_waiting_for_cpu: duration(stats.gpu_idle),
+            cpu_busy: duration(report.cpu_busy),
+            gpu_busy: duration(report.gpu_busy),
+            gpu_idle_waiting_for_cpu: duration(report.gpu_waiting_for_cpu),
             memory_wait: duration(timings.memory_wait),
-            queue_wait: duration(timings.queue_wait),
-            pipeline_mode: match spec.mode {
-                pipeline::Mode::Pipelined => pb::PipelineMode::Pipelined,
-                pipeline::Mode::Sequential => pb::PipelineMode::Sequential,
+            queue_wait: duration(report.queue_time),
+            pipeline_mode: if overlapped {
+                pb::PipelineMode::Pipelined
+            } else {
+                pb::PipelineMode::Sequential
             }
             .into(),
-            pipeline_depth: spec.depth as u32,
-            kv_cache_bytes: self.plan.kv_bytes(),
-            activation_bytes: self.plan.activation_bytes(spec.depth),
+            pipeline_depth: if overlapped { 2 } else { 1 },
+            kv_cache_bytes: u64::from(report.peak_blocks) * block_bytes,
+            activation_bytes: self.shared.activations.bytes(),
             request_id: self.plan.request_id.clone(),
+            time_per_output_token: duration(tpot),
+            mean_batch_size: if report.steps == 0 {
+                0.0
+            } else {
+                report.batch_sum as f64 / report.steps as f64
+            },
+            preemptions: report.preemptions,
+            peak_kv_blocks: report.peak_blocks,
+            kv_block_tokens: config.kv_block_tokens,
+            scheduler: config.scheduler.name().to_owned(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! A validated Generate request: what to run and what memory it needs.
+//! A validated Generate request: what to run.
 
 use std::sync::Arc;
 
@@ -9,7 +9,6 @@ use crate::{
     engine::{mix, text::Sampling},
     error::Error,
     models::{Model, Models},
-    pipeline::{Mode, Spec},
 };
 
 /// Longest prompt accepted, in bytes, whatever the model.
@@ -32,8 +31,6 @@ pub struct Plan {
     pub seed: u64,
     /// Sampling knobs.
     pub sampling: Sampling,
-    /// CPU/GPU scheduling.
-    pub mode: Mode,
     /// Given or assigned request id.
     pub request_id: String,
 }
@@ -80,13 +77,22 @@ impl Plan {
         if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
             return Err(Error::invalid("top_p", format!("{top_p} is outside (0, 1]")));
         }
-        let mode = match pb::PipelineMode::try_from(req.pipeline_mode) {
-            Ok(pb::PipelineMode::Unspecified | pb::PipelineMode::Pipelined) => Mode::Pipelined,
-            Ok(pb::PipelineMode::Sequential) => Mode::Sequential,
-            Err(_) => {
-                return Err(Error::invalid("pipeline_mode", format!("{} is not a mode", req.pipeline_mode)));
-            }
-        };
+        let context = spec.arch.context_length;
+        if u64::from(prompt_tokens) + u64::from(req.max_tokens) > u64::from(context) {
+            return Err(Error::invalid(
+                "max_tokens",
+                format!(
+                    "{prompt_tokens} prompt tokens + {} exceed model {}'s context of {context} tokens",
+                    req.max_tokens, spec.key
+                ),
+            ));
+        }
+        // Deprecated and ignored (the device's --scheduler decides), but a value no version ever
+        // defined is still a caller's mistake worth naming.
+        #[allow(deprecated)]
+        if pb::PipelineMode::try_from(req.pipeline_mode).is_err() {
+            return Err(Error::invalid("pipeline_mode", format!("{} is not a mode", req.pipeline_mode)));
+        }
         let request_id = if req.request_id.is_empty() {
             new_request_id()
         } else {
@@ -104,38 +110,10 @@ impl Plan {
             max_tokens: req.max_tokens,
             seed: req.seed,
             sampling: Sampling { temperature, top_p },
-            mode,
             request_id,
             prompt: req.prompt,
             model,
         })
-    }
-
-    /// kv-cache bytes: the whole prompt and completion, reserved up front.
-    pub fn kv_bytes(&self) -> u64 {
-        self.model
-            .spec
-            .memory
-            .kv_bytes_per_token
-            .saturating_mul(u64::from(self.prompt_tokens + self.max_tokens))
-    }
-
-    /// Activation bytes: one buffer per token in flight (double buffering at depth 2), reused
-    /// every step, so decoding makes no per-token memory call.
-    pub fn activation_bytes(&self, depth: usize) -> u64 {
-        self.model.spec.memory.activation_bytes_per_token.saturating_mul(depth as u64)
-    }
-
-    /// The pipeline this plan runs.
-    pub fn pipeline_spec(&self, depth: usize) -> Spec {
-        Spec {
-            latency: self.model.spec.latency,
-            mode: self.mode,
-            depth,
-            prompt_tokens: self.prompt_tokens,
-            max_tokens: self.max_tokens,
-            jitter_seed: mix(self.seed ^ 0x6A09_E667_F3BC_C908),
-        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod renewer;
 mod reservation;
+mod standing;
 
 use std::{
     sync::atomic::{AtomicU32, Ordering},
@@ -20,6 +21,7 @@ use tracing::{Instrument, Span};
 pub use self::{
     renewer::{Lost, Renewer},
     reservation::Reservation,
+    standing::{Loader, Standing},
 };
 use crate::error::Error;
 
@@ -92,6 +94,19 @@ impl MemoryClient {
             )));
         }
         Ok(())
+    }
+
+    /// Capacity of `pool`, in bytes (pools are never resized, so callers may cache it).
+    pub async fn pool_capacity(&self, pool: &'static str) -> Result<u64, Error> {
+        let items = vec![AllocationItem { pool: pool.to_owned(), size_bytes: 1 }];
+        let (span, request) = self.request("CanAllocate", CanAllocateRequest { items }, Duration::ZERO);
+        let reply = traced(&span, self.client.clone().can_allocate(request)).await?;
+        reply
+            .pools
+            .iter()
+            .find(|p| p.pool == pool)
+            .map(|p| p.capacity_bytes)
+            .ok_or_else(|| Error::MemoryProtocol(format!("CanAllocate did not report pool {pool}")))
     }
 
     /// One atomic Allocate of `ask`. `request_id` is the attempt's unique scope, so a retry by the

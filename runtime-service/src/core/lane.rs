@@ -1,0 +1,290 @@
+//! One model's lane on the device: its scheduler and blocks, the slabs behind them, and the I/O
+//! side of each sequence (decoder, event channel, cancellation).
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{Emitted, Outcome, Report, Submission, TOKEN_BUFFER, timeline::Slot};
+use crate::{
+    device::{Roofline, StepCost, Work},
+    engine::Decoder,
+    error::Error,
+    executor::Flight,
+    kv::{Grant, Link},
+    memory::Reservation,
+    scheduler::{Limits, Plan, Scheduler, SeqId, SeqState, SlabId},
+};
+
+/// What a lane is made of.
+#[derive(Debug, Clone)]
+pub struct LaneSpec {
+    /// Model key.
+    pub model: String,
+    /// Prices its steps.
+    pub roofline: Roofline,
+    /// Tokens per KV block.
+    pub block_tokens: u32,
+    /// Step limits and KV reservation scheme.
+    pub limits: Limits,
+    /// Free blocks kept ahead of need while the lane has sequences.
+    pub low_watermark: u64,
+    /// Largest slab, blocks: a fully free slab is returned while more than this many blocks
+    /// above the low watermark are free.
+    pub slab_blocks: u64,
+}
+
+/// The I/O side of one sequence.
+#[derive(Debug)]
+struct Live {
+    decoder: Decoder,
+    tokens: mpsc::Sender<Emitted>,
+    outcome: oneshot::Sender<Outcome>,
+    abort: CancellationToken,
+    flight: Arc<Flight>,
+    span: tracing::Span,
+    arrived: Instant,
+    queue_time: Option<Duration>,
+    cpu_busy: Duration,
+    gpu_busy: Duration,
+    gpu_waiting_for_cpu: Duration,
+}
+
+/// One model on the device.
+#[derive(Debug)]
+pub(super) struct Lane {
+    pub(super) spec: LaneSpec,
+    pub(super) scheduler: Scheduler,
+    live: HashMap<SeqId, Live>,
+    slabs: HashMap<SlabId, Option<Reservation>>,
+    link: Link,
+    /// Blocks the last step could not get.
+    shortfall: u64,
+    /// When the lane last became empty (its idle slabs go after a linger).
+    pub(super) idle_since: Option<Instant>,
+}
+
+impl Lane {
+    pub(super) fn new(spec: LaneSpec, link: Link) -> Self {
+        Lane {
+            scheduler: Scheduler::new(spec.block_tokens, spec.limits),
+            spec,
+            live: HashMap::new(),
+            slabs: HashMap::new(),
+            link,
+            shortfall: 0,
+            idle_since: None,
+        }
+    }
+
+    pub(super) fn add(&mut self, id: SeqId, submission: Submission, now: Instant) {
+        self.scheduler.add(SeqState::new(id, submission.prompt_tokens, submission.max_tokens));
+        self.idle_since = None;
+        self.live.insert(
+            id,
+            Live {
+                decoder: submission.decoder,
+                tokens: submission.tokens,
+                outcome: submission.outcome,
+                abort: submission.abort,
+                flight: submission.flight,
+                span: submission.span,
+                arrived: now,
+                queue_time: None,
+                cpu_busy: Duration::ZERO,
+                gpu_busy: Duration::ZERO,
+                gpu_waiting_for_cpu: Duration::ZERO,
+            },
+        );
+    }
+
+    /// Takes every slab the leaser has granted.
+    pub(super) fn absorb_grants(&mut self) {
+        while let Some(Grant { blocks, lease }) = self.link.try_grant() {
+            let id = self.scheduler.pool_mut().add_slab(blocks);
+            self.slabs.insert(id, lease);
+        }
+    }
+
+    /// Drops sequences whose caller left, pauses those whose reader is behind, and fails those
+    /// whose KV memory memory-service lost.
+    pub(super) fn sweep(&mut self) {
+        let ids: Vec<SeqId> = self.scheduler.ids().collect();
+        for id in ids {
+            let Some(live) = self.live.get(&id) else { continue };
+            if live.abort.is_cancelled() || live.tokens.is_closed() {
+                self.scheduler.remove(id);
+                self.live.remove(&id);
+                continue;
+            }
+            // Room for the step's token, so a scheduled sequence never blocks the loop.
+            let paused = live.tokens.capacity() == 0;
+            if let Some(seq) = self.scheduler.get_mut(id) {
+                seq.paused = paused;
+            }
+        }
+        let lost: Vec<SlabId> = self
+            .slabs
+            .iter()
+            .filter(|(_, lease)| lease.as_ref().is_some_and(|l| l.lost().is_cancelled()))
+            .map(|(&id, _)| id)
+            .collect();
+        for slab in lost {
+            self.slabs.remove(&slab);
+            for id in self.scheduler.lose_slab(slab) {
+                self.end(id, Err(Error::MemoryLost));
+            }
+        }
+    }
+
+    /// Publishes how many free blocks the lane wants to its leaser.
+    pub(super) fn publish_demand(&mut self, plan: Option<&Plan>) {
+        if let Some(plan) = plan {
+            self.shortfall = plan.shortfall;
+        }
+        let want = if self.scheduler.is_empty() { 0 } else { self.spec.low_watermark + self.shortfall };
+        let free = self.scheduler.pool().free_blocks();
+        let cause =
+            if want > free { self.scheduler.ids().next().and_then(|id| self.live.get(&id)) } else { None };
+        self.link.set(want, free, cause.map(|live| &live.span));
+    }
+
+    /// While memory-service is unreachable, sequences that wait for blocks they cannot get fail
+    /// at once with the leaser's error instead of waiting for their deadline; those holding
+    /// blocks go on.
+    pub(super) fn fail_if_unreachable(&mut self, plan: &Plan) {
+        if plan.shortfall == 0 || !plan.batch.is_empty() {
+            return;
+        }
+        let Some(err) = self.link.failure() else { return };
+        let blocked: Vec<SeqId> = self.scheduler.waiting_ids().collect();
+        for id in blocked {
+            self.end(id, Err(err.clone()));
+        }
+    }
+
+    /// Returns slabs memory-service may give to others: one above the high watermark per step
+    /// while busy, all idle ones once the lane has been empty for `linger`. Dropping a lease frees
+    /// it in the background.
+    pub(super) fn return_slabs(&mut self, now: Instant, linger: Duration) -> usize {
+        let pool = self.scheduler.pool();
+        let victims: Vec<SlabId> = if self.scheduler.is_empty() {
+            let since = *self.idle_since.get_or_insert(now);
+            if now < since + linger {
+                return 0;
+            }
+            pool.idle_slabs().map(|(id, _)| id).collect()
+        } else if self.scheduler.waiting() == 0 {
+            let high = self.spec.low_watermark + self.spec.slab_blocks;
+            pool.idle_slabs()
+                .find(|&(_, blocks)| pool.free_blocks().saturating_sub(blocks) >= high)
+                .map(|(id, _)| id)
+                .into_iter()
+                .collect()
+        } else {
+            return 0;
+        };
+        for &id in &victims {
+            if self.scheduler.pool_mut().remove_slab(id) {
+                self.slabs.remove(&id);
+            }
+        }
+        victims.len()
+    }
+
+    /// The lane's slabs are all idle and it has no sequence: when to return them.
+    pub(super) fn release_due(&self, linger: Duration) -> Option<Instant> {
+        let idle = self.scheduler.is_empty() && self.scheduler.pool().slabs() > 0;
+        idle.then(|| self.idle_since.map(|since| since + linger)).flatten()
+    }
+
+    /// Prices `plan`'s batch.
+    pub(super) fn price(&self, plan: &Plan) -> StepCost {
+        self.spec.roofline.step(plan.batch.iter().map(|&(_, work): &(SeqId, Work)| work))
+    }
+
+    /// Records that `plan` ran in `slot` at `cost` (with `gpu` after jitter): advances every
+    /// sequence, streams the tokens sampled, and ends the sequences that are done.
+    pub(super) fn complete(&mut self, plan: &Plan, slot: Slot, cpu: Duration, gpu: Duration) -> u32 {
+        for &(id, _) in &plan.batch {
+            if let Some(live) = self.live.get_mut(&id) {
+                if live.queue_time.is_none() {
+                    live.queue_time = Some(slot.gpu_start.saturating_duration_since(live.arrived));
+                    live.flight.mark_running();
+                }
+                live.cpu_busy += cpu;
+                live.gpu_busy += gpu;
+                live.gpu_waiting_for_cpu += slot.gpu_waited;
+            }
+        }
+        let mut tokens = 0;
+        for id in self.scheduler.advance(plan) {
+            let (Some(live), Some(seq)) = (self.live.get_mut(&id), self.scheduler.get_mut(id)) else {
+                continue;
+            };
+            let Some(token) = live.decoder.next_token() else {
+                self.end(id, Ok(true));
+                continue;
+            };
+            let index = seq.generated;
+            seq.sampled();
+            let done = seq.is_done();
+            // Room was checked before the step (the sequence was not paused) and only this loop
+            // sends, so this cannot fail for want of room; a closed channel is swept next step.
+            let _ = live.tokens.try_send(Emitted { index, token, gpu_time: gpu });
+            tokens += 1;
+            if done {
+                self.end(id, Ok(false));
+            }
+        }
+        tokens
+    }
+
+    /// Ends sequence `id`: frees its blocks at once, then tells its task (`Ok(stopped)` or why it
+    /// failed).
+    pub(super) fn end(&mut self, id: SeqId, outcome: Result<bool, Error>) {
+        let seq = self.scheduler.remove(id);
+        let Some(live) = self.live.remove(&id) else { return };
+        let outcome = match outcome {
+            Err(err) => Err(err),
+            Ok(stopped) => {
+                let seq = seq.unwrap_or_else(|| SeqState::new(id, 0, 0));
+                Ok(Report {
+                    stopped,
+                    generated: seq.generated,
+                    preemptions: seq.preemptions,
+                    peak_blocks: seq.peak_blocks,
+                    steps: seq.steps,
+                    batch_sum: seq.batch_sum,
+                    queue_time: live.queue_time.unwrap_or_default(),
+                    cpu_busy: live.cpu_busy,
+                    gpu_busy: live.gpu_busy,
+                    gpu_waiting_for_cpu: live.gpu_waiting_for_cpu,
+                })
+            }
+        };
+        // The token sender goes first, so the task reads every token before the outcome.
+        drop(live.tokens);
+        let _ = live.outcome.send(outcome);
+    }
+
+    /// Ends every sequence with `err` (shutdown).
+    pub(super) fn fail_all(&mut self, err: &Error) {
+        let ids: Vec<SeqId> = self.scheduler.ids().collect();
+        for id in ids {
+            self.end(id, Err(err.clone()));
+        }
+    }
+
+    /// Blocks used and held, and slabs held.
+    pub(super) fn kv(&self) -> (u64, u64, usize) {
+        let pool = self.scheduler.pool();
+        (pool.used_blocks(), pool.total_blocks(), pool.slabs())
+    }
+}
+
+const _: () = assert!(TOKEN_BUFFER >= 1, "a sequence needs room for a token to be scheduled");

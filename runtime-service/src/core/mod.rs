@@ -1,0 +1,175 @@
+//! The engine core: one loop task owns the simulated device and every sequence on it; generation
+//! tasks talk to it through a bounded inbox and a bounded event channel per sequence.
+//!
+//! Each step the loop takes new sequences, drops those whose caller left, lets the [`scheduler`]
+//! of the next model in turn form a batch, prices it with the [`roofline`](crate::device), places
+//! it on the [`timeline`] (overlapped or sequential), waits until the simulated GPU is done, then
+//! samples a token for each sequence whose input is computed and streams it. Models loaded on
+//! the device take turns step by step, as they would time-share a real GPU.
+//!
+//! [`scheduler`]: crate::scheduler
+
+mod lane;
+mod run;
+#[cfg(test)]
+mod tests;
+pub mod timeline;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use self::{
+    lane::LaneSpec,
+    timeline::{Busy, SchedulerMode},
+};
+use crate::{
+    engine::{Decoder, TokenOut},
+    error::Error,
+    executor::Flight,
+    kv::Link,
+    metrics::Metrics,
+};
+
+/// Tokens buffered per sequence between the device and its generation task. The device never
+/// waits on a reader: a sequence whose buffer is full sits out steps until it drains.
+pub const TOKEN_BUFFER: usize = 32;
+
+/// Device-wide settings.
+#[derive(Debug, Clone)]
+pub struct DeviceSettings {
+    /// Overlapped or sequential CPU/GPU scheduling.
+    pub mode: SchedulerMode,
+    /// Relative jitter of GPU step times, 0 to 1.
+    pub jitter: f64,
+    /// Seed of the jitter, so runs repeat exactly.
+    pub jitter_seed: u64,
+    /// How long a model's idle slabs are kept after its last sequence leaves.
+    pub kv_idle_release: Duration,
+}
+
+/// A sequence handed to the device.
+#[derive(Debug)]
+pub struct Submission {
+    /// Index of the model's lane.
+    pub lane: usize,
+    /// Prompt length, tokens.
+    pub prompt_tokens: u32,
+    /// Completion tokens at most.
+    pub max_tokens: u32,
+    /// Produces its tokens.
+    pub decoder: Decoder,
+    /// Where its tokens go.
+    pub tokens: mpsc::Sender<Emitted>,
+    /// Where its outcome goes, once, after its last token (the token sender is dropped first).
+    pub outcome: oneshot::Sender<Outcome>,
+    /// Cancelled when its generation task ends for any reason.
+    pub abort: CancellationToken,
+    /// Marked running when first scheduled (Cancel reports whether it was still queued).
+    pub flight: Arc<Flight>,
+    /// Its generation's span: KV leases it waits for join its trace.
+    pub span: tracing::Span,
+}
+
+/// A token out of the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emitted {
+    /// Position in the completion.
+    pub index: u32,
+    /// The token.
+    pub token: TokenOut,
+    /// GPU time of the step that produced it.
+    pub gpu_time: Duration,
+}
+
+/// How a sequence went, sent once at its end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// The model produced its end-of-sequence token (else it reached max_tokens).
+    pub stopped: bool,
+    /// Tokens generated.
+    pub generated: u32,
+    /// Times it was preempted.
+    pub preemptions: u32,
+    /// Most KV blocks it held at once.
+    pub peak_blocks: u32,
+    /// Steps it took part in.
+    pub steps: u64,
+    /// Sum of those steps' batch sizes.
+    pub batch_sum: u64,
+    /// From reaching the device to its first step.
+    pub queue_time: Duration,
+    /// CPU time of the steps it took part in.
+    pub cpu_busy: Duration,
+    /// GPU time of the steps it took part in.
+    pub gpu_busy: Duration,
+    /// GPU time lost waiting for the CPU during those steps.
+    pub gpu_waiting_for_cpu: Duration,
+}
+
+/// How a sequence ended: its report, or why the device could not go on with it.
+pub type Outcome = Result<Report, Error>;
+
+/// The handle the rest of the service holds on the device.
+#[derive(Debug, Clone)]
+pub struct Device {
+    inbox: mpsc::Sender<Submission>,
+    wake: Arc<Notify>,
+}
+
+/// Cancels its sequence on the device when dropped: whichever way a generation task ends, the
+/// device frees the sequence's blocks at its next step.
+#[derive(Debug)]
+pub struct SeqGuard {
+    abort: CancellationToken,
+    wake: Arc<Notify>,
+}
+
+impl SeqGuard {
+    /// Tells the device the reader made room (it may have paused the sequence).
+    pub fn drained(&self) {
+        self.wake.notify_one();
+    }
+}
+
+impl Drop for SeqGuard {
+    fn drop(&mut self) {
+        self.abort.cancel();
+        self.wake.notify_one();
+    }
+}
+
+impl Device {
+    /// Starts the device loop over `lanes` (one per model, each with its slab link), tracked by
+    /// `tracker`; it stops at `shutdown`, failing what is left and dropping its slabs (freed).
+    /// `inbox` bounds the sequences handed over but not yet taken by the loop.
+    /// `wake` is the notifier the lanes' slab links were made with.
+    pub fn spawn(
+        settings: DeviceSettings,
+        lanes: Vec<(LaneSpec, Link)>,
+        inbox: usize,
+        wake: Arc<Notify>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(inbox.max(1));
+        let device_loop = run::DeviceLoop::new(settings, lanes, rx, wake.clone(), metrics, shutdown);
+        tracker.spawn(device_loop.run());
+        Device { inbox: tx, wake }
+    }
+
+    /// Hands `submission` to the device. The caller sizes admission so the inbox has room; a full
+    /// inbox is answered as overload all the same.
+    pub fn submit(&self, submission: Submission) -> Result<SeqGuard, Error> {
+        let guard = SeqGuard { abort: submission.abort.clone(), wake: self.wake.clone() };
+        match self.inbox.try_send(submission) {
+            Ok(()) => Ok(guard),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Error::Overloaded { queued: self.inbox.max_capacity(), limit: self.inbox.max_capacity() })
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::ShuttingDown),
+        }
+    }
+}

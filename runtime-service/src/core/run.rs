@@ -1,0 +1,227 @@
+//! The device loop: intake, sweep, schedule, price, wait for the simulated GPU, stream, repeat.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    sync::{Notify, mpsc},
+    time::{Instant, sleep_until},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    DeviceSettings, LaneSpec, Submission,
+    lane::Lane,
+    timeline::{Busy, Timeline},
+};
+use crate::{engine::SplitMix64, error::Error, kv::Link, metrics::Metrics, scheduler::Plan};
+
+pub(super) struct DeviceLoop {
+    settings: DeviceSettings,
+    lanes: Vec<Lane>,
+    timeline: Timeline,
+    inbox: mpsc::Receiver<Submission>,
+    wake: Arc<Notify>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    jitter: SplitMix64,
+    next_lane: usize,
+    next_id: u64,
+    /// Accounting already exported to the metrics.
+    exported: Busy,
+}
+
+impl DeviceLoop {
+    pub(super) fn new(
+        settings: DeviceSettings,
+        lanes: Vec<(LaneSpec, Link)>,
+        inbox: mpsc::Receiver<Submission>,
+        wake: Arc<Notify>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        DeviceLoop {
+            timeline: Timeline::new(settings.mode),
+            jitter: SplitMix64::new(settings.jitter_seed),
+            settings,
+            lanes: lanes.into_iter().map(|(spec, link)| Lane::new(spec, link)).collect(),
+            inbox,
+            wake,
+            metrics,
+            shutdown,
+            next_lane: 0,
+            next_id: 0,
+            exported: Busy::default(),
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        let mut inbox_open = true;
+        loop {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            inbox_open &= self.intake();
+            for lane in &mut self.lanes {
+                lane.absorb_grants();
+                lane.sweep();
+            }
+            let picked = self.pick();
+            let now = Instant::now();
+            for (i, lane) in self.lanes.iter_mut().enumerate() {
+                let plan = picked.as_ref().filter(|(li, _)| *li == i).map(|(_, plan)| plan);
+                lane.publish_demand(plan);
+                lane.return_slabs(now, self.settings.kv_idle_release);
+            }
+            self.export_gauges();
+            let Some((li, plan)) = picked else {
+                self.timeline.idle();
+                if !inbox_open && self.lanes.iter().all(|l| l.scheduler.is_empty()) {
+                    break;
+                }
+                self.idle(inbox_open).await;
+                continue;
+            };
+            if !self.step(li, &plan).await {
+                break;
+            }
+        }
+        for lane in &mut self.lanes {
+            lane.fail_all(&Error::ShuttingDown);
+        }
+        self.export_gauges();
+        // Dropping the lanes drops their slab leases: each is freed in the background (tracked).
+    }
+
+    /// Takes every submission waiting in the inbox; false once the inbox is closed.
+    fn intake(&mut self) -> bool {
+        let now = Instant::now();
+        loop {
+            match self.inbox.try_recv() {
+                Ok(submission) => {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    if let Some(lane) = self.lanes.get_mut(submission.lane) {
+                        lane.add(id, submission, now);
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    /// The next lane in turn with a batch to run, and that batch.
+    fn pick(&mut self) -> Option<(usize, Plan)> {
+        let n = self.lanes.len();
+        for k in 0..n {
+            let li = (self.next_lane + k) % n;
+            let lane = &mut self.lanes[li];
+            if lane.scheduler.is_empty() {
+                continue;
+            }
+            let plan = lane.scheduler.schedule();
+            self.metrics.preemptions.inc_by(plan.preempted.len() as u64);
+            if plan.batch.is_empty() {
+                // Nothing runnable (out of blocks, or every reader behind): remember its shortfall.
+                lane.publish_demand(Some(&plan));
+                lane.fail_if_unreachable(&plan);
+                continue;
+            }
+            self.next_lane = li + 1;
+            return Some((li, plan));
+        }
+        None
+    }
+
+    /// Runs `plan` on lane `li`; false if shutdown interrupted it.
+    async fn step(&mut self, li: usize, plan: &Plan) -> bool {
+        let lane = &mut self.lanes[li];
+        let cost = lane.price(plan);
+        let jitter = self.settings.jitter;
+        let gpu = if jitter > 0.0 {
+            cost.gpu.mul_f64((1.0 + jitter * self.jitter.next_signed()).max(0.0))
+        } else {
+            cost.gpu
+        };
+        let slot = self.timeline.place(Instant::now(), cost.cpu, gpu);
+        if slot.gpu_done > Instant::now() {
+            tokio::select! {
+                () = sleep_until(slot.gpu_done) => {}
+                () = self.shutdown.cancelled() => return false,
+            }
+        }
+        let metrics = &self.metrics;
+        metrics.batch_size.observe(plan.batch.len() as f64);
+        metrics.step_seconds.with_label_values(&[cost.phase.name()]).observe(gpu.as_secs_f64());
+        let tokens = lane.complete(plan, slot, cost.cpu, gpu);
+        metrics.tokens.inc_by(u64::from(tokens));
+        true
+    }
+
+    /// Waits for something to do: a submission, a wake-up (a caller left, a reader drained, a slab
+    /// arrived), the moment idle slabs are due back, or shutdown.
+    async fn idle(&mut self, inbox_open: bool) {
+        let linger = self.settings.kv_idle_release;
+        let due = self.lanes.iter().filter_map(|l| l.release_due(linger)).min();
+        let release = async {
+            match due {
+                Some(at) => sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => {}
+            () = self.wake.notified() => {}
+            received = self.inbox.recv(), if inbox_open => {
+                if let Some(submission) = received {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    if let Some(lane) = self.lanes.get_mut(submission.lane) {
+                        lane.add(id, submission, Instant::now());
+                    }
+                }
+            }
+            () = release => {}
+        }
+    }
+
+    fn export_gauges(&mut self) {
+        let m = &self.metrics;
+        let (mut running, mut waiting) = (0, 0);
+        for lane in &self.lanes {
+            running += lane.scheduler.running();
+            waiting += lane.scheduler.waiting();
+            let (used, total, slabs) = lane.kv();
+            let model = lane.spec.model.as_str();
+            m.kv_blocks.with_label_values(&[model, "used"]).set(used as i64);
+            m.kv_blocks.with_label_values(&[model, "total"]).set(total as i64);
+            m.kv_utilization.with_label_values(&[model]).set(if total == 0 {
+                0.0
+            } else {
+                used as f64 / total as f64
+            });
+            m.kv_slabs.with_label_values(&[model]).set(slabs as i64);
+        }
+        m.running.set(running as i64);
+        m.waiting.set(waiting as i64);
+        let busy = self.timeline.busy();
+        let delta = |now: Duration, before: Duration| now.saturating_sub(before).as_secs_f64();
+        let before = self.exported;
+        for (stage, state, d) in [
+            ("cpu", "busy", delta(busy.cpu_busy, before.cpu_busy)),
+            ("gpu", "busy", delta(busy.gpu_busy, before.gpu_busy)),
+            ("gpu", "waiting_for_cpu", delta(busy.gpu_waiting_for_cpu, before.gpu_waiting_for_cpu)),
+            ("cpu", "waiting_for_gpu", delta(busy.cpu_waiting_for_gpu, before.cpu_waiting_for_gpu)),
+        ] {
+            if d > 0.0 {
+                m.device_seconds.with_label_values(&[stage, state]).inc_by(d);
+            }
+        }
+        let lag = delta(busy.lag, before.lag);
+        if lag > 0.0 {
+            m.device_lag.inc_by(lag);
+        }
+        self.exported = busy;
+    }
+}

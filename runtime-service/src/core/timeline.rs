@@ -1,0 +1,181 @@
+//! When each step's CPU and GPU work happen on the simulated device.
+//!
+//! Overlapped (SGLang's `event_loop_overlap`, vLLM's async scheduling): the CPU prepares step N+1
+//! (schedule, sample, detokenize, build the batch) as soon as it has launched step N, so it works
+//! while the GPU computes, and a steady stream of steps costs max(cpu, gpu) each instead of
+//! cpu + gpu. Sequential: the CPU prepares step N+1 only once step N is done, as engines without
+//! overlap do. Same work, same tokens; only the timeline differs.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How the CPU and GPU stages of the device are scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchedulerMode {
+    /// CPU work of step N+1 overlaps GPU work of step N.
+    Overlapped,
+    /// CPU then GPU, step after step.
+    Sequential,
+}
+
+impl SchedulerMode {
+    /// Name in flags and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerMode::Overlapped => "overlapped",
+            SchedulerMode::Sequential => "sequential",
+        }
+    }
+}
+
+impl std::str::FromStr for SchedulerMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "overlapped" => Ok(SchedulerMode::Overlapped),
+            "sequential" => Ok(SchedulerMode::Sequential),
+            _ => Err(format!("scheduler {s:?} must be \"overlapped\" or \"sequential\"")),
+        }
+    }
+}
+
+/// How far behind its own schedule the loop may find itself before it concludes that the host
+/// (not the simulated device) held it up: above tokio's 1 ms timer granularity, so timer
+/// lateness never accumulates into the simulated throughput.
+pub const SLACK: Duration = Duration::from_millis(2);
+
+/// One step placed on the timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// When the CPU began preparing the step.
+    pub cpu_start: Instant,
+    /// When the GPU began it (the CPU was done and the GPU free).
+    pub gpu_start: Instant,
+    /// When the GPU finished it: its tokens are out.
+    pub gpu_done: Instant,
+    /// How long the GPU sat idle before it, waiting for the CPU to hand it over.
+    pub gpu_waited: Duration,
+}
+
+/// Where the device's time went, cumulatively.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Busy {
+    /// CPU preparing steps.
+    pub cpu_busy: Duration,
+    /// GPU computing steps.
+    pub gpu_busy: Duration,
+    /// GPU idle while work was waiting on the CPU (a stall the overlap removes).
+    pub gpu_waiting_for_cpu: Duration,
+    /// CPU done with the next step but waiting for the GPU to take it.
+    pub cpu_waiting_for_gpu: Duration,
+    /// Time the host fell behind the simulated clock (the serving path could not keep up).
+    pub lag: Duration,
+}
+
+/// The device's timeline: where the last step sits, and the accounting.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    mode: SchedulerMode,
+    last: Option<Slot>,
+    busy: Busy,
+}
+
+impl Timeline {
+    /// An idle device.
+    pub fn new(mode: SchedulerMode) -> Self {
+        Timeline { mode, last: None, busy: Busy::default() }
+    }
+
+    /// The scheduling mode.
+    pub fn mode(&self) -> SchedulerMode {
+        self.mode
+    }
+
+    /// Accounting so far.
+    pub fn busy(&self) -> Busy {
+        self.busy
+    }
+
+    /// The device ran out of work: the next step starts from scratch (its CPU work cannot have
+    /// overlapped anything).
+    pub fn idle(&mut self) {
+        self.last = None;
+    }
+
+    /// Places a step costing `cpu` then `gpu` after the previous one, as of `now`.
+    pub fn place(&mut self, now: Instant, cpu: Duration, gpu: Duration) -> Slot {
+        let (mut cpu_start, mut gpu_free) = match self.last {
+            None => (now, now),
+            Some(last) => match self.mode {
+                SchedulerMode::Overlapped => (last.gpu_start, last.gpu_done),
+                SchedulerMode::Sequential => (last.gpu_done, last.gpu_done),
+            },
+        };
+        if now > gpu_free + SLACK {
+            // The host was late (too many streams for its cores, or a stall): the simulated device
+            // cannot have run while nobody fed it. Count it, and restart the schedule from now.
+            self.busy.lag += now - gpu_free;
+            (cpu_start, gpu_free) = (now, now);
+        }
+        let cpu_ready = cpu_start + cpu;
+        let gpu_start = cpu_ready.max(gpu_free);
+        let slot = Slot { cpu_start, gpu_start, gpu_done: gpu_start + gpu, gpu_waited: gpu_start - gpu_free };
+        self.busy.cpu_busy += cpu;
+        self.busy.gpu_busy += gpu;
+        self.busy.gpu_waiting_for_cpu += gpu_start - gpu_free;
+        self.busy.cpu_waiting_for_gpu += gpu_start - cpu_ready;
+        self.last = Some(slot);
+        slot
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(mode: SchedulerMode, cpu: u64, gpu: u64, steps: u32) -> (Duration, Busy) {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut timeline = Timeline::new(mode);
+        let mut now = start;
+        for _ in 0..steps {
+            now = timeline.place(now, ms(cpu), ms(gpu)).gpu_done;
+        }
+        (now - start, timeline.busy())
+    }
+
+    #[test]
+    fn overlap_hides_the_shorter_stage_whichever_it_is() {
+        let ms = Duration::from_millis;
+        for (cpu, gpu) in [(3, 5), (5, 3), (4, 4)] {
+            let (took, busy) = run(SchedulerMode::Overlapped, cpu, gpu, 50);
+            // The first step's CPU work has nothing to hide behind; after that each step costs max.
+            assert_eq!(took, ms(cpu.min(gpu)) + ms(cpu.max(gpu)) * 50, "cpu {cpu} gpu {gpu}");
+            assert_eq!((busy.cpu_busy, busy.gpu_busy), (ms(cpu) * 50, ms(gpu) * 50));
+            let stall = if cpu > gpu { ms(cpu) + ms(cpu - gpu) * 49 } else { ms(cpu) };
+            assert_eq!(busy.gpu_waiting_for_cpu, stall, "cpu {cpu} gpu {gpu}");
+            assert_eq!(busy.cpu_waiting_for_gpu, ms(gpu.saturating_sub(cpu)) * 49);
+        }
+    }
+
+    #[test]
+    fn sequential_pays_both_stages_every_step() {
+        let (took, busy) = run(SchedulerMode::Sequential, 3, 5, 50);
+        assert_eq!(took, Duration::from_millis(8 * 50));
+        assert_eq!(busy.gpu_waiting_for_cpu, Duration::from_millis(3 * 50));
+    }
+
+    #[test]
+    fn a_late_host_is_counted_as_lag_and_the_schedule_restarts() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut timeline = Timeline::new(SchedulerMode::Overlapped);
+        let first = timeline.place(start, ms(1), ms(4));
+        let late = first.gpu_done + ms(10);
+        let second = timeline.place(late, ms(1), ms(4));
+        assert_eq!(timeline.busy().lag, ms(10));
+        assert_eq!(second.gpu_done, late + ms(5));
+    }
+}

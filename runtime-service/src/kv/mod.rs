@@ -1,0 +1,231 @@
+//! KV-cache slabs leased from memory-service ahead of need, off the step's critical path.
+//!
+//! The device loop owns the blocks; for each model it publishes how many free blocks it wants
+//! (a low watermark while it has sequences, plus whatever a step could not get) and how many it
+//! has. A leaser task per model turns the difference into slab leases (one kv-cache Allocate per
+//! slab, renewed by the keep-alive stream) and hands them to the loop, which carves them into
+//! blocks. Slab size adapts: it halves when memory-service has no room for a whole one (so a
+//! kv-cache pool that holds only a few sequences still works) and grows back after each grant.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, warn};
+
+use crate::{
+    error::Error,
+    memory::{Ask, Loader, Reservation, unique_scope},
+    models::KV_CACHE,
+};
+
+/// What the device wants and has, in blocks.
+#[derive(Debug, Default)]
+struct Demand {
+    want_free: u64,
+    free: u64,
+    /// Granted by the leaser, not yet absorbed by the device.
+    inflight: u64,
+    /// The span of a sequence waiting for the blocks: the lease joins its trace, so one trace
+    /// shows a generation waiting on memory-service.
+    cause: Option<tracing::Span>,
+    /// Why the last lease failed, if memory-service is unreachable (cleared by a grant): the
+    /// device fails sequences that wait for blocks rather than hold them to their deadline.
+    failure: Option<Error>,
+}
+
+impl Demand {
+    fn missing(&self) -> u64 {
+        self.want_free.saturating_sub(self.free + self.inflight)
+    }
+}
+
+/// A slab for the device: `blocks` blocks, and the lease that backs them (none in tests that
+/// drive the device without memory-service).
+#[derive(Debug)]
+pub struct Grant {
+    /// Blocks in the slab.
+    pub blocks: u64,
+    /// The kv-cache lease; dropping it frees it.
+    pub lease: Option<Reservation>,
+}
+
+/// The device's end of one model's leaser.
+#[derive(Debug)]
+pub struct Link {
+    demand: Arc<Mutex<Demand>>,
+    notify: Arc<Notify>,
+    grants: mpsc::Receiver<Grant>,
+}
+
+/// The leaser's end.
+#[derive(Debug)]
+pub struct LeaserEnd {
+    demand: Arc<Mutex<Demand>>,
+    notify: Arc<Notify>,
+    grants: mpsc::Sender<Grant>,
+    /// Wakes the device loop when a slab arrives (it may be idle for want of blocks).
+    wake: Arc<Notify>,
+}
+
+impl LeaserEnd {
+    /// Hands the device a slab of `blocks` with no lease behind it: drives the device without
+    /// memory-service (unit tests, the simulator benchmarks).
+    pub async fn give(&self, blocks: u64) {
+        lock(&self.demand).inflight += blocks;
+        if self.grants.send(Grant { blocks, lease: None }).await.is_ok() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Blocks the device wants beyond what it has and what is on its way.
+    pub fn missing(&self) -> u64 {
+        lock(&self.demand).missing()
+    }
+}
+
+fn lock(demand: &Mutex<Demand>) -> std::sync::MutexGuard<'_, Demand> {
+    demand.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A connected pair; grants wake the device through `wake`.
+pub fn link(wake: Arc<Notify>) -> (Link, LeaserEnd) {
+    let demand = Arc::new(Mutex::new(Demand::default()));
+    let notify = Arc::new(Notify::new());
+    // Grants are few and each is absorbed at the next step: a small buffer suffices.
+    let (tx, rx) = mpsc::channel(8);
+    (
+        Link { demand: demand.clone(), notify: notify.clone(), grants: rx },
+        LeaserEnd { demand, notify, grants: tx, wake },
+    )
+}
+
+impl Link {
+    /// Publishes the device's wish and holding, and the span of a sequence waiting for it; wakes
+    /// the leaser if blocks are missing.
+    pub fn set(&self, want_free: u64, free: u64, cause: Option<&tracing::Span>) {
+        let missing = {
+            let mut demand = lock(&self.demand);
+            demand.want_free = want_free;
+            demand.free = free;
+            demand.cause = cause.cloned();
+            demand.missing()
+        };
+        if missing > 0 {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Why leasing fails, while memory-service is unreachable.
+    pub fn failure(&self) -> Option<Error> {
+        lock(&self.demand).failure.clone()
+    }
+
+    /// The next slab granted, if any.
+    pub fn try_grant(&mut self) -> Option<Grant> {
+        let grant = self.grants.try_recv().ok()?;
+        let mut demand = lock(&self.demand);
+        demand.inflight = demand.inflight.saturating_sub(grant.blocks);
+        Some(grant)
+    }
+}
+
+/// How one model's slabs are leased.
+#[derive(Debug, Clone)]
+pub struct SlabPlan {
+    /// The model (names the slab scopes).
+    pub model: String,
+    /// Bytes of one block.
+    pub block_bytes: u64,
+    /// Largest slab, in blocks.
+    pub slab_blocks: u64,
+}
+
+/// Starts the leaser task of one model; it ends with `shutdown` or when the device drops its
+/// [`Link`].
+pub fn spawn(end: LeaserEnd, plan: SlabPlan, loader: Loader, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = lease(end, plan, loader) => {}
+        }
+    });
+}
+
+async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
+    let mut size = plan.slab_blocks.max(1);
+    let mut capped = false;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let (missing, cause) = {
+            let demand = lock(&end.demand);
+            (demand.missing(), demand.cause.clone())
+        };
+        if missing == 0 {
+            if end.grants.is_closed() {
+                return;
+            }
+            end.notify.notified().await;
+            continue;
+        }
+        let span = match &cause {
+            Some(cause) => tracing::info_span!(parent: cause, "kv.lease", model = %plan.model, blocks = size),
+            None => tracing::info_span!("kv.lease", model = %plan.model, blocks = size),
+        };
+        let result = async {
+            if !capped {
+                // A slab never takes more than a sixteenth of the whole pool, so several runtimes
+                // (and a pool sized for only a few sequences) share it in useful pieces.
+                let capacity = loader.client.pool_capacity(KV_CACHE).await?;
+                size = size.min((capacity / plan.block_bytes / 16).max(1));
+                capped = true;
+            }
+            // Wait server-side only at a size that cannot usefully shrink further; otherwise ask
+            // for no wait and halve on refusal.
+            let max_wait = if size == 1 || size <= missing { loader.max_wait } else { Duration::ZERO };
+            let ask = Ask {
+                items: vec![(KV_CACHE, size * plan.block_bytes)],
+                scope: unique_scope(&loader.instance, "kv", &plan.model),
+                ttl: loader.ttl,
+                max_wait,
+            };
+            Reservation::acquire(&loader.client, &loader.renewer, &loader.tracker, &ask).await
+        }
+        .instrument(span)
+        .await;
+        match result {
+            Ok(reservation) => {
+                {
+                    let mut demand = lock(&end.demand);
+                    demand.inflight += size;
+                    demand.failure = None;
+                }
+                debug!(model = %plan.model, blocks = size, "kv slab leased");
+                if end.grants.send(Grant { blocks: size, lease: Some(reservation) }).await.is_err() {
+                    return; // the device is gone; the lease was dropped, hence freed
+                }
+                end.wake.notify_one();
+                size = (size * 2).min(plan.slab_blocks);
+                backoff = Duration::from_millis(50);
+                continue;
+            }
+            Err(Error::MemoryExhausted { .. }) if size > 1 => {
+                size /= 2;
+                continue;
+            }
+            // No room even for one block within the wait: others hold the pool; try again.
+            Err(Error::MemoryExhausted { .. }) => {}
+            Err(err) => {
+                warn!(model = %plan.model, cause = %err, retry_in = ?backoff, "cannot lease kv-cache");
+                capped = false; // memory-service may have restarted with other pools
+                lock(&end.demand).failure = Some(err);
+                end.wake.notify_one();
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}

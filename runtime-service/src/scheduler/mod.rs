@@ -1,0 +1,298 @@
+//! Continuous batching for one model on the device: which sequences run in the next step, with how
+//! many tokens each, and who is preempted when KV blocks run out. A pure step over plain state
+//! (vLLM's `Scheduler.schedule()`, TGI's `State::next_batch`); the device loop around it does the
+//! timing and the I/O.
+//!
+//! Each step: running sequences first, in admission order, one token each (or the next chunk of a
+//! prompt still being prefilled), within a token budget; a sequence whose next token needs a block
+//! that is not free preempts the most recently admitted running sequence (possibly itself), which
+//! gives back every block and goes to the front of the queue to be recomputed. Then, if nobody was
+//! preempted, waiting sequences are admitted first-come first-served while the budget, the batch
+//! size and the free blocks allow.
+
+pub mod blocks;
+mod seq;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+
+pub use self::{
+    blocks::{BlockId, BlockPool, SlabId},
+    seq::{SeqId, SeqState},
+};
+use crate::device::Work;
+
+/// How KV memory is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvReserve {
+    /// Blocks as the sequence grows (paged attention).
+    Paged,
+    /// Blocks for prompt + max_tokens at admission (the scheme paged attention replaced); kept
+    /// for the comparison benchmark.
+    Upfront,
+}
+
+impl std::str::FromStr for KvReserve {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "paged" => Ok(KvReserve::Paged),
+            "upfront" => Ok(KvReserve::Upfront),
+            _ => Err(format!("KV reserve {s:?} must be \"paged\" or \"upfront\"")),
+        }
+    }
+}
+
+/// Limits of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Sequences in one batch at most.
+    pub max_batch: usize,
+    /// Tokens computed in one step at most (decodes count one each).
+    pub token_budget: u32,
+    /// How KV blocks are taken.
+    pub reserve: KvReserve,
+}
+
+/// The outcome of [`Scheduler::schedule`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Sequences in the batch and their work, in batch order.
+    pub batch: Vec<(SeqId, Work)>,
+    /// Sequences preempted by this step (their blocks are already free).
+    pub preempted: Vec<SeqId>,
+    /// Blocks the step wanted but could not get (0 if it got everything): the demand to lease.
+    pub shortfall: u64,
+}
+
+/// The state of one model's sequences and KV blocks.
+#[derive(Debug)]
+pub struct Scheduler {
+    pool: BlockPool,
+    limits: Limits,
+    seqs: HashMap<SeqId, SeqState>,
+    waiting: VecDeque<SeqId>,
+    running: Vec<SeqId>,
+}
+
+impl Scheduler {
+    /// An empty scheduler over an empty block pool.
+    pub fn new(block_tokens: u32, limits: Limits) -> Self {
+        Scheduler {
+            pool: BlockPool::new(block_tokens),
+            limits,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    /// The block pool (to add or return slabs).
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// The block pool, mutably: slabs come and go between steps.
+    pub fn pool_mut(&mut self) -> &mut BlockPool {
+        &mut self.pool
+    }
+
+    /// Sequences waiting (new or preempted).
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Sequences admitted and holding blocks.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Whether there is no sequence at all.
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// A sequence's state.
+    pub fn get(&self, id: SeqId) -> Option<&SeqState> {
+        self.seqs.get(&id)
+    }
+
+    /// A sequence's state, mutably (to pause it or record its outputs).
+    pub fn get_mut(&mut self, id: SeqId) -> Option<&mut SeqState> {
+        self.seqs.get_mut(&id)
+    }
+
+    /// Every sequence id, running first.
+    pub fn ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.running.iter().chain(self.waiting.iter()).copied()
+    }
+
+    /// Waiting sequences, front first.
+    pub fn waiting_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.waiting.iter().copied()
+    }
+
+    /// Queues a new sequence at the back.
+    pub fn add(&mut self, seq: SeqState) {
+        self.waiting.push_back(seq.id);
+        self.seqs.insert(seq.id, seq);
+    }
+
+    /// Removes a sequence (finished, cancelled or failed) and frees its blocks at once.
+    pub fn remove(&mut self, id: SeqId) -> Option<SeqState> {
+        let mut seq = self.seqs.remove(&id)?;
+        self.pool.release(seq.blocks.drain(..));
+        self.running.retain(|&r| r != id);
+        self.waiting.retain(|&w| w != id);
+        Some(seq)
+    }
+
+    /// Drops slab `slab` whose memory was lost; returns the sequences that held blocks in it,
+    /// which the caller must fail (their KV is gone).
+    pub fn lose_slab(&mut self, slab: SlabId) -> Vec<SeqId> {
+        let Some(range) = self.pool.forget_slab(slab) else { return Vec::new() };
+        let hit: Vec<SeqId> =
+            self.ids().filter(|id| self.seqs[id].blocks.iter().any(|b| range.contains(b))).collect();
+        for id in &hit {
+            if let Some(seq) = self.seqs.get_mut(id) {
+                seq.blocks.retain(|b| !range.contains(b));
+            }
+        }
+        hit
+    }
+
+    /// Blocks `seq` must hold to compute `tokens` more tokens.
+    fn blocks_wanted(&self, seq: &SeqState, tokens: u32) -> u64 {
+        let upto = match self.limits.reserve {
+            KvReserve::Paged => seq.computed + tokens,
+            KvReserve::Upfront => seq.prompt_tokens + seq.max_tokens,
+        };
+        self.pool.blocks_for(upto).saturating_sub(seq.blocks.len() as u64)
+    }
+
+    fn grant(&mut self, id: SeqId, n: u64) {
+        let taken = self.pool.allocate(n).unwrap_or_default();
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.blocks.extend(taken);
+            seq.peak_blocks = seq.peak_blocks.max(seq.blocks.len() as u32);
+        }
+    }
+
+    fn preempt_last(&mut self, plan: &mut Plan) -> Option<SeqId> {
+        let victim = self.running.pop()?;
+        if let Some(seq) = self.seqs.get_mut(&victim) {
+            self.pool.release(seq.blocks.drain(..));
+            seq.preempt();
+        }
+        self.waiting.push_front(victim);
+        plan.preempted.push(victim);
+        Some(victim)
+    }
+
+    /// Forms the next batch. Blocks for the batch are taken here; [`Scheduler::advance`] records
+    /// the step's results once it has run.
+    pub fn schedule(&mut self) -> Plan {
+        let mut plan = Plan::default();
+        let mut budget = self.limits.token_budget;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let seq = &self.seqs[&id];
+            let tokens = seq.pending_tokens().min(budget);
+            if seq.paused || tokens == 0 {
+                i += 1;
+                continue;
+            }
+            let mut wanted = self.blocks_wanted(seq, tokens);
+            let mut preempted_self = false;
+            while wanted > self.pool.free_blocks() {
+                plan.shortfall = plan.shortfall.max(wanted - self.pool.free_blocks());
+                if self.preempt_last(&mut plan) == Some(id) {
+                    preempted_self = true;
+                    break;
+                }
+                wanted = self.blocks_wanted(&self.seqs[&id], tokens);
+            }
+            if preempted_self {
+                break; // it was the last running sequence: nothing after it
+            }
+            self.grant(id, wanted);
+            let seq = &self.seqs[&id];
+            plan.batch.push((id, Work { tokens, context: seq.computed }));
+            budget -= tokens;
+            i += 1;
+        }
+        if plan.preempted.is_empty() {
+            self.admit(&mut plan, budget);
+        }
+        plan
+    }
+
+    /// Admits waiting sequences in order (skipping paused ones) while they fit.
+    fn admit(&mut self, plan: &mut Plan, mut budget: u32) {
+        let mut skipped = VecDeque::new();
+        while budget > 0 && self.running.len() < self.limits.max_batch {
+            let Some(id) = self.waiting.pop_front() else { break };
+            let seq = &self.seqs[&id];
+            if seq.paused {
+                skipped.push_back(id);
+                continue;
+            }
+            let tokens = seq.pending_tokens().min(budget);
+            let wanted = self.blocks_wanted(seq, tokens);
+            if wanted > self.pool.free_blocks() {
+                plan.shortfall = plan.shortfall.max(wanted - self.pool.free_blocks());
+                self.waiting.push_front(id); // first come, first served: nobody overtakes it
+                break;
+            }
+            self.grant(id, wanted);
+            let seq = &self.seqs[&id];
+            plan.batch.push((id, Work { tokens, context: seq.computed }));
+            self.running.push(id);
+            budget -= tokens;
+        }
+        while let Some(id) = skipped.pop_back() {
+            self.waiting.push_front(id);
+        }
+    }
+
+    /// Records that `plan`'s batch ran: each sequence's computed tokens advance. Returns the
+    /// sequences that now sample a token (their prompt, or their last token, is fully computed).
+    pub fn advance(&mut self, plan: &Plan) -> Vec<SeqId> {
+        let mut sampling = Vec::with_capacity(plan.batch.len());
+        for &(id, work) in &plan.batch {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.computed += work.tokens;
+                seq.steps += 1;
+                seq.batch_sum += plan.batch.len() as u64;
+                if seq.pending_tokens() == 0 {
+                    sampling.push(id);
+                }
+            }
+        }
+        sampling
+    }
+
+    /// Every block held by a sequence, for [`BlockPool::check`].
+    pub fn used_blocks(&self) -> Vec<BlockId> {
+        self.seqs.values().flat_map(|s| s.blocks.iter().copied()).collect()
+    }
+
+    /// Checks the block accounting and the queues (property tests, debug builds).
+    pub fn check(&self) -> Result<(), String> {
+        self.pool.check(&self.used_blocks())?;
+        if self.running.len() + self.waiting.len() != self.seqs.len() {
+            return Err(format!(
+                "{} running + {} waiting != {} sequences",
+                self.running.len(),
+                self.waiting.len(),
+                self.seqs.len()
+            ));
+        }
+        if let Some(id) = self.waiting.iter().find(|id| !self.seqs[id].blocks.is_empty()) {
+            return Err(format!("waiting sequence {id} holds blocks"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,233 @@
+//! Scheduler tests: admission under the token budget and batch size, chunked prefill, preemption
+//! order, and a property test of block accounting over random histories.
+
+use proptest::prelude::*;
+
+use super::*;
+
+const PAGED: Limits = Limits { max_batch: 8, token_budget: 64, reserve: KvReserve::Paged };
+
+fn scheduler(blocks: u64, limits: Limits) -> Scheduler {
+    let mut s = Scheduler::new(4, limits);
+    s.pool_mut().add_slab(blocks);
+    s
+}
+
+/// Runs one step: schedule, advance, sample every sequence that may, remove finished ones.
+fn step(s: &mut Scheduler) -> Plan {
+    let plan = s.schedule();
+    for id in s.advance(&plan) {
+        let seq = s.get_mut(id).expect("scheduled sequence exists");
+        seq.sampled();
+        if seq.is_done() {
+            s.remove(id);
+        }
+    }
+    s.check().expect("consistent after a step");
+    plan
+}
+
+#[test]
+fn admission_stops_at_the_token_budget_and_chunks_the_prompt_that_does_not_fit() {
+    let mut s = scheduler(100, PAGED);
+    s.add(SeqState::new(1, 40, 4));
+    s.add(SeqState::new(2, 40, 4));
+    s.add(SeqState::new(3, 10, 4));
+    let plan = s.schedule();
+    // 40 tokens for the first, the remaining 24 of the budget as the second's first chunk; the
+    // third waits (first come, first served) even though its 10 tokens would fit in a later step.
+    assert_eq!(plan.batch, vec![(1, Work { tokens: 40, context: 0 }), (2, Work { tokens: 24, context: 0 })]);
+    assert_eq!((s.running(), s.waiting()), (2, 1));
+    assert_eq!(s.advance(&plan), vec![1], "only the first finished its prompt");
+    s.get_mut(1).expect("running").sampled();
+    let plan = s.schedule();
+    // Running first: one decode token, then the rest of the second prompt, then the third.
+    assert_eq!(
+        plan.batch,
+        vec![
+            (1, Work { tokens: 1, context: 40 }),
+            (2, Work { tokens: 16, context: 24 }),
+            (3, Work { tokens: 10, context: 0 })
+        ]
+    );
+}
+
+#[test]
+fn the_batch_size_caps_admission() {
+    let mut s = scheduler(100, Limits { max_batch: 2, ..PAGED });
+    for id in 0..4 {
+        s.add(SeqState::new(id, 2, 4));
+    }
+    assert_eq!(s.schedule().batch.len(), 2);
+    assert_eq!(s.waiting(), 2);
+}
+
+#[test]
+fn blocks_are_taken_as_sequences_grow_not_up_front() {
+    let mut s = scheduler(100, PAGED);
+    s.add(SeqState::new(1, 3, 10));
+    step(&mut s); // prompt of 3: one block of 4
+    assert_eq!(s.pool().used_blocks(), 1);
+    step(&mut s); // token 0's KV: slot 4, still the first block
+    assert_eq!(s.pool().used_blocks(), 1);
+    step(&mut s); // token 1's KV: slot 5, a second block
+    assert_eq!(s.pool().used_blocks(), 2);
+
+    let mut upfront = scheduler(100, Limits { reserve: KvReserve::Upfront, ..PAGED });
+    upfront.add(SeqState::new(1, 3, 10));
+    step(&mut upfront);
+    assert_eq!(upfront.pool().used_blocks(), 4, "ceil(13 / 4) at admission");
+}
+
+#[test]
+fn out_of_blocks_preempts_the_most_recently_admitted_which_recomputes_first() {
+    // 4 blocks of 4 tokens; three sequences of 4-token prompts take one block each.
+    let mut s = scheduler(4, PAGED);
+    for id in 1..=3 {
+        s.add(SeqState::new(id, 4, 20));
+    }
+    step(&mut s);
+    assert_eq!(s.pool().used_blocks(), 3);
+    // Each now needs a second block for its first decode; one is free. Sequence 1 takes it;
+    // sequence 2 finds none and preempts the most recently admitted (3), taking its block.
+    let plan = step(&mut s);
+    assert_eq!(plan.preempted, vec![3], "latest admitted first");
+    assert_eq!(plan.batch.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(plan.shortfall, 1);
+    // The preempted one waits at the front with its KV forgotten but its token kept.
+    assert_eq!(s.ids().collect::<Vec<_>>(), vec![1, 2, 3]);
+    let three = s.get(3).expect("waiting");
+    assert_eq!((three.computed, three.generated, three.preemptions, three.blocks.len()), (0, 1, 1, 0));
+    // When sequence 1 leaves, 3 comes back and recomputes its prompt and its token in one chunk.
+    s.remove(1);
+    let plan = s.schedule();
+    assert_eq!(plan.batch[1], (3, Work { tokens: 5, context: 0 }));
+}
+
+#[test]
+fn a_lone_sequence_that_cannot_grow_preempts_itself_and_waits() {
+    let mut s = scheduler(1, PAGED);
+    s.add(SeqState::new(1, 4, 8));
+    step(&mut s);
+    let plan = step(&mut s);
+    assert_eq!(plan.preempted, vec![1]);
+    assert!(plan.batch.is_empty());
+    assert_eq!(plan.shortfall, 1);
+    // A new slab lets it continue.
+    s.pool_mut().add_slab(4);
+    assert_eq!(s.schedule().batch, vec![(1, Work { tokens: 5, context: 0 })]);
+}
+
+#[test]
+fn paused_sequences_are_skipped_but_keep_their_blocks() {
+    let mut s = scheduler(10, PAGED);
+    s.add(SeqState::new(1, 2, 8));
+    s.add(SeqState::new(2, 2, 8));
+    step(&mut s);
+    s.get_mut(1).expect("running").paused = true;
+    let plan = step(&mut s);
+    assert_eq!(plan.batch.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(s.get(1).map(|q| q.blocks.len()), Some(1));
+}
+
+#[test]
+fn losing_a_slab_names_the_sequences_that_used_it() {
+    let mut s = scheduler(2, PAGED);
+    let second = s.pool_mut().add_slab(2);
+    for id in 1..=3 {
+        s.add(SeqState::new(id, 4, 8));
+    }
+    step(&mut s);
+    assert_eq!(s.lose_slab(second), vec![3]);
+    assert!(s.get(3).is_some_and(|q| q.blocks.is_empty()));
+    s.remove(3);
+    s.check().expect("consistent");
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Arrive { prompt: u32, max: u32 },
+    Step,
+    Cancel(usize),
+    Pause(usize),
+    AddSlab(u64),
+    ReturnIdleSlab,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (1u32..40, 1u32..30).prop_map(|(prompt, max)| Op::Arrive { prompt, max }),
+        Just(Op::Step),
+        Just(Op::Step),
+        Just(Op::Step),
+        (0usize..16).prop_map(Op::Cancel),
+        (0usize..16).prop_map(Op::Pause),
+        (1u64..12).prop_map(Op::AddSlab),
+        Just(Op::ReturnIdleSlab),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Blocks in use equal the sum over sequences, no block is owned twice, every block comes back
+    /// when every sequence is gone, and a sequence with blocks always runs to completion.
+    #[test]
+    fn block_accounting_holds_under_any_history(
+        ops in proptest::collection::vec(op(), 1..120),
+        reserve in prop_oneof![Just(KvReserve::Paged), Just(KvReserve::Upfront)],
+        budget in 1u32..64,
+    ) {
+        let mut s = scheduler(4, Limits { max_batch: 4, token_budget: budget, reserve });
+        let mut next = 0;
+        for op in ops {
+            match op {
+                Op::Arrive { prompt, max } => {
+                    // As the device does: refuse what the whole pool could never hold.
+                    if s.pool().blocks_for(prompt + max) <= s.pool().total_blocks() {
+                        s.add(SeqState::new(next, prompt, max));
+                        next += 1;
+                    }
+                }
+                Op::Step => { step(&mut s); }
+                Op::Cancel(i) | Op::Pause(i) if s.is_empty() => { let _ = i; }
+                Op::Cancel(i) => {
+                    let ids: Vec<_> = s.ids().collect();
+                    s.remove(ids[i % ids.len()]);
+                }
+                Op::Pause(i) => {
+                    let ids: Vec<_> = s.ids().collect();
+                    let seq = s.get_mut(ids[i % ids.len()]).expect("listed");
+                    seq.paused = !seq.paused;
+                }
+                Op::AddSlab(n) => { s.pool_mut().add_slab(n); }
+                Op::ReturnIdleSlab => {
+                    let idle = s.pool().idle_slabs().next();
+                    if let Some((id, _)) = idle { prop_assert!(s.pool_mut().remove_slab(id)); }
+                }
+            }
+            s.check().map_err(TestCaseError::fail)?;
+        }
+        // Unpause everything and run to the end, leasing a slab whenever a step could run nothing
+        // for want of blocks (as the device's leaser does): every sequence finishes (no
+        // deadlock) and every block comes back.
+        let ids: Vec<_> = s.ids().collect();
+        for id in ids {
+            if let Some(seq) = s.get_mut(id) { seq.paused = false; }
+        }
+        for _ in 0..20_000 {
+            if s.is_empty() { break; }
+            let plan = step(&mut s);
+            if plan.batch.is_empty() && plan.shortfall > 0 {
+                s.pool_mut().add_slab(plan.shortfall);
+            }
+        }
+        prop_assert!(s.is_empty(), "sequences left: {}", s.waiting() + s.running());
+        prop_assert_eq!(s.pool().used_blocks(), 0);
+        let idle: Vec<_> = s.pool().idle_slabs().map(|(id, _)| id).collect();
+        for id in idle {
+            prop_assert!(s.pool_mut().remove_slab(id));
+        }
+        prop_assert_eq!(s.pool().total_blocks(), 0);
+    }
+}

@@ -1,0 +1,157 @@
+//! Device presets: the published numbers of real accelerators that both services size themselves
+//! from. runtime-service turns them into step times (its roofline); memory-service turns a device's
+//! memory into the three pools (`--device`), so a bare start of both fits together.
+
+use serde::Deserialize;
+
+const GIB: u64 = 1 << 30;
+
+/// One accelerator, as its datasheet and measured serving runs describe it.
+///
+/// The achievable fractions are what inference engines actually reach, not the datasheet: vLLM
+/// decoding Llama-3.1-8B at one request on an A100-40GB reaches about 77% of the memory-bandwidth
+/// ceiling (README, "Fidelity"), and large prefills reach 50–65% of dense tensor-core FLOP/s.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    /// Preset name (`h100-sxm`), as given to `--device`.
+    pub name: String,
+    /// Device memory, bytes.
+    pub memory_bytes: u64,
+    /// Peak memory bandwidth, bytes per second.
+    pub bandwidth_bytes_per_s: f64,
+    /// Peak dense FLOP/s for the weights' data type (BF16 tensor cores on datacenter GPUs).
+    pub flops_per_s: f64,
+    /// Fraction of the peak bandwidth a decode step achieves (0, 1].
+    pub bandwidth_efficiency: f64,
+    /// Fraction of the peak FLOP/s a compute-bound (prefill) step achieves (0, 1].
+    pub flops_efficiency: f64,
+    /// Fixed GPU cost of one step (kernel launches, synchronisation), seconds.
+    pub launch_overhead_s: f64,
+    /// CPU cost of one step whatever its size (scheduling, batch building), seconds.
+    pub cpu_per_step_s: f64,
+    /// CPU cost per sequence in a step (sampling, detokenizing, streaming), seconds.
+    pub cpu_per_seq_s: f64,
+}
+
+impl DeviceSpec {
+    /// The embedded preset called `name`.
+    pub fn preset(name: &str) -> Option<DeviceSpec> {
+        presets().into_iter().find(|d| d.name == name)
+    }
+
+    /// Names of the embedded presets.
+    pub fn preset_names() -> Vec<String> {
+        presets().into_iter().map(|d| d.name).collect()
+    }
+
+    /// The three pools memory-service holds for this device, as (name, bytes): 90% of its memory
+    /// (vLLM's default `gpu_memory_utilization`), 40% for weights (`uniforms`), 5% for
+    /// activations and 45% for the paged KV cache. The split fits the embedded models a bare
+    /// runtime-service preloads on `h100-sxm`; other mixes set pools explicitly.
+    pub fn pool_split(&self) -> [(&'static str, u64); 3] {
+        let share = |percent: u64| self.memory_bytes / 100 * percent;
+        [("kv-cache", share(45)), ("activations", share(5)), ("uniforms", share(40))]
+    }
+
+    /// Checks that every number is usable; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive =
+            [("bandwidth_bytes_per_s", self.bandwidth_bytes_per_s), ("flops_per_s", self.flops_per_s)];
+        for (field, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("device {:?}: {field} = {v} must be positive", self.name));
+            }
+        }
+        for (field, v) in
+            [("bandwidth_efficiency", self.bandwidth_efficiency), ("flops_efficiency", self.flops_efficiency)]
+        {
+            if !(v.is_finite() && v > 0.0 && v <= 1.0) {
+                return Err(format!("device {:?}: {field} = {v} must be in (0, 1]", self.name));
+            }
+        }
+        for (field, v) in [
+            ("launch_overhead_s", self.launch_overhead_s),
+            ("cpu_per_step_s", self.cpu_per_step_s),
+            ("cpu_per_seq_s", self.cpu_per_seq_s),
+        ] {
+            if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+                return Err(format!("device {:?}: {field} = {v} must be between 0 and 1 s", self.name));
+            }
+        }
+        if self.memory_bytes < (1 << 20) {
+            return Err(format!("device {:?}: memory_bytes must be at least 1 MiB", self.name));
+        }
+        Ok(())
+    }
+}
+
+/// The embedded presets. Bandwidth and FLOP/s are NVIDIA's datasheet figures (H100 SXM5: 3.35 TB/s
+/// HBM3, 989 TFLOP/s dense BF16; A100 40GB: 1.555 TB/s, 312 TFLOP/s; L4: 300 GB/s, 121 TFLOP/s);
+/// the laptop is an integrated GPU as WebGPU sees it. CPU costs are what a Python engine spends per
+/// step and per sequence (vLLM's v0.6 notes put its CPU share near half of a small decode step
+/// before overlap); the browser engines pay more per step (JavaScript and WebGPU dispatch).
+fn presets() -> Vec<DeviceSpec> {
+    vec![
+        DeviceSpec {
+            name: "h100-sxm".into(),
+            memory_bytes: 80 * GIB,
+            bandwidth_bytes_per_s: 3.35e12,
+            flops_per_s: 989e12,
+            bandwidth_efficiency: 0.72,
+            flops_efficiency: 0.6,
+            launch_overhead_s: 0.4e-3,
+            cpu_per_step_s: 1.0e-3,
+            cpu_per_seq_s: 25e-6,
+        },
+        DeviceSpec {
+            name: "a100-40gb".into(),
+            memory_bytes: 40 * GIB,
+            bandwidth_bytes_per_s: 1.555e12,
+            flops_per_s: 312e12,
+            bandwidth_efficiency: 0.78,
+            flops_efficiency: 0.6,
+            launch_overhead_s: 0.4e-3,
+            cpu_per_step_s: 1.0e-3,
+            cpu_per_seq_s: 25e-6,
+        },
+        DeviceSpec {
+            name: "l4".into(),
+            memory_bytes: 24 * GIB,
+            bandwidth_bytes_per_s: 300e9,
+            flops_per_s: 121e12,
+            bandwidth_efficiency: 0.8,
+            flops_efficiency: 0.5,
+            launch_overhead_s: 0.5e-3,
+            cpu_per_step_s: 1.0e-3,
+            cpu_per_seq_s: 25e-6,
+        },
+        DeviceSpec {
+            name: "webgpu-laptop".into(),
+            memory_bytes: 8 * GIB,
+            bandwidth_bytes_per_s: 100e9,
+            flops_per_s: 4.5e12,
+            bandwidth_efficiency: 0.6,
+            flops_efficiency: 0.35,
+            launch_overhead_s: 2.0e-3,
+            cpu_per_step_s: 3.0e-3,
+            cpu_per_seq_s: 0.5e-3,
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid_and_split_ninety_percent() {
+        for name in DeviceSpec::preset_names() {
+            let device = DeviceSpec::preset(&name).expect("listed preset");
+            device.validate().expect("valid preset");
+            let pooled: u64 = device.pool_split().iter().map(|(_, b)| b).sum();
+            assert_eq!(pooled, device.memory_bytes / 100 * 90, "{name}");
+        }
+        assert!(DeviceSpec::preset("h200").is_none());
+    }
+}

@@ -1,0 +1,248 @@
+//! The device end to end: concurrent generations share it (per-stream TPOT rises while the
+//! aggregate rises sub-linearly), kv-cache in memory-service follows the live sequences, a small
+//! pool preempts and still completes everything, and two runtimes on one memory-service trade
+//! kv-cache as their loads shift. All on tokio's paused clock, so the numbers are the simulation's.
+
+use std::time::Duration;
+
+use e2e::{
+    MemoryServer, RuntimeServer, TEST_BLOCK_BYTES, config_with_pools, runtime_config, sample, stats,
+    wait_for_used,
+};
+use proto::runtime::v1::{GenerateRequest, GenerateResponse, Summary, generate_response::Item};
+use runtime_service::{
+    config::parse_models,
+    device::{Arch, DeviceSpec, Roofline},
+};
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tonic::Streaming;
+
+fn request(model: &str, prompt_words: usize, max_tokens: u32, seed: u64) -> GenerateRequest {
+    GenerateRequest {
+        model: model.into(),
+        prompt: vec!["word"; prompt_words].join(" "),
+        max_tokens,
+        seed,
+        ..GenerateRequest::default()
+    }
+}
+
+/// Reads `n` tokens (checking their order).
+async fn read(stream: &mut Streaming<GenerateResponse>, from: u32, n: u32) {
+    for index in from..from + n {
+        match stream.next().await.expect("open").expect("no error").item {
+            Some(Item::Token(token)) => assert_eq!(token.index, index, "each token once, in order"),
+            other => panic!("expected token {index}, got {other:?}"),
+        }
+    }
+}
+
+/// Reads to the summary, checking that every index comes once and in order.
+async fn finish(stream: &mut Streaming<GenerateResponse>, from: u32) -> Summary {
+    let mut next = from;
+    while let Some(item) = stream.next().await {
+        match item.expect("no error").item {
+            Some(Item::Token(token)) => {
+                assert_eq!(token.index, next, "each token once, in order");
+                next += 1;
+            }
+            Some(Item::Summary(summary)) => {
+                assert_eq!(summary.completion_tokens, next);
+                return summary;
+            }
+            None => panic!("empty item"),
+        }
+    }
+    panic!("no summary")
+}
+
+fn secs(d: Option<prost_types::Duration>) -> f64 {
+    Duration::try_from(d.expect("set")).expect("non-negative").as_secs_f64()
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_streams_share_the_device_per_stream_tpot_rises_aggregate_rises_sublinearly() {
+    let device = DeviceSpec::preset("a100-40gb").expect("preset");
+    let memory = MemoryServer::start(config_with_pools(&device.pool_split())).await;
+    let config = runtime_service::Config {
+        device: device.clone(),
+        models: parse_models("[[models]]\nkey = \"llama-3.1-8b\"\nengine = \"webllm\"\npreload = true\n")
+            .expect("models"),
+        ..runtime_config(memory.addr)
+    };
+    let runtime = RuntimeServer::start(config).await;
+    runtime.ready().await;
+    let client = runtime.client().await;
+    let mut levels = Vec::new();
+    for concurrency in [1u64, 8, 32] {
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|i| {
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    let mut stream = client
+                        .generate(request("llama-3.1-8b", 128, 32, i))
+                        .await
+                        .expect("admitted")
+                        .into_inner();
+                    finish(&mut stream, 0).await
+                })
+            })
+            .collect();
+        let mut summaries = Vec::new();
+        for task in tasks {
+            summaries.push(task.await.expect("stream task"));
+        }
+        let wall = (Instant::now() - started).as_secs_f64();
+        let tpot =
+            summaries.iter().map(|s| secs(s.time_per_output_token)).sum::<f64>() / summaries.len() as f64;
+        let aggregate = (32 * concurrency) as f64 / wall;
+        let batch = summaries.iter().map(|s| s.mean_batch_size).fold(0.0, f64::max);
+        levels.push((concurrency, tpot, aggregate, batch));
+    }
+    let floor =
+        Roofline::weights_floor(&device, &Arch::preset("llama-3.1-8b").expect("preset")).as_secs_f64();
+    let [(_, tpot1, agg1, _), (_, tpot8, agg8, batch8), (_, tpot32, agg32, batch32)] = levels[..] else {
+        unreachable!()
+    };
+    assert!(tpot1 > floor, "a decode step never beats weights / bandwidth: {tpot1} <= {floor}");
+    assert!(tpot1 < tpot8 && tpot8 < tpot32, "per-stream TPOT rises: {levels:?}");
+    assert!(agg1 < agg8 && agg8 < agg32, "aggregate throughput rises: {levels:?}");
+    assert!(agg32 < 32.0 * agg1, "sub-linearly: {levels:?}");
+    assert!(agg32 > 4.0 * agg1, "but a lot, since the weights are read once per step: {levels:?}");
+    // Prompts are prefilled in chunks of the token budget, so early steps hold fewer sequences.
+    assert!(batch8 > 6.0 && batch32 > 20.0, "they shared steps: {levels:?}");
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn kv_cache_in_memory_service_follows_the_live_sequences() {
+    let memory = MemoryServer::with_pools(&[
+        ("kv-cache", 64 << 20),
+        ("activations", 64 << 20),
+        ("uniforms", 64 << 20),
+    ])
+    .await;
+    let config = runtime_service::Config { kv_slab_blocks: 4, ..runtime_config(memory.addr) };
+    let runtime = RuntimeServer::start(config).await;
+    runtime.ready().await;
+    let mut pools = memory.client().await;
+    assert_eq!(stats(&mut pools, "kv-cache").await.used_bytes, 0, "nothing leased before any sequence");
+    let mut streams = Vec::new();
+    for i in 0..8 {
+        let mut client = runtime.client().await;
+        streams
+            .push(client.generate(request("test-webllm", 7, 400, i)).await.expect("admitted").into_inner());
+    }
+    for stream in &mut streams {
+        read(stream, 0, 1).await;
+    }
+    let early = stats(&mut pools, "kv-cache").await.used_bytes;
+    for stream in &mut streams {
+        read(stream, 1, 199).await;
+    }
+    let late = stats(&mut pools, "kv-cache").await.used_bytes;
+    // 8 sequences of 7 + 199 tokens hold ceil(206 / 16) = 13 blocks each at least.
+    assert!(late >= 8 * 13 * TEST_BLOCK_BYTES, "{late}");
+    assert!(late > early, "leased as the sequences grew: {early} then {late}");
+    for stream in &mut streams {
+        finish(stream, 200).await;
+    }
+    wait_for_used(&memory, "kv-cache", 0).await;
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_small_kv_pool_preempts_and_every_generation_still_completes() {
+    // 16 blocks for 6 sequences that each grow to 8 (7 + 120 tokens).
+    let memory = MemoryServer::with_pools(&[
+        ("kv-cache", 16 * TEST_BLOCK_BYTES),
+        ("activations", 64 << 20),
+        ("uniforms", 64 << 20),
+    ])
+    .await;
+    let config = runtime_service::Config { kv_slab_blocks: 4, ..runtime_config(memory.addr) };
+    let runtime = RuntimeServer::start(config).await;
+    runtime.ready().await;
+    let client = runtime.client().await;
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut stream =
+                    client.generate(request("test-webllm", 7, 120, i)).await.expect("admitted").into_inner();
+                finish(&mut stream, 0).await
+            })
+        })
+        .collect();
+    let mut preemptions = 0;
+    for task in tasks {
+        let summary = task.await.expect("completes");
+        assert_eq!(summary.completion_tokens, 120);
+        preemptions += summary.preemptions;
+    }
+    assert!(preemptions > 0, "the pool could not hold all six at once");
+    let rt = runtime.scrape().await;
+    assert_eq!(sample(&rt, "runtime_preemptions_total", &[]), Some(f64::from(preemptions)));
+    let mut pools = memory.client().await;
+    let kv = stats(&mut pools, "kv-cache").await;
+    assert!(kv.peak_used_bytes <= 16 * TEST_BLOCK_BYTES, "never over-committed: {kv:?}");
+    wait_for_used(&memory, "kv-cache", 0).await;
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+/// The blocks a runtime holds now, from its metrics.
+async fn held_blocks(runtime: &RuntimeServer) -> f64 {
+    let text = runtime.scrape().await;
+    sample(&text, "runtime_kv_blocks", &[r#"model="test-webllm""#, r#"state="total""#]).unwrap_or(0.0)
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_runtimes_on_one_memory_service_trade_kv_cache_as_their_loads_shift() {
+    // 64 blocks in all; eight sequences of 7 + 120 tokens want 64 on their own.
+    let memory = MemoryServer::with_pools(&[
+        ("kv-cache", 64 * TEST_BLOCK_BYTES),
+        ("activations", 64 << 20),
+        ("uniforms", 64 << 20),
+    ])
+    .await;
+    let mut runtimes = Vec::new();
+    for name in ["a", "b"] {
+        let config = runtime_service::Config {
+            kv_slab_blocks: 4,
+            instance: name.into(),
+            ..runtime_config(memory.addr)
+        };
+        let runtime = RuntimeServer::start(config).await;
+        runtime.ready().await;
+        runtimes.push(runtime);
+    }
+    for (busy, idle) in [(0, 1), (1, 0)] {
+        let mut streams = Vec::new();
+        for i in 0..8 {
+            let mut client = runtimes[busy].client().await;
+            streams.push(
+                client.generate(request("test-webllm", 7, 120, i)).await.expect("admitted").into_inner(),
+            );
+        }
+        for stream in &mut streams {
+            read(stream, 0, 60).await;
+        }
+        // The busy runtime holds more than half the pool: static halves could not.
+        let (held, other) = (held_blocks(&runtimes[busy]).await, held_blocks(&runtimes[idle]).await);
+        assert!(held > 32.0, "runtime {busy} holds {held} of 64 blocks");
+        assert_eq!(other, 0.0, "the idle runtime gave its slabs back");
+        for stream in &mut streams {
+            finish(stream, 60).await;
+        }
+        wait_for_used(&memory, "kv-cache", 0).await;
+    }
+    for runtime in runtimes {
+        runtime.stop().await;
+    }
+    memory.stop().await;
+}
