@@ -3,19 +3,17 @@
 use std::time::Duration;
 
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 /// Why a call failed. Every variant maps to exactly one gRPC code in [`Error::to_status`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    /// A request field is malformed or out of range.
-    #[error("invalid {field}: {reason}")]
-    InvalidArgument {
-        /// The field, as named in the proto.
-        field: &'static str,
-        /// What is wrong and what is accepted.
-        reason: String,
-    },
+    /// Request fields are malformed or out of range.
+    #[error("invalid request: {}", violations(.0))]
+    InvalidArgument(
+        /// Every violation: the field, as named in the proto, and what is wrong and accepted.
+        Vec<(&'static str, String)>,
+    ),
     /// No model has this key.
     #[error("model {0:?} not found; ListModels shows the configured models")]
     ModelNotFound(String),
@@ -69,10 +67,15 @@ pub enum Error {
     ShuttingDown,
 }
 
+/// `field: reason; field: reason`.
+fn violations(list: &[(&'static str, String)]) -> String {
+    list.iter().map(|(field, reason)| format!("{field} {reason}")).collect::<Vec<_>>().join("; ")
+}
+
 impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument { field, reason: reason.into() }
+        Error::InvalidArgument(vec![(field, reason.into())])
     }
 
     /// Whether a retry before the first token may succeed.
@@ -88,8 +91,10 @@ impl Error {
             details
         };
         let (code, details) = match self {
-            Error::InvalidArgument { field, reason } => {
-                (Code::InvalidArgument, ErrorDetails::with_bad_request_violation(*field, reason.clone()))
+            Error::InvalidArgument(list) => {
+                let violations =
+                    list.iter().map(|(field, reason)| FieldViolation::new(*field, reason.clone()));
+                (Code::InvalidArgument, ErrorDetails::with_bad_request(violations.collect::<Vec<_>>()))
             }
             Error::ModelNotFound(key) => (
                 Code::NotFound,

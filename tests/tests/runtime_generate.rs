@@ -13,6 +13,7 @@ use proto::runtime::v1::{
 use runtime_service::core::SchedulerMode;
 use tokio_stream::StreamExt;
 use tonic::{Code, Status, Streaming};
+use tonic_types::StatusExt;
 
 /// Pools large enough for every test here.
 const POOLS: &[(&str, u64)] = &[("kv-cache", 64 << 20), ("activations", 64 << 20), ("uniforms", 64 << 20)];
@@ -203,6 +204,18 @@ async fn bad_requests_are_refused_with_what_to_change() {
         assert_eq!(err.code(), code, "{err:?}");
         assert!(err.message().contains(needle), "{needle:?} not in {:?}", err.message());
     }
+    // Every violation is listed at once, in the message and as BadRequest field violations.
+    let many = GenerateRequest { temperature: 3.0, top_p: 1.5, max_tokens: 0, ..request("hi", 1, 0) };
+    let err = client.generate(many).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let fields: Vec<String> = err
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["max_tokens", "temperature", "top_p"], "{}", err.message());
     let cancel = client.cancel(CancelRequest { request_id: "missing".into() }).await.unwrap_err();
     assert_eq!(cancel.code(), Code::NotFound);
     runtime.stop().await;

@@ -209,4 +209,14 @@ context_length = 512
         assert_eq!(config.models[1].arch.kv_bytes_per_token(), 2 * 2 * 2 * 32);
         assert!(find_device("h200", &[]).is_err());
     }
+
+    #[test]
+    fn the_example_file_in_deploy_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/runtime-service.toml");
+        let config = read_file(Config::default(), &path).expect("the example parses");
+        config.validate().expect("the example is valid");
+        assert_eq!(config.device.name, "h100-sxm");
+        assert_eq!(defined_devices(&path).expect("devices").len(), 1);
+        assert_eq!(config.models.len(), 2);
+    }
 }

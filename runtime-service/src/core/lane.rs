@@ -38,6 +38,10 @@ pub struct LaneSpec {
     pub slab_blocks: u64,
 }
 
+/// Tokens of growth the running sequences' blocks are leased ahead for: slabs arrive within a
+/// round trip to memory-service, far less than this many steps.
+const LOOKAHEAD_TOKENS: u32 = 4;
+
 /// The I/O side of one sequence.
 #[derive(Debug)]
 struct Live {
@@ -62,8 +66,6 @@ pub(super) struct Lane {
     live: HashMap<SeqId, Live>,
     slabs: HashMap<SlabId, Option<Reservation>>,
     link: Link,
-    /// Blocks the last step could not get.
-    shortfall: u64,
     /// When the lane last became empty (its idle slabs go after a linger).
     pub(super) idle_since: Option<Instant>,
 }
@@ -76,7 +78,6 @@ impl Lane {
             live: HashMap::new(),
             slabs: HashMap::new(),
             link,
-            shortfall: 0,
             idle_since: None,
         }
     }
@@ -141,12 +142,14 @@ impl Lane {
         }
     }
 
-    /// Publishes how many free blocks the lane wants to its leaser.
-    pub(super) fn publish_demand(&mut self, plan: Option<&Plan>) {
-        if let Some(plan) = plan {
-            self.shortfall = plan.shortfall;
-        }
-        let want = if self.scheduler.is_empty() { 0 } else { self.spec.low_watermark + self.shortfall };
+    /// Publishes how many free blocks the lane wants to its leaser: enough to admit every waiting
+    /// sequence whole and to grow the running ones for a few more tokens, plus the low watermark.
+    pub(super) fn publish_demand(&mut self) {
+        let want = if self.scheduler.is_empty() {
+            0
+        } else {
+            self.scheduler.demand(LOOKAHEAD_TOKENS) + self.spec.low_watermark
+        };
         let free = self.scheduler.pool().free_blocks();
         let cause =
             if want > free { self.scheduler.ids().next().and_then(|id| self.live.get(&id)) } else { None };

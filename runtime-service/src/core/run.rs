@@ -67,9 +67,8 @@ impl DeviceLoop {
             }
             let picked = self.pick();
             let now = Instant::now();
-            for (i, lane) in self.lanes.iter_mut().enumerate() {
-                let plan = picked.as_ref().filter(|(li, _)| *li == i).map(|(_, plan)| plan);
-                lane.publish_demand(plan);
+            for lane in &mut self.lanes {
+                lane.publish_demand();
                 lane.return_slabs(now, self.settings.kv_idle_release);
             }
             self.export_gauges();
@@ -122,8 +121,8 @@ impl DeviceLoop {
             let plan = lane.scheduler.schedule();
             self.metrics.preemptions.inc_by(plan.preempted.len() as u64);
             if plan.batch.is_empty() {
-                // Nothing runnable (out of blocks, or every reader behind): remember its shortfall.
-                lane.publish_demand(Some(&plan));
+                // Nothing runnable (out of blocks, or every reader behind).
+                lane.publish_demand();
                 lane.fail_if_unreachable(&plan);
                 continue;
             }

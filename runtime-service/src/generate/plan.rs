@@ -36,75 +36,79 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Validates `req` against the configured models. Every refusal names the field and what to
-    /// change.
+    /// Validates `req` against the configured models. Every violation is listed at once, each
+    /// naming the field and what to change; an unknown model is NOT_FOUND when nothing else is
+    /// wrong with the request.
     pub fn new(models: &Models, req: pb::GenerateRequest) -> Result<Self, Error> {
+        let mut bad = Violations::default();
         if req.model.is_empty() {
-            return Err(Error::invalid("model", "is required; ListModels shows the configured models"));
+            bad.add("model", "is required; ListModels shows the configured models");
         }
-        let model = models.get(&req.model)?.clone();
-        let spec = &model.spec;
         if req.prompt.len() > MAX_PROMPT_BYTES {
-            return Err(Error::invalid(
+            bad.add(
                 "prompt",
                 format!("is {} bytes; the limit is {MAX_PROMPT_BYTES} bytes", req.prompt.len()),
-            ));
+            );
         }
-        let prompt_tokens = model.engine.count_prompt_tokens(&req.prompt);
-        if prompt_tokens == 0 {
-            return Err(Error::invalid("prompt", "is empty; give at least one word"));
-        }
-        if prompt_tokens > spec.max_prompt_tokens {
-            return Err(Error::invalid(
-                "prompt",
-                format!(
-                    "is {prompt_tokens} tokens; model {} accepts at most {}",
-                    spec.key, spec.max_prompt_tokens
-                ),
-            ));
-        }
-        if req.max_tokens == 0 || req.max_tokens > spec.max_tokens_limit {
-            return Err(Error::invalid(
-                "max_tokens",
-                format!("{} is outside 1..={} for model {}", req.max_tokens, spec.max_tokens_limit, spec.key),
-            ));
+        if req.max_tokens == 0 {
+            bad.add("max_tokens", "is required: at least 1");
         }
         let temperature = f64::from(req.temperature);
         if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
-            return Err(Error::invalid("temperature", format!("{temperature} is outside 0..=2")));
+            bad.add("temperature", format!("{temperature} is outside 0..=2"));
         }
         let top_p = if req.top_p == 0.0 { 1.0 } else { f64::from(req.top_p) };
         if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
-            return Err(Error::invalid("top_p", format!("{top_p} is outside (0, 1]")));
-        }
-        let context = spec.arch.context_length;
-        if u64::from(prompt_tokens) + u64::from(req.max_tokens) > u64::from(context) {
-            return Err(Error::invalid(
-                "max_tokens",
-                format!(
-                    "{prompt_tokens} prompt tokens + {} exceed model {}'s context of {context} tokens",
-                    req.max_tokens, spec.key
-                ),
-            ));
+            bad.add("top_p", format!("{top_p} is outside (0, 1]"));
         }
         // Deprecated and ignored (the device's --scheduler decides), but a value no version ever
         // defined is still a caller's mistake worth naming.
         #[allow(deprecated)]
         if pb::PipelineMode::try_from(req.pipeline_mode).is_err() {
-            return Err(Error::invalid("pipeline_mode", format!("{} is not a mode", req.pipeline_mode)));
+            bad.add("pipeline_mode", format!("{} is not a mode", req.pipeline_mode));
         }
-        let request_id = if req.request_id.is_empty() {
-            new_request_id()
-        } else {
-            if req.request_id.chars().count() > MAX_REQUEST_ID || req.request_id.chars().any(char::is_control)
-            {
-                return Err(Error::invalid(
-                    "request_id",
-                    format!("must be at most {MAX_REQUEST_ID} printable characters"),
-                ));
-            }
-            req.request_id
+        if req.request_id.chars().count() > MAX_REQUEST_ID || req.request_id.chars().any(char::is_control) {
+            bad.add("request_id", format!("must be at most {MAX_REQUEST_ID} printable characters"));
+        }
+        let model = match models.get(&req.model) {
+            Ok(model) => model.clone(),
+            Err(_) if req.model.is_empty() || !bad.is_empty() => return Err(bad.into_error()),
+            Err(err) => return Err(err),
         };
+        let spec = &model.spec;
+        let prompt_tokens = model.engine.count_prompt_tokens(&req.prompt);
+        if prompt_tokens == 0 && req.prompt.len() <= MAX_PROMPT_BYTES {
+            bad.add("prompt", "is empty; give at least one word");
+        }
+        if prompt_tokens > spec.max_prompt_tokens {
+            bad.add(
+                "prompt",
+                format!(
+                    "is {prompt_tokens} tokens; model {} accepts at most {}",
+                    spec.key, spec.max_prompt_tokens
+                ),
+            );
+        }
+        if req.max_tokens > spec.max_tokens_limit {
+            bad.add(
+                "max_tokens",
+                format!("{} is outside 1..={} for model {}", req.max_tokens, spec.max_tokens_limit, spec.key),
+            );
+        }
+        let context = spec.arch.context_length;
+        if u64::from(prompt_tokens) + u64::from(req.max_tokens) > u64::from(context) {
+            bad.add(
+                "max_tokens",
+                format!(
+                    "{prompt_tokens} prompt tokens + {} exceed model {}'s context of {context} tokens",
+                    req.max_tokens, spec.key
+                ),
+            );
+        }
+        if !bad.is_empty() {
+            return Err(bad.into_error());
+        }
+        let request_id = if req.request_id.is_empty() { new_request_id() } else { req.request_id };
         Ok(Plan {
             prompt_tokens,
             max_tokens: req.max_tokens,
@@ -114,6 +118,24 @@ impl Plan {
             prompt: req.prompt,
             model,
         })
+    }
+}
+
+/// The violations found so far.
+#[derive(Debug, Default)]
+struct Violations(Vec<(&'static str, String)>);
+
+impl Violations {
+    fn add(&mut self, field: &'static str, reason: impl Into<String>) {
+        self.0.push((field, reason.into()));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn into_error(self) -> Error {
+        Error::InvalidArgument(self.0)
     }
 }
 

@@ -274,6 +274,29 @@ impl Scheduler {
         sampling
     }
 
+    /// Free blocks the lane should have to run everything it holds without waiting: what the
+    /// waiting sequences need to be admitted whole (as many as the batch has room for), plus
+    /// what the running ones need for their next `lookahead` tokens. The leaser leases the
+    /// difference ahead of the steps that need it.
+    pub fn demand(&self, lookahead: u32) -> u64 {
+        let running: u64 = self
+            .running
+            .iter()
+            .map(|id| &self.seqs[id])
+            .map(|seq| self.blocks_wanted(seq, seq.pending_tokens() + lookahead))
+            .sum();
+        let room = self.limits.max_batch.saturating_sub(self.running.len());
+        let waiting: u64 = self
+            .waiting
+            .iter()
+            .map(|id| &self.seqs[id])
+            .filter(|seq| !seq.paused)
+            .take(room)
+            .map(|seq| self.blocks_wanted(seq, seq.pending_tokens()))
+            .sum();
+        running + waiting
+    }
+
     /// Every block held by a sequence, for [`BlockPool::check`].
     pub fn used_blocks(&self) -> Vec<BlockId> {
         self.seqs.values().flat_map(|s| s.blocks.iter().copied()).collect()

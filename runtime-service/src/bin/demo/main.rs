@@ -9,7 +9,7 @@
 mod service;
 
 use std::{
-    io::Write,
+    io::{IsTerminal, Write},
     path::PathBuf,
     sync::{
         Arc,
@@ -147,10 +147,16 @@ async fn level(
         requests.into_iter().map(|r| tokio::spawn(stream(client.clone(), r, seen.clone(), false))).collect();
     let mut peak_kv: f64 = 0.0;
     let mut out = std::io::stdout();
+    // A live line on a terminal; nothing but the final row when the output is a file or a pipe.
+    let live = out.is_terminal();
     while !tasks.iter().all(|t| t.is_finished()) {
         let (used, capacity) = kv_pool(memory).await;
         let kv = used as f64 / capacity as f64;
         peak_kv = peak_kv.max(kv);
+        if !live {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            continue;
+        }
         print!(
             "\r\x1b[2K  {label:<14} {:>6}/{total} tokens  kv-cache {:>5.1}% in use  {:>4.1} s",
             seen.load(Ordering::Relaxed),
@@ -160,7 +166,9 @@ async fn level(
         out.flush()?;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    print!("\r\x1b[2K");
+    if live {
+        print!("\r\x1b[2K");
+    }
     let (mut ttft, mut summaries) = (Vec::new(), Vec::new());
     for task in tasks.drain(..) {
         let (first, summary) = task.await??;
