@@ -175,6 +175,12 @@ impl Config {
                 self.max_batched_tokens
             ));
         }
+        if (self.max_batched_tokens as usize) < self.max_batch_size {
+            return invalid(format!(
+                "max batched tokens {} must be at least max batch size {}: a full batch of decodes is one token each",
+                self.max_batched_tokens, self.max_batch_size
+            ));
+        }
         if self.queue_capacity > 1_000_000 {
             return invalid(format!("queue capacity {} must be at most 1000000", self.queue_capacity));
         }

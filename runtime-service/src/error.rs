@@ -78,11 +78,6 @@ impl Error {
         Error::InvalidArgument(vec![(field, reason.into())])
     }
 
-    /// Whether a retry before the first token may succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Error::MemoryExhausted { .. } | Error::MemoryUnavailable(_))
-    }
-
     /// The status to answer, with google.rpc details. `retry_hint` goes into RetryInfo.
     pub fn to_status(&self, retry_hint: Duration) -> Status {
         let retry = || {

@@ -39,9 +39,9 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// GPU time per step, by phase (decode, prefill, mixed).
     pub step_seconds: HistogramVec,
-    /// KV blocks by model and state (used, total).
+    /// KV blocks by model and state (used; total held in slabs; capacity of the whole pool).
     pub kv_blocks: IntGaugeVec,
-    /// Used over total KV blocks, by model.
+    /// Used KV blocks over the blocks the whole kv-cache pool could hold, by model.
     pub kv_utilization: GaugeVec,
     /// kv-cache slabs leased from memory-service, by model.
     pub kv_slabs: IntGaugeVec,
@@ -110,11 +110,17 @@ impl Metrics {
                 &["phase"],
             )?,
             kv_blocks: IntGaugeVec::new(
-                Opts::new("runtime_kv_blocks", "KV-cache blocks by model and state (used, total)."),
+                Opts::new(
+                    "runtime_kv_blocks",
+                    "KV-cache blocks by model and state (used, total held, capacity of the pool).",
+                ),
                 &["model", "state"],
             )?,
             kv_utilization: GaugeVec::new(
-                Opts::new("runtime_kv_utilization", "Used over total KV-cache blocks, by model."),
+                Opts::new(
+                    "runtime_kv_utilization",
+                    "KV-cache blocks in use over what the whole kv-cache pool holds, by model.",
+                ),
                 &["model"],
             )?,
             kv_slabs: IntGaugeVec::new(

@@ -92,7 +92,9 @@ impl Shared {
             jitter_seed: config.jitter_seed,
             kv_idle_release: config.kv_idle_release,
         };
-        let inbox = config.max_batch_size.saturating_add(config.queue_capacity);
+        // Admission bounds what is in flight to max_batch_size + queue_capacity; twice that leaves
+        // room for the hand-overs of generations that already ended but are not yet swept.
+        let inbox = config.max_batch_size.saturating_add(config.queue_capacity).saturating_mul(2);
         let device = Device::spawn(settings, lanes, inbox, wake, metrics.clone(), shutdown.clone(), &tracker);
         let activations =
             Standing::new(ACTIVATIONS, config.activation_bytes(), "device", &config.device.name);

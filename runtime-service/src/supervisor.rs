@@ -7,22 +7,35 @@ use std::{sync::Arc, time::Duration};
 use proto::runtime::v1::runtime_service_server::RuntimeServiceServer;
 use tokio_util::sync::CancellationToken;
 use tonic_health::server::HealthReporter;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{error::Error, service::RuntimeApi, state::Shared};
 
-/// Runs until shutdown.
+/// Runs until shutdown. If the device loop ends before shutdown (it failed), nothing can be
+/// served any more: health stays NOT_SERVING so Kubernetes restarts the pod.
 pub(crate) async fn run(shared: Arc<Shared>, health: HealthReporter) {
+    tokio::select! {
+        () = supervise(&shared, &health) => {}
+        () = shared.device.stopped().cancelled() => {
+            if !shared.shutdown.is_cancelled() {
+                error!("the device loop stopped unexpectedly; runtime-service can no longer serve");
+                serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, false).await;
+            }
+        }
+    }
+}
+
+async fn supervise(shared: &Shared, health: &HealthReporter) {
     loop {
-        if !become_ready(&shared).await {
+        if !become_ready(shared).await {
             return;
         }
-        serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, true).await;
-        info!("ready: memory-service reachable, preload models loaded");
-        if !stay_ready(&shared).await {
+        serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(health, true).await;
+        info!("ready: memory-service reachable, activations leased, preload models loaded");
+        if !stay_ready(shared).await {
             return;
         }
-        serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, false).await;
+        serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(health, false).await;
         warn!("not ready: memory-service unreachable or model memory lost; recovering");
     }
 }
@@ -46,6 +59,20 @@ async fn become_ready(shared: &Shared) -> bool {
         };
         match result {
             Ok(()) => return true,
+            Err(err @ (Error::MemoryExhausted { .. } | Error::Unservable(_))) => {
+                // Retrying will not help unless someone frees memory: say what to change.
+                let preload: u64 =
+                    shared.models.iter().filter(|m| m.spec.preload).map(|m| m.spec.arch.weight_bytes()).sum();
+                warn!(
+                    cause = %err,
+                    preload_weight_bytes = preload,
+                    activation_bytes = shared.activations.bytes(),
+                    retry_in = ?backoff,
+                    "not ready yet: memory-service has no room for the preloaded models' weights or the device's \
+                     activations; size its pools for this device (memory-service --device / --pool) or preload \
+                     fewer models (preload = false in --config)"
+                );
+            }
             Err(err) => warn!(cause = %err, retry_in = ?backoff, "not ready yet"),
         }
         tokio::select! {

@@ -56,11 +56,12 @@ impl DeviceSpec {
 
     /// Checks that every number is usable; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
-        let positive =
+        // Floors well below any real device, so step times stay finite and in range.
+        let rates =
             [("bandwidth_bytes_per_s", self.bandwidth_bytes_per_s), ("flops_per_s", self.flops_per_s)];
-        for (field, v) in positive {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(format!("device {:?}: {field} = {v} must be positive", self.name));
+        for (field, v) in rates {
+            if !(v.is_finite() && (1e6..=1e18).contains(&v)) {
+                return Err(format!("device {:?}: {field} = {v} must be between 1e6 and 1e18", self.name));
             }
         }
         for (field, v) in

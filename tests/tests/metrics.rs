@@ -43,7 +43,9 @@ async fn metrics_follow_a_generation_in_both_services() {
     assert_eq!(sample(&rt, "runtime_kv_blocks", &[model, r#"state="total""#]), Some(16.0), "one slab");
     let used = sample(&rt, "runtime_kv_blocks", &[model, r#"state="used""#]).unwrap();
     assert!((1.0..=2.0).contains(&used), "4 prompt + 5 tokens: one or two blocks ({used})");
-    assert_eq!(sample(&rt, "runtime_kv_utilization", &[model]), Some(used / 16.0));
+    // Utilisation is against the whole pool (64 MiB of 4 KiB blocks), what a router compares.
+    assert_eq!(sample(&rt, "runtime_kv_blocks", &[model, r#"state="capacity""#]), Some(16384.0));
+    assert_eq!(sample(&rt, "runtime_kv_utilization", &[model]), Some(used / 16384.0));
     assert_eq!(sample(&rt, "runtime_kv_slabs", &[model]), Some(1.0));
     let generate_any = [r#"grpc_method="Generate""#];
     assert_eq!(

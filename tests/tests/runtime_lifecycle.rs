@@ -228,6 +228,10 @@ async fn memory_service_down_is_unavailable_fast_and_service_resumes_when_it_ret
     let runtime = RuntimeServer::start(runtime_config(addr)).await;
     runtime.ready().await;
     let mut client = runtime.client().await;
+    // One generation first: the runtime knows the pools, and its slab went back when it ended.
+    let mut stream = client.generate(request(5, "before")).await.unwrap().into_inner();
+    outcome(&mut stream).await.expect("served");
+    wait_for_used(&memory, "kv-cache", 0).await;
 
     memory.begin_shutdown();
     memory.join().await;
@@ -237,7 +241,8 @@ async fn memory_service_down_is_unavailable_fast_and_service_resumes_when_it_ret
     let mut stream = client.generate(request(5, "while-down")).await.unwrap().into_inner();
     let err = outcome(&mut stream).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    // The first failed kv-cache lease fails the waiting sequence: no wait for its deadline.
+    // The device needs a slab; the first failed lease fails the waiting sequence: no wait for
+    // its deadline.
     assert!(tokio::time::Instant::now() - started < Duration::from_secs(1));
 
     // memory-service comes back on the same address, empty (a new epoch).

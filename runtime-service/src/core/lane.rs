@@ -156,13 +156,16 @@ impl Lane {
         self.link.set(want, free, cause.map(|live| &live.span));
     }
 
+    /// Whether more blocks may still come from memory-service.
+    pub(super) fn can_grow(&self) -> bool {
+        self.link.can_grow()
+    }
+
     /// While memory-service is unreachable, sequences that wait for blocks they cannot get fail
     /// at once with the leaser's error instead of waiting for their deadline; those holding
-    /// blocks go on.
-    pub(super) fn fail_if_unreachable(&mut self, plan: &Plan) {
-        if plan.shortfall == 0 || !plan.batch.is_empty() {
-            return;
-        }
+    /// blocks go on. Called after the lane's schedule, so the waiting ones are those it could not
+    /// admit.
+    pub(super) fn fail_if_unreachable(&mut self) {
         let Some(err) = self.link.failure() else { return };
         let blocked: Vec<SeqId> = self.scheduler.waiting_ids().collect();
         for id in blocked {
@@ -281,6 +284,11 @@ impl Lane {
         for id in ids {
             self.end(id, Err(err.clone()));
         }
+    }
+
+    /// Blocks the whole kv-cache pool could hold (0 until the leaser has asked memory-service).
+    pub(super) fn kv_capacity(&self) -> u64 {
+        self.link.capacity()
     }
 
     /// Blocks used and held, and slabs held.

@@ -116,6 +116,7 @@ pub type Outcome = Result<Report, Error>;
 pub struct Device {
     inbox: mpsc::Sender<Submission>,
     wake: Arc<Notify>,
+    stopped: CancellationToken,
 }
 
 /// Cancels its sequence on the device when dropped: whichever way a generation task ends, the
@@ -156,8 +157,19 @@ impl Device {
     ) -> Self {
         let (tx, rx) = mpsc::channel(inbox.max(1));
         let device_loop = run::DeviceLoop::new(settings, lanes, rx, wake.clone(), metrics, shutdown);
-        tracker.spawn(device_loop.run());
-        Device { inbox: tx, wake }
+        let stopped = CancellationToken::new();
+        // Cancelled however the loop ends, a panic included, so health can say so.
+        let guard = stopped.clone().drop_guard();
+        tracker.spawn(async move {
+            let _stopped = guard;
+            device_loop.run().await;
+        });
+        Device { inbox: tx, wake, stopped }
+    }
+
+    /// Cancelled once the device loop has ended (at shutdown, or if it failed).
+    pub fn stopped(&self) -> &CancellationToken {
+        &self.stopped
     }
 
     /// Hands `submission` to the device. The caller sizes admission so the inbox has room; a full

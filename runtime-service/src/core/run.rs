@@ -118,13 +118,13 @@ impl DeviceLoop {
             if lane.scheduler.is_empty() {
                 continue;
             }
-            let plan = lane.scheduler.schedule();
+            let plan = lane.scheduler.schedule(lane.can_grow());
             self.metrics.preemptions.inc_by(plan.preempted.len() as u64);
+            // Demand first: new demand after a quiet spell clears a stale failure.
+            lane.publish_demand();
+            lane.fail_if_unreachable();
             if plan.batch.is_empty() {
-                // Nothing runnable (out of blocks, or every reader behind).
-                lane.publish_demand();
-                lane.fail_if_unreachable(&plan);
-                continue;
+                continue; // nothing runnable (out of blocks, or every reader behind)
             }
             self.next_lane = li + 1;
             return Some((li, plan));
@@ -148,6 +148,9 @@ impl DeviceLoop {
                 () = sleep_until(slot.gpu_done) => {}
                 () = self.shutdown.cancelled() => return false,
             }
+        } else {
+            // Behind schedule (catching up): let the readers woken by the last step run first.
+            tokio::task::yield_now().await;
         }
         let metrics = &self.metrics;
         metrics.batch_size.observe(plan.batch.len() as f64);
@@ -193,13 +196,15 @@ impl DeviceLoop {
             waiting += lane.scheduler.waiting();
             let (used, total, slabs) = lane.kv();
             let model = lane.spec.model.as_str();
+            // Utilisation against what this runtime could hold (the whole kv-cache pool), not
+            // against the slabs it happens to hold: those track demand and read near full at any
+            // load, which says nothing to a router.
+            let capacity = lane.kv_capacity().max(total);
             m.kv_blocks.with_label_values(&[model, "used"]).set(used as i64);
             m.kv_blocks.with_label_values(&[model, "total"]).set(total as i64);
-            m.kv_utilization.with_label_values(&[model]).set(if total == 0 {
-                0.0
-            } else {
-                used as f64 / total as f64
-            });
+            m.kv_blocks.with_label_values(&[model, "capacity"]).set(capacity as i64);
+            let utilization = if capacity == 0 { 0.0 } else { used as f64 / capacity as f64 };
+            m.kv_utilization.with_label_values(&[model]).set(utilization);
             m.kv_slabs.with_label_values(&[model]).set(slabs as i64);
         }
         m.running.set(running as i64);

@@ -52,7 +52,7 @@ fn spec(cpu_ms: f64) -> DeviceSpec {
 
 struct Rig {
     device: Device,
-    slabs: LeaserEnd,
+    slabs: Arc<LeaserEnd>,
     metrics: Metrics,
     executor: Arc<Executor>,
     shutdown: CancellationToken,
@@ -81,7 +81,7 @@ fn rig(mode: SchedulerMode, cpu_ms: f64, limits: Limits) -> Rig {
         Device::spawn(settings, vec![(lane, link)], 64, wake, metrics.clone(), shutdown.clone(), &tracker);
     Rig {
         device,
-        slabs,
+        slabs: Arc::new(slabs),
         metrics,
         executor: Executor::new(64, 64, shutdown.clone()),
         shutdown,
@@ -121,6 +121,31 @@ impl Rig {
             })
             .expect("room in the inbox");
         Seq { tokens, outcome, guard, _ticket: ticket }
+    }
+
+    /// Plays a leaser that never gets more memory: every ask is answered "no room".
+    fn no_more_memory(&self) {
+        let slabs = self.slabs.clone();
+        tokio::spawn(async move {
+            loop {
+                slabs.asked().await;
+                slabs.report_exhausted();
+            }
+        });
+    }
+
+    /// Plays a leaser with all the memory in the world: every ask is granted at once.
+    fn generous(&self) {
+        let slabs = self.slabs.clone();
+        tokio::spawn(async move {
+            loop {
+                slabs.asked().await;
+                let missing = slabs.missing();
+                if missing > 0 {
+                    slabs.give(missing).await;
+                }
+            }
+        });
     }
 
     fn used_blocks(&self) -> i64 {
@@ -225,16 +250,18 @@ async fn overlap_takes_max_per_step_where_sequential_takes_the_sum() {
 async fn a_batch_shares_one_step_and_pays_the_weights_once() {
     let rig = rig(SchedulerMode::Overlapped, 1.0, LIMITS);
     rig.slabs.give(64).await;
-    let mut seqs: Vec<Seq> = (0..4).map(|i| rig.submit(&format!("s{i}"), "a short prompt", 10)).collect();
+    let seqs: Vec<Seq> = (0..4).map(|i| rig.submit(&format!("s{i}"), "a short prompt", 10)).collect();
     let start = Instant::now();
+    let readers: Vec<_> =
+        seqs.into_iter().map(|mut seq| tokio::spawn(async move { drain(&mut seq).await })).collect();
     let mut ends = Vec::new();
-    for seq in &mut seqs {
-        let (seen, outcome) = drain(seq).await;
+    for reader in readers {
+        let (seen, outcome) = reader.await.expect("reader");
         let report = outcome.expect("finished");
         assert_eq!(report.batch_sum, 4 * report.steps, "always in a batch of 4");
         ends.push(seen.last().expect("tokens").1);
     }
-    assert!(ends.iter().all(|&e| e == ends[0]), "the same steps for all four");
+    assert!(ends.iter().all(|&e| e == ends[0]), "the same steps for all four: {ends:?}");
     // Four sequences finish in about the time one would: far less than four times as long.
     let alone = expected(&rig, SchedulerMode::Overlapped, Duration::from_millis(1), 3, 10, start);
     let one = *alone.last().expect("times") - start;
@@ -248,6 +275,7 @@ async fn preemption_recomputes_without_sending_a_token_twice() {
     // 6 blocks of 4 tokens for four sequences that each grow to 3 blocks.
     let rig = rig(SchedulerMode::Overlapped, 1.0, LIMITS);
     rig.slabs.give(6).await;
+    rig.no_more_memory();
     let mut seqs: Vec<Seq> = (0..4).map(|i| rig.submit(&format!("s{i}"), "two words", 9)).collect();
     let mut preemptions = 0;
     for seq in &mut seqs {
@@ -308,4 +336,86 @@ async fn cancel_and_hang_up_return_blocks_and_shutdown_fails_the_rest() {
     tracker.wait().await;
     while survivor.tokens.recv().await.is_some() {}
     assert!(matches!((&mut survivor.outcome).await, Ok(Err(crate::error::Error::ShuttingDown))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_of_three_steps_at_the_roofline_price_of_the_three() {
+    let rig = rig(SchedulerMode::Overlapped, 1.0, LIMITS);
+    rig.generous();
+    let start = Instant::now();
+    let prompts = ["two words", "three words here", "four words right here"];
+    let mut seqs: Vec<Seq> =
+        prompts.iter().enumerate().map(|(i, p)| rig.submit(&format!("s{i}"), p, 5)).collect();
+    // Step 1 prefills the three prompts together; every later step decodes all three.
+    let cpu = Duration::from_millis(1);
+    let mut timeline = timeline::Timeline::new(SchedulerMode::Overlapped);
+    let first = rig.roofline.step([2, 3, 4].map(|p| Work { tokens: p, context: 0 })).gpu;
+    let mut at = vec![timeline.place(start, cpu, first).gpu_done];
+    for k in 1..5 {
+        let gpu = rig.roofline.step([2, 3, 4].map(|p| Work { tokens: 1, context: p + k - 1 })).gpu;
+        at.push(timeline.place(*at.last().expect("a step"), cpu, gpu).gpu_done);
+    }
+    // Read all three at once: a token's arrival is its emission only if someone is reading.
+    let readers: Vec<_> =
+        seqs.drain(..).map(|mut seq| tokio::spawn(async move { drain(&mut seq).await })).collect();
+    for reader in readers {
+        let (seen, outcome) = reader.await.expect("reader");
+        assert_eq!(outcome.expect("finished").batch_sum, 15, "five steps of three");
+        for ((index, when), exact) in seen.iter().zip(&at) {
+            assert!(
+                within_a_tick(*when, *exact),
+                "token {index}: {:?} vs {:?}",
+                *when - start,
+                *exact - start
+            );
+        }
+    }
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prompt_longer_than_the_token_budget_is_prefilled_in_chunks() {
+    // A budget of 256 tokens per step: a 600-token prompt takes three steps (256, 256, 88).
+    let limits = Limits { token_budget: 256, ..LIMITS };
+    let rig = rig(SchedulerMode::Sequential, 1.0, limits);
+    rig.generous();
+    let start = Instant::now();
+    let prompt = vec!["word"; 600].join(" ");
+    let mut seq = rig.submit("long", &prompt, 2);
+    let (seen, outcome) = drain(&mut seq).await;
+    let cpu = Duration::from_millis(1);
+    let mut timeline = timeline::Timeline::new(SchedulerMode::Sequential);
+    let mut now = start;
+    for (tokens, context) in [(256, 0), (256, 256), (88, 512)] {
+        now = timeline.place(now, cpu, rig.roofline.step([Work { tokens, context }]).gpu).gpu_done;
+    }
+    assert!(
+        within_a_tick(seen[0].1, now),
+        "first token after three chunks: {:?} vs {:?}",
+        seen[0].1 - start,
+        now - start
+    );
+    let report = outcome.expect("finished");
+    assert_eq!((report.steps, report.generated), (4, 2), "three prefill chunks, one decode");
+    assert_eq!(report.peak_blocks, 151, "ceil(601 / 4) blocks, leased as the chunks went");
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prompt_arriving_mid_stream_shares_a_mixed_step_with_the_decodes() {
+    let rig = rig(SchedulerMode::Overlapped, 1.0, LIMITS);
+    rig.generous();
+    let mut first = rig.submit("a", "a short prompt", 20);
+    for _ in 0..3 {
+        first.tokens.recv().await.expect("a token");
+        first.guard.drained();
+    }
+    let mut second = rig.submit("b", &vec!["word"; 100].join(" "), 5);
+    let (_, outcome) = drain(&mut second).await;
+    outcome.expect("finished");
+    drain(&mut first).await.1.expect("finished");
+    let steps = |phase: &str| rig.metrics.step_seconds.with_label_values(&[phase]).get_sample_count();
+    assert_eq!(steps("mixed"), 1, "the 100-token prompt rode along with a decode");
+    assert!(steps("decode") > 10 && steps("prefill") == 1);
+    rig.stop().await;
 }

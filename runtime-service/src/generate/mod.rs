@@ -32,6 +32,14 @@ pub type GenerateStream = ReceiverStream<Result<pb::GenerateResponse, Status>>;
 /// Why a stream cut at its end limit was cut.
 const END: &str = "the stream reached its deadline or lifetime limit";
 
+/// Attempts at loading a model's memory while memory-service is unreachable, 50 ms apart and
+/// doubling: a reconnect is waited out, an outage answered within half a second.
+const LOAD_ATTEMPTS: u32 = 4;
+const LOAD_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Why a stream whose client stopped reading was cut.
+const STALLED_READER: &str = "the client did not read the stream within the idle-gap limit";
+
 /// Tokens buffered between the generation and the client's HTTP/2 stream.
 const STREAM_BUFFER: usize = 16;
 
@@ -240,9 +248,24 @@ impl Generation {
         let memory_started = Instant::now();
         let loader = self.shared.loader();
         let load = async {
-            self.plan.model.ensure_loaded(&loader).await?;
-            self.shared.activations.ensure(&loader).await?;
-            self.check_fits().await
+            // A channel that just lost memory-service may fail a first call while it reconnects:
+            // a few quick retries, all within the first-token deadline selected on below.
+            let mut backoff = LOAD_BACKOFF;
+            for attempt in 1.. {
+                let once = async {
+                    self.plan.model.ensure_loaded(&loader).await?;
+                    self.shared.activations.ensure(&loader).await?;
+                    self.check_fits().await
+                };
+                match once.await {
+                    Err(Error::MemoryUnavailable(_)) if attempt < LOAD_ATTEMPTS => {
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                    done => return done,
+                }
+            }
+            Ok(())
         };
         let loaded = tokio::select! {
             loaded = load.instrument(tracing::info_span!("model.load")) => loaded,
@@ -353,20 +376,23 @@ impl Generation {
             timings.tokens += 1;
             let item = token(emitted, now - self.started);
             // Fast path: room in the stream buffer. Otherwise the client is slower than the
-            // device: wait for room (the device pauses the sequence meanwhile), bounded by the
-            // stream's end.
+            // device: wait for room (the device pauses the sequence meanwhile, keeping its KV
+            // blocks), bounded by the idle-gap limit like any stall: a reader that stopped must
+            // not pin device memory until the stream's end.
             let item = match self.tx.try_send(Ok(item)) {
                 Ok(()) => continue,
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(Stop::ClientGone),
                 Err(mpsc::error::TrySendError::Full(item)) => item,
             };
-            watchdog.as_mut().reset(self.limits.end);
+            let (until, _) = self.limits.next_token(Some(now));
+            watchdog.as_mut().reset(until);
             tokio::select! {
                 biased;
                 () = &mut cancelled => return Err(flight.reason().into()),
                 () = &mut lost => return Err(Error::MemoryLost.into()),
                 () = &mut watchdog => {
-                    return Err(Error::DeadlineExceeded(END.into()).into());
+                    let why = if until < self.limits.end { STALLED_READER } else { END };
+                    return Err(Error::DeadlineExceeded(why.into()).into());
                 }
                 sent = self.tx.send(item) => sent.map_err(|_| Stop::ClientGone)?,
             }

@@ -22,6 +22,10 @@ use crate::{
     models::KV_CACHE,
 };
 
+/// Leases failed in a row (memory-service unreachable) before the device stops waiting for slabs:
+/// with the leaser's backoff, about a third of a second.
+const FAILURES_BEFORE_GIVING_UP: u32 = 3;
+
 /// What the device wants and has, in blocks.
 #[derive(Debug, Default)]
 struct Demand {
@@ -32,9 +36,17 @@ struct Demand {
     /// The span of a sequence waiting for the blocks: the lease joins its trace, so one trace
     /// shows a generation waiting on memory-service.
     cause: Option<tracing::Span>,
-    /// Why the last lease failed, if memory-service is unreachable (cleared by a grant): the
-    /// device fails sequences that wait for blocks rather than hold them to their deadline.
+    /// Why the last lease failed, if memory-service is unreachable: the device fails sequences
+    /// that wait for blocks rather than hold them to their deadline. Cleared by a grant, and when
+    /// new demand arrives after a quiet spell (the leaser is about to try again).
     failure: Option<Error>,
+    /// Leases failed in a row (a single connect error after a restart is not an outage).
+    failures: u32,
+    /// memory-service had no room for even one block: growing is not possible now, so the device
+    /// preempts instead of waiting for a slab. Cleared by a grant.
+    exhausted: bool,
+    /// Blocks the whole kv-cache pool holds, once the leaser has asked (0 until then).
+    capacity: u64,
 }
 
 impl Demand {
@@ -85,6 +97,18 @@ impl LeaserEnd {
     pub fn missing(&self) -> u64 {
         lock(&self.demand).missing()
     }
+
+    /// Waits until the device asks for blocks.
+    pub async fn asked(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Reports that memory-service has no room (as the leaser does when even one block does not
+    /// fit), so the device preempts instead of waiting for a slab.
+    pub fn report_exhausted(&self) {
+        lock(&self.demand).exhausted = true;
+        self.wake.notify_one();
+    }
 }
 
 fn lock(demand: &Mutex<Demand>) -> std::sync::MutexGuard<'_, Demand> {
@@ -109,6 +133,12 @@ impl Link {
     pub fn set(&self, want_free: u64, free: u64, cause: Option<&tracing::Span>) {
         let missing = {
             let mut demand = lock(&self.demand);
+            if demand.missing() == 0 && want_free > free + demand.inflight {
+                // New demand after a quiet spell: an old failure says nothing about the next try.
+                demand.failure = None;
+                demand.failures = 0;
+                demand.exhausted = false;
+            }
             demand.want_free = want_free;
             demand.free = free;
             demand.cause = cause.cloned();
@@ -121,14 +151,29 @@ impl Link {
 
     /// Why leasing fails, while memory-service is unreachable.
     pub fn failure(&self) -> Option<Error> {
-        lock(&self.demand).failure.clone()
+        let demand = lock(&self.demand);
+        if demand.failures >= FAILURES_BEFORE_GIVING_UP { demand.failure.clone() } else { None }
     }
 
-    /// The next slab granted, if any.
+    /// Whether a new slab may still come: memory-service is reachable and had room at the last
+    /// try. When not, the device preempts rather than waits.
+    pub fn can_grow(&self) -> bool {
+        let demand = lock(&self.demand);
+        !demand.exhausted && demand.failures < FAILURES_BEFORE_GIVING_UP
+    }
+
+    /// Blocks the whole kv-cache pool holds (0 if not known yet).
+    pub fn capacity(&self) -> u64 {
+        lock(&self.demand).capacity
+    }
+
+    /// The next slab granted, if any. Its blocks count as free at once, so the leaser never
+    /// sees them neither in flight nor free and leases them twice.
     pub fn try_grant(&mut self) -> Option<Grant> {
         let grant = self.grants.try_recv().ok()?;
         let mut demand = lock(&self.demand);
         demand.inflight = demand.inflight.saturating_sub(grant.blocks);
+        demand.free += grant.blocks;
         Some(grant)
     }
 }
@@ -180,12 +225,15 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
                 // A slab never takes more than a sixteenth of the whole pool, so several runtimes
                 // (and a pool sized for only a few sequences) share it in useful pieces.
                 let capacity = loader.client.pool_capacity(KV_CACHE).await?;
+                lock(&end.demand).capacity = capacity / plan.block_bytes;
                 size = size.min((capacity / plan.block_bytes / 16).max(1));
                 capped = true;
             }
-            // Wait server-side only at a size that cannot usefully shrink further; otherwise ask
-            // for no wait and halve on refusal.
-            let max_wait = if size == 1 || size <= missing { loader.max_wait } else { Duration::ZERO };
+            // No server-side wait while the size can still shrink: halve on refusal. At one
+            // block the pool is full: say so (the device preempts instead of waiting), then wait
+            // server-side for someone else's free.
+            let max_wait =
+                if size == 1 && lock(&end.demand).exhausted { loader.max_wait } else { Duration::ZERO };
             let ask = Ask {
                 items: vec![(KV_CACHE, size * plan.block_bytes)],
                 scope: unique_scope(&loader.instance, "kv", &plan.model),
@@ -202,6 +250,8 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
                     let mut demand = lock(&end.demand);
                     demand.inflight += size;
                     demand.failure = None;
+                    demand.failures = 0;
+                    demand.exhausted = false;
                 }
                 debug!(model = %plan.model, blocks = size, "kv slab leased");
                 if end.grants.send(Grant { blocks: size, lease: Some(reservation) }).await.is_err() {
@@ -216,16 +266,28 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
                 size /= 2;
                 continue;
             }
-            // No room even for one block within the wait: others hold the pool; try again.
-            Err(Error::MemoryExhausted { .. }) => {}
+            Err(Error::MemoryExhausted { .. }) => {
+                let mut demand = lock(&end.demand);
+                if !demand.exhausted {
+                    // The pool is full: tell the device now, then wait server-side for room.
+                    demand.exhausted = true;
+                    drop(demand);
+                    end.wake.notify_one();
+                    continue;
+                }
+                // No room even for one block within the wait: others hold the pool; try again.
+            }
             Err(err) => {
                 warn!(model = %plan.model, cause = %err, retry_in = ?backoff, "cannot lease kv-cache");
                 capped = false; // memory-service may have restarted with other pools
-                lock(&end.demand).failure = Some(err);
+                let mut demand = lock(&end.demand);
+                demand.failure = Some(err);
+                demand.failures += 1;
+                drop(demand);
                 end.wake.notify_one();
             }
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }

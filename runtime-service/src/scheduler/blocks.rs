@@ -108,6 +108,11 @@ impl BlockPool {
         Some(id..id + slab.blocks)
     }
 
+    /// Every slab held, oldest first.
+    pub fn slab_ids(&self) -> Vec<SlabId> {
+        self.slabs.keys().copied().collect()
+    }
+
     /// Slabs whose blocks are all free, newest first (the ones to return first).
     pub fn idle_slabs(&self) -> impl Iterator<Item = (SlabId, u64)> + '_ {
         self.slabs.iter().rev().filter(|(_, s)| s.free == s.blocks).map(|(&id, s)| (id, s.blocks))

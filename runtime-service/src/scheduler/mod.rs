@@ -179,8 +179,13 @@ impl Scheduler {
         }
     }
 
-    fn preempt_last(&mut self, plan: &mut Plan) -> Option<SeqId> {
-        let victim = self.running.pop()?;
+    /// Preempts the most recently admitted running sequence not yet in this step's batch (those
+    /// before `current`), preferring one whose reader is behind: it would sit out the next steps
+    /// anyway, holding blocks others can use.
+    fn preempt_last(&mut self, plan: &mut Plan, current: usize) -> Option<SeqId> {
+        let last = self.running.len().checked_sub(1)?;
+        let at = (current + 1..=last).rev().find(|&k| self.seqs[&self.running[k]].paused).unwrap_or(last);
+        let victim = self.running.remove(at);
         if let Some(seq) = self.seqs.get_mut(&victim) {
             self.pool.release(seq.blocks.drain(..));
             seq.preempt();
@@ -191,8 +196,10 @@ impl Scheduler {
     }
 
     /// Forms the next batch. Blocks for the batch are taken here; [`Scheduler::advance`] records
-    /// the step's results once it has run.
-    pub fn schedule(&mut self) -> Plan {
+    /// the step's results once it has run. `can_grow` says whether more blocks may still come
+    /// (memory-service had room at the last try): then a running sequence that lacks a block sits
+    /// this step out and waits for the slab; only when they cannot come is someone preempted.
+    pub fn schedule(&mut self, can_grow: bool) -> Plan {
         let mut plan = Plan::default();
         let mut budget = self.limits.token_budget;
         let mut i = 0;
@@ -205,10 +212,15 @@ impl Scheduler {
                 continue;
             }
             let mut wanted = self.blocks_wanted(seq, tokens);
+            if can_grow && wanted > self.pool.free_blocks() {
+                plan.shortfall = plan.shortfall.max(wanted - self.pool.free_blocks());
+                i += 1;
+                continue;
+            }
             let mut preempted_self = false;
             while wanted > self.pool.free_blocks() {
                 plan.shortfall = plan.shortfall.max(wanted - self.pool.free_blocks());
-                if self.preempt_last(&mut plan) == Some(id) {
+                if self.preempt_last(&mut plan, i) == Some(id) {
                     preempted_self = true;
                     break;
                 }

@@ -15,7 +15,12 @@ fn scheduler(blocks: u64, limits: Limits) -> Scheduler {
 
 /// Runs one step: schedule, advance, sample every sequence that may, remove finished ones.
 fn step(s: &mut Scheduler) -> Plan {
-    let plan = s.schedule();
+    step_growing(s, false)
+}
+
+/// [`step`], saying whether more blocks may still come.
+fn step_growing(s: &mut Scheduler, can_grow: bool) -> Plan {
+    let plan = s.schedule(can_grow);
     for id in s.advance(&plan) {
         let seq = s.get_mut(id).expect("scheduled sequence exists");
         seq.sampled();
@@ -33,14 +38,14 @@ fn admission_stops_at_the_token_budget_and_chunks_the_prompt_that_does_not_fit()
     s.add(SeqState::new(1, 40, 4));
     s.add(SeqState::new(2, 40, 4));
     s.add(SeqState::new(3, 10, 4));
-    let plan = s.schedule();
+    let plan = s.schedule(false);
     // 40 tokens for the first, the remaining 24 of the budget as the second's first chunk; the
     // third waits (first come, first served) even though its 10 tokens would fit in a later step.
     assert_eq!(plan.batch, vec![(1, Work { tokens: 40, context: 0 }), (2, Work { tokens: 24, context: 0 })]);
     assert_eq!((s.running(), s.waiting()), (2, 1));
     assert_eq!(s.advance(&plan), vec![1], "only the first finished its prompt");
     s.get_mut(1).expect("running").sampled();
-    let plan = s.schedule();
+    let plan = s.schedule(false);
     // Running first: one decode token, then the rest of the second prompt, then the third.
     assert_eq!(
         plan.batch,
@@ -58,7 +63,7 @@ fn the_batch_size_caps_admission() {
     for id in 0..4 {
         s.add(SeqState::new(id, 2, 4));
     }
-    assert_eq!(s.schedule().batch.len(), 2);
+    assert_eq!(s.schedule(false).batch.len(), 2);
     assert_eq!(s.waiting(), 2);
 }
 
@@ -100,8 +105,37 @@ fn out_of_blocks_preempts_the_most_recently_admitted_which_recomputes_first() {
     assert_eq!((three.computed, three.generated, three.preemptions, three.blocks.len()), (0, 1, 1, 0));
     // When sequence 1 leaves, 3 comes back and recomputes its prompt and its token in one chunk.
     s.remove(1);
-    let plan = s.schedule();
+    let plan = s.schedule(false);
     assert_eq!(plan.batch[1], (3, Work { tokens: 5, context: 0 }));
+}
+
+#[test]
+fn while_slabs_may_still_come_a_sequence_short_of_a_block_waits_instead_of_preempting() {
+    let mut s = scheduler(4, PAGED);
+    for id in 1..=3 {
+        s.add(SeqState::new(id, 4, 20));
+    }
+    step(&mut s);
+    let plan = step_growing(&mut s, true);
+    assert!(plan.preempted.is_empty(), "nobody preempted while a slab may come");
+    assert_eq!(plan.batch.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(plan.shortfall, 1);
+    s.pool_mut().add_slab(2);
+    let plan = step_growing(&mut s, true);
+    assert_eq!(plan.batch.len(), 3, "all three go on once the slab arrived");
+}
+
+#[test]
+fn a_sequence_whose_reader_is_behind_is_preempted_first() {
+    let mut s = scheduler(4, PAGED);
+    for id in 1..=4 {
+        s.add(SeqState::new(id, 4, 20));
+    }
+    step(&mut s);
+    s.get_mut(2).expect("running").paused = true;
+    let plan = step(&mut s);
+    assert_eq!(plan.preempted, vec![2, 4], "the paused one first, then the newest");
+    assert_eq!(plan.batch.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 3]);
 }
 
 #[test]
@@ -115,7 +149,7 @@ fn a_lone_sequence_that_cannot_grow_preempts_itself_and_waits() {
     assert_eq!(plan.shortfall, 1);
     // A new slab lets it continue.
     s.pool_mut().add_slab(4);
-    assert_eq!(s.schedule().batch, vec![(1, Work { tokens: 5, context: 0 })]);
+    assert_eq!(s.schedule(false).batch, vec![(1, Work { tokens: 5, context: 0 })]);
 }
 
 #[test]
@@ -147,7 +181,8 @@ fn losing_a_slab_names_the_sequences_that_used_it() {
 #[derive(Debug, Clone)]
 enum Op {
     Arrive { prompt: u32, max: u32 },
-    Step,
+    Step(bool),
+    LoseSlab(usize),
     Cancel(usize),
     Pause(usize),
     AddSlab(u64),
@@ -157,9 +192,10 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (1u32..40, 1u32..30).prop_map(|(prompt, max)| Op::Arrive { prompt, max }),
-        Just(Op::Step),
-        Just(Op::Step),
-        Just(Op::Step),
+        any::<bool>().prop_map(Op::Step),
+        any::<bool>().prop_map(Op::Step),
+        any::<bool>().prop_map(Op::Step),
+        (0usize..8).prop_map(Op::LoseSlab),
         (0usize..16).prop_map(Op::Cancel),
         (0usize..16).prop_map(Op::Pause),
         (1u64..12).prop_map(Op::AddSlab),
@@ -189,7 +225,16 @@ proptest! {
                         next += 1;
                     }
                 }
-                Op::Step => { step(&mut s); }
+                Op::Step(can_grow) => { step_growing(&mut s, can_grow); }
+                Op::LoseSlab(i) => {
+                    // memory-service lost a slab: the device fails whoever held blocks in it.
+                    let slabs = s.pool().slab_ids();
+                    if !slabs.is_empty() {
+                        for id in s.lose_slab(slabs[i % slabs.len()]) {
+                            s.remove(id);
+                        }
+                    }
+                }
                 Op::Cancel(i) | Op::Pause(i) if s.is_empty() => { let _ = i; }
                 Op::Cancel(i) => {
                     let ids: Vec<_> = s.ids().collect();
