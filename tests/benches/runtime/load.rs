@@ -129,6 +129,36 @@ pub async fn level(
     (streams, started.elapsed())
 }
 
+/// A closed loop, as `vllm bench serve --max-concurrency C` runs: `workers` clients each send
+/// `rounds` requests one after the other (`make(worker, round)`), so arrivals spread out after the
+/// first round as they do under sustained load. Returns every stream and the wall time.
+pub async fn closed_loop(
+    client: &RuntimeServiceClient<Channel>,
+    workers: usize,
+    rounds: usize,
+    make: impl Fn(usize, usize) -> GenerateRequest,
+) -> (Vec<Stream>, Duration) {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let client = client.clone();
+            let requests: Vec<_> = (0..rounds).map(|r| make(w, r)).collect();
+            tokio::spawn(async move {
+                let mut done = Vec::with_capacity(requests.len());
+                for request in requests {
+                    done.push(stream(client.clone(), request).await);
+                }
+                done
+            })
+        })
+        .collect();
+    let mut streams = Vec::new();
+    for task in tasks {
+        streams.extend(task.await.expect("worker"));
+    }
+    (streams, started.elapsed())
+}
+
 /// The `p`-th percentile (0 to 1) of `values`.
 pub fn pct(values: &mut [Duration], p: f64) -> Duration {
     if values.is_empty() {

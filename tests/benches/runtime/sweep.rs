@@ -10,6 +10,8 @@ const MODEL: &str = "llama-3.1-8b";
 const PROMPT: u32 = 1024;
 const OUTPUT: u32 = 128;
 const LEVELS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+/// Requests per client at each level (closed loop, like vLLM's benchmark with --max-concurrency).
+const ROUNDS: usize = 4;
 
 /// Only the swept model, preloaded: an A100-40GB's uniforms pool holds it and not the rest.
 const MODELS: &str = "[[models]]\nkey = \"llama-3.1-8b\"\nengine = \"webllm\"\npreload = true\n";
@@ -42,14 +44,16 @@ pub async fn run() {
         let memory = load::memory(&["--device", name]);
         let (runtime, client) = load::runtime(&memory, &["--device", name, "--config", &models]).await;
         load::level(&client, vec![request(MODEL, 16, 8, 0.0, 0)]).await; // first slabs, warm caches
-        println!("\n== sweep: {MODEL} on {name}, {PROMPT}-token prompts, {OUTPUT} output tokens ==");
+        println!(
+            "\n== sweep: {MODEL} on {name}, {PROMPT}-token prompts, {OUTPUT} output tokens, {ROUNDS} requests per client =="
+        );
         println!(
             "{:>5} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}  published vLLM",
             "conc", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "bound", "p50/bnd"
         );
         for concurrency in LEVELS {
-            let requests = (0..concurrency).map(|i| request(MODEL, PROMPT, OUTPUT, 0.0, i as u64)).collect();
-            let (streams, wall) = load::level(&client, requests).await;
+            let make = |w: usize, r: usize| request(MODEL, PROMPT, OUTPUT, 0.0, (w * ROUNDS + r) as u64);
+            let (streams, wall) = load::closed_loop(&client, concurrency, ROUNDS, make).await;
             let tokens: u32 = streams.iter().map(|s| s.tokens).sum();
             let mut ttft: Vec<Duration> = streams.iter().map(|s| s.ttft).collect();
             let mut tpot: Vec<Duration> = streams.iter().filter_map(|s| s.tpot).collect();
