@@ -57,6 +57,11 @@ async fn finish(stream: &mut Streaming<GenerateResponse>, from: u32) -> Summary 
     panic!("no summary")
 }
 
+/// A memory-service whose kv-cache pool holds `kv` bytes, with room for everything else.
+async fn memory_with_kv(kv: u64) -> MemoryServer {
+    MemoryServer::with_pools(&[("kv-cache", kv), ("activations", 64 << 20), ("uniforms", 64 << 20)]).await
+}
+
 fn secs(d: Option<prost_types::Duration>) -> f64 {
     Duration::try_from(d.expect("set")).expect("non-negative").as_secs_f64()
 }
@@ -119,12 +124,7 @@ async fn concurrent_streams_share_the_device_per_stream_tpot_rises_aggregate_ris
 
 #[tokio::test(start_paused = true)]
 async fn kv_cache_in_memory_service_follows_the_live_sequences() {
-    let memory = MemoryServer::with_pools(&[
-        ("kv-cache", 64 << 20),
-        ("activations", 64 << 20),
-        ("uniforms", 64 << 20),
-    ])
-    .await;
+    let memory = memory_with_kv(64 << 20).await;
     let config = runtime_service::Config { kv_slab_blocks: 4, ..runtime_config(memory.addr) };
     let runtime = RuntimeServer::start(config).await;
     runtime.ready().await;
@@ -158,12 +158,7 @@ async fn kv_cache_in_memory_service_follows_the_live_sequences() {
 #[tokio::test(start_paused = true)]
 async fn a_small_kv_pool_preempts_and_every_generation_still_completes() {
     // 16 blocks for 6 sequences that each grow to 8 (7 + 120 tokens).
-    let memory = MemoryServer::with_pools(&[
-        ("kv-cache", 16 * TEST_BLOCK_BYTES),
-        ("activations", 64 << 20),
-        ("uniforms", 64 << 20),
-    ])
-    .await;
+    let memory = memory_with_kv(16 * TEST_BLOCK_BYTES).await;
     let config = runtime_service::Config { kv_slab_blocks: 4, ..runtime_config(memory.addr) };
     let runtime = RuntimeServer::start(config).await;
     runtime.ready().await;
@@ -204,12 +199,7 @@ async fn held_blocks(runtime: &RuntimeServer) -> f64 {
 #[tokio::test(start_paused = true)]
 async fn two_runtimes_on_one_memory_service_trade_kv_cache_as_their_loads_shift() {
     // 64 blocks in all; eight sequences of 7 + 120 tokens want 64 on their own.
-    let memory = MemoryServer::with_pools(&[
-        ("kv-cache", 64 * TEST_BLOCK_BYTES),
-        ("activations", 64 << 20),
-        ("uniforms", 64 << 20),
-    ])
-    .await;
+    let memory = memory_with_kv(64 * TEST_BLOCK_BYTES).await;
     let mut runtimes = Vec::new();
     for name in ["a", "b"] {
         let config = runtime_service::Config {
