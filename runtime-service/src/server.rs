@@ -22,9 +22,11 @@ const UNLOAD_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves `runtime.v1.RuntimeService`, health and reflection on `listener` until `shutdown`
 /// resolves. Health is NOT_SERVING until memory-service answers, the device's activations are
-/// leased and the preload models are loaded. At shutdown: health turns NOT_SERVING, every
-/// generation ends with UNAVAILABLE and the device returns its KV slabs (within
-/// `config.grace_period`), then the models' and activations' memory is returned (within 2 s more). `admin`, if given, serves Prometheus metrics at `/metrics`.
+/// leased and the preload models are loaded. When `shutdown` resolves, the drain: health turns
+/// NOT_SERVING, new generations are refused with UNAVAILABLE, running ones get
+/// `config.grace_period` to finish, then whatever is left is cancelled (2 s more), the device
+/// returns its KV slabs, the models' and activations' memory is returned (2 s more) and
+/// connections close (2 s more). `admin`, if given, serves Prometheus metrics at `/metrics`.
 pub async fn run(
     listener: TcpListener,
     admin: Option<TcpListener>,
@@ -60,35 +62,67 @@ pub async fn run(
         () = shutdown => {}
     }
 
-    info!(grace = ?grace, "draining");
-    supervisor.abort();
-    serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, false).await;
-    // Cancels every generation (their tokens are children): each returns its memory, then ends
-    // its stream with UNAVAILABLE.
-    token.cancel();
-    shared.tracker.close();
-    if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
-        warn!(grace = ?grace, "generations still running at the end of the grace period; their leases will expire");
+    // The server goes on serving while it drains: the streams in flight, health (NOT_SERVING)
+    // and the refusals of new generations all need it.
+    let drain = drain(&shared, &health, supervisor, token.clone(), grace);
+    tokio::pin!(drain);
+    let mut served = None;
+    loop {
+        tokio::select! {
+            result = &mut server, if served.is_none() => served = Some(result),
+            () = &mut drain => break,
+        }
     }
+    let result = match served {
+        Some(result) => result.map_err(ServeError::from),
+        None => match tokio::time::timeout(UNLOAD_BOUND, &mut server).await {
+            Ok(result) => result.map_err(ServeError::from),
+            Err(_) => {
+                warn!("connections still open after the drain; closing them");
+                Ok(())
+            }
+        },
+    };
+    info!("runtime-service stopped");
+    result
+}
+
+/// The drain: health NOT_SERVING (so endpoints go away) and new generations refused with
+/// UNAVAILABLE and a retry hint, while those in flight finish, for up to `grace`; then what is
+/// left is cancelled, the device loop stops (its kv-cache slabs freed) and the standing leases are
+/// returned. Cancelling `token` also starts the server's own graceful stop.
+async fn drain(
+    shared: &Shared,
+    health: &tonic_health::server::HealthReporter,
+    supervisor: tokio::task::JoinHandle<()>,
+    token: CancellationToken,
+    grace: std::time::Duration,
+) {
+    info!(grace = ?grace, running = shared.executor.admitted(), "draining: new generations refused, running ones finish");
+    supervisor.abort();
+    serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(health, false).await;
+    shared.draining.cancel();
+    shared.generations.close();
+    if tokio::time::timeout(grace, shared.generations.wait()).await.is_err() {
+        warn!(grace = ?grace, left = shared.executor.admitted(), "grace period over: cancelling the generations still running");
+    }
+    // Each generation left ends with UNAVAILABLE, its blocks back on the device; the device loop
+    // stops and drops its slabs (freed in the background).
+    token.cancel();
+    if tokio::time::timeout(UNLOAD_BOUND, shared.generations.wait()).await.is_err() {
+        warn!("generations did not end after cancellation; their leases will expire");
+    }
+    shared.tracker.close();
     // The models' and the device's memory is returned even after a slow drain, under its own
-    // short bound. (The device loop dropped its kv-cache slabs as it stopped.)
+    // short bound, and so are the slabs freed in the background.
     let unload = async {
         for model in shared.models.iter() {
             model.unload().await;
         }
         shared.activations.release().await;
-        shared.tracker.wait().await; // frees retried in the background
+        shared.tracker.wait().await;
     };
-    if tokio::time::timeout(UNLOAD_BOUND.min(grace), unload).await.is_err() {
-        warn!("could not return every model's memory in time; those leases will expire");
+    if tokio::time::timeout(UNLOAD_BOUND, unload).await.is_err() {
+        warn!("could not return every lease in time; those leases will expire");
     }
-    let result = match tokio::time::timeout(UNLOAD_BOUND, &mut server).await {
-        Ok(result) => result.map_err(ServeError::from),
-        Err(_) => {
-            warn!("connections still open after the drain; closing them");
-            Ok(())
-        }
-    };
-    info!("runtime-service stopped");
-    result
 }

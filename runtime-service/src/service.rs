@@ -41,7 +41,8 @@ impl RuntimeService for RuntimeApi {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        if self.shared.shutdown.is_cancelled() {
+        // Draining: no new generation (the running ones finish); the caller retries elsewhere.
+        if self.shared.draining.is_cancelled() {
             self.shared.metrics.requests.with_label_values(&["rejected"]).inc();
             return Err(self.status(Error::ShuttingDown));
         }

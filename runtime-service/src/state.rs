@@ -30,7 +30,10 @@ pub struct Shared {
     pub memory: MemoryClient,
     /// Keeps this instance's leases alive.
     pub renewer: Renewer,
-    /// Generation tasks, the device loop and background frees; shutdown waits for them.
+    /// Generation tasks: a drain waits for them to finish.
+    pub generations: TaskTracker,
+    /// The device loop, slab leases and background frees; shutdown waits for them after the
+    /// generations.
     pub tracker: TaskTracker,
     /// Admission control and Cancel registry.
     pub executor: Arc<Executor>,
@@ -40,7 +43,9 @@ pub struct Shared {
     pub activations: Standing,
     /// Capacity of memory-service's kv-cache pool, learned once.
     kv_capacity: OnceCell<u64>,
-    /// Cancelled when shutdown starts.
+    /// Cancelled when a drain starts: new generations are refused, running ones go on.
+    pub draining: CancellationToken,
+    /// Cancelled when the drain's grace period is over: whatever still runs is cancelled.
     pub shutdown: CancellationToken,
     /// Prometheus instruments.
     pub metrics: Metrics,
@@ -102,11 +107,13 @@ impl Shared {
             models: Models::new(&config),
             memory,
             renewer,
+            generations: TaskTracker::new(),
             tracker,
             executor,
             device,
             activations,
             kv_capacity: OnceCell::new(),
+            draining: CancellationToken::new(),
             shutdown,
             config,
             metrics,

@@ -17,6 +17,9 @@ use proto::{
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, Status, Streaming, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use tonic_types::StatusExt;
 
 const POOLS: &[(&str, u64)] = &[("kv-cache", 64 << 20), ("activations", 64 << 20), ("uniforms", 64 << 20)];
@@ -116,19 +119,47 @@ async fn a_deadline_mid_stream_frees_its_memory() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn shutdown_mid_stream_ends_it_cleanly_and_returns_all_memory() {
+async fn a_drain_lets_streams_in_flight_finish_refuses_new_ones_and_returns_all_memory() {
     let (memory, mut runtime, mut client) = stack(|_| {}).await;
-    let mut stream = client.generate(request(400, "shutdown")).await.unwrap().into_inner();
+    let mut stream = client.generate(request(400, "in-flight")).await.unwrap().into_inner();
     read_tokens(&mut stream, 2).await;
 
     runtime.begin_shutdown();
-    let err = outcome(&mut stream).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // Health says NOT_SERVING at once, so endpoints are removed ...
+    let mut health = HealthClient::new(runtime.channel().await);
+    let check = HealthCheckRequest { service: "runtime.v1.RuntimeService".into() };
+    let mut watch = health.watch(check).await.unwrap().into_inner();
+    while watch.next().await.unwrap().unwrap().status() != ServingStatus::NotServing {}
+    // ... a new generation is refused with UNAVAILABLE and a retry hint ...
+    let refused = client.generate(request(5, "too-late")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.get_error_details().retry_info().is_some(), "{refused:?}");
+    // ... and the one in flight runs to its end (400 tokens of 3 ms, well inside the 10 s grace).
+    outcome(&mut stream).await.expect("finished during the drain");
     runtime.join().await;
     let mut pools = memory.client().await;
     for pool in ["kv-cache", "activations", "uniforms"] {
         let s = stats(&mut pools, pool).await;
         assert_eq!((s.used_bytes, s.live_leases), (0, 0), "{pool} returned at shutdown: {s:?}");
+    }
+    memory.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_longer_than_the_grace_period_is_cancelled_when_it_ends() {
+    let (memory, mut runtime, mut client) = stack(|c| c.grace_period = Duration::from_millis(300)).await;
+    let mut stream = client.generate(request(400, "too-long")).await.unwrap().into_inner();
+    read_tokens(&mut stream, 2).await;
+    let started = tokio::time::Instant::now();
+    runtime.begin_shutdown();
+    let err = outcome(&mut stream).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let took = tokio::time::Instant::now() - started;
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(400), "{took:?}");
+    runtime.join().await;
+    let mut pools = memory.client().await;
+    for pool in ["kv-cache", "activations", "uniforms"] {
+        assert_eq!(stats(&mut pools, pool).await.used_bytes, 0, "{pool} returned");
     }
     memory.stop().await;
 }

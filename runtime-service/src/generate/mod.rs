@@ -68,8 +68,8 @@ pub fn start(
         outcome = tracing::field::Empty,
     );
     let task = Generation { shared: shared.clone(), plan, ticket, tx, limits, started };
-    // Tracked: shutdown waits for every generation to end and return its memory.
-    shared.tracker.spawn(task.run(admission).instrument(span));
+    // Tracked: a drain waits for every generation to end and return its memory.
+    shared.generations.spawn(task.run(admission).instrument(span));
     Ok(ReceiverStream::new(rx))
 }
 
