@@ -45,7 +45,10 @@ async fn become_ready(shared: &Shared) -> bool {
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = async {
-            shared.memory.ping().await?;
+            // A new epoch means memory-service restarted and forgot every lease: whatever this
+            // runtime held is gone and must be taken again before it may say it is ready.
+            let epoch = shared.memory.ping().await?;
+            shared.renewer.check_epoch(epoch);
             let loader = shared.loader();
             shared.activations.ensure(&loader).await?;
             for model in shared.models.iter().filter(|m| m.spec.preload) {

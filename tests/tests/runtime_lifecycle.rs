@@ -372,3 +372,37 @@ async fn a_generation_whose_memory_is_lost_ends_unavailable() {
     runtime.stop().await;
     memory.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn losing_memory_service_turns_not_serving_within_a_second_and_ready_again_only_with_fresh_leases() {
+    let mut memory = MemoryServer::start(config_with_pools(POOLS)).await;
+    let addr = memory.addr;
+    let runtime = RuntimeServer::start(runtime_config(addr)).await;
+    runtime.ready().await;
+    let mut health = HealthClient::new(runtime.channel().await);
+    let check = HealthCheckRequest { service: "runtime.v1.RuntimeService".into() };
+    let mut watch = health.watch(check).await.unwrap().into_inner();
+    assert_eq!(watch.next().await.unwrap().unwrap().status(), ServingStatus::Serving);
+
+    // memory-service stops: its keep-alive stream ends, and that is the signal (the renewal
+    // interval is 10 s).
+    memory.begin_shutdown();
+    memory.join().await;
+    drop(memory);
+    let lost = tokio::time::Instant::now();
+    while watch.next().await.unwrap().unwrap().status() != ServingStatus::NotServing {}
+    assert!(tokio::time::Instant::now() - lost < Duration::from_secs(1), "NOT_SERVING within a second");
+
+    // It comes back empty (a new epoch): the runtime is ready again only once it holds its
+    // weights and activations in the new epoch.
+    let memory = MemoryServer::start_at(addr, config_with_pools(POOLS)).await;
+    while watch.next().await.unwrap().unwrap().status() != ServingStatus::Serving {}
+    let mut pools = memory.client().await;
+    assert_eq!(stats(&mut pools, "uniforms").await.used_bytes, 1_000_000, "weights leased again");
+    assert_eq!(stats(&mut pools, "activations").await.live_leases, 1, "activations leased again");
+    let mut client = runtime.client().await;
+    let mut stream = client.generate(request(5, "after")).await.unwrap().into_inner();
+    outcome(&mut stream).await.expect("served again");
+    runtime.stop().await;
+    memory.stop().await;
+}

@@ -253,6 +253,12 @@ impl Generation {
             let mut backoff = LOAD_BACKOFF;
             for attempt in 1.. {
                 let once = async {
+                    // Just after memory-service came back the leases held may belong to its
+                    // previous life: learn its epoch first, so they are taken again, never used.
+                    if !self.shared.renewer.is_healthy() {
+                        let epoch = self.shared.memory.ping().await?;
+                        self.shared.renewer.check_epoch(epoch);
+                    }
                     self.plan.model.ensure_loaded(&loader).await?;
                     self.shared.activations.ensure(&loader).await?;
                     self.check_fits().await

@@ -18,6 +18,9 @@ use super::MemoryClient;
 /// Cancelled when a scope's leases are gone (expired, or memory-service restarted).
 pub type Lost = CancellationToken;
 
+/// Delay before renewing again after the stream broke or a round failed.
+const RETRY: Duration = Duration::from_secs(1);
+
 /// Scopes per KeepAlive message (memory-service's limit).
 const SCOPES_PER_MESSAGE: usize = 64;
 
@@ -35,6 +38,9 @@ struct Entry {
 pub struct Renewer {
     scopes: Arc<Mutex<HashMap<String, Entry>>>,
     healthy: watch::Receiver<bool>,
+    /// Wakes the task when a scope is registered while no stream is open, so the stream (and
+    /// with it the loss signal) exists as soon as there is something to lose.
+    kick: Arc<tokio::sync::Notify>,
 }
 
 impl Renewer {
@@ -42,20 +48,41 @@ impl Renewer {
     pub fn spawn(client: MemoryClient, interval: Duration, shutdown: CancellationToken) -> Self {
         let scopes = Arc::new(Mutex::new(HashMap::new()));
         let (health_tx, healthy) = watch::channel(true);
-        tokio::spawn(run(client, interval, scopes.clone(), health_tx, shutdown));
-        Renewer { scopes, healthy }
+        let kick = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(run(client, interval, scopes.clone(), health_tx, kick.clone(), shutdown));
+        Renewer { scopes, healthy, kick }
     }
 
     /// Starts renewing `scope`, whose leases were granted in `epoch`.
     pub fn register(&self, scope: String, epoch: u64) -> Lost {
         let lost = Lost::new();
         lock(&self.scopes).insert(scope, Entry { epoch, lost: lost.clone() });
+        self.kick.notify_one();
         lost
     }
 
     /// Stops renewing `scope`.
     pub fn unregister(&self, scope: &str) {
         lock(&self.scopes).remove(scope);
+    }
+
+    /// memory-service answers with `epoch`: every scope granted in another epoch is gone (it
+    /// restarted and lost them), so their holders are told now, before anyone relies on them.
+    pub fn check_epoch(&self, epoch: u64) {
+        let mut scopes = lock(&self.scopes);
+        scopes.retain(|scope, entry| {
+            let alive = entry.epoch == epoch;
+            if !alive {
+                warn!(%scope, "memory leases lost: memory-service restarted");
+                entry.lost.cancel();
+            }
+            alive
+        });
+    }
+
+    /// Whether memory-service answered the last keep-alive round (and the stream is not broken).
+    pub fn is_healthy(&self) -> bool {
+        *self.healthy.borrow()
     }
 
     /// `true` while memory-service answers keep-alives; changes are observable.
@@ -75,15 +102,36 @@ async fn run(
     interval: Duration,
     scopes: Arc<Mutex<HashMap<String, Entry>>>,
     health: watch::Sender<bool>,
+    kick: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stream: Option<Stream> = None;
     loop {
-        tokio::select! {
+        // Between rounds the open stream is watched too: memory-service answers only our
+        // requests, so its end (memory-service stopped, crashed or restarted) is the loss signal,
+        // seen at once instead of at the next tick.
+        let idle = stream.is_none();
+        let ended = async {
+            match stream.as_mut() {
+                Some((_, replies)) => !matches!(replies.message().await, Ok(Some(_))),
+                None => std::future::pending().await,
+            }
+        };
+        let lost = tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
+            _ = ticker.tick() => false,
+            ended = ended => ended,
+            // No stream yet and a new scope: open it now (the round renews early, harmlessly).
+            () = kick.notified(), if idle => false,
+        };
+        if lost {
+            warn!("keep-alive stream to memory-service ended; renewing again shortly");
+            stream = None;
+            health.send_if_modified(|h| std::mem::replace(h, false));
+            ticker.reset_after(RETRY.min(interval));
+            continue;
         }
         let snapshot: Vec<(String, u64)> = lock(&scopes).iter().map(|(s, e)| (s.clone(), e.epoch)).collect();
         if snapshot.is_empty() {
@@ -94,7 +142,8 @@ async fn run(
             ok = renew_all(&client, &mut stream, &snapshot, &scopes) => ok,
         };
         if !ok {
-            stream = None; // reconnect on the next tick
+            stream = None; // reconnect at the next round, sooner than a full interval
+            ticker.reset_after(RETRY.min(interval));
         }
         health.send_if_modified(|h| std::mem::replace(h, ok) != ok);
     }
