@@ -1,5 +1,5 @@
 //! Compiles `proto/**/*.proto` with protox (pure Rust, so a fresh machine needs no `protoc`) and
-//! writes the encoded descriptor set to `OUT_DIR` for server reflection.
+//! writes each API's encoded descriptor set to `OUT_DIR` for server reflection.
 
 use std::{env, fs, path::PathBuf};
 
@@ -16,9 +16,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", root.join(proto).display());
     }
 
+    // Each server's reflection serves its own API only, so each gets a descriptor set of its own
+    // (with the well-known types it imports). `compile_fds` ignores `file_descriptor_set_path`:
+    // the sets are written here.
+    for (proto, name) in [(PROTOS[0], "memory"), (PROTOS[1], "runtime")] {
+        let own = protox::compile([proto], [&root])?;
+        fs::write(out.join(format!("{name}.bin")), own.encode_to_vec())?;
+    }
     let fds = protox::compile(PROTOS, [&root])?;
-    // `compile_fds` ignores `file_descriptor_set_path`, so the set reflection serves is written here.
-    fs::write(out.join("descriptor.bin"), fds.encode_to_vec())?;
 
     tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())

@@ -40,7 +40,10 @@ pub async fn run(
     let snapshot: serving::admin::Snapshot = Arc::new(move || crate::metrics::snapshot(&snapshot_of));
     serving::admin::spawn(admin, &metrics.registry, snapshot, &token);
 
-    let (health, router) = serving::grpc::base(metrics.grpc.clone(), &[proto::FILE_DESCRIPTOR_SET])?;
+    let (health, router) = serving::grpc::base::<MemoryServiceServer<MemoryApi>>(
+        metrics.grpc.clone(),
+        proto::MEMORY_DESCRIPTOR_SET,
+    )?;
     serving::grpc::set_health::<MemoryServiceServer<MemoryApi>>(&health, true).await;
 
     let reaper = tokio::spawn(reaper::run(shared.clone()));

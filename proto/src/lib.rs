@@ -17,5 +17,10 @@ pub mod runtime {
     }
 }
 
-/// Encoded `google.protobuf.FileDescriptorSet` of every proto in this crate, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");
+/// Encoded `google.protobuf.FileDescriptorSet` of `memory.v1` (and what it imports), for
+/// memory-service's reflection.
+pub const MEMORY_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("memory");
+
+/// Encoded `google.protobuf.FileDescriptorSet` of `runtime.v1` (and what it imports), for
+/// runtime-service's reflection.
+pub const RUNTIME_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("runtime");

@@ -43,7 +43,10 @@ pub async fn run(
     let snapshot: serving::admin::Snapshot = Arc::new(String::new);
     serving::admin::spawn(admin, &metrics.registry, snapshot, &token);
 
-    let (health, router) = serving::grpc::base(metrics.grpc.clone(), &[proto::FILE_DESCRIPTOR_SET])?;
+    let (health, router) = serving::grpc::base::<RuntimeServiceServer<RuntimeApi>>(
+        metrics.grpc.clone(),
+        proto::RUNTIME_DESCRIPTOR_SET,
+    )?;
     serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, false).await;
     let supervisor = tokio::spawn(supervisor::run(shared.clone(), health.clone()));
 

@@ -35,11 +35,14 @@ pub async fn bind(
     Ok((listener, admin))
 }
 
-/// Reflection servers over `descriptor_sets` plus the health service's own descriptor, so
-/// `grpc.health.v1` is listed too. Both versions are served: grpcurl and `buf curl` ask v1, while
-/// Python's grpcio-reflection client speaks only v1alpha.
+/// Reflection servers listing `service` (the server's own API), health and reflection, over
+/// `descriptor_set` plus health's descriptor and google.rpc's `status.proto` and
+/// `error_details.proto`, so grpcurl and `buf curl` decode the rich error details every error
+/// carries. Both versions are served: grpcurl and `buf curl` ask v1, while Python's
+/// grpcio-reflection client speaks only v1alpha.
 pub fn reflection(
-    descriptor_sets: &[&[u8]],
+    service: &str,
+    descriptor_set: &[u8],
 ) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
@@ -52,27 +55,34 @@ pub fn reflection(
     ReflectionError,
 > {
     let builder = || {
-        descriptor_sets.iter().fold(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
-            |b, set| b.register_encoded_file_descriptor_set(set),
-        )
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(descriptor_set)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(service)
+            .with_service_name(HEALTH)
+            .with_service_name(REFLECTION_V1)
+            .with_service_name(REFLECTION_V1ALPHA)
     };
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
+
+const HEALTH: &str = "grpc.health.v1.Health";
+const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
 
 /// A router with what every server here carries, before its own service is added.
 pub type BaseRouter = Router<Stack<ObserveLayer, Identity>>;
 
 /// The common server: the observe layer outermost, so every call (health and reflection
 /// included) gets a span continuing the caller's trace and is counted with its final status;
-/// the standard health service; reflection v1 and v1alpha over `descriptor_sets`.
-pub fn base(
+/// the standard health service; reflection v1 and v1alpha of service `S` over `descriptor_set`.
+pub fn base<S: NamedService>(
     metrics: GrpcMetrics,
-    descriptor_sets: &[&[u8]],
+    descriptor_set: &[u8],
 ) -> Result<(HealthReporter, BaseRouter), ReflectionError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let (reflection_v1, reflection_v1alpha) = reflection(descriptor_sets)?;
+    let (reflection_v1, reflection_v1alpha) = reflection(S::NAME, descriptor_set)?;
     let router = Server::builder()
         .layer(ObserveLayer::new(metrics))
         .add_service(health_service)

@@ -205,9 +205,28 @@ async fn health_and_reflection_are_served() {
     else {
         panic!("expected a service list");
     };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for expected in ["memory.v1.MemoryService", "grpc.health.v1.Health"] {
-        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+    let mut names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    // Its own API only (not runtime.v1), plus health and reflection.
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "memory.v1.MemoryService"
+        ]
+    );
+    // The google.rpc detail types every error carries resolve, so grpcurl and buf curl decode them.
+    for symbol in ["google.rpc.BadRequest", "google.rpc.RetryInfo", "google.rpc.Status"] {
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+        };
+        let mut replies =
+            reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+        let reply = replies.next().await.unwrap().unwrap().message_response;
+        assert!(matches!(reply, Some(MessageResponse::FileDescriptorResponse(_))), "{symbol}: {reply:?}");
     }
     server.stop().await;
 }

@@ -244,3 +244,43 @@ async fn a_generation_larger_than_the_kv_pool_fails_at_once() {
     runtime.stop().await;
     memory.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn reflection_lists_only_the_runtime_api_and_resolves_error_details() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let (memory, runtime) = stack().await;
+    let mut reflection = ServerReflectionClient::new(runtime.channel().await);
+    let ask = |message| ServerReflectionRequest { host: String::new(), message_request: Some(message) };
+    let requests = [
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol("google.rpc.BadRequest".into())),
+        ask(MessageRequest::FileContainingSymbol("memory.v1.MemoryService".into())),
+    ];
+    let mut replies =
+        reflection.server_reflection_info(tokio_stream::iter(requests)).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        replies.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let mut names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "runtime.v1.RuntimeService"
+        ]
+    );
+    let details = replies.next().await.unwrap().unwrap().message_response;
+    assert!(matches!(details, Some(MessageResponse::FileDescriptorResponse(_))), "{details:?}");
+    let other = replies.next().await.unwrap().expect_err("memory.v1 is not served here");
+    assert_eq!(other.code(), Code::NotFound, "{other:?}");
+    runtime.stop().await;
+    memory.stop().await;
+}
