@@ -236,3 +236,49 @@ async fn two_runtimes_on_one_memory_service_trade_kv_cache_as_their_loads_shift(
     }
     memory.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn two_runtimes_each_needing_most_of_the_pool_take_turns_instead_of_waiting_for_each_other() {
+    // 64 blocks; each runtime has one sequence that grows to 38 (200 prompt + 400 tokens):
+    // together they do not fit, alone each does. Leased piece by piece, each could hold part and wait for
+    // the rest for ever; a lane that cannot start gives all back and asks for its whole need.
+    let memory = memory_with_kv(64 * TEST_BLOCK_BYTES).await;
+    let mut clients = Vec::new();
+    let mut runtimes = Vec::new();
+    for name in ["a", "b"] {
+        let config = runtime_service::Config {
+            kv_slab_blocks: 4,
+            instance: name.into(),
+            ..runtime_config(memory.addr)
+        };
+        let runtime = RuntimeServer::start(config).await;
+        runtime.ready().await;
+        clients.push(runtime.client().await);
+        runtimes.push(runtime);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            tokio::spawn(async move {
+                let mut stream = client
+                    .generate(request("test-webllm", 200, 400, i as u64))
+                    .await
+                    .expect("admitted")
+                    .into_inner();
+                finish(&mut stream, 0).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.expect("completes").completion_tokens, 400);
+    }
+    // Each alone takes about 1.2 s; a hold-and-wait would last until a 10 s idle-gap limit.
+    assert!(Instant::now() - started < Duration::from_secs(8), "{:?}", Instant::now() - started);
+    wait_for_used(&memory, "kv-cache", 0).await;
+    for runtime in runtimes {
+        runtime.stop().await;
+    }
+    memory.stop().await;
+}

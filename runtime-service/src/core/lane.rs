@@ -142,18 +142,35 @@ impl Lane {
         }
     }
 
-    /// Publishes how many free blocks the lane wants to its leaser: enough to admit every waiting
-    /// sequence whole and to grow the running ones for a few more tokens, plus the low watermark.
+    /// Whether the lane holds nothing it can use and cannot start its first sequence: nothing
+    /// runs, something waits, and memory-service had no room. Then it gives back every slab and
+    /// asks for the first sequence's whole need at once (see [`crate::kv`]).
+    fn starved(&self) -> bool {
+        self.scheduler.running() == 0 && self.scheduler.waiting() > 0 && self.link.exhausted()
+    }
+
+    /// Publishes how many free blocks the lane wants to its leaser: enough to admit the next
+    /// waiting sequences whole and to grow the running ones for a few more tokens, plus the low
+    /// watermark; when starved, exactly the first waiting sequence's need.
     pub(super) fn publish_demand(&mut self) {
+        let starved = self.starved();
         let want = if self.scheduler.is_empty() {
             0
+        } else if starved {
+            self.scheduler.head_need()
         } else {
             self.scheduler.demand(LOOKAHEAD_TOKENS) + self.spec.low_watermark
         };
         let free = self.scheduler.pool().free_blocks();
-        let cause =
-            if want > free { self.scheduler.ids().next().and_then(|id| self.live.get(&id)) } else { None };
-        self.link.set(want, free, cause.map(|live| &live.span));
+        // The lease joins the trace of a sequence waiting for it (the queue's head, else a running
+        // one about to grow).
+        let cause = if want > free {
+            let id = self.scheduler.waiting_ids().next().or_else(|| self.scheduler.ids().next());
+            id.and_then(|id| self.live.get(&id))
+        } else {
+            None
+        };
+        self.link.set(want, free, cause.map(|live| &live.span), starved);
     }
 
     /// Whether more blocks may still come from memory-service.
@@ -178,7 +195,11 @@ impl Lane {
     /// it in the background.
     pub(super) fn return_slabs(&mut self, now: Instant, linger: Duration) -> usize {
         let pool = self.scheduler.pool();
-        let victims: Vec<SlabId> = if self.scheduler.is_empty() {
+        let victims: Vec<SlabId> = if self.starved() {
+            // Holding part of what it needs while waiting for the rest could deadlock with
+            // another lane doing the same: give it all back (nothing runs, so all are idle).
+            pool.idle_slabs().map(|(id, _)| id).collect()
+        } else if self.scheduler.is_empty() {
             let since = *self.idle_since.get_or_insert(now);
             if now < since + linger {
                 return 0;

@@ -68,8 +68,8 @@ impl DeviceLoop {
             let picked = self.pick();
             let now = Instant::now();
             for lane in &mut self.lanes {
-                lane.publish_demand();
                 lane.return_slabs(now, self.settings.kv_idle_release);
+                lane.publish_demand();
             }
             self.export_gauges();
             let Some((li, plan)) = picked else {

@@ -436,3 +436,22 @@ async fn a_prompt_arriving_mid_stream_shares_a_mixed_step_priced_as_both() {
     assert_eq!(steps("mixed"), 1, "the prompt rode along with a decode");
     rig.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn sequences_waiting_for_blocks_fail_fast_once_memory_service_is_unreachable() {
+    let rig = rig(SchedulerMode::Overlapped, 1.0, LIMITS);
+    let slabs = rig.slabs.clone();
+    tokio::spawn(async move {
+        loop {
+            slabs.asked().await;
+            slabs.report_failure(crate::error::Error::MemoryUnavailable("connection refused".into()));
+        }
+    });
+    let started = Instant::now();
+    let mut seq = rig.submit("a", "a prompt", 4);
+    let (seen, outcome) = drain(&mut seq).await;
+    assert!(seen.is_empty());
+    assert!(matches!(outcome, Err(crate::error::Error::MemoryUnavailable(_))), "{outcome:?}");
+    assert!(Instant::now() - started < Duration::from_secs(1), "no wait for a deadline");
+    rig.stop().await;
+}

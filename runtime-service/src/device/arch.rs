@@ -139,6 +139,18 @@ impl Arch {
         if ![1, 2, 4].contains(&self.dtype_bytes) {
             return Err(format!("dtype_bytes = {} must be 1, 2 or 4", self.dtype_bytes));
         }
+        // Within these bounds every size below fits 64 bits; a model whose KV per token passes a
+        // GiB is no model anyone serves.
+        let kv = 2
+            * u128::from(self.layers)
+            * u128::from(self.kv_heads)
+            * u128::from(self.head_dim)
+            * u128::from(self.dtype_bytes);
+        if kv > 1 << 30 {
+            return Err(format!(
+                "KV bytes per token ({kv}) must be at most 1 GiB: check layers, kv_heads and head_dim"
+            ));
+        }
         if self.kv_heads > self.attention_heads {
             return Err(format!(
                 "kv_heads = {} cannot exceed attention_heads = {}",

@@ -22,6 +22,9 @@ use crate::{
     models::KV_CACHE,
 };
 
+/// First delay before leasing again after a failure; doubles up to a second.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+
 /// Leases failed in a row (memory-service unreachable) before the device stops waiting for slabs:
 /// with the leaser's backoff, about a third of a second.
 const FAILURES_BEFORE_GIVING_UP: u32 = 3;
@@ -47,6 +50,8 @@ struct Demand {
     exhausted: bool,
     /// Blocks the whole kv-cache pool holds, once the leaser has asked (0 until then).
     capacity: u64,
+    /// The lane holds nothing and cannot start: lease the whole of `want_free` in one call.
+    whole: bool,
 }
 
 impl Demand {
@@ -103,6 +108,15 @@ impl LeaserEnd {
         self.notify.notified().await;
     }
 
+    /// Reports a failed lease (as the leaser does when memory-service is unreachable).
+    pub fn report_failure(&self, err: Error) {
+        let mut demand = lock(&self.demand);
+        demand.failure = Some(err);
+        demand.failures += 1;
+        drop(demand);
+        self.wake.notify_one();
+    }
+
     /// Reports that memory-service has no room (as the leaser does when even one block does not
     /// fit), so the device preempts instead of waiting for a slab.
     pub fn report_exhausted(&self) {
@@ -130,7 +144,7 @@ pub fn link(wake: Arc<Notify>) -> (Link, LeaserEnd) {
 impl Link {
     /// Publishes the device's wish and holding, and the span of a sequence waiting for it; wakes
     /// the leaser if blocks are missing.
-    pub fn set(&self, want_free: u64, free: u64, cause: Option<&tracing::Span>) {
+    pub fn set(&self, want_free: u64, free: u64, cause: Option<&tracing::Span>, whole: bool) {
         let missing = {
             let mut demand = lock(&self.demand);
             if demand.missing() == 0 && want_free > free + demand.inflight {
@@ -141,6 +155,7 @@ impl Link {
             }
             demand.want_free = want_free;
             demand.free = free;
+            demand.whole = whole;
             demand.cause = cause.cloned();
             demand.missing()
         };
@@ -153,6 +168,11 @@ impl Link {
     pub fn failure(&self) -> Option<Error> {
         let demand = lock(&self.demand);
         if demand.failures >= FAILURES_BEFORE_GIVING_UP { demand.failure.clone() } else { None }
+    }
+
+    /// Whether memory-service had no room at the last try.
+    pub fn exhausted(&self) -> bool {
+        lock(&self.demand).exhausted
     }
 
     /// Whether a new slab may still come: memory-service is reachable and had room at the last
@@ -201,18 +221,22 @@ pub fn spawn(end: LeaserEnd, plan: SlabPlan, loader: Loader, shutdown: Cancellat
 }
 
 async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
-    let mut size = plan.slab_blocks.max(1);
+    // The largest slab: the plan's, and never more than a sixteenth of the whole pool, so
+    // several runtimes (and a pool sized for only a few sequences) share it in useful pieces.
+    let mut cap = plan.slab_blocks.max(1);
+    let mut size = cap;
     let mut capped = false;
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = RETRY_FIRST;
     loop {
-        let (missing, cause) = {
+        let (missing, cause, whole) = {
             let demand = lock(&end.demand);
-            (demand.missing(), demand.cause.clone())
+            (demand.missing(), demand.cause.clone(), demand.whole)
         };
         if missing == 0 {
             if end.grants.is_closed() {
                 return;
             }
+            backoff = RETRY_FIRST; // the next outage starts from a short retry again
             end.notify.notified().await;
             continue;
         }
@@ -222,47 +246,56 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
         };
         let result = async {
             if !capped {
-                // A slab never takes more than a sixteenth of the whole pool, so several runtimes
-                // (and a pool sized for only a few sequences) share it in useful pieces.
                 let capacity = loader.client.pool_capacity(KV_CACHE).await?;
                 lock(&end.demand).capacity = capacity / plan.block_bytes;
-                size = size.min((capacity / plan.block_bytes / 16).max(1));
+                cap = plan.slab_blocks.min(capacity / plan.block_bytes / 16).max(1);
+                size = size.min(cap);
                 capped = true;
             }
-            // No server-side wait while the size can still shrink: halve on refusal. At one
-            // block the pool is full: say so (the device preempts instead of waiting), then wait
-            // server-side for someone else's free.
-            let max_wait =
-                if size == 1 && lock(&end.demand).exhausted { loader.max_wait } else { Duration::ZERO };
+            // A lane that holds nothing and cannot start its first sequence asks for that
+            // sequence's whole need in one call and waits for it server-side (first come, first
+            // served): taking it piece by piece would hold some while waiting for the rest, and
+            // two lanes doing so could wait for each other for ever.
+            let (blocks, max_wait) = if whole {
+                (missing, loader.max_wait)
+            } else if size == 1 && lock(&end.demand).exhausted {
+                // At one block the pool is full: wait server-side for someone else's free.
+                (1, loader.max_wait)
+            } else {
+                // No server-side wait while the size can still shrink: halve on refusal.
+                (size, Duration::ZERO)
+            };
             let ask = Ask {
-                items: vec![(KV_CACHE, size * plan.block_bytes)],
+                items: vec![(KV_CACHE, blocks * plan.block_bytes)],
                 scope: unique_scope(&loader.instance, "kv", &plan.model),
                 ttl: loader.ttl,
                 max_wait,
             };
-            Reservation::acquire(&loader.client, &loader.renewer, &loader.tracker, &ask).await
+            Reservation::acquire(&loader.client, &loader.renewer, &loader.tracker, &ask)
+                .await
+                .map(|reservation| (blocks, reservation))
         }
         .instrument(span)
         .await;
         match result {
-            Ok(reservation) => {
+            Ok((blocks, reservation)) => {
                 {
                     let mut demand = lock(&end.demand);
-                    demand.inflight += size;
+                    demand.inflight += blocks;
                     demand.failure = None;
                     demand.failures = 0;
                     demand.exhausted = false;
                 }
-                debug!(model = %plan.model, blocks = size, "kv slab leased");
-                if end.grants.send(Grant { blocks: size, lease: Some(reservation) }).await.is_err() {
+                debug!(model = %plan.model, blocks, "kv slab leased");
+                if end.grants.send(Grant { blocks, lease: Some(reservation) }).await.is_err() {
                     return; // the device is gone; the lease was dropped, hence freed
                 }
                 end.wake.notify_one();
-                size = (size * 2).min(plan.slab_blocks);
-                backoff = Duration::from_millis(50);
+                size = (size * 2).min(cap);
+                backoff = RETRY_FIRST;
                 continue;
             }
-            Err(Error::MemoryExhausted { .. }) if size > 1 => {
+            Err(Error::MemoryExhausted { .. }) if size > 1 && !whole => {
                 size /= 2;
                 continue;
             }
@@ -275,7 +308,7 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
                     end.wake.notify_one();
                     continue;
                 }
-                // No room even for one block within the wait: others hold the pool; try again.
+                // No room within the wait: others hold the pool; try again.
             }
             Err(err) => {
                 warn!(model = %plan.model, cause = %err, retry_in = ?backoff, "cannot lease kv-cache");

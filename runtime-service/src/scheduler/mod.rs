@@ -202,6 +202,7 @@ impl Scheduler {
     pub fn schedule(&mut self, can_grow: bool) -> Plan {
         let mut plan = Plan::default();
         let mut budget = self.limits.token_budget;
+        let mut waiting_for_slab = false;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
@@ -214,6 +215,7 @@ impl Scheduler {
             let mut wanted = self.blocks_wanted(seq, tokens);
             if can_grow && wanted > self.pool.free_blocks() {
                 plan.shortfall = plan.shortfall.max(wanted - self.pool.free_blocks());
+                waiting_for_slab = true;
                 i += 1;
                 continue;
             }
@@ -235,7 +237,9 @@ impl Scheduler {
             budget -= tokens;
             i += 1;
         }
-        if plan.preempted.is_empty() {
+        // Nobody overtakes a running sequence that lost its turn: no admission in a step that
+        // preempted or that left a running sequence waiting for a slab.
+        if plan.preempted.is_empty() && !waiting_for_slab {
             self.admit(&mut plan, budget);
         }
         plan
@@ -297,16 +301,33 @@ impl Scheduler {
             .map(|id| &self.seqs[id])
             .map(|seq| self.blocks_wanted(seq, seq.pending_tokens() + lookahead))
             .sum();
+        // The queue counts only as far as the next two steps could admit: leasing for the whole
+        // queue at once would let one runtime take a shared pool from the others.
         let room = self.limits.max_batch.saturating_sub(self.running.len());
+        let mut tokens = 0u64;
+        let horizon = 2 * u64::from(self.limits.token_budget);
         let waiting: u64 = self
             .waiting
             .iter()
             .map(|id| &self.seqs[id])
             .filter(|seq| !seq.paused)
             .take(room)
+            .take_while(|seq| {
+                let first = tokens == 0;
+                tokens += u64::from(seq.pending_tokens());
+                first || tokens <= horizon
+            })
             .map(|seq| self.blocks_wanted(seq, seq.pending_tokens()))
             .sum();
         running + waiting
+    }
+
+    /// Blocks the first waiting sequence needs to run whole (what a starved lane asks for).
+    pub fn head_need(&self) -> u64 {
+        self.waiting
+            .front()
+            .map(|id| &self.seqs[id])
+            .map_or(0, |seq| self.blocks_wanted(seq, seq.pending_tokens().max(1)))
     }
 
     /// Every block held by a sequence, for [`BlockPool::check`].
