@@ -112,7 +112,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let _ = ledger.renew(model.leases[pick % model.leases.len()], now);
             }
             Op::RenewScope { scope } => {
-                ledger.renew_scope(&format!("scope-{scope}"), now);
+                ledger.renew_scope(&format!("scope-{scope}"), now, &mut Default::default());
             }
             Op::Advance { ms } => {
                 now += Duration::from_millis(ms);

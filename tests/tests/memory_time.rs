@@ -183,7 +183,10 @@ async fn keep_alive_holds_leases_and_scopes_past_many_ttls() {
         .await
         .unwrap();
         let reply = replies.next().await.unwrap().unwrap();
-        assert_eq!(reply.renewed.len(), 3, "{reply:?}");
+        // The lease named directly is listed; the scope's two are counted, not listed.
+        assert_eq!((reply.renewed.len(), reply.renewed_count), (1, 3), "{reply:?}");
+        assert_eq!(reply.scopes.len(), 1);
+        assert_eq!((reply.scopes[0].scope_id.as_str(), reply.scopes[0].leases), ("gen-7", 2));
         assert!(reply.not_found.is_empty());
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
@@ -197,12 +200,53 @@ async fn keep_alive_holds_leases_and_scopes_past_many_ttls() {
         .await
         .unwrap();
     let reply = replies.next().await.unwrap().unwrap();
-    assert!(reply.renewed.is_empty());
+    assert!(reply.renewed.is_empty() && reply.scopes.is_empty());
+    assert_eq!(reply.renewed_count, 0);
     assert_eq!(reply.not_found, [model.lease_id.clone(), "gen-7".to_string()]);
     assert_eq!(stats(&mut client, "kv-cache").await.used_bytes, 0);
 
     // A malformed id ends the stream with INVALID_ARGUMENT.
     tx.send(KeepAliveRequest { lease_ids: vec!["zz".into()], scope_ids: vec![] }).await.unwrap();
     assert_eq!(replies.next().await.unwrap().unwrap_err().code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_named_twice_in_a_keep_alive_is_renewed_once_and_big_scopes_are_counted() {
+    use proto::memory::v1::{EventKind, WatchEventsRequest, watch_events_response::Item};
+    let server = MemoryServer::with_pools(&[("kv-cache", 1 << 20)]).await;
+    let mut client = server.client().await;
+    let mut scoped = alloc(&[("kv-cache", 1); 64]);
+    scoped.scope_id = "big".into();
+    let leases = client.allocate(scoped).await.unwrap().into_inner().leases;
+    let filter = WatchEventsRequest {
+        pools: vec![],
+        kinds: vec![EventKind::Renewed.into(), EventKind::Allocated.into()],
+    };
+    let mut events = client.watch_events(filter).await.unwrap().into_inner();
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies =
+        client.keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    // One lease named directly, twice, and again through its scope (named twice too).
+    let id = leases[0].lease_id.clone();
+    let request =
+        KeepAliveRequest { lease_ids: vec![id.clone(), id], scope_ids: vec!["big".into(), "big".into()] };
+    tx.send(request).await.unwrap();
+    let reply = replies.next().await.unwrap().unwrap();
+    assert_eq!((reply.renewed.len(), reply.renewed_count), (1, 64), "{reply:?}");
+    assert_eq!(reply.scopes.iter().map(|s| s.leases).collect::<Vec<_>>(), [64, 64]);
+    // Exactly 64 RENEWED events, one per lease: counted up to a marker allocated afterwards.
+    client.allocate(alloc(&[("kv-cache", 1)])).await.unwrap();
+    let mut renewed = std::collections::HashSet::new();
+    loop {
+        let Some(Item::Event(event)) = events.next().await.unwrap().unwrap().item else { continue };
+        if event.kind() == EventKind::Allocated {
+            break;
+        }
+        assert!(renewed.insert(event.lease_id.clone()), "{} renewed twice", event.lease_id);
+    }
+    assert_eq!(renewed.len(), 64);
+    drop(tx);
     server.stop().await;
 }

@@ -17,7 +17,11 @@ mod waiting;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::{
     sync::{Notify, broadcast, oneshot},
@@ -264,12 +268,33 @@ impl Ledger {
         Ok(lease)
     }
 
-    /// Renews every live lease of `scope`; returns them (empty if the scope has none).
-    pub fn renew_scope(&mut self, scope: &str, now: Instant) -> Vec<Lease> {
+    /// Renews every live lease of `scope` not in `done` (renewed earlier by the same request, so
+    /// each lease is renewed, and announced, once) and adds them to it. Returns the scope's live
+    /// leases, how many of them this call renewed, and the latest new expiry: counts, not the
+    /// leases themselves, since a scope may hold a hundred thousand.
+    pub fn renew_scope(
+        &mut self,
+        scope: &str,
+        now: Instant,
+        done: &mut HashSet<LeaseId>,
+    ) -> (u64, u64, Option<Instant>) {
         self.reap(now);
         let ids: Vec<LeaseId> =
             self.scopes.get(scope).map(|s| s.iter().copied().collect()).unwrap_or_default();
-        ids.into_iter().filter_map(|id| self.renew(id, now).ok()).collect()
+        let (mut live, mut renewed, mut latest) = (0, 0, None);
+        for id in ids {
+            if done.contains(&id) {
+                live += 1;
+                continue;
+            }
+            if let Ok(lease) = self.renew(id, now) {
+                done.insert(id);
+                live += 1;
+                renewed += 1;
+                latest = latest.max(Some(lease.expires_at));
+            }
+        }
+        (live, renewed, latest)
     }
 
     /// Frees one lease.

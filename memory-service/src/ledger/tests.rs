@@ -188,9 +188,11 @@ fn scopes_free_and_renew_together() {
     granted(ledger.allocate(scoped, t0, false));
     granted(ledger.allocate(request(&[("kv-cache", 1)]), t0, false));
 
-    let renewed = ledger.renew_scope("gen-1", t0 + Duration::from_secs(10));
-    assert_eq!(renewed.len(), 4);
-    assert!(renewed.iter().all(|l| l.expires_at == t0 + Duration::from_secs(10) + TTL));
+    let mut done = std::collections::HashSet::new();
+    let renewed = ledger.renew_scope("gen-1", t0 + Duration::from_secs(10), &mut done);
+    assert_eq!(renewed, (4, 4, Some(t0 + Duration::from_secs(10) + TTL)));
+    // Named again in the same request: counted, not renewed twice.
+    assert_eq!(ledger.renew_scope("gen-1", t0 + Duration::from_secs(10), &mut done).1, 0);
 
     assert_eq!(ledger.free_scope("gen-1", t0), (4, 66));
     assert_eq!(ledger.free_scope("gen-1", t0), (0, 0));

@@ -1,6 +1,6 @@
 //! KeepAlive: a bidirectional stream on which a long-lived holder renews leases and scopes.
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
 
 use proto::memory::v1 as pb;
 use tokio::sync::mpsc;
@@ -71,19 +71,32 @@ fn renew(shared: &Shared, req: pb::KeepAliveRequest) -> Result<pb::KeepAliveResp
     let now = clock.instant();
     let mut renewed = Vec::with_capacity(ids.len());
     let mut not_found = Vec::new();
+    // Each lease is renewed once per message, however often it is named (directly, twice, or
+    // also through its scope).
+    let mut done = HashSet::with_capacity(ids.len());
     let mut ledger = shared.ledger();
     for (id, text) in ids.into_iter().zip(req.lease_ids) {
+        if done.contains(&id) {
+            continue;
+        }
         match ledger.renew(id, now) {
-            Ok(lease) => renewed.push(convert::lease(&lease, ledger.pool_name(lease.pool), &clock)),
+            Ok(lease) => {
+                done.insert(id);
+                renewed.push(convert::lease(&lease, ledger.pool_name(lease.pool), &clock));
+            }
             Err(_) => not_found.push(text),
         }
     }
-    for scope in req.scope_ids {
-        let leases = ledger.renew_scope(&scope, now);
-        if leases.is_empty() {
-            not_found.push(scope);
+    let mut renewed_count = done.len() as u64;
+    let mut scopes = Vec::with_capacity(req.scope_ids.len());
+    for scope_id in req.scope_ids {
+        let (leases, renewed_now, latest) = ledger.renew_scope(&scope_id, now, &mut done);
+        if leases == 0 {
+            not_found.push(scope_id);
+            continue;
         }
-        renewed.extend(leases.iter().map(|l| convert::lease(l, ledger.pool_name(l.pool), &clock)));
+        renewed_count += renewed_now;
+        scopes.push(pb::ScopeRenewal { scope_id, leases, expire_time: latest.map(|at| clock.wall(at)) });
     }
-    Ok(pb::KeepAliveResponse { renewed, not_found, server_epoch: shared.epoch })
+    Ok(pb::KeepAliveResponse { renewed, not_found, server_epoch: shared.epoch, renewed_count, scopes })
 }

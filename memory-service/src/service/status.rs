@@ -8,8 +8,9 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::ledger::Error;
 
-/// Domain used in ErrorInfo details.
-const DOMAIN: &str = "memory.v1";
+/// Domain of ErrorInfo details: per AIP-193, the service's name in DNS form (like
+/// `pubsub.googleapis.com`), not a proto package; `reason` values are unique within it.
+pub const DOMAIN: &str = "memory-service.inference-sim.dev";
 
 /// Maps `err` to its status. `retry_hint` goes into RetryInfo for RESOURCE_EXHAUSTED.
 pub fn to_status(err: Error, retry_hint: Duration) -> Status {
@@ -107,5 +108,6 @@ mod tests {
         let details = status.get_error_details();
         assert_eq!(details.retry_info().and_then(|r| r.retry_delay), Some(hint));
         assert_eq!(details.error_info().map(|i| i.reason.as_str()), Some("WAIT_TIMED_OUT"));
+        assert_eq!(details.error_info().map(|i| i.domain.as_str()), Some(DOMAIN));
     }
 }
