@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the test tools this project needs into target/tools (nothing system-wide):
 #   - a Python venv with grpcio + grpcio-reflection (runs the README walk-through via reflection),
+#     grpcio-tools + grpcio-status (the Python example client: stubs and error details),
 #     kubernetes-validate and yamllint (check the Kubernetes manifests offline)
-#   - buf from npm (lints the protos)
+#   - from npm: buf (lints the protos, checks for breaking changes), and @grpc/grpc-js,
+#     @grpc/proto-loader and google-proto-files (the Node example client)
 # Idempotent: a second run only checks that they are there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,15 +12,18 @@ TOOLS="$PWD/target/tools"
 mkdir -p "$TOOLS"
 
 if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ] || [ ! -x "$TOOLS/venv/bin/yamllint" ] \
-  || ! "$TOOLS/venv/bin/python" -c 'import grpc_reflection, grpc_health' 2>/dev/null; then
+  || ! "$TOOLS/venv/bin/python" -c 'import grpc_reflection, grpc_health, grpc_tools, grpc_status' 2>/dev/null; then
   echo "installing Python tools into $TOOLS/venv" >&2
   python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check \
     'grpcio==1.85.1' 'grpcio-reflection==1.85.1' 'grpcio-health-checking==1.85.1' 'protobuf==7.36.2' \
+    'grpcio-tools==1.85.1' 'grpcio-status==1.85.1' \
     'kubernetes-validate==1.37.0' 'yamllint==1.38.0'
 fi
 
-if [ ! -x "$TOOLS/node/node_modules/.bin/buf" ]; then
-  echo "installing buf into $TOOLS/node" >&2
-  npm install --silent --no-audit --no-fund --prefix "$TOOLS/node" '@bufbuild/buf@1.75.0' >&2
+if [ ! -x "$TOOLS/node/node_modules/.bin/buf" ] || [ ! -d "$TOOLS/node/node_modules/@grpc/grpc-js" ] \
+  || [ ! -d "$TOOLS/node/node_modules/google-proto-files" ]; then
+  echo "installing buf and the Node client's modules into $TOOLS/node" >&2
+  npm install --silent --no-audit --no-fund --prefix "$TOOLS/node" '@bufbuild/buf@1.75.0' \
+    '@grpc/grpc-js@1.14.7' '@grpc/proto-loader@0.8.1' 'google-proto-files@6.0.1' >&2
 fi

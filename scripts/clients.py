@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Runs the example clients in examples/ (Python on generated stubs, Node with grpc-js) against
+real servers: memory-service and runtime-service started on 127.0.0.1:0 as in the walk-through,
+stopped with SIGTERM at the end. Any client step that fails, fails the script.
+
+Usage: clients.py MEMORY_SERVICE RUNTIME_SERVICE   (paths to the binaries)
+Tools come from target/tools (scripts/tools.sh): the Python venv running this script, and node
+modules under target/tools/node.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from walkthrough import start_server, wait_serving  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(command, env):
+    print("$ " + " ".join(command), flush=True)
+    result = subprocess.run(command, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(f"FAILED: {' '.join(command)} exited with {result.returncode}")
+
+
+def main():
+    memory_bin, runtime_bin = sys.argv[1:3]
+    stubs = os.path.join(ROOT, "target", "examples", "python")
+    run(["bash", "examples/python/generate.sh", stubs], dict(os.environ, PYTHON=sys.executable))
+    servers = []
+    code = 0
+    try:
+        servers.append(start_server([memory_bin]))
+        memory = servers[0][1]
+        servers.append(start_server([runtime_bin, "--memory-addr", f"http://{memory}"]))
+        runtime = servers[1][1]
+        wait_serving(runtime)
+        run([sys.executable, "examples/python/client.py", memory, runtime], dict(os.environ, PYTHONPATH=stubs))
+        node_path = os.path.join(ROOT, "target", "tools", "node", "node_modules")
+        run(["node", "examples/node/client.js", memory, runtime], dict(os.environ, NODE_PATH=node_path))
+    finally:
+        for server, _ in reversed(servers):
+            server.send_signal(signal.SIGTERM)
+            code = code or server.wait(timeout=30)
+    if code != 0:
+        sys.exit(f"a server exited with {code} after SIGTERM")
+    print("example clients: Python and Node OK, servers stopped cleanly")
+
+
+if __name__ == "__main__":
+    main()
