@@ -65,9 +65,21 @@ async function main(memoryAddr, runtimeAddr) {
   const runtime = new api.runtime.v1.RuntimeService(runtimeAddr, grpc.credentials.createInsecure());
 
   const seen = new Set();
+  let watching = false;
   const events = memory.WatchEvents({});
-  events.on('data', (item) => { if (item.event && item.event.scope_id === SCOPE) seen.add(item.event.kind); });
+  events.on('data', (item) => {
+    watching = true;
+    if (item.event && item.event.scope_id === SCOPE) seen.add(item.event.kind);
+  });
   events.on('error', () => {}); // cancelled at the end
+  // The stream is open once an event arrives: allocate and free a probe until one does (bounded),
+  // so no event of the steps below can come before the watch is in place.
+  for (let i = 0; i < 50 && !watching; i += 1) {
+    const probe = await unary(memory, 'Allocate', { items: [{ pool: 'kv-cache', size_bytes: '1' }], holder: 'node-example' });
+    await unary(memory, 'Free', { lease_id: probe.leases[0].lease_id });
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  check(watching, 'WatchEvents is streaming');
 
   const granted = await unary(memory, 'Allocate', {
     items: [{ pool: 'kv-cache', size_bytes: String(64 * MIB) }, { pool: 'activations', size_bytes: String(8 * MIB) }],

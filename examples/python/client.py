@@ -48,10 +48,12 @@ def main(memory_addr, runtime_addr):
     # Watch events in the background, from before the first allocation.
     events = memory.WatchEvents(memory_pb2.WatchEventsRequest())
     seen = []
+    watching = threading.Event()
 
     def watch():
         try:
             for item in events:
+                watching.set()
                 if item.HasField("event") and item.event.scope_id == SCOPE:
                     seen.append(memory_pb2.EventKind.Name(item.event.kind))
         except grpc.RpcError:
@@ -59,6 +61,15 @@ def main(memory_addr, runtime_addr):
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    # The stream is open once an event arrives: allocate and free a probe until one does
+    # (bounded), so no event of the steps below can come before the watch is in place.
+    for _ in range(50):
+        probe = memory.Allocate(memory_pb2.AllocateRequest(
+            items=[memory_pb2.AllocationItem(pool="kv-cache", size_bytes=1)], holder="python-example"))
+        memory.Free(memory_pb2.FreeRequest(lease_id=probe.leases[0].lease_id))
+        if watching.wait(timeout=0.02):
+            break
+    check(watching.is_set(), "WatchEvents is streaming")
 
     # Atomic: both items or neither.
     granted = memory.Allocate(memory_pb2.AllocateRequest(

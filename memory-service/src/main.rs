@@ -45,6 +45,10 @@ struct Args {
     /// Events a watcher may fall behind before it is told it lagged.
     #[arg(long, env = "MEMORY_EVENT_BUFFER")]
     event_buffer: Option<usize>,
+    /// Print the pools this configuration creates (name and bytes) as JSON, and exit without
+    /// serving: lets deployment checks compare them with what runtimes preload.
+    #[arg(long)]
+    print_pools: bool,
     /// Time given to in-flight calls at shutdown, in milliseconds.
     #[arg(long, env = "MEMORY_GRACE_PERIOD_MS")]
     grace_period_ms: Option<u64>,
@@ -86,6 +90,9 @@ async fn main() -> ExitCode {
         Ok(args) => args,
         Err(code) => return code,
     };
+    if args.print_pools {
+        return print_pools(args);
+    }
     let launch = Launch {
         service: "memory-service",
         listen: args.listen,
@@ -93,4 +100,21 @@ async fn main() -> ExitCode {
         log_format: args.log_format,
     };
     serving::launch::launch(launch, move || args.into_config(), run).await
+}
+
+/// `--print-pools`: the validated configuration's pools, as one JSON object.
+#[allow(clippy::print_stdout, clippy::print_stderr)] // the output is the point
+fn print_pools(args: Args) -> ExitCode {
+    match args.into_config() {
+        Ok(config) => {
+            let pools: Vec<String> =
+                config.pools.iter().map(|p| format!(r#""{}":{}"#, p.name, p.capacity)).collect();
+            println!(r#"{{"pools":{{{}}}}}"#, pools.join(","));
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("invalid configuration: {err}");
+            ExitCode::from(serving::EXIT_CONFIG as u8)
+        }
+    }
 }

@@ -77,6 +77,11 @@ struct Args {
     /// Longest stream, in milliseconds.
     #[arg(long, env = "RUNTIME_MAX_STREAM_LIFETIME_MS")]
     max_stream_lifetime_ms: Option<u64>,
+    /// Print what this configuration needs from memory-service (device, activations, each model's
+    /// weights and whether it is preloaded) as JSON, and exit without serving: lets deployment
+    /// checks size memory-service's pools from the binary itself.
+    #[arg(long)]
+    print_memory: bool,
     /// Time given to streams and memory release at shutdown, in milliseconds.
     #[arg(long, env = "RUNTIME_GRACE_PERIOD_MS")]
     grace_period_ms: Option<u64>,
@@ -123,6 +128,9 @@ async fn main() -> ExitCode {
         Ok(args) => args,
         Err(code) => return code,
     };
+    if args.print_memory {
+        return print_memory(args);
+    }
     let launch = Launch {
         service: "runtime-service",
         listen: args.listen,
@@ -130,4 +138,37 @@ async fn main() -> ExitCode {
         log_format: args.log_format,
     };
     serving::launch::launch(launch, move || args.into_config(), run).await
+}
+
+/// `--print-memory`: the validated configuration's memory needs, as one JSON object.
+#[allow(clippy::print_stdout, clippy::print_stderr)] // the output is the point
+fn print_memory(args: Args) -> ExitCode {
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("invalid configuration: {err}");
+            return ExitCode::from(serving::EXIT_CONFIG as u8);
+        }
+    };
+    let models: Vec<String> = config
+        .models
+        .iter()
+        .map(|m| {
+            format!(
+                r#"{{"key":"{}","preload":{},"weight_bytes":{}}}"#,
+                m.key,
+                m.preload,
+                m.arch.weight_bytes()
+            )
+        })
+        .collect();
+    let preload: u64 = config.models.iter().filter(|m| m.preload).map(|m| m.arch.weight_bytes()).sum();
+    println!(
+        r#"{{"device":"{}","activation_bytes":{},"preload_weight_bytes":{},"models":[{}]}}"#,
+        config.device.name,
+        config.activation_bytes(),
+        preload,
+        models.join(",")
+    );
+    ExitCode::SUCCESS
 }

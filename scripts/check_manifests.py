@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Checks that rendered Kubernetes manifests agree with the binaries they run.
+
+For every memory-service and runtime-service container of a `kubectl kustomize` render:
+  - every MEMORY_* / RUNTIME_* / LOG_FORMAT variable it sets is one the binary reads (its --help);
+  - the gRPC and metrics ports of the *_LISTEN variables are the ports the container declares,
+    the ports its probes ask, and the port the Prometheus annotation names;
+  - readiness probes ask for the service the binary reports (memory.v1.MemoryService,
+    runtime.v1.RuntimeService);
+  - runtime-service's --memory-addr port is the one memory-service listens on;
+  - every ConfigMap a container refers to (envFrom, volumes) is in the render;
+  - the pools memory-service creates on a node (asked of the binary itself, `--print-pools`, with
+    the container's settings) hold the weights and activations of the runtimes scheduled there
+    (`runtime-service --print-memory`, with its settings and its mounted config file): one per
+    node when a required anti-affinity or a sidecar says so, else every replica (one node).
+
+Usage: check_manifests.py RENDERED.yaml MEMORY_SERVICE RUNTIME_SERVICE
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+SERVICES = {"memory-service": "memory.v1.MemoryService", "runtime-service": "runtime.v1.RuntimeService"}
+PREFIX = {"memory-service": "MEMORY_", "runtime-service": "RUNTIME_"}
+problems = []
+
+
+def problem(where, what):
+    problems.append(f"{where}: {what}")
+
+
+def port_of(address):
+    return int(address.rsplit(":", 1)[1])
+
+
+def env_of(container, config_maps):
+    env = {}
+    for source in container.get("envFrom", []):
+        env.update(config_maps.get(source.get("configMapRef", {}).get("name"), {}))
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+    return env
+
+
+def binary_help(binary):
+    return subprocess.run([binary, "--help"], capture_output=True, text=True, check=True).stdout
+
+
+def ask(binary, flag, env, files):
+    """Runs the binary with `flag` and only the container's own settings; parses its JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(env)
+        for var, (path, text) in files.items():
+            local = os.path.join(tmp, os.path.basename(path))
+            with open(local, "w", encoding="utf-8") as f:
+                f.write(text)
+            env[var] = local
+        clean = {k: v for k, v in env.items() if k.startswith(("MEMORY_", "RUNTIME_"))}
+        clean["PATH"] = os.environ.get("PATH", "")
+        out = subprocess.run([binary, flag], capture_output=True, text=True, env=clean)
+        if out.returncode != 0:
+            raise RuntimeError(f"{os.path.basename(binary)} {flag}: {out.stderr.strip()}")
+        return json.loads(out.stdout)
+
+
+def mounted_files(pod, container, config_maps, env):
+    """Config files the container reads through a *_CONFIG variable from a mounted ConfigMap."""
+    files = {}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for var, path in env.items():
+        if not var.endswith("_CONFIG"):
+            continue
+        for mount in container.get("volumeMounts", []):
+            if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+                source = volumes.get(mount["name"], {}).get("configMap", {}).get("name")
+                name = path[len(mount["mountPath"].rstrip("/")) + 1:]
+                if name in config_maps.get(source, {}):
+                    files[var] = (path, config_maps[source][name])
+        if var not in files:
+            problem(var, f"{path} is not a file of a mounted ConfigMap")
+    return files
+
+
+def main():
+    rendered, memory_bin, runtime_bin = sys.argv[1:4]
+    binaries = {"memory-service": memory_bin, "runtime-service": runtime_bin}
+    helps = {name: binary_help(path) for name, path in binaries.items()}
+    docs = [d for d in yaml.safe_load_all(open(rendered, encoding="utf-8")) if d]
+    config_maps = {}
+    for d in docs:
+        if d["kind"] == "ConfigMap":
+            # Generated names carry a hash suffix; workloads refer to the hashed name.
+            config_maps[d["metadata"]["name"]] = d.get("data", {})
+
+    found = {}  # service -> list of (workload, pod, container, env)
+    for d in docs:
+        if d["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        pod = d["spec"]["template"]["spec"]
+        annotations = d["spec"]["template"]["metadata"].get("annotations", {})
+        for c in pod["containers"]:
+            service = os.path.basename(c.get("command", [""])[0])
+            if service not in SERVICES:
+                continue
+            where = f"{d['kind']}/{d['metadata']['name']}/{service}"
+            referenced = [s.get("configMapRef", {}).get("name") for s in c.get("envFrom", [])]
+            referenced += [v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v]
+            for name in referenced:
+                if name not in config_maps:
+                    problem(where, f"refers to ConfigMap {name!r}, which the render does not contain")
+            env = env_of(c, config_maps)
+            found.setdefault(service, []).append((d, pod, c, env))
+            for var in env:
+                if (var.startswith(PREFIX[service]) or var == "LOG_FORMAT") and var not in helps[service]:
+                    problem(where, f"{var} is not read by {service} (not in its --help)")
+            listen = env.get(f"{PREFIX[service]}LISTEN")
+            admin = env.get(f"{PREFIX[service]}ADMIN_LISTEN")
+            ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+            if listen is None:
+                problem(where, f"{PREFIX[service]}LISTEN is not set (the default listens on loopback)")
+                continue
+            loopback = listen.startswith("127.")
+            if not loopback and ports.get("grpc") != port_of(listen):
+                problem(where, f"listens on {port_of(listen)} but declares grpc port {ports.get('grpc')}")
+            if admin and admin != "off" and port_of(admin) not in ports.values():
+                problem(where, f"serves metrics on {port_of(admin)}, which is not a declared port")
+            if service == "runtime-service" and admin and str(port_of(admin)) != annotations.get("prometheus.io/port"):
+                problem(where, f"prometheus.io/port {annotations.get('prometheus.io/port')} is not {port_of(admin)}")
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                grpc = c.get(probe, {}).get("grpc")
+                if grpc and grpc["port"] != port_of(listen):
+                    problem(where, f"{probe} asks port {grpc['port']}, the server listens on {port_of(listen)}")
+            ready = c.get("readinessProbe", {}).get("grpc")
+            if ready and ready.get("service") != SERVICES[service]:
+                problem(where, f"readinessProbe asks {ready.get('service')!r}, not {SERVICES[service]!r}")
+            if not ready and not loopback:
+                problem(where, "no gRPC readiness probe")
+
+    if set(found) != set(SERVICES):
+        problem(rendered, f"expected both services, found {sorted(found)}")
+    else:
+        check_memory(found, binaries, config_maps)
+    if problems:
+        sys.exit("manifest problems in %s:\n  %s" % (rendered, "\n  ".join(problems)))
+    print(f"{os.path.basename(rendered)}: manifests agree with the binaries")
+
+
+def check_memory(found, binaries, config_maps):
+    memory_env = found["memory-service"][0][3]
+    memory_port = port_of(memory_env["MEMORY_LISTEN"])
+    pools = ask(binaries["memory-service"], "--print-pools", memory_env, {})["pools"]
+    for workload, pod, c, env in found["runtime-service"]:
+        where = f"{workload['kind']}/{workload['metadata']['name']}"
+        addr = env.get("RUNTIME_MEMORY_ADDR", "")
+        if not re.search(rf":{memory_port}$", addr):
+            problem(where, f"RUNTIME_MEMORY_ADDR {addr!r} does not reach memory-service's port {memory_port}")
+        files = mounted_files(pod, c, config_maps, env)
+        needs = ask(binaries["runtime-service"], "--print-memory", env, files)
+        sidecar = any(os.path.basename(x.get("command", [""])[0]) == "memory-service" for x in pod["containers"])
+        anti = pod.get("affinity", {}).get("podAntiAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", [])
+        one_per_node = sidecar or any(t.get("topologyKey") == "kubernetes.io/hostname" for t in anti)
+        per_node = 1 if one_per_node else workload["spec"].get("replicas", 1)
+        for pool, need in (("uniforms", needs["preload_weight_bytes"]), ("activations", needs["activation_bytes"])):
+            if pools.get(pool, 0) < per_node * need:
+                problem(where, f"{per_node} runtime(s) per node need {per_node * need} bytes of {pool}; "
+                               f"memory-service's pool holds {pools.get(pool, 0)}")
+        print(f"  {where}: {per_node} per node, {needs['preload_weight_bytes']} bytes of weights preloaded each; "
+              f"uniforms {pools.get('uniforms')} bytes, activations {pools.get('activations')} bytes")
+
+
+if __name__ == "__main__":
+    main()
