@@ -17,7 +17,8 @@ pub struct Metrics {
     pub grpc: GrpcMetrics,
     /// Generations streaming right now.
     pub active_streams: IntGauge,
-    /// Generations by outcome: ok, cancelled, deadline, rejected, error.
+    /// Generations by outcome: ok, cancelled, deadline, error (after starting), invalid, shed
+    /// (refused before starting).
     pub requests: IntCounterVec,
     /// Time from the call to its first token.
     pub ttft: Histogram,
@@ -133,6 +134,19 @@ impl Metrics {
             )?,
             registry,
         };
+        // Every series a dashboard or alert reads exists from the start, at zero: a rate over a
+        // series that appears only with its first event misses that event.
+        for outcome in ["ok", "cancelled", "deadline", "error", "invalid", "shed"] {
+            metrics.requests.with_label_values(&[outcome]);
+        }
+        for (stage, state) in
+            [("cpu", "busy"), ("gpu", "busy"), ("gpu", "waiting_for_cpu"), ("cpu", "waiting_for_gpu")]
+        {
+            metrics.device_seconds.with_label_values(&[stage, state]);
+        }
+        for phase in ["decode", "prefill", "mixed"] {
+            metrics.step_seconds.with_label_values(&[phase]);
+        }
         let r = &metrics.registry;
         r.register(Box::new(metrics.active_streams.clone()))?;
         r.register(Box::new(metrics.requests.clone()))?;

@@ -43,13 +43,18 @@ impl RuntimeService for RuntimeApi {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         // Draining: no new generation (the running ones finish); the caller retries elsewhere.
         if self.shared.draining.is_cancelled() {
-            self.shared.metrics.requests.with_label_values(&["rejected"]).inc();
+            self.shared.metrics.requests.with_label_values(&["shed"]).inc();
             return Err(self.status(Error::ShuttingDown));
         }
         let timeout = serving::deadline::grpc_timeout(request.metadata());
         generate::start(&self.shared, request.into_inner(), timeout).map(Response::new).map_err(|e| {
-            // Refused before it started: invalid, unknown model, duplicate id, or shed.
-            self.shared.metrics.requests.with_label_values(&["rejected"]).inc();
+            // Refused before it started: load shed (a capacity signal) is counted apart from the
+            // caller's mistakes (invalid, unknown model, duplicate id).
+            let outcome = match e {
+                Error::Overloaded { .. } | Error::ShuttingDown => "shed",
+                _ => "invalid",
+            };
+            self.shared.metrics.requests.with_label_values(&[outcome]).inc();
             self.status(e)
         })
     }

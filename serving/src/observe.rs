@@ -87,18 +87,20 @@ struct Call {
     method: String,
     metrics: GrpcMetrics,
     code: Option<Code>,
+    message: Option<String>,
 }
 
 impl Call {
-    fn finish(mut self, code: Code) {
+    fn finish(mut self, code: Code, message: Option<String>) {
         self.code = Some(code);
+        self.message = message;
     }
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
         let code = self.code.unwrap_or(Code::Cancelled);
-        propagation::record_status(&self.span, code);
+        propagation::record_server_status(&self.span, code, self.message.as_deref());
         // Paths come from clients: only routed calls name their series, or any client could
         // create series without bound.
         let labels = if code == Code::Unimplemented {
@@ -142,6 +144,11 @@ fn status_in(headers: &http::HeaderMap) -> Option<Code> {
     Some(Code::from_i32(value))
 }
 
+/// The status message, as sent (gRPC percent-encodes non-ASCII bytes).
+fn message_in(headers: &http::HeaderMap) -> Option<String> {
+    headers.get("grpc-message").and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
 impl<S, B, RB> Service<http::Request<B>> for Observe<S>
 where
     S: Service<http::Request<B>, Response = http::Response<RB>>,
@@ -158,17 +165,25 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().trim_start_matches('/');
         let (service, method) = path.split_once('/').unwrap_or((path, ""));
-        let span = tracing::info_span!(
+        // Health probes and reflection are counted, not traced: a probe every few seconds per pod
+        // would bury the traces worth reading.
+        let traced = !service.starts_with("grpc.health.") && !service.starts_with("grpc.reflection.");
+        let span = if !traced {
+            Span::none()
+        } else {
+            tracing::info_span!(
             "grpc.server",
             otel.name = %path,
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
+            otel.status_message = tracing::field::Empty,
             rpc.system = "grpc",
             rpc.service = %service,
             rpc.method = %method,
             rpc.grpc.status_code = tracing::field::Empty,
             trace_id = tracing::field::Empty,
-        );
+            )
+        };
         // The caller's trace becomes the parent; without a `traceparent` the span starts a trace.
         let _ = span.set_parent(propagation::extract(request.headers()));
         telemetry::record_trace_id(&span);
@@ -179,6 +194,7 @@ where
             method: method.to_owned(),
             metrics: self.metrics.clone(),
             code: None,
+            message: None,
         };
         let future = {
             let _entered = call.span.enter();
@@ -216,7 +232,7 @@ where
             if let Some(code) = status_in(response.headers())
                 && let Some(call) = call.take()
             {
-                call.finish(code);
+                call.finish(code, message_in(response.headers()));
             }
             response.map(|inner| ObservedBody { inner, call })
         }))
@@ -252,17 +268,17 @@ impl<B: Body> Body for ObservedBody<B> {
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(call) = this.call.take()
                 {
-                    call.finish(status_in(trailers).unwrap_or(Code::Ok));
+                    call.finish(status_in(trailers).unwrap_or(Code::Ok), message_in(trailers));
                 }
             }
             Some(Err(_)) => {
                 if let Some(call) = this.call.take() {
-                    call.finish(Code::Internal);
+                    call.finish(Code::Internal, None);
                 }
             }
             None => {
                 if let Some(call) = this.call.take() {
-                    call.finish(Code::Ok);
+                    call.finish(Code::Ok, None);
                 }
             }
         }

@@ -45,11 +45,36 @@ pub fn inject(span: &Span, metadata: &mut MetadataMap) {
     global::get_text_map_propagator(|propagator| propagator.inject_context(&cx, &mut Metadata(metadata)));
 }
 
-/// Records a gRPC status code on a client or server span (one declaring `rpc.grpc.status_code`
-/// and `otel.status_code`); non-OK codes mark the span as an error.
+/// Records a gRPC status code on a client span (one declaring `rpc.grpc.status_code` and
+/// `otel.status_code`): per the OpenTelemetry RPC conventions every non-OK code is a client error.
 pub fn record_status(span: &Span, code: tonic::Code) {
     span.record("rpc.grpc.status_code", code as i64);
     if code != tonic::Code::Ok {
         span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// Records a gRPC status on a server span (declaring also `otel.status_message`). Per the
+/// OpenTelemetry RPC conventions a server span is an error only for codes that say the server
+/// failed (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS): a caller's
+/// mistake (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED...) leaves its status unset, so error
+/// rates in tracing backends count what the service got wrong. The status message goes with it.
+pub fn record_server_status(span: &Span, code: tonic::Code, message: Option<&str>) {
+    use tonic::Code;
+    span.record("rpc.grpc.status_code", code as i64);
+    let server_fault = matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    );
+    if server_fault {
+        span.record("otel.status_code", "ERROR");
+        if let Some(message) = message {
+            span.record("otel.status_message", message);
+        }
     }
 }

@@ -45,6 +45,17 @@ fn otlp_configured() -> bool {
         .any(|var| std::env::var(var).is_ok_and(|v| !v.trim().is_empty()))
 }
 
+/// A process-unique instance id: the pid and the start time, hashed to 64 bits.
+fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    // RandomState is seeded randomly per process: mixing it in keeps ids apart across hosts too.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(nanos.as_nanos());
+    format!("{:016x}", hasher.finish())
+}
+
 /// Installs the global subscriber and tracer provider. The log filter comes from `RUST_LOG`, else
 /// `default_filter`. `service_name` applies unless `OTEL_SERVICE_NAME` is set;
 /// `OTEL_RESOURCE_ATTRIBUTES` and `OTEL_TRACES_SAMPLER`/`_ARG` are honoured by the SDK.
@@ -60,6 +71,18 @@ pub fn init(service_name: &str, default_filter: &str, format: LogFormat) -> Tele
         || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|attrs| attrs.contains("service.name="));
     if !named_by_env {
         resource = resource.with_service_name(service_name.to_owned());
+    }
+    // The version that produced a span, and which process: two replicas of a service, or one
+    // before and after a restart, are told apart (unless OTEL_RESOURCE_ATTRIBUTES says otherwise).
+    let set_by_env =
+        |key: &str| std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains(&format!("{key}=")));
+    if !set_by_env("service.version") {
+        resource = resource
+            .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    }
+    if !set_by_env("service.instance.id") {
+        resource =
+            resource.with_attribute(opentelemetry::KeyValue::new("service.instance.id", instance_id()));
     }
     let mut provider = SdkTracerProvider::builder().with_resource(resource.build());
     let mut export_error = None;

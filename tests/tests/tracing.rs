@@ -48,6 +48,18 @@ impl TraceService for Receiver {
                 .find(|kv| kv.key == "service.name")
                 .and_then(string)
                 .unwrap_or_default();
+            // Every exporting process says which version it is and which instance.
+            let resource: Vec<&str> = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .map(|kv| kv.key.as_str())
+                .collect();
+            for key in ["service.version", "service.instance.id"] {
+                if !resource.contains(&key) {
+                    return Err(Status::invalid_argument(format!("{service}: resource has no {key}")));
+                }
+            }
             for scope in resource_spans.scope_spans {
                 received.extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
             }
@@ -253,5 +265,14 @@ async fn one_trace_spans_the_caller_both_services_and_memory_calls() {
     });
     let (_, failed) = failed.expect("the failing call's server span");
     assert_eq!(attr(failed, "rpc.grpc.status_code").as_deref(), Some("8"), "RESOURCE_EXHAUSTED recorded");
-    assert_eq!(failed.status.as_ref().map(|s| s.code), Some(2), "span status ERROR");
+    // A caller's condition, not a server fault: per the OpenTelemetry RPC conventions the server
+    // span's status stays unset (an error status would count it in the service's error rate).
+    assert_eq!(failed.status.as_ref().map_or(0, |s| s.code), 0, "server span status unset");
+    // Probes and reflection are not traced.
+    assert!(
+        spans
+            .iter()
+            .all(|(_, s)| !s.name.starts_with("grpc.health.") && !s.name.starts_with("grpc.reflection.")),
+        "no spans for health or reflection"
+    );
 }
