@@ -14,7 +14,7 @@ struct Args {
     #[arg(long, env = "MEMORY_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
     /// Address of the admin HTTP port (Prometheus metrics at /metrics), or "off".
-    #[arg(long, env = "MEMORY_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    #[arg(long, env = "MEMORY_ADMIN_LISTEN", default_value = "127.0.0.1:9464")]
     admin_listen: String,
     /// Log format: "text" (human-readable) or "json" (one object per line).
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]

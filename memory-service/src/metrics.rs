@@ -27,7 +27,7 @@ impl Metrics {
     /// A registry with every instrument registered.
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let grpc = GrpcMetrics::register(&registry)?;
+        let grpc = GrpcMetrics::register(&registry, "memory-service")?;
         let wait = HistogramVec::new(
             HistogramOpts::new(
                 "memory_allocate_wait_seconds",

@@ -16,7 +16,7 @@ struct Args {
     #[arg(long, env = "RUNTIME_LISTEN", default_value = "127.0.0.1:50052")]
     listen: SocketAddr,
     /// Address of the admin HTTP port (Prometheus metrics at /metrics), or "off".
-    #[arg(long, env = "RUNTIME_ADMIN_LISTEN", default_value = "127.0.0.1:9092")]
+    #[arg(long, env = "RUNTIME_ADMIN_LISTEN", default_value = "127.0.0.1:9465")]
     admin_listen: String,
     /// Log format: "text" (human-readable) or "json" (one object per line).
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]

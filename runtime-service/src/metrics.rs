@@ -58,7 +58,7 @@ impl Metrics {
     /// A registry with every instrument registered.
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let grpc = GrpcMetrics::register(&registry)?;
+        let grpc = GrpcMetrics::register(&registry, "runtime-service")?;
         let latency =
             vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
         let step = vec![0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25];

@@ -83,8 +83,14 @@ pub fn base<S: NamedService>(
 ) -> Result<(HealthReporter, BaseRouter), ReflectionError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let (reflection_v1, reflection_v1alpha) = reflection(S::NAME, descriptor_set)?;
+    let types = crate::observe::method_types(&[
+        descriptor_set,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ]);
     let router = Server::builder()
-        .layer(ObserveLayer::new(metrics))
+        .layer(ObserveLayer::new(metrics, types))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

@@ -6,8 +6,10 @@
 //! answered at once, from the headers); a body dropped before that was cancelled by the client.
 
 use std::{
+    collections::HashMap,
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
 };
 
@@ -21,19 +23,35 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{propagation, telemetry};
 
-/// gRPC server metrics shared by both services.
+/// gRPC server metrics shared by both services, named and labelled as go-grpc-prometheus does so
+/// existing dashboards work: `grpc_type` is `unary`, `server_stream`, `client_stream` or
+/// `bidi_stream`.
 #[derive(Debug, Clone)]
 pub struct GrpcMetrics {
+    started: IntCounterVec,
     handled: IntCounterVec,
     latency: HistogramVec,
 }
 
 impl GrpcMetrics {
-    /// Registers `grpc_server_handled_total` and `grpc_server_handling_seconds` in `registry`.
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    /// Registers `grpc_server_started_total`, `grpc_server_handled_total` and
+    /// `grpc_server_handling_seconds` in `registry`, with the process metrics (`process_*`) and
+    /// `build_info{service, version}` of `service`.
+    pub fn register(registry: &Registry, service: &str) -> prometheus::Result<Self> {
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        let build = prometheus::IntGaugeVec::new(
+            Opts::new("build_info", "Constant 1, labelled with the service and its version."),
+            &["service", "version"],
+        )?;
+        build.with_label_values(&[service, env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(build))?;
+        let started = IntCounterVec::new(
+            Opts::new("grpc_server_started_total", "gRPC calls started, by method."),
+            &["grpc_type", "grpc_service", "grpc_method"],
+        )?;
         let handled = IntCounterVec::new(
             Opts::new("grpc_server_handled_total", "gRPC calls completed, by method and status code."),
-            &["grpc_service", "grpc_method", "grpc_code"],
+            &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
         )?;
         let latency = HistogramVec::new(
             HistogramOpts::new("grpc_server_handling_seconds", "gRPC call duration, streams to their end.")
@@ -41,24 +59,50 @@ impl GrpcMetrics {
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                     30.0,
                 ]),
-            &["grpc_service", "grpc_method"],
+            &["grpc_type", "grpc_service", "grpc_method"],
         )?;
+        registry.register(Box::new(started.clone()))?;
         registry.register(Box::new(handled.clone()))?;
         registry.register(Box::new(latency.clone()))?;
-        Ok(GrpcMetrics { handled, latency })
+        Ok(GrpcMetrics { started, handled, latency })
     }
+}
+
+/// The streaming kind of every method of `descriptor_sets`, by path (`pkg.Service/Method`).
+pub fn method_types(descriptor_sets: &[&[u8]]) -> HashMap<String, &'static str> {
+    use prost::Message;
+    let mut types = HashMap::new();
+    for set in descriptor_sets {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(*set) else { continue };
+        for file in set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    let kind = match (method.client_streaming(), method.server_streaming()) {
+                        (false, false) => "unary",
+                        (false, true) => "server_stream",
+                        (true, false) => "client_stream",
+                        (true, true) => "bidi_stream",
+                    };
+                    types.insert(format!("{}.{}/{}", file.package(), service.name(), method.name()), kind);
+                }
+            }
+        }
+    }
+    types
 }
 
 /// The layer to add to a tonic server.
 #[derive(Debug, Clone)]
 pub struct ObserveLayer {
     metrics: GrpcMetrics,
+    types: Arc<HashMap<String, &'static str>>,
 }
 
 impl ObserveLayer {
-    /// Observes calls into `metrics`.
-    pub fn new(metrics: GrpcMetrics) -> Self {
-        ObserveLayer { metrics }
+    /// Observes calls into `metrics`; `types` gives each method's streaming kind
+    /// ([`method_types`]).
+    pub fn new(metrics: GrpcMetrics, types: HashMap<String, &'static str>) -> Self {
+        ObserveLayer { metrics, types: Arc::new(types) }
     }
 }
 
@@ -66,7 +110,7 @@ impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Observe<S> {
-        Observe { inner, metrics: self.metrics.clone() }
+        Observe { inner, metrics: self.metrics.clone(), types: self.types.clone() }
     }
 }
 
@@ -75,6 +119,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub struct Observe<S> {
     inner: S,
     metrics: GrpcMetrics,
+    types: Arc<HashMap<String, &'static str>>,
 }
 
 /// One call in progress; finishing it records the span's status and the metrics. Dropped
@@ -83,6 +128,7 @@ pub struct Observe<S> {
 struct Call {
     span: Span,
     started: Instant,
+    kind: &'static str,
     service: String,
     method: String,
     metrics: GrpcMetrics,
@@ -103,12 +149,8 @@ impl Drop for Call {
         propagation::record_server_status(&self.span, code, self.message.as_deref());
         // Paths come from clients: only routed calls name their series, or any client could
         // create series without bound.
-        let labels = if code == Code::Unimplemented {
-            ["unknown", "unknown"]
-        } else {
-            [self.service.as_str(), self.method.as_str()]
-        };
-        self.metrics.handled.with_label_values(&[labels[0], labels[1], code_name(code)]).inc();
+        let labels = [self.kind, self.service.as_str(), self.method.as_str()];
+        self.metrics.handled.with_label_values(&[labels[0], labels[1], labels[2], code_name(code)]).inc();
         self.metrics
             .latency
             .with_label_values(&labels)
@@ -164,7 +206,16 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().trim_start_matches('/');
-        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        // Paths come from clients: only routed methods name their series, or any client could
+        // create series without bound.
+        let (kind, service, method) = match self.types.get(path) {
+            Some(kind) => {
+                let (service, method) = path.split_once('/').unwrap_or((path, ""));
+                (*kind, service, method)
+            }
+            None => ("unknown", "unknown", "unknown"),
+        };
+        self.metrics.started.with_label_values(&[kind, service, method]).inc();
         // Health probes and reflection are counted, not traced: a probe every few seconds per pod
         // would bury the traces worth reading.
         let traced = !service.starts_with("grpc.health.") && !service.starts_with("grpc.reflection.");
@@ -190,6 +241,7 @@ where
         let call = Call {
             span,
             started: Instant::now(),
+            kind,
             service: service.to_owned(),
             method: method.to_owned(),
             metrics: self.metrics.clone(),

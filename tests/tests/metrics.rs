@@ -47,6 +47,16 @@ async fn metrics_follow_a_generation_in_both_services() {
     assert_eq!(sample(&rt, "runtime_kv_blocks", &[model, r#"state="capacity""#]), Some(16384.0));
     assert_eq!(sample(&rt, "runtime_kv_utilization", &[model]), Some(used / 16384.0));
     assert_eq!(sample(&rt, "runtime_kv_slabs", &[model]), Some(1.0));
+    // Started calls are counted at once, with go-grpc-prometheus's grpc_type label.
+    let started = [r#"grpc_type="server_stream""#, r#"grpc_method="Generate""#];
+    assert_eq!(sample(&rt, "grpc_server_started_total", &started), Some(1.0));
+    assert_eq!(sample(&rt, "build_info", &[r#"service="runtime-service""#]), Some(1.0));
+    assert!(sample(&rt, "process_resident_memory_bytes", &[]).is_some_and(|b| b > 0.0));
+    assert_eq!(
+        sample(&rt, "runtime_requests_total", &[r#"outcome="shed""#]),
+        Some(0.0),
+        "present from the start"
+    );
     let generate_any = [r#"grpc_method="Generate""#];
     assert_eq!(
         sample(&rt, "grpc_server_handled_total", &generate_any),
