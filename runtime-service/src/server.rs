@@ -36,7 +36,8 @@ pub async fn run(
     config.validate()?;
     let grace = config.grace_period;
     let token = CancellationToken::new();
-    let metrics = Metrics::new()?;
+    let keys: Vec<&str> = config.models.iter().map(|m| m.key.as_str()).collect();
+    let metrics = Metrics::new(&keys)?;
     let shared = Shared::new(config, token.clone(), metrics.clone())
         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
     // Every runtime metric is a registered instrument; nothing extra to render per scrape.

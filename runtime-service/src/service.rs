@@ -42,8 +42,13 @@ impl RuntimeService for RuntimeApi {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         // Draining: no new generation (the running ones finish); the caller retries elsewhere.
+        // The model label: a configured key, else `other` (callers must not create series).
+        let model = match self.shared.models.get(&request.get_ref().model) {
+            Ok(model) => model.spec.key.clone(),
+            Err(_) => "other".to_owned(),
+        };
         if self.shared.draining.is_cancelled() {
-            self.shared.metrics.requests.with_label_values(&["shed"]).inc();
+            self.shared.metrics.requests.with_label_values(&[&model, "shed"]).inc();
             return Err(self.status(Error::ShuttingDown));
         }
         let timeout = serving::deadline::grpc_timeout(request.metadata());
@@ -54,7 +59,7 @@ impl RuntimeService for RuntimeApi {
                 Error::Overloaded { .. } | Error::ShuttingDown => "shed",
                 _ => "invalid",
             };
-            self.shared.metrics.requests.with_label_values(&[outcome]).inc();
+            self.shared.metrics.requests.with_label_values(&[&model, outcome]).inc();
             self.status(e)
         })
     }

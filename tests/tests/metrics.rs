@@ -32,14 +32,14 @@ async fn metrics_follow_a_generation_in_both_services() {
         assert!(matches!(stream.next().await.unwrap().unwrap().item, Some(Item::Token(_))));
     }
 
-    // Mid-stream.
+    // Mid-stream. Runtime series are per model.
     let rt = runtime.scrape().await;
-    assert_eq!(sample(&rt, "runtime_active_streams", &[]), Some(1.0), "{rt}");
-    assert!(sample(&rt, "runtime_tokens_generated_total", &[]).unwrap() >= 5.0);
-    assert_eq!(sample(&rt, "runtime_time_to_first_token_seconds_count", &[]), Some(1.0));
-    assert_eq!(sample(&rt, "runtime_waiting_sequences", &[]), Some(0.0));
-    assert_eq!(sample(&rt, "runtime_running_sequences", &[]), Some(1.0));
     let model = r#"model="test-webllm""#;
+    assert_eq!(sample(&rt, "runtime_active_streams", &[]), Some(1.0), "{rt}");
+    assert!(sample(&rt, "runtime_tokens_generated_total", &[model]).unwrap() >= 5.0);
+    assert_eq!(sample(&rt, "runtime_time_to_first_token_seconds_count", &[model]), Some(1.0));
+    assert_eq!(sample(&rt, "runtime_waiting_sequences", &[model]), Some(0.0));
+    assert_eq!(sample(&rt, "runtime_running_sequences", &[model]), Some(1.0));
     assert_eq!(sample(&rt, "runtime_kv_blocks", &[model, r#"state="total""#]), Some(16.0), "one slab");
     let used = sample(&rt, "runtime_kv_blocks", &[model, r#"state="used""#]).unwrap();
     assert!((1.0..=2.0).contains(&used), "4 prompt + 5 tokens: one or two blocks ({used})");
@@ -53,7 +53,7 @@ async fn metrics_follow_a_generation_in_both_services() {
     assert_eq!(sample(&rt, "build_info", &[r#"service="runtime-service""#]), Some(1.0));
     assert!(sample(&rt, "process_resident_memory_bytes", &[]).is_some_and(|b| b > 0.0));
     assert_eq!(
-        sample(&rt, "runtime_requests_total", &[r#"outcome="shed""#]),
+        sample(&rt, "runtime_requests_total", &[model, r#"outcome="shed""#]),
         Some(0.0),
         "present from the start"
     );
@@ -81,10 +81,10 @@ async fn metrics_follow_a_generation_in_both_services() {
     // After the stream.
     let rt = runtime.scrape().await;
     assert_eq!(sample(&rt, "runtime_active_streams", &[]), Some(0.0));
-    assert_eq!(sample(&rt, "runtime_tokens_generated_total", &[]), Some(50.0));
-    assert_eq!(sample(&rt, "runtime_requests_total", &[r#"outcome="ok""#]), Some(1.0));
-    assert_eq!(sample(&rt, "runtime_inter_token_seconds_count", &[]), Some(49.0));
-    assert_eq!(sample(&rt, "runtime_memory_wait_seconds_count", &[]), Some(1.0));
+    assert_eq!(sample(&rt, "runtime_tokens_generated_total", &[model]), Some(50.0));
+    assert_eq!(sample(&rt, "runtime_requests_total", &[model, r#"outcome="ok""#]), Some(1.0));
+    assert_eq!(sample(&rt, "runtime_inter_token_seconds_count", &[model]), Some(49.0));
+    assert_eq!(sample(&rt, "runtime_memory_wait_seconds_count", &[model]), Some(1.0));
     let gpu = [r#"stage="gpu""#, r#"state="busy""#];
     let gpu_busy = sample(&rt, "runtime_device_seconds_total", &gpu).unwrap();
     assert!((gpu_busy - 0.150).abs() < 0.001, "50 steps of about 3 ms: {gpu_busy}");
@@ -93,7 +93,7 @@ async fn metrics_follow_a_generation_in_both_services() {
     assert_eq!(sample(&rt, "runtime_batch_size_count", &[]), Some(50.0));
     assert_eq!(sample(&rt, "runtime_step_seconds_count", &[r#"phase="decode""#]), Some(49.0));
     assert_eq!(sample(&rt, "runtime_preemptions_total", &[]), Some(0.0));
-    assert_eq!(sample(&rt, "runtime_running_sequences", &[]), Some(0.0));
+    assert_eq!(sample(&rt, "runtime_running_sequences", &[model]), Some(0.0));
     let generate_ok = [r#"grpc_method="Generate""#, r#"grpc_code="OK""#];
     assert_eq!(
         sample(&rt, "grpc_server_handled_total", &generate_ok),

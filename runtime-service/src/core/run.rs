@@ -156,7 +156,7 @@ impl DeviceLoop {
         metrics.batch_size.observe(plan.batch.len() as f64);
         metrics.step_seconds.with_label_values(&[cost.phase.name()]).observe(gpu.as_secs_f64());
         let tokens = lane.complete(plan, slot, cost.cpu, gpu);
-        metrics.tokens.inc_by(u64::from(tokens));
+        metrics.tokens.with_label_values(&[&lane.spec.model]).inc_by(u64::from(tokens));
         true
     }
 
@@ -190,12 +190,11 @@ impl DeviceLoop {
 
     fn export_gauges(&mut self) {
         let m = &self.metrics;
-        let (mut running, mut waiting) = (0, 0);
         for lane in &self.lanes {
-            running += lane.scheduler.running();
-            waiting += lane.scheduler.waiting();
             let (used, total, slabs) = lane.kv();
             let model = lane.spec.model.as_str();
+            m.running.with_label_values(&[model]).set(lane.scheduler.running() as i64);
+            m.waiting.with_label_values(&[model]).set(lane.scheduler.waiting() as i64);
             // Utilisation against what this runtime could hold (the whole kv-cache pool), not
             // against the slabs it happens to hold: those track demand and read near full at any
             // load, which says nothing to a router.
@@ -207,8 +206,6 @@ impl DeviceLoop {
             m.kv_utilization.with_label_values(&[model]).set(utilization);
             m.kv_slabs.with_label_values(&[model]).set(slabs as i64);
         }
-        m.running.set(running as i64);
-        m.waiting.set(waiting as i64);
         let busy = self.timeline.busy();
         let delta = |now: Duration, before: Duration| now.saturating_sub(before).as_secs_f64();
         let before = self.exported;

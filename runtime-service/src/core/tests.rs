@@ -61,7 +61,7 @@ struct Rig {
 }
 
 fn rig(mode: SchedulerMode, cpu_ms: f64, limits: Limits) -> Rig {
-    let metrics = Metrics::new().expect("metrics");
+    let metrics = Metrics::new(&["m"]).expect("metrics");
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let wake = Arc::new(Notify::new());

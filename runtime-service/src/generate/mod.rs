@@ -167,7 +167,7 @@ impl Generation {
             Err(Stop::Failed(Error::DeadlineExceeded(_))) => "deadline",
             Err(Stop::Failed(_)) => "error",
         };
-        metrics.requests.with_label_values(&[outcome]).inc();
+        metrics.requests.with_label_values(&[&self.plan.model.spec.key, outcome]).inc();
         tracing::Span::current().record("outcome", outcome);
         let hint = self.shared.config.retry_hint;
         let outcome = match result {
@@ -281,7 +281,12 @@ impl Generation {
             )),
         };
         timings.memory_wait = Instant::now() - memory_started;
-        self.shared.metrics.memory_wait.observe(timings.memory_wait.as_secs_f64());
+        let model = self.plan.model.spec.key.as_str();
+        self.shared
+            .metrics
+            .memory_wait
+            .with_label_values(&[model])
+            .observe(timings.memory_wait.as_secs_f64());
         loaded?;
         let (tokens_tx, tokens) = mpsc::channel(TOKEN_BUFFER);
         let (outcome_tx, outcome) = oneshot::channel();
@@ -340,6 +345,7 @@ impl Generation {
         let watchdog = sleep_until(self.limits.next_token(None).0);
         tokio::pin!(cancelled, lost, closed, watchdog);
         let metrics = &self.shared.metrics;
+        let model = self.plan.model.spec.key.as_str();
         loop {
             let next = tokio::select! {
                 biased;
@@ -371,12 +377,14 @@ impl Generation {
             let now = Instant::now();
             match timings.last_token {
                 None => {
-                    metrics.ttft.observe((now - self.started).as_secs_f64());
+                    metrics.ttft.with_label_values(&[model]).observe((now - self.started).as_secs_f64());
                     timings.first_token = Some(now);
                     // From the time-to-first-token deadline to the (usually earlier) idle deadline.
                     watchdog.as_mut().reset(self.limits.next_token(Some(now)).0);
                 }
-                Some(last) => metrics.inter_token.observe((now - last).as_secs_f64()),
+                Some(last) => {
+                    metrics.inter_token.with_label_values(&[model]).observe((now - last).as_secs_f64())
+                }
             }
             timings.last_token = Some(now);
             timings.tokens += 1;
