@@ -9,6 +9,7 @@ For every memory-service and runtime-service container of a `kubectl kustomize` 
     runtime.v1.RuntimeService);
   - runtime-service's --memory-addr port is the one memory-service listens on;
   - every ConfigMap a container refers to (envFrom, volumes) is in the render;
+  - every object is in the render's one namespace, and both binaries run from one tagged image;
   - the pools memory-service creates on a node (asked of the binary itself, `--print-pools`, with
     the container's settings) hold the weights and activations of the runtimes scheduled there
     (`runtime-service --print-memory`, with its settings and its mounted config file): one per
@@ -98,6 +99,15 @@ def main():
         if d["kind"] == "ConfigMap":
             # Generated names carry a hash suffix; workloads refer to the hashed name.
             config_maps[d["metadata"]["name"]] = d.get("data", {})
+    # One namespace for everything: a Service, ConfigMap or policy left in `default` is invisible
+    # to the pods it is meant for.
+    namespaces = [d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"]
+    if len(namespaces) != 1:
+        problem(rendered, f"expected one Namespace, found {namespaces}")
+    for d in docs:
+        if d["kind"] != "Namespace" and d["metadata"].get("namespace") not in namespaces:
+            problem(f"{d['kind']}/{d['metadata']['name']}", f"namespace {d['metadata'].get('namespace')!r} is not {namespaces}")
+    images = set()
 
     found = {}  # service -> list of (workload, pod, container, env)
     for d in docs:
@@ -105,10 +115,11 @@ def main():
             continue
         pod = d["spec"]["template"]["spec"]
         annotations = d["spec"]["template"]["metadata"].get("annotations", {})
-        for c in pod["containers"]:
+        for c in pod["containers"] + pod.get("initContainers", []):
             service = os.path.basename(c.get("command", [""])[0])
             if service not in SERVICES:
                 continue
+            images.add(c.get("image", ""))
             where = f"{d['kind']}/{d['metadata']['name']}/{service}"
             referenced = [s.get("configMapRef", {}).get("name") for s in c.get("envFrom", [])]
             referenced += [v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v]
@@ -143,6 +154,8 @@ def main():
             if not ready and not loopback:
                 problem(where, "no gRPC readiness probe")
 
+    if len(images) != 1 or ":" not in next(iter(images)):
+        problem(rendered, f"the services run from {sorted(images)}: expected one tagged image")
     if set(found) != set(SERVICES):
         problem(rendered, f"expected both services, found {sorted(found)}")
     else:
@@ -163,7 +176,10 @@ def check_memory(found, binaries, config_maps):
             problem(where, f"RUNTIME_MEMORY_ADDR {addr!r} does not reach memory-service's port {memory_port}")
         files = mounted_files(pod, c, config_maps, env)
         needs = ask(binaries["runtime-service"], "--print-memory", env, files)
-        sidecar = any(os.path.basename(x.get("command", [""])[0]) == "memory-service" for x in pod["containers"])
+        sidecar = any(
+            os.path.basename(x.get("command", [""])[0]) == "memory-service"
+            for x in pod["containers"] + pod.get("initContainers", [])
+        )
         anti = pod.get("affinity", {}).get("podAntiAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", [])
         one_per_node = sidecar or any(t.get("topologyKey") == "kubernetes.io/hostname" for t in anti)
         per_node = 1 if one_per_node else workload["spec"].get("replicas", 1)

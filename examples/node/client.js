@@ -98,10 +98,14 @@ async function main(memoryAddr, runtimeAddr) {
   keepAlive.end();
   check(renewed.renewed_count === '2', `KeepAlive renewed ${renewed.renewed_count} leases of the scope`);
 
-  const stats = (await unary(memory, 'GetPoolStats', { name: 'kv-cache' })).pool;
+  // A pool of its own, filled: one more byte, without waiting, is RESOURCE_EXHAUSTED with a
+  // retry hint (a pool others use could free room between two calls).
+  await unary(memory, 'CreatePool', { name: 'node-example', capacity_bytes: String(MIB) });
+  await unary(memory, 'Allocate', {
+    items: [{ pool: 'node-example', size_bytes: String(MIB) }], holder: 'node-example', scope_id: SCOPE,
+  });
   try {
-    const tooMuch = (BigInt(stats.available_bytes) + 1n).toString();
-    await unary(memory, 'Allocate', { items: [{ pool: 'kv-cache', size_bytes: tooMuch }], holder: 'node-example' });
+    await unary(memory, 'Allocate', { items: [{ pool: 'node-example', size_bytes: '1' }], holder: 'node-example' });
     check(false, 'an Allocate beyond the available bytes is refused');
   } catch (err) {
     const retry = detail(err, 'RetryInfo');
@@ -110,14 +114,14 @@ async function main(memoryAddr, runtimeAddr) {
   }
 
   const freed = await unary(memory, 'FreeScope', { scope_id: SCOPE });
-  check(freed.freed_leases === '2', `FreeScope freed ${freed.freed_leases} leases`);
+  check(freed.freed_leases === '3', `FreeScope freed ${freed.freed_leases} leases`);
 
   const items = await collect(runtime.Generate({ model: 'distilgpt2', prompt: 'Tell me about memory', max_tokens: 12, seed: '7' }));
   const text = items.filter((i) => i.token).map((i) => i.token.text).join('');
   const summary = items.find((i) => i.summary);
   check(summary && summary.summary.completion_tokens === 12, `Generate streamed ${JSON.stringify(text)}`);
 
-  const cancelled = runtime.Generate({ model: 'distilgpt2', prompt: 'A long story', max_tokens: 250, request_id: 'node-cancel' });
+  const cancelled = runtime.Generate({ model: 'llama-3.1-8b', prompt: 'A long story', max_tokens: 1000, request_id: 'node-cancel' });
   let asked = false;
   try {
     await collect(cancelled, () => {

@@ -82,12 +82,15 @@ def main(memory_addr, runtime_addr):
     reply = next(memory.KeepAlive(iter([memory_pb2.KeepAliveRequest(scope_ids=[SCOPE])])))
     check(reply.renewed_count == 2, f"KeepAlive renewed {reply.renewed_count} leases of the scope")
 
-    # More than is available, without waiting: RESOURCE_EXHAUSTED with a retry hint.
-    stats = memory.GetPoolStats(memory_pb2.GetPoolStatsRequest(name="kv-cache")).pool
+    # A pool of its own, filled: one more byte, without waiting, is RESOURCE_EXHAUSTED with a
+    # retry hint (a pool others use could free room between two calls).
+    memory.CreatePool(memory_pb2.CreatePoolRequest(name="python-example", capacity_bytes=MIB))
+    memory.Allocate(memory_pb2.AllocateRequest(
+        items=[memory_pb2.AllocationItem(pool="python-example", size_bytes=MIB)],
+        holder="python-example", scope_id=SCOPE))
     try:
         memory.Allocate(memory_pb2.AllocateRequest(
-            items=[memory_pb2.AllocationItem(pool="kv-cache", size_bytes=stats.available_bytes + 1)],
-            holder="python-example"))
+            items=[memory_pb2.AllocationItem(pool="python-example", size_bytes=1)], holder="python-example"))
         check(False, "an Allocate beyond the available bytes is refused")
     except grpc.RpcError as err:
         retry = details(err, error_details_pb2.RetryInfo)
@@ -95,7 +98,7 @@ def main(memory_addr, runtime_addr):
               f"RESOURCE_EXHAUSTED, retry in {retry.retry_delay.ToMilliseconds() if retry else '?'} ms")
 
     freed = memory.FreeScope(memory_pb2.FreeScopeRequest(scope_id=SCOPE))
-    check(freed.freed_leases == 2, f"FreeScope freed {freed.freed_leases} leases")
+    check(freed.freed_leases == 3, f"FreeScope freed {freed.freed_leases} leases")
 
     # A generation, streamed.
     text, summary = [], None
@@ -111,7 +114,7 @@ def main(memory_addr, runtime_addr):
 
     # Another, cancelled after its first token.
     stream = runtime.Generate(runtime_pb2.GenerateRequest(
-        model="distilgpt2", prompt="A long story", max_tokens=250, request_id="python-cancel"))
+        model="llama-3.1-8b", prompt="A long story", max_tokens=1000, request_id="python-cancel"))
     next(stream)
     runtime.Cancel(runtime_pb2.CancelRequest(request_id="python-cancel"))
     try:

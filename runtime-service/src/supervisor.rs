@@ -54,6 +54,13 @@ async fn become_ready(shared: &Shared) -> bool {
             for model in shared.models.iter().filter(|m| m.spec.preload) {
                 model.ensure_loaded(&loader).await?;
             }
+            // Unary calls working is not enough: leases that cannot be renewed expire and their
+            // memory goes to others. Ready only while the keep-alive rounds succeed.
+            if !shared.renewer.is_healthy() {
+                return Err(Error::MemoryUnavailable(
+                    "lease renewals over the keep-alive stream are failing".into(),
+                ));
+            }
             Ok::<(), Error>(())
         };
         let result = tokio::select! {
@@ -101,8 +108,11 @@ async fn stay_ready(shared: &Shared) -> bool {
         });
     }
     let mut healthy = shared.renewer.healthy();
-    // A failure reported before this readiness began is stale: only a new failed round counts.
-    healthy.borrow_and_update();
+    // Failing already (a round failed since readiness was checked): recover at once.
+    if !*healthy.borrow_and_update() {
+        degraded.cancel();
+        return true;
+    }
     let renewals_failing = async {
         while healthy.changed().await.is_ok() {
             if !*healthy.borrow_and_update() {

@@ -144,16 +144,19 @@ pub fn init(service_name: &str, default_filter: &str, format: LogFormat) -> Tele
 }
 
 impl Telemetry {
-    /// Flushes and stops the tracer provider. The SDK's flush blocks, so it runs on a blocking
-    /// thread rather than stalling the async runtime.
+    /// Flushes and stops the tracer provider, for at most 5 s: an unreachable collector must not
+    /// hold the process past Kubernetes' termination grace period. The SDK's flush blocks, so it
+    /// runs on a blocking thread rather than stalling the async runtime.
     pub async fn shutdown(self) {
         let provider = self.provider;
-        let _ = tokio::task::spawn_blocking(move || {
+        let flush = tokio::task::spawn_blocking(move || {
             if let Err(err) = provider.shutdown() {
-                tracing::debug!(cause = %err, "tracer provider shutdown");
+                tracing::warn!(cause = %err, "could not deliver every span at shutdown");
             }
-        })
-        .await;
+        });
+        if tokio::time::timeout(std::time::Duration::from_secs(5), flush).await.is_err() {
+            tracing::warn!("trace export did not finish within 5 s at shutdown; the rest is dropped");
+        }
     }
 }
 

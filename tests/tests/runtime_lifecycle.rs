@@ -386,10 +386,10 @@ async fn losing_memory_service_turns_not_serving_within_a_second_and_ready_again
 
     // memory-service stops: its keep-alive stream ends, and that is the signal (the renewal
     // interval is 10 s).
+    let lost = tokio::time::Instant::now();
     memory.begin_shutdown();
     memory.join().await;
     drop(memory);
-    let lost = tokio::time::Instant::now();
     while watch.next().await.unwrap().unwrap().status() != ServingStatus::NotServing {}
     assert!(tokio::time::Instant::now() - lost < Duration::from_secs(1), "NOT_SERVING within a second");
 

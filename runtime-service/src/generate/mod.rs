@@ -363,10 +363,13 @@ impl Generation {
                 }
             };
             let Some(emitted) = next else {
-                // The device dropped the token channel: the outcome follows at once.
+                // The device dropped the token channel: the outcome follows at once. Without one,
+                // the device dropped the sequence: because it was cancelled (Cancel, deadline,
+                // shutdown: the flight says which), or because the device stopped.
                 return match (&mut on_device.outcome).await {
                     Ok(Ok(report)) => Ok(report),
                     Ok(Err(err)) => Err(err.into()),
+                    Err(_) if flight.cancelled().is_cancelled() => Err(flight.reason().into()),
                     Err(_) => Err(Error::ShuttingDown.into()),
                 };
             };

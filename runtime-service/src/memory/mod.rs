@@ -25,6 +25,10 @@ pub use self::{
 };
 use crate::error::Error;
 
+/// HTTP/2 ping interval and timeout on the connection to memory-service.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Longest instance name: with a 64-character name (model key or request id) and the nonce, a
 /// scope stays within memory-service's 128-character limit.
 pub const MAX_INSTANCE: usize = 48;
@@ -68,7 +72,12 @@ impl MemoryClient {
         let endpoint = Channel::from_shared(addr.to_owned())
             .map_err(|e| Error::MemoryUnavailable(format!("bad memory address {addr:?}: {e}")))?
             .connect_timeout(timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // A memory-service that hangs (rather than dies) closes no stream: HTTP/2 pings find
+            // it, and the keep-alive stream's end then turns health NOT_SERVING.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         Ok(MemoryClient {
             client: MemoryServiceClient::new(endpoint.connect_lazy()),
             holder: holder.to_owned(),
