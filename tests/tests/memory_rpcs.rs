@@ -230,3 +230,38 @@ async fn health_and_reflection_are_served() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn every_violation_of_a_request_is_listed() {
+    use proto::memory::v1::{AllocationItem, CreatePoolRequest};
+    use tonic_types::StatusExt;
+    let server = MemoryServer::with_pools(&[("kv-cache", 1 << 20)]).await;
+    let mut client = server.client().await;
+    let mut bad = alloc(&[("kv-cache", 0)]);
+    bad.items.push(AllocationItem { pool: "Not A Pool".into(), size_bytes: 1 });
+    bad.holder = String::new();
+    bad.ttl = Some(pb_duration(std::time::Duration::from_micros(1500)));
+    let err = client.allocate(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let fields: Vec<String> = err
+        .get_details_bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["items[0].size_bytes", "items[1].pool", "holder", "ttl"], "{}", err.message());
+    let err = client
+        .create_pool(CreatePoolRequest { name: "Bad Name".into(), capacity_bytes: 0 })
+        .await
+        .unwrap_err();
+    let fields: Vec<String> = err
+        .get_details_bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["name", "capacity_bytes"]);
+    server.stop().await;
+}

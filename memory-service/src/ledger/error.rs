@@ -2,17 +2,51 @@
 
 use std::time::Duration;
 
+/// `field reason; field reason`.
+fn list(violations: &[(String, String)]) -> String {
+    violations.iter().map(|(field, reason)| format!("{field} {reason}")).collect::<Vec<_>>().join("; ")
+}
+
+/// Gathers the violations of a request, so one refusal lists them all.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<(String, String)>);
+
+impl Violations {
+    /// The value of `result`, or `None` after noting its violations.
+    pub fn keep<T>(&mut self, result: Result<T, Error>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(Error::InvalidArgument { violations }) => {
+                self.0.extend(violations);
+                None
+            }
+            Err(other) => {
+                self.0.push(("request".into(), other.to_string()));
+                None
+            }
+        }
+    }
+
+    /// Notes one violation.
+    pub fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.0.push((field.into(), reason.into()));
+    }
+
+    /// `Ok(())` if nothing was noted, else the refusal listing everything.
+    pub fn check(self) -> Result<(), Error> {
+        if self.0.is_empty() { Ok(()) } else { Err(Error::InvalidArgument { violations: self.0 }) }
+    }
+}
+
 /// Why a ledger operation was refused. `service::status::to_status` maps each variant to exactly
 /// one gRPC code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    /// A request field is malformed or out of range.
-    #[error("invalid {field}: {reason}")]
+    /// Request fields are malformed or out of range: every violation found, not the first.
+    #[error("invalid request: {}", list(.violations))]
     InvalidArgument {
-        /// The request field at fault, as named in the proto.
-        field: String,
-        /// What is wrong and what is accepted.
-        reason: String,
+        /// Each field at fault, as named in the proto, and what is wrong and accepted.
+        violations: Vec<(String, String)>,
     },
     /// No pool has this name.
     #[error("pool {0:?} not found")]
@@ -71,8 +105,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// Shorthand for [`Error::InvalidArgument`].
+    /// Shorthand for [`Error::InvalidArgument`] with one violation.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument { field: field.into(), reason: reason.into() }
+        Error::InvalidArgument { violations: vec![(field.into(), reason.into())] }
     }
 }

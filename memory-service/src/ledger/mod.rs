@@ -30,6 +30,7 @@ use tokio::{
 
 pub use self::{
     error::Error,
+    error::Violations,
     events::{Event, EventKind},
     lease::{IdGen, Lease, LeaseId, LeaseMap, LeaseSet},
     pool::{Counters, PoolId, PoolStats, Release},

@@ -216,7 +216,7 @@ fn a_request_id_replays_the_same_leases() {
     let mut changed = keyed.clone();
     changed.items[0].1 = 11;
     assert!(
-        matches!(ledger.allocate(changed, now, false), Err(Error::InvalidArgument { ref field, .. }) if field == "request_id")
+        matches!(ledger.allocate(changed, now, false), Err(Error::InvalidArgument { ref violations }) if violations[0].0 == "request_id")
     );
 
     // Another holder may use the same key independently.

@@ -8,6 +8,7 @@ use std::{
 use proto::memory::v1 as pb;
 use tokio::time::Instant;
 
+use crate::ledger::Violations;
 use crate::{
     config::Config,
     ledger::{AllocRequest, Error, Event, EventKind, Lease, LeaseId, PoolFit, PoolStats},
@@ -51,17 +52,15 @@ pub fn items(items: Vec<pb::AllocationItem>) -> Result<Vec<(String, u64)>, Error
             format!("must hold 1 to {MAX_ITEMS} items, got {}", items.len()),
         ));
     }
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| {
-            pool_name(&format!("items[{i}].pool"), &item.pool)?;
-            if item.size_bytes == 0 {
-                return Err(Error::invalid(format!("items[{i}].size_bytes"), "must be greater than zero"));
-            }
-            Ok((item.pool, item.size_bytes))
-        })
-        .collect()
+    let mut bad = Violations::default();
+    for (i, item) in items.iter().enumerate() {
+        bad.keep(pool_name(&format!("items[{i}].pool"), &item.pool));
+        if item.size_bytes == 0 {
+            bad.add(format!("items[{i}].size_bytes"), "must be greater than zero");
+        }
+    }
+    bad.check()?;
+    Ok(items.into_iter().map(|item| (item.pool, item.size_bytes)).collect())
 }
 
 /// An optional text field: empty means absent.
@@ -72,29 +71,32 @@ fn optional_text(field: &str, value: String) -> Result<Option<Arc<str>>, Error> 
 
 /// Validates an AllocateRequest; returns the ledger request and the wait the caller asked for.
 pub fn allocate(req: pb::AllocateRequest, config: &Config) -> Result<(AllocRequest, Duration), Error> {
-    let items = items(req.items)?;
-    validate::text("holder", &req.holder, true)?;
+    // Every field is checked, so one refusal lists every violation.
+    let mut bad = Violations::default();
+    let items = bad.keep(items(req.items));
+    bad.keep(validate::text("holder", &req.holder, true));
     let ttl = match &req.ttl {
-        Some(ttl) => validate::ttl(ttl, config.max_ttl)?,
-        None => config.default_ttl,
+        Some(ttl) => bad.keep(validate::ttl(ttl, config.max_ttl)),
+        None => Some(config.default_ttl),
     };
     let max_wait = match &req.max_wait {
-        Some(wait) => validate::duration("max_wait", wait)?,
-        None => Duration::ZERO,
+        Some(wait) => bad.keep(validate::duration("max_wait", wait)),
+        None => Some(Duration::ZERO),
     };
-    if max_wait > config.max_wait {
-        return Err(Error::invalid(
-            "max_wait",
-            format!("{max_wait:?} exceeds the server maximum {:?}", config.max_wait),
-        ));
+    if let Some(wait) = max_wait
+        && wait > config.max_wait
+    {
+        bad.add("max_wait", format!("{wait:?} exceeds the server maximum {:?}", config.max_wait));
     }
-    let request = AllocRequest {
-        items,
-        holder: Arc::from(req.holder),
-        scope: optional_text("scope_id", req.scope_id)?,
-        ttl,
-        request_id: optional_text("request_id", req.request_id)?,
+    let scope = bad.keep(optional_text("scope_id", req.scope_id));
+    let request_id = bad.keep(optional_text("request_id", req.request_id));
+    bad.check()?;
+    let (Some(items), Some(ttl), Some(max_wait), Some(scope), Some(request_id)) =
+        (items, ttl, max_wait, scope, request_id)
+    else {
+        unreachable!("every None was noted as a violation");
     };
+    let request = AllocRequest { items, holder: Arc::from(req.holder), scope, ttl, request_id };
     Ok((request, max_wait))
 }
 

@@ -102,7 +102,15 @@ impl MemoryService for MemoryApi {
         request: Request<pb::CreatePoolRequest>,
     ) -> Result<Response<pb::CreatePoolResponse>, Status> {
         let req = request.into_inner();
-        convert::pool_name("name", &req.name).map_err(|e| self.shared.status(e))?;
+        // Both fields checked, so one refusal lists every violation (the ledger checks the
+        // capacity again, as the authority).
+        let mut bad = crate::ledger::Violations::default();
+        bad.keep(convert::pool_name("name", &req.name));
+        if req.capacity_bytes == 0 || req.capacity_bytes > crate::ledger::MAX_CAPACITY {
+            let max = crate::ledger::MAX_CAPACITY;
+            bad.add("capacity_bytes", format!("{} must be between 1 and {max} (4 EiB)", req.capacity_bytes));
+        }
+        bad.check().map_err(|e| self.shared.status(e))?;
         let stats = self.shared.ledger().create_pool(&req.name, req.capacity_bytes);
         let stats = stats.map_err(|e| self.shared.status(e))?;
         tracing::info!(pool = %req.name, capacity = req.capacity_bytes, "pool created");

@@ -16,8 +16,10 @@ pub const DOMAIN: &str = "memory-service.inference-sim.dev";
 pub fn to_status(err: Error, retry_hint: Duration) -> Status {
     let message = err.to_string();
     let (code, details) = match err {
-        Error::InvalidArgument { field, reason } => {
-            (Code::InvalidArgument, ErrorDetails::with_bad_request_violation(field, reason))
+        Error::InvalidArgument { violations } => {
+            let violations =
+                violations.into_iter().map(|(field, reason)| tonic_types::FieldViolation::new(field, reason));
+            (Code::InvalidArgument, ErrorDetails::with_bad_request(violations.collect::<Vec<_>>()))
         }
         Error::PoolNotFound(pool) => {
             (Code::NotFound, ErrorDetails::with_resource_info("memory.v1.Pool", pool, "", "no such pool"))
