@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Runs the example clients in examples/ (Python on generated stubs, Node with grpc-js) against
 real servers: memory-service and runtime-service started on 127.0.0.1:0 as in the walk-through,
-stopped with SIGTERM at the end. Any client step that fails, fails the script.
+stopped with SIGTERM at the end; then lints both services' /metrics with promtool. Any client
+step or lint problem fails the script.
 
 Usage: clients.py MEMORY_SERVICE RUNTIME_SERVICE   (paths to the binaries)
 Tools come from target/tools (scripts/tools.sh): the Python venv running this script, and node
@@ -12,9 +13,10 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
-from walkthrough import start_server, wait_serving  # noqa: E402
+from walkthrough import admin_address, start_server, wait_serving  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +43,14 @@ def main():
         run([sys.executable, "examples/python/client.py", memory, runtime], dict(os.environ, PYTHONPATH=stubs))
         node_path = os.path.join(ROOT, "target", "tools", "node", "node_modules")
         run(["node", "examples/node/client.js", memory, runtime], dict(os.environ, NODE_PATH=node_path))
+        # After real traffic, both /metrics pages pass promtool's lint (names, units, types).
+        promtool = os.path.join(ROOT, "target", "tools", "promtool", "usr", "bin", "promtool")
+        for server, _ in servers:
+            page = urllib.request.urlopen(f"http://{admin_address(server)}/metrics", timeout=10).read()
+            result = subprocess.run([promtool, "check", "metrics"], input=page, capture_output=True)
+            if result.returncode != 0:
+                sys.exit(f"promtool check metrics failed:\n{result.stdout.decode()}{result.stderr.decode()}")
+        print("promtool check metrics: both services OK")
     finally:
         for server, _ in reversed(servers):
             server.send_signal(signal.SIGTERM)

@@ -5,6 +5,8 @@
 #     kubernetes-validate and yamllint (check the Kubernetes manifests offline)
 #   - from npm: buf (lints the protos, checks for breaking changes), and @grpc/grpc-js,
 #     @grpc/proto-loader and google-proto-files (the Node example client)
+#   - promtool (lints the services' /metrics), unpacked from Debian's prometheus package without
+#     installing it (no service, no user, nothing outside target/tools)
 # Idempotent: a second run only checks that they are there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +28,13 @@ if [ ! -x "$TOOLS/node/node_modules/.bin/buf" ] || [ ! -d "$TOOLS/node/node_modu
   echo "installing buf and the Node client's modules into $TOOLS/node" >&2
   npm install --silent --no-audit --no-fund --prefix "$TOOLS/node" '@bufbuild/buf@1.75.0' \
     '@grpc/grpc-js@1.14.7' '@grpc/proto-loader@0.8.1' 'google-proto-files@6.0.1' >&2
+fi
+
+if [ ! -x "$TOOLS/promtool/usr/bin/promtool" ]; then
+  echo "fetching promtool into $TOOLS/promtool" >&2
+  download="$(mktemp -d)"
+  (cd "$download" && { apt-get download prometheus >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null && apt-get download prometheus >/dev/null 2>&1; }; })
+  dpkg-deb -x "$download"/prometheus_*.deb "$TOOLS/promtool"
+  rm -rf "$download"
 fi

@@ -172,6 +172,7 @@ def start_server(command):
         env=env,
     )
     found = queue.Queue()
+    admin = queue.Queue()
 
     def read():
         for line in server.stderr:  # blocks until the server logs; no polling
@@ -179,6 +180,9 @@ def start_server(command):
             match = re.search(r"listening addr=(\S+)", line)
             if match:
                 found.put(match.group(1))
+            match = re.search(r"metrics on /metrics addr=(\S+)", line)
+            if match:
+                admin.put(match.group(1))
         found.put(None)
 
     threading.Thread(target=read, daemon=True).start()
@@ -189,7 +193,13 @@ def start_server(command):
         sys.exit(f"{command[0]} did not log its address within {TIMEOUT_S * 6} s")
     if addr is None:
         sys.exit(f"server exited with {server.wait()} before listening")
+    server.admin = admin  # the admin address arrives on this queue (see admin_address)
     return server, addr
+
+
+def admin_address(server):
+    """The server's metrics address, from its log (it is logged before it listens for gRPC)."""
+    return server.admin.get(timeout=TIMEOUT_S)
 
 
 def main():

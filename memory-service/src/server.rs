@@ -53,7 +53,8 @@ pub async fn run(
         .add_service(MemoryServiceServer::new(MemoryApi::new(shared.clone())))
         .serve_with_incoming_shutdown(serving::grpc::incoming(listener), drain.cancelled_owned());
     tokio::pin!(server);
-    info!(%addr, epoch = shared.ledger().epoch(), "memory-service listening");
+    // The epoch as a string: a 64-bit number loses precision in JSON tooling (JavaScript's 2^53).
+    info!(%addr, epoch = %shared.ledger().epoch(), "memory-service listening");
 
     tokio::select! {
         result = &mut server => {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod deadline;
 pub mod device;
 pub mod grpc;
+pub mod json_logs;
 pub mod launch;
 pub mod observe;
 pub mod propagation;

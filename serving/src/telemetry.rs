@@ -131,6 +131,9 @@ pub fn init(service_name: &str, default_filter: &str, format: LogFormat) -> Tele
             .with_writer(std::io::stderr)
             .with_current_span(true)
             .with_span_list(true)
+            .event_format(crate::json_logs::TraceJson(
+                fmt::format().json().with_current_span(true).with_span_list(true),
+            ))
             .boxed(),
     };
     // `RUST_LOG` filters the log lines only: turning logs down must not switch tracing off (no

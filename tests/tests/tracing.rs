@@ -213,7 +213,10 @@ async fn one_trace_spans_the_caller_both_services_and_memory_calls() {
     // Logs: a line emitted inside a traced request carries its trace id (JSON format here).
     let memory_logs = memory_logs.lock().expect("log buffer").clone();
     let created = memory_logs.iter().find(|l| l.contains("pool created")).expect("a 'pool created' log line");
-    assert!(created.starts_with('{') && created.contains("\"trace_id\":\""), "{created}");
+    assert!(created.starts_with("{\"trace_id\":\""), "the trace id is a top-level field: {created}");
+    let listening =
+        memory_logs.iter().find(|l| l.contains("memory-service listening")).expect("listening line");
+    assert!(listening.contains("\"epoch\":\""), "64-bit ids are strings in JSON: {listening}");
     let spans = received.lock().unwrap().clone();
     otlp.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
@@ -275,4 +278,34 @@ async fn one_trace_spans_the_caller_both_services_and_memory_calls() {
             .all(|(_, s)| !s.name.starts_with("grpc.health.") && !s.name.starts_with("grpc.reflection.")),
         "no spans for health or reflection"
     );
+}
+
+#[tokio::test]
+async fn spans_that_cannot_be_delivered_are_reported_in_the_log() {
+    // A collector that is not there (nothing listens on loopback port 9).
+    let env = [
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ""),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ("RUST_LOG", "info"),
+    ];
+    let memory = Process::start("memory-service", &["--pool", "kv-cache=1MiB"], &env, false);
+    let channel = Channel::from_shared(format!("http://{}", memory.addr)).unwrap().connect().await.unwrap();
+    MemoryServiceClient::new(channel).list_pools(proto::memory::v1::ListPoolsRequest {}).await.unwrap();
+    // The export fails in the background: wait (bounded) for the SDK's report in the log.
+    let mut reported = false;
+    for _ in 0..400 {
+        reported = memory
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("ExportError") || l.contains("Export.Failed"));
+        if reported {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(reported, "no warning about undelivered spans: {:?}", memory.logs.lock().unwrap());
+    memory.stop();
 }

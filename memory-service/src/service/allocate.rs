@@ -24,7 +24,7 @@ pub(super) async fn allocate(
         holder = %req.holder,
         scope = req.scope.as_deref().unwrap_or_default(),
         items = req.items.len(),
-        bytes = req.items.iter().map(|(_, size)| u128::from(*size)).sum::<u128>() as f64,
+        bytes = req.items.iter().map(|(_, size)| *size).fold(0u64, u64::saturating_add),
         pools = %req.items.iter().map(|(pool, _)| pool.as_str()).collect::<Vec<_>>().join(","),
         max_wait_ms = max_wait.as_millis() as u64,
         lease_ids = tracing::field::Empty,

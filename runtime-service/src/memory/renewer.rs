@@ -163,7 +163,8 @@ async fn renew_all(
         match opened {
             Ok(Ok(replies)) => *stream = Some((tx, replies.into_inner())),
             Ok(Err(status)) => {
-                warn!(code = ?status.code(), message = status.message(), "cannot open keep-alive stream");
+                let code = serving::observe::code_name(status.code());
+                warn!(code, message = status.message(), "cannot open keep-alive stream");
                 return false;
             }
             Err(_) => {
