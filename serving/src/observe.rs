@@ -102,6 +102,13 @@ impl ObserveLayer {
     /// Observes calls into `metrics`; `types` gives each method's streaming kind
     /// ([`method_types`]).
     pub fn new(metrics: GrpcMetrics, types: HashMap<String, &'static str>) -> Self {
+        // Every method's series exist from the start, at zero (as go-grpc-prometheus's
+        // InitializeMetrics does): a rate over a series that appears with its first call misses it.
+        for (path, kind) in &types {
+            let (service, method) = path.split_once('/').unwrap_or((path, ""));
+            metrics.started.with_label_values(&[kind, service, method]);
+            metrics.handled.with_label_values(&[kind, service, method, "OK"]);
+        }
         ObserveLayer { metrics, types: Arc::new(types) }
     }
 }
