@@ -13,7 +13,8 @@ For every memory-service and runtime-service container of a `kubectl kustomize` 
   - the pools memory-service creates on a node (asked of the binary itself, `--print-pools`, with
     the container's settings) hold the weights and activations of the runtimes scheduled there
     (`runtime-service --print-memory`, with its settings and its mounted config file): one per
-    node when a required anti-affinity or a sidecar says so, else every replica (one node).
+    node when a required anti-affinity or a sidecar says so, else every replica (one node), plus
+    a rolling update's surge pods beside them.
 
 Usage: check_manifests.py RENDERED.yaml MEMORY_SERVICE RUNTIME_SERVICE
 """
@@ -41,12 +42,12 @@ def port_of(address):
 
 
 def env_of(container, config_maps):
+    """The container's variables: values where the manifest gives them, None for valueFrom."""
     env = {}
     for source in container.get("envFrom", []):
         env.update(config_maps.get(source.get("configMapRef", {}).get("name"), {}))
     for var in container.get("env", []):
-        if "value" in var:
-            env[var["name"]] = var["value"]
+        env[var["name"]] = var.get("value")
     return env
 
 
@@ -63,7 +64,7 @@ def ask(binary, flag, env, files):
             with open(local, "w", encoding="utf-8") as f:
                 f.write(text)
             env[var] = local
-        clean = {k: v for k, v in env.items() if k.startswith(("MEMORY_", "RUNTIME_"))}
+        clean = {k: v for k, v in env.items() if k.startswith(("MEMORY_", "RUNTIME_")) and v is not None}
         clean["PATH"] = os.environ.get("PATH", "")
         out = subprocess.run([binary, flag], capture_output=True, text=True, env=clean)
         if out.returncode != 0:
@@ -129,7 +130,8 @@ def main():
             env = env_of(c, config_maps)
             found.setdefault(service, []).append((d, pod, c, env))
             for var in env:
-                if (var.startswith(PREFIX[service]) or var == "LOG_FORMAT") and var not in helps[service]:
+                read = re.search(rf"\b{re.escape(var)}\b", helps[service])
+                if (var.startswith(PREFIX[service]) or var == "LOG_FORMAT") and not read:
                     problem(where, f"{var} is not read by {service} (not in its --help)")
             listen = env.get(f"{PREFIX[service]}LISTEN")
             admin = env.get(f"{PREFIX[service]}ADMIN_LISTEN")
@@ -138,8 +140,8 @@ def main():
                 problem(where, f"{PREFIX[service]}LISTEN is not set (the default listens on loopback)")
                 continue
             loopback = listen.startswith("127.")
-            if not loopback and ports.get("grpc") != port_of(listen):
-                problem(where, f"listens on {port_of(listen)} but declares grpc port {ports.get('grpc')}")
+            if not loopback and port_of(listen) not in ports.values():
+                problem(where, f"listens on {port_of(listen)}, which is not a declared port")
             if admin and admin != "off" and port_of(admin) not in ports.values():
                 problem(where, f"serves metrics on {port_of(admin)}, which is not a declared port")
             if service == "runtime-service" and admin and str(port_of(admin)) != annotations.get("prometheus.io/port"):
@@ -182,7 +184,12 @@ def check_memory(found, binaries, config_maps):
         )
         anti = pod.get("affinity", {}).get("podAntiAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", [])
         one_per_node = sidecar or any(t.get("topologyKey") == "kubernetes.io/hostname" for t in anti)
-        per_node = 1 if one_per_node else workload["spec"].get("replicas", 1)
+        replicas = workload["spec"].get("replicas", 1)
+        # A rolling update runs its surge pods beside the old ones: on one node, they need room too.
+        rolling = workload["spec"].get("strategy", {}).get("rollingUpdate", {})
+        surge = rolling.get("maxSurge", "25%")
+        surge = -(-replicas * int(surge[:-1]) // 100) if isinstance(surge, str) else int(surge)
+        per_node = (1 if sidecar else 1 + surge) if one_per_node else replicas + surge
         for pool, need in (("uniforms", needs["preload_weight_bytes"]), ("activations", needs["activation_bytes"])):
             if pools.get(pool, 0) < per_node * need:
                 problem(where, f"{per_node} runtime(s) per node need {per_node * need} bytes of {pool}; "

@@ -24,8 +24,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A registry with every instrument registered.
-    pub fn new() -> prometheus::Result<Self> {
+    /// A registry with every instrument registered; the series of `pools` (the ones created at
+    /// start) exist at zero from the start.
+    pub fn new(pools: &[&str]) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let grpc = GrpcMetrics::register(&registry, "memory-service")?;
         let wait = HistogramVec::new(
@@ -44,6 +45,14 @@ impl Metrics {
             .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0]),
             &["pool", "reason"],
         )?;
+        for outcome in ["granted", "timed_out", "cancelled", "shutdown"] {
+            wait.with_label_values(&[outcome]);
+        }
+        for pool in pools {
+            for reason in ["freed", "expired"] {
+                lifetimes.with_label_values(&[pool, reason]);
+            }
+        }
         registry.register(Box::new(wait.clone()))?;
         registry.register(Box::new(lifetimes.clone()))?;
         Ok(Metrics { registry, grpc, wait, lifetimes })

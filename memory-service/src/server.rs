@@ -33,7 +33,8 @@ pub async fn run(
     config.validate()?;
     let grace = config.grace_period;
     let token = CancellationToken::new();
-    let metrics = Metrics::new()?;
+    let pools: Vec<&str> = config.pools.iter().map(|p| p.name.as_str()).collect();
+    let metrics = Metrics::new(&pools)?;
     let shared = Shared::new(config, token.clone(), metrics.clone())
         .map_err(|e| ConfigError::Invalid(format!("cannot create the configured pools: {e}")))?;
     let snapshot_of = shared.clone();

@@ -151,6 +151,9 @@ impl Metrics {
             }
         }
         for &model in models {
+            metrics.ttft.with_label_values(&[model]);
+            metrics.inter_token.with_label_values(&[model]);
+            metrics.memory_wait.with_label_values(&[model]);
             metrics.tokens.with_label_values(&[model]);
             metrics.running.with_label_values(&[model]);
             metrics.waiting.with_label_values(&[model]);

@@ -107,7 +107,10 @@ impl ObserveLayer {
         for (path, kind) in &types {
             let (service, method) = path.split_once('/').unwrap_or((path, ""));
             metrics.started.with_label_values(&[kind, service, method]);
-            metrics.handled.with_label_values(&[kind, service, method, "OK"]);
+            metrics.latency.with_label_values(&[kind, service, method]);
+            for code in (0..=16).map(Code::from_i32) {
+                metrics.handled.with_label_values(&[kind, service, method, code_name(code)]);
+            }
         }
         ObserveLayer { metrics, types: Arc::new(types) }
     }

@@ -53,19 +53,22 @@ pub(super) fn spawn(shared: Arc<Shared>, mut inbound: Streaming<pb::KeepAliveReq
 }
 
 fn renew(shared: &Shared, req: pb::KeepAliveRequest) -> Result<pb::KeepAliveResponse, Error> {
+    // Every field is checked, so one refusal lists every violation.
+    let mut bad = crate::ledger::Violations::default();
     if req.lease_ids.is_empty() && req.scope_ids.is_empty() {
-        return Err(Error::invalid("lease_ids", "name at least one lease or scope to renew"));
+        bad.add("lease_ids", "name at least one lease or scope to renew");
     }
     if req.lease_ids.len() > MAX_LEASES {
-        return Err(Error::invalid("lease_ids", format!("at most {MAX_LEASES} per message")));
+        bad.add("lease_ids", format!("at most {MAX_LEASES} per message"));
     }
     if req.scope_ids.len() > MAX_SCOPES {
-        return Err(Error::invalid("scope_ids", format!("at most {MAX_SCOPES} per message")));
+        bad.add("scope_ids", format!("at most {MAX_SCOPES} per message"));
     }
-    let ids = req.lease_ids.iter().map(|id| convert::lease_id(id)).collect::<Result<Vec<_>, _>>()?;
+    let ids: Vec<_> = req.lease_ids.iter().filter_map(|id| bad.keep(convert::lease_id(id))).collect();
     for scope in &req.scope_ids {
-        convert::scope_id(scope)?;
+        bad.keep(convert::scope_id(scope));
     }
+    bad.check()?;
 
     let clock = Clock::now();
     let now = clock.instant();

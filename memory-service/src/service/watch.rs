@@ -26,12 +26,17 @@ pub(super) struct Filter {
 impl Filter {
     /// Validates the request's filters. Pools need not exist yet: a watcher may wait for a pool.
     pub(super) fn new(req: pb::WatchEventsRequest) -> Result<Self, Error> {
-        for pool in &req.pools {
-            validate::pool_name(pool)
-                .map_err(|reason| Error::invalid("pools", format!("{pool:?}: {reason}")))?;
+        // Every filter is checked, so one refusal lists every violation.
+        let mut bad = crate::ledger::Violations::default();
+        for (i, pool) in req.pools.iter().enumerate() {
+            if let Err(reason) = validate::pool_name(pool) {
+                bad.add(format!("pools[{i}]"), format!("{pool:?}: {reason}"));
+            }
         }
-        let kinds = req.kinds.into_iter().map(convert::event_kind_filter).collect::<Result<_, _>>()?;
-        Ok(Filter { pools: req.pools.into_iter().collect(), kinds })
+        let kinds: Vec<_> =
+            req.kinds.into_iter().filter_map(|k| bad.keep(convert::event_kind_filter(k))).collect();
+        bad.check()?;
+        Ok(Filter { pools: req.pools.into_iter().collect(), kinds: kinds.into_iter().collect() })
     }
 
     fn passes(&self, event: &Event) -> bool {
