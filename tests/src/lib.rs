@@ -401,3 +401,54 @@ pub async fn stats(client: &mut MemoryServiceClient<Channel>, pool: &str) -> Poo
         .pool
         .expect("pool stats present")
 }
+
+/// The services a server's reflection lists (v1), sorted.
+pub async fn reflected_services(channel: Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        replies.next().await.expect("a reply").expect("no error").message_response
+    else {
+        panic!("expected a service list");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort_unstable();
+    names
+}
+
+/// The fields a status's BadRequest details name, in order.
+pub fn bad_request_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+/// `n` runtimes named a, b, ... on `memory` with 4-block slabs, each ready.
+pub async fn runtimes_on(memory: SocketAddr, n: usize) -> Vec<RuntimeServer> {
+    let mut runtimes = Vec::new();
+    for name in ["a", "b", "c", "d"].into_iter().take(n) {
+        let config =
+            runtime_service::Config { kv_slab_blocks: 4, instance: name.into(), ..runtime_config(memory) };
+        let runtime = RuntimeServer::start(config).await;
+        runtime.ready().await;
+        runtimes.push(runtime);
+    }
+    runtimes
+}

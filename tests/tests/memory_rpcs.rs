@@ -193,23 +193,9 @@ async fn health_and_reflection_are_served() {
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
-    let mut reflection = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut replies =
-        reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        replies.next().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected a service list");
-    };
-    let mut names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    names.sort_unstable();
     // Its own API only (not runtime.v1), plus health and reflection.
     assert_eq!(
-        names,
+        e2e::reflected_services(channel.clone()).await,
         [
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
@@ -217,6 +203,7 @@ async fn health_and_reflection_are_served() {
             "memory.v1.MemoryService"
         ]
     );
+    let mut reflection = ServerReflectionClient::new(channel);
     // The google.rpc detail types every error carries resolve, so grpcurl and buf curl decode them.
     for symbol in ["google.rpc.BadRequest", "google.rpc.RetryInfo", "google.rpc.Status"] {
         let request = ServerReflectionRequest {
@@ -234,7 +221,6 @@ async fn health_and_reflection_are_served() {
 #[tokio::test]
 async fn every_violation_of_a_request_is_listed() {
     use proto::memory::v1::{AllocationItem, CreatePoolRequest};
-    use tonic_types::StatusExt;
     let server = MemoryServer::with_pools(&[("kv-cache", 1 << 20)]).await;
     let mut client = server.client().await;
     let mut bad = alloc(&[("kv-cache", 0)]);

@@ -200,17 +200,7 @@ async fn held_blocks(runtime: &RuntimeServer) -> f64 {
 async fn two_runtimes_on_one_memory_service_trade_kv_cache_as_their_loads_shift() {
     // 64 blocks in all; eight sequences of 7 + 120 tokens want 64 on their own.
     let memory = memory_with_kv(64 * TEST_BLOCK_BYTES).await;
-    let mut runtimes = Vec::new();
-    for name in ["a", "b"] {
-        let config = runtime_service::Config {
-            kv_slab_blocks: 4,
-            instance: name.into(),
-            ..runtime_config(memory.addr)
-        };
-        let runtime = RuntimeServer::start(config).await;
-        runtime.ready().await;
-        runtimes.push(runtime);
-    }
+    let runtimes = e2e::runtimes_on(memory.addr, 2).await;
     for (busy, idle) in [(0, 1), (1, 0)] {
         let mut streams = Vec::new();
         for i in 0..8 {
@@ -243,18 +233,10 @@ async fn two_runtimes_each_needing_most_of_the_pool_take_turns_instead_of_waitin
     // together they do not fit, alone each does. Leased piece by piece, each could hold part and wait for
     // the rest for ever; a lane that cannot start gives all back and asks for its whole need.
     let memory = memory_with_kv(64 * TEST_BLOCK_BYTES).await;
+    let runtimes = e2e::runtimes_on(memory.addr, 2).await;
     let mut clients = Vec::new();
-    let mut runtimes = Vec::new();
-    for name in ["a", "b"] {
-        let config = runtime_service::Config {
-            kv_slab_blocks: 4,
-            instance: name.into(),
-            ..runtime_config(memory.addr)
-        };
-        let runtime = RuntimeServer::start(config).await;
-        runtime.ready().await;
+    for runtime in &runtimes {
         clients.push(runtime.client().await);
-        runtimes.push(runtime);
     }
     let started = Instant::now();
     let tasks: Vec<_> = clients

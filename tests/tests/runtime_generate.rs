@@ -13,7 +13,6 @@ use proto::runtime::v1::{
 use runtime_service::core::SchedulerMode;
 use tokio_stream::StreamExt;
 use tonic::{Code, Status, Streaming};
-use tonic_types::StatusExt;
 
 /// Pools large enough for every test here.
 const POOLS: &[(&str, u64)] = &[("kv-cache", 64 << 20), ("activations", 64 << 20), ("uniforms", 64 << 20)];
@@ -208,14 +207,7 @@ async fn bad_requests_are_refused_with_what_to_change() {
     let many = GenerateRequest { temperature: 3.0, top_p: 1.5, max_tokens: 0, ..request("hi", 1, 0) };
     let err = client.generate(many).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let fields: Vec<String> = err
-        .get_details_bad_request()
-        .expect("BadRequest details")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
-    assert_eq!(fields, ["max_tokens", "temperature", "top_p"], "{}", err.message());
+    assert_eq!(e2e::bad_request_fields(&err), ["max_tokens", "temperature", "top_p"], "{}", err.message());
     let cancel = client.cancel(CancelRequest { request_id: "missing".into() }).await.unwrap_err();
     assert_eq!(cancel.code(), Code::NotFound);
     runtime.stop().await;
@@ -252,24 +244,8 @@ async fn reflection_lists_only_the_runtime_api_and_resolves_error_details() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let (memory, runtime) = stack().await;
-    let mut reflection = ServerReflectionClient::new(runtime.channel().await);
-    let ask = |message| ServerReflectionRequest { host: String::new(), message_request: Some(message) };
-    let requests = [
-        ask(MessageRequest::ListServices(String::new())),
-        ask(MessageRequest::FileContainingSymbol("google.rpc.BadRequest".into())),
-        ask(MessageRequest::FileContainingSymbol("memory.v1.MemoryService".into())),
-    ];
-    let mut replies =
-        reflection.server_reflection_info(tokio_stream::iter(requests)).await.unwrap().into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        replies.next().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected a service list");
-    };
-    let mut names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    names.sort_unstable();
     assert_eq!(
-        names,
+        e2e::reflected_services(runtime.channel().await).await,
         [
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
@@ -277,6 +253,14 @@ async fn reflection_lists_only_the_runtime_api_and_resolves_error_details() {
             "runtime.v1.RuntimeService"
         ]
     );
+    let mut reflection = ServerReflectionClient::new(runtime.channel().await);
+    let ask = |message| ServerReflectionRequest { host: String::new(), message_request: Some(message) };
+    let requests = [
+        ask(MessageRequest::FileContainingSymbol("google.rpc.BadRequest".into())),
+        ask(MessageRequest::FileContainingSymbol("memory.v1.MemoryService".into())),
+    ];
+    let mut replies =
+        reflection.server_reflection_info(tokio_stream::iter(requests)).await.unwrap().into_inner();
     let details = replies.next().await.unwrap().unwrap().message_response;
     assert!(matches!(details, Some(MessageResponse::FileDescriptorResponse(_))), "{details:?}");
     let other = replies.next().await.unwrap().expect_err("memory.v1 is not served here");
