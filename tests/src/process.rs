@@ -56,8 +56,18 @@ impl Process {
     /// whether it serves metrics), with `env` added to a copy of this process's environment.
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)], admin: bool) -> Process {
         let admin_listen = if admin { "127.0.0.1:0" } else { "off" };
+        Self::spawn(name, &["--listen", "127.0.0.1:0", "--admin-listen", admin_listen], args, env, admin)
+    }
+
+    /// Like [`Process::start`] without a metrics port, with `args` naming the address to listen
+    /// on (`--listen`): to restart a service where it was.
+    pub fn start_at(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+        Self::spawn(name, &["--admin-listen", "off"], args, env, false)
+    }
+
+    fn spawn(name: &str, prefix: &[&str], args: &[&str], env: &[(&str, &str)], admin: bool) -> Process {
         let mut command = Command::new(binary(name));
-        command.args(["--listen", "127.0.0.1:0", "--admin-listen", admin_listen]).args(args);
+        command.args(prefix).args(args);
         for (key, value) in env {
             if value.is_empty() {
                 command.env_remove(key);
@@ -99,6 +109,12 @@ impl Process {
         assert!(status.success());
         let exit = self.child.wait().expect("wait");
         assert!(exit.success(), "{exit}");
+    }
+
+    /// SIGKILL, then wait: the process dies without any cleanup, as in a crash or an OOM kill.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// The Prometheus text its admin port serves now.
