@@ -39,6 +39,8 @@ async fn a_killed_memory_service_turns_the_runtime_not_serving_within_a_second()
     let args = ["--pool", POOLS, "--listen", listen.as_str()];
     let memory = Process::start_at("memory-service", &args, LOG);
     wait_serving(runtime.channel().await, "runtime.v1.RuntimeService").await;
+    // An open health watch would keep the in-process runtime's connection (and the drain) alive.
+    drop((watch, health));
     runtime.stop().await;
     memory.stop();
 }
