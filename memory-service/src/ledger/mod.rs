@@ -482,8 +482,12 @@ impl Ledger {
                 self.scopes.remove(scope);
             }
         }
-        // The grant is no longer whole: a retry under its key allocates afresh.
-        if let Some(key) = &lease.request_key {
+        // The grant is no longer whole: a retry under its key allocates afresh. Only if the
+        // record is this lease's grant: a newer grant under the same key (made after another of
+        // the old leases was freed) keeps its replay.
+        if let Some(key) = &lease.request_key
+            && self.replays.get(key).is_some_and(|replay| replay.leases.contains(&id))
+        {
             self.replays.remove(key);
         }
         let pool = &mut self.pools[lease.pool];

@@ -227,6 +227,27 @@ fn a_request_id_replays_the_same_leases() {
 }
 
 #[test]
+fn freeing_an_old_lease_keeps_the_replay_of_a_newer_grant_under_the_same_key() {
+    let mut ledger = ledger();
+    let now = Instant::now();
+    let mut keyed = request(&[("kv-cache", 10), ("activations", 1)]);
+    keyed.request_id = Some(Arc::from("req-3"));
+    let old = granted(ledger.allocate(keyed.clone(), now, false));
+    // Freeing one of its leases breaks the grant: the key allocates afresh.
+    ledger.free(old.leases[0].id, now).expect("live lease");
+    let newer = granted(ledger.allocate(keyed.clone(), now, false));
+    assert!(!newer.replayed);
+    // Freeing the other old lease must not forget the newer grant's replay.
+    ledger.free(old.leases[1].id, now).expect("live lease");
+    let again = granted(ledger.allocate(keyed, now, false));
+    assert!(again.replayed, "a retry of the newer grant allocated anew");
+    let ids = |grant: &Grant| grant.leases.iter().map(|l| l.id).collect::<Vec<_>>();
+    assert_eq!(ids(&again), ids(&newer));
+    assert_eq!(used(&ledger, "kv-cache"), 10, "no double allocation");
+    ledger.check_invariants().unwrap();
+}
+
+#[test]
 fn a_request_id_that_is_still_waiting_is_refused() {
     let mut ledger = ledger();
     let now = Instant::now();
