@@ -92,6 +92,9 @@ impl RuntimeService for RuntimeApi {
         if id.is_empty() {
             return Err(self.status(Error::invalid("request_id", "is required")));
         }
+        if !crate::generate::is_valid_request_id(&id) {
+            return Err(self.status(Error::invalid("request_id", crate::generate::request_id_rule())));
+        }
         let was_queued = self.shared.executor.cancel(&id).map_err(|e| self.status(e))?;
         tracing::info!(request_id = %id, was_queued, "generation cancelled");
         Ok(Response::new(pb::CancelResponse { was_queued }))

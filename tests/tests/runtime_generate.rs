@@ -210,6 +210,12 @@ async fn bad_requests_are_refused_with_what_to_change() {
     assert_eq!(e2e::bad_request_fields(&err), ["max_tokens", "temperature", "top_p"], "{}", err.message());
     let cancel = client.cancel(CancelRequest { request_id: "missing".into() }).await.unwrap_err();
     assert_eq!(cancel.code(), Code::NotFound);
+    // An id no generation could have is the caller's mistake, and is not echoed at full size.
+    for malformed in ["x".repeat(1 << 20), "line\nbreak".to_owned()] {
+        let cancel = client.cancel(CancelRequest { request_id: malformed }).await.unwrap_err();
+        assert_eq!(cancel.code(), Code::InvalidArgument, "{cancel:?}");
+        assert!(cancel.message().len() < 512, "{} bytes of message", cancel.message().len());
+    }
     runtime.stop().await;
     memory.stop().await;
 }

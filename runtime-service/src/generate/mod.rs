@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::Instrument;
 
-pub use self::plan::Plan;
+pub use self::plan::{Plan, is_valid_request_id, request_id_rule};
 use crate::{
     core::{Emitted, Outcome, Report, SchedulerMode, SeqGuard, Submission, TOKEN_BUFFER},
     engine::Decoder,

@@ -16,6 +16,17 @@ pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
 /// Longest request id: it becomes part of the generation's memory scope.
 const MAX_REQUEST_ID: usize = crate::memory::MAX_SCOPE_NAME;
 
+/// Whether `id` may name a generation (empty: Generate assigns one). Cancel applies the same
+/// rule, so an id no generation could have is a caller's mistake, not a missing generation.
+pub fn is_valid_request_id(id: &str) -> bool {
+    id.chars().count() <= MAX_REQUEST_ID && !id.chars().any(char::is_control)
+}
+
+/// Why [`is_valid_request_id`] refused an id.
+pub fn request_id_rule() -> String {
+    format!("must be at most {MAX_REQUEST_ID} printable characters")
+}
+
 /// A validated request.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -67,8 +78,8 @@ impl Plan {
         if pb::PipelineMode::try_from(req.pipeline_mode).is_err() {
             bad.add("pipeline_mode", format!("{} is not a mode", req.pipeline_mode));
         }
-        if req.request_id.chars().count() > MAX_REQUEST_ID || req.request_id.chars().any(char::is_control) {
-            bad.add("request_id", format!("must be at most {MAX_REQUEST_ID} printable characters"));
+        if !is_valid_request_id(&req.request_id) {
+            bad.add("request_id", request_id_rule());
         }
         let model = match models.get(&req.model) {
             Ok(model) => model.clone(),
