@@ -80,7 +80,7 @@ impl Models {
 
     /// The model with `key`.
     pub fn get(&self, key: &str) -> Result<&Arc<Model>, Error> {
-        self.by_key.get(key).ok_or_else(|| Error::ModelNotFound(key.to_owned()))
+        self.by_key.get(key).ok_or_else(|| Error::ModelNotFound(serving::echo::echo(key)))
     }
 
     /// All models, sorted by key.

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod config;
 pub mod deadline;
 pub mod device;
+pub mod echo;
 pub mod grpc;
 pub mod json_logs;
 pub mod launch;

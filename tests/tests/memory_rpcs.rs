@@ -251,3 +251,33 @@ async fn every_violation_of_a_request_is_listed() {
     assert_eq!(fields, ["name", "capacity_bytes"]);
     server.stop().await;
 }
+
+/// A megabyte of caller input is quoted cut short: echoed in full, the status's trailers would
+/// pass the client's header-list limit and the caller would see RESOURCE_EXHAUSTED from its own
+/// transport instead of the real code.
+#[tokio::test]
+async fn errors_quote_huge_input_cut_short() {
+    use proto::memory::v1::{GetPoolStatsRequest, WatchEventsRequest};
+    let server = MemoryServer::with_pools(&[("kv-cache", 1000)]).await;
+    let mut client = server.client().await;
+    let huge = "x".repeat(1 << 20);
+    let short = |err: &tonic::Status| {
+        let size = err.message().len() + err.details().len();
+        assert!(size < 1024, "{size} bytes of message and details: {}", err.message());
+    };
+
+    let err = client.free(FreeRequest { lease_id: huge.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    short(&err);
+    let err = client.renew_lease(RenewLeaseRequest { lease_id: huge.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    short(&err);
+    let err = client.get_pool_stats(GetPoolStatsRequest { name: huge.clone() }).await.unwrap_err();
+    assert!(matches!(err.code(), Code::InvalidArgument | Code::NotFound), "{err:?}");
+    short(&err);
+    let watch = WatchEventsRequest { pools: vec![huge.clone()], kinds: vec![] };
+    let err = client.watch_events(watch).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    short(&err);
+    server.stop().await;
+}

@@ -210,6 +210,12 @@ async fn bad_requests_are_refused_with_what_to_change() {
     assert_eq!(e2e::bad_request_fields(&err), ["max_tokens", "temperature", "top_p"], "{}", err.message());
     let cancel = client.cancel(CancelRequest { request_id: "missing".into() }).await.unwrap_err();
     assert_eq!(cancel.code(), Code::NotFound);
+    // An unknown model named by a megabyte is quoted cut short (its trailers would otherwise
+    // overflow the client's header-list limit and hide the NOT_FOUND).
+    let huge_model = GenerateRequest { model: "m".repeat(1 << 20), ..request("hi", 1, 0) };
+    let err = client.generate(huge_model).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().len() + err.details().len() < 1024, "{} bytes of message", err.message().len());
     // An id no generation could have is the caller's mistake, and is not echoed at full size.
     for malformed in ["x".repeat(1 << 20), "line\nbreak".to_owned()] {
         let cancel = client.cancel(CancelRequest { request_id: malformed }).await.unwrap_err();

@@ -45,7 +45,10 @@ impl FromStr for LeaseId {
         if !valid {
             return Err(Error::invalid(
                 "lease_id",
-                format!("{s:?} is not a lease id (32 lowercase hexadecimal characters)"),
+                format!(
+                    "{:?} is not a lease id (32 lowercase hexadecimal characters)",
+                    serving::echo::echo(s)
+                ),
             ));
         }
         u128::from_str_radix(s, 16).map(LeaseId).map_err(|e| Error::invalid("lease_id", e.to_string()))

@@ -344,7 +344,7 @@ impl Ledger {
     }
 
     fn pool_id(&self, name: &str) -> Result<PoolId, Error> {
-        self.pool_index.get(name).copied().ok_or_else(|| Error::PoolNotFound(name.to_owned()))
+        self.pool_index.get(name).copied().ok_or_else(|| Error::PoolNotFound(serving::echo::echo(name)))
     }
 
     /// Resolves pool names and sums the demand per pool, refusing unknown pools, zero sizes and

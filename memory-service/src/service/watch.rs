@@ -30,7 +30,7 @@ impl Filter {
         let mut bad = crate::ledger::Violations::default();
         for (i, pool) in req.pools.iter().enumerate() {
             if let Err(reason) = validate::pool_name(pool) {
-                bad.add(format!("pools[{i}]"), format!("{pool:?}: {reason}"));
+                bad.add(format!("pools[{i}]"), format!("{:?}: {reason}", serving::echo::echo(pool)));
             }
         }
         let kinds: Vec<_> =
