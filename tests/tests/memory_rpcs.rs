@@ -281,3 +281,31 @@ async fn errors_quote_huge_input_cut_short() {
     short(&err);
     server.stop().await;
 }
+
+/// A KeepAliveRequest as the wire sees it, but with bytes where the server expects UTF-8: the
+/// only way a well-behaved client library can send a message the server cannot decode.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawKeepAlive {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    lease_ids: Vec<Vec<u8>>,
+}
+
+/// An undecodable message on a KeepAlive stream ends it with INVALID_ARGUMENT saying why, not a
+/// silent OK that leaves the client's later renewals unanswered.
+#[tokio::test]
+async fn an_undecodable_keep_alive_message_ends_the_stream_with_invalid_argument() {
+    use proto::memory::v1::KeepAliveResponse;
+    let server = MemoryServer::with_pools(&[("kv-cache", 1000)]).await;
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.expect("channel ready");
+    let invalid_utf8 = RawKeepAlive { lease_ids: vec![vec![0xff, 0xfe]] };
+    let path = http::uri::PathAndQuery::from_static("/memory.v1.MemoryService/KeepAlive");
+    let codec = tonic_prost::ProstCodec::<RawKeepAlive, KeepAliveResponse>::default();
+    let requests = tokio_stream::iter([invalid_utf8]);
+    let mut replies =
+        grpc.streaming(tonic::Request::new(requests), path, codec).await.expect("opened").into_inner();
+    let err = replies.message().await.expect_err("an error status, not OK");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("decoded"), "{}", err.message());
+    server.stop().await;
+}

@@ -19,7 +19,7 @@ pub const MAX_SCOPES: usize = 64;
 pub type KeepAliveStream = ReceiverStream<Result<pb::KeepAliveResponse, Status>>;
 
 /// Spawns the task that answers `inbound`. It ends when the client closes its half, when the
-/// client goes away (a failed send), on a malformed message (INVALID_ARGUMENT), or at shutdown
+/// client goes away (a failed send), on a malformed or undecodable message (INVALID_ARGUMENT), or at shutdown
 /// (UNAVAILABLE, so clients reconnect elsewhere).
 pub(super) fn spawn(shared: Arc<Shared>, mut inbound: Streaming<pb::KeepAliveRequest>) -> KeepAliveStream {
     // Small buffer: one answer per request, so a client that stops reading also stops renewing.
@@ -36,8 +36,17 @@ pub(super) fn spawn(shared: Arc<Shared>, mut inbound: Streaming<pb::KeepAliveReq
             };
             let reply = match message {
                 Ok(Some(req)) => renew(&shared, req).map_err(|e| shared.status(e)),
-                // The client closed its half, or the connection broke: nothing left to answer.
-                Ok(None) | Err(_) => return,
+                // The client closed its half: nothing left to answer.
+                Ok(None) => return,
+                // A message that cannot be decoded (tonic reports it as INTERNAL): the stream
+                // cannot go on, and the client must hear why rather than see a silent OK. A
+                // broken connection also lands here; then this send fails, harmlessly.
+                Err(status) if status.code() == tonic::Code::Internal => {
+                    let reason = format!("a KeepAlive message could not be decoded: {}", status.message());
+                    let _ = tx.try_send(Err(Status::invalid_argument(reason)));
+                    return;
+                }
+                Err(_) => return,
             };
             let fatal = reply.is_err();
             let sent = tokio::select! {
