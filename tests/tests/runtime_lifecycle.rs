@@ -346,6 +346,37 @@ async fn shutdown_is_bounded_even_if_a_client_stops_reading() {
     memory.stop().await;
 }
 
+/// A generation cut while its client was not reading (its buffers full) still ends with its
+/// error status once the client reads again: never a silent OK after a truncated stream.
+#[tokio::test(start_paused = true)]
+async fn a_stream_cut_while_its_client_was_not_reading_ends_with_its_error() {
+    let (memory, runtime, _) = stack(|c| {
+        c.max_stream_lifetime = Duration::from_secs(1);
+        c.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let tiny = runtime.tiny_window_channel().await;
+    let mut client = RuntimeServiceClient::new(tiny);
+    let mut stream = client.generate(request(400, "stalled")).await.unwrap().into_inner();
+    read_tokens(&mut stream, 1).await;
+    // Past the stream's lifetime limit with every buffer full: the runtime cuts the generation.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut tokens = 1;
+    let end = loop {
+        match stream.next().await {
+            Some(Ok(_)) => tokens += 1,
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended OK after {tokens} of 400 tokens"),
+        }
+    };
+    assert_eq!(end.code(), Code::DeadlineExceeded, "{end:?}");
+    assert!(tokens < 400, "{tokens} tokens");
+    let mut pools = memory.client().await;
+    assert_eq!(stats(&mut pools, "kv-cache").await.used_bytes, 0, "its blocks returned");
+    runtime.stop().await;
+    memory.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_generation_whose_memory_is_lost_ends_unavailable() {
     let mut memory = MemoryServer::start(config_with_pools(POOLS)).await;

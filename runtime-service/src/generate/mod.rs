@@ -3,6 +3,7 @@
 //! frees them the moment the sequence ends, whichever way it ends.
 
 mod plan;
+mod stream;
 
 use std::{sync::Arc, time::Duration};
 
@@ -11,12 +12,12 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::{Instant, sleep_until},
 };
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::Instrument;
 
 pub use self::plan::{Plan, is_valid_request_id, request_id_rule};
+pub use self::stream::GenerateStream;
 use crate::{
     core::{Emitted, Outcome, Report, SchedulerMode, SeqGuard, Submission, TOKEN_BUFFER},
     engine::Decoder,
@@ -25,9 +26,6 @@ use crate::{
     memory::Lost,
     state::Shared,
 };
-
-/// The response half of a Generate call.
-pub type GenerateStream = ReceiverStream<Result<pb::GenerateResponse, Status>>;
 
 /// Why a stream cut at its end limit was cut.
 const END: &str = "the stream reached its deadline or lifetime limit";
@@ -54,7 +52,7 @@ pub fn start(
     let plan = Plan::new(&shared.models, request)?;
     let ticket = shared.executor.register(plan.request_id.clone())?;
     let admission = shared.executor.admit()?;
-    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let (sink, stream) = stream::channel(STREAM_BUFFER);
     let limits = Limits::new(&shared.config, started, grpc_timeout);
     // A child of the call's server span, so model load (and the memory-service calls it makes)
     // and decoding land in the caller's trace.
@@ -67,10 +65,10 @@ pub fn start(
         completion_tokens = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
-    let task = Generation { shared: shared.clone(), plan, ticket, tx, limits, started };
+    let task = Generation { shared: shared.clone(), plan, ticket, tx: sink.tokens, limits, started };
     // Tracked: a drain waits for every generation to end and return its memory.
-    shared.generations.spawn(task.run(admission).instrument(span));
-    Ok(ReceiverStream::new(rx))
+    shared.generations.spawn(task.run(admission, sink.outcome).instrument(span));
+    Ok(stream)
 }
 
 /// The time limits of one call.
@@ -157,7 +155,7 @@ struct Generation {
 }
 
 impl Generation {
-    async fn run(self, admission: Admission) {
+    async fn run(self, admission: Admission, last: oneshot::Sender<stream::Message>) {
         let metrics = &self.shared.metrics;
         let result = self.generate().await;
         drop(admission);
@@ -178,16 +176,9 @@ impl Generation {
             }
             Err(Stop::ClientGone) => return,
         };
-        // Bounded like every other send: a client that stopped reading must not keep this task
-        // (and its request id, and shutdown) waiting.
-        // Biased: the send goes first, so a client with room in its buffer always gets the
-        // outcome, shutdown or not; only a full buffer makes the other branches matter.
-        tokio::select! {
-            biased;
-            _ = self.tx.send(outcome) => {}
-            () = sleep_until(self.limits.end) => {}
-            () = self.shared.shutdown.cancelled() => {}
-        }
+        // Its own slot, after the buffered tokens: never blocks, and never lost to a full buffer
+        // (a client gone in the meantime just never reads it).
+        let _ = last.send(outcome);
     }
 
     async fn generate(&self) -> Result<pb::Summary, Stop> {
