@@ -45,12 +45,14 @@ impl Stream for GenerateStream {
         if let Some(token) = ready!(Pin::new(&mut self.tokens).poll_next(cx)) {
             return Poll::Ready(Some(token));
         }
-        // Every token is delivered and the sink is gone: the outcome, if the generation left one
-        // (none when the client had already gone), ends the stream.
+        // Every token is delivered and the sink is gone: the outcome ends the stream. None left
+        // (the client had gone, or the task died) is still an error, never an OK without a
+        // summary.
         let Some(outcome) = self.outcome.as_mut() else { return Poll::Ready(None) };
-        let outcome = ready!(Pin::new(outcome).poll(cx)).ok();
+        let outcome = ready!(Pin::new(outcome).poll(cx))
+            .unwrap_or_else(|_| Err(Status::internal("the generation ended without an outcome")));
         self.outcome = None;
-        Poll::Ready(outcome)
+        Poll::Ready(Some(outcome))
     }
 }
 
@@ -82,10 +84,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_outcome_ends_the_stream_after_its_tokens() {
+    async fn no_outcome_ends_the_stream_with_an_error_after_its_tokens() {
         let (sink, stream) = channel(2);
         sink.tokens.try_send(token(0)).unwrap();
         drop(sink);
-        assert_eq!(stream.collect::<Vec<_>>().await.len(), 1);
+        let all: Vec<Message> = stream.collect().await;
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].as_ref().unwrap_err().code(), tonic::Code::Internal);
     }
 }
