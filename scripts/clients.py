@@ -10,13 +10,12 @@ modules under target/tools/node.
 """
 
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
-from walkthrough import admin_address, start_server, wait_serving  # noqa: E402
+from walkthrough import admin_address, start_server, stop_servers, wait_serving  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +32,6 @@ def main():
     stubs = os.path.join(ROOT, "target", "examples", "python")
     run(["bash", "examples/python/generate.sh", stubs], dict(os.environ, PYTHON=sys.executable))
     servers = []
-    code = 0
     try:
         servers.append(start_server([memory_bin]))
         memory = servers[0][1]
@@ -52,9 +50,7 @@ def main():
                 sys.exit(f"promtool check metrics failed:\n{result.stdout.decode()}{result.stderr.decode()}")
         print("promtool check metrics: both services OK")
     finally:
-        for server, _ in reversed(servers):
-            server.send_signal(signal.SIGTERM)
-            code = code or server.wait(timeout=30)
+        code = stop_servers(servers)
     if code != 0:
         sys.exit(f"a server exited with {code} after SIGTERM")
     print("example clients: Python and Node OK, servers stopped cleanly")

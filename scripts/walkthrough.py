@@ -202,6 +202,15 @@ def admin_address(server):
     return server.admin.get(timeout=TIMEOUT_S)
 
 
+def stop_servers(servers):
+    """SIGTERM each server, the last started first; the first non-zero exit code, or 0."""
+    code = 0
+    for server, _ in reversed(servers):
+        server.send_signal(signal.SIGTERM)
+        code = code or server.wait(timeout=30)
+    return code
+
+
 def main():
     readme, name, expected, *rest = sys.argv[1:]
     expected_kinds = {f"EVENT_KIND_{k.strip().upper()}" for k in expected.split(",") if k.strip()}
@@ -215,7 +224,6 @@ def main():
     if not lines:
         sys.exit("walkthrough block has no grpcurl lines")
     servers = []
-    code = 0
     try:
         for command in commands:
             if servers:
@@ -233,9 +241,7 @@ def main():
         client.finish_streams(expected_kinds)
         client.channel.close()
     finally:
-        for server, _ in reversed(servers):
-            server.send_signal(signal.SIGTERM)
-            code = code or server.wait(timeout=30)
+        code = stop_servers(servers)
     if code != 0:
         sys.exit(f"a server exited with {code} after SIGTERM")
     print(f"walkthrough {name!r}: {len(lines)} commands OK, servers stopped cleanly")

@@ -229,25 +229,13 @@ async fn every_violation_of_a_request_is_listed() {
     bad.ttl = Some(pb_duration(std::time::Duration::from_micros(1500)));
     let err = client.allocate(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let fields: Vec<String> = err
-        .get_details_bad_request()
-        .expect("BadRequest")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
+    let fields = e2e::bad_request_fields(&err);
     assert_eq!(fields, ["items[0].size_bytes", "items[1].pool", "holder", "ttl"], "{}", err.message());
     let err = client
         .create_pool(CreatePoolRequest { name: "Bad Name".into(), capacity_bytes: 0 })
         .await
         .unwrap_err();
-    let fields: Vec<String> = err
-        .get_details_bad_request()
-        .expect("BadRequest")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
+    let fields = e2e::bad_request_fields(&err);
     assert_eq!(fields, ["name", "capacity_bytes"]);
     server.stop().await;
 }
