@@ -8,7 +8,8 @@ pub use serving::config::ConfigError;
 pub use serving::units::parse_bytes;
 use serving::{device::DeviceSpec, units::ByteSize};
 
-use crate::validate;
+use crate::{ledger::Limits, validate};
+use serving::{security::Security, transport::Transport};
 
 /// One pool to create at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +37,14 @@ pub struct Config {
     pub event_buffer: usize,
     /// How long shutdown waits for in-flight calls before closing connections.
     pub grace_period: Duration,
+    /// Bounds on pools, leases, scope members and waiters.
+    pub limits: Limits,
+    /// Open WatchEvents streams at once.
+    pub max_watchers: usize,
+    /// Open KeepAlive streams at once.
+    pub max_keepalive_streams: usize,
+    /// TLS, tokens and transport limits.
+    pub security: Security,
 }
 
 /// Device whose memory the default pools divide, so a bare memory-service fits a bare
@@ -59,10 +68,17 @@ impl Default for Config {
             pools: pools_for_device(DEFAULT_DEVICE).unwrap_or_default(),
             default_ttl: Duration::from_secs(30),
             max_ttl: Duration::from_secs(3600),
-            max_wait: Duration::from_secs(300),
+            // Long enough to ride out a burst of frees, short enough that a waiter the caller has
+            // forgotten cannot hold its place for minutes (the seed's deadlock detector fired
+            // after 500 ms).
+            max_wait: Duration::from_secs(10),
             retry_hint: Duration::from_millis(200),
             event_buffer: 4096,
             grace_period: Duration::from_secs(10),
+            limits: Limits::default(),
+            max_watchers: 1024,
+            max_keepalive_streams: 4096,
+            security: Security::default(),
         }
     }
 }
@@ -79,6 +95,22 @@ struct File {
     retry_hint_ms: Option<u64>,
     event_buffer: Option<usize>,
     grace_period_ms: Option<u64>,
+    limits: Option<FileLimits>,
+    transport: Option<Transport>,
+}
+
+/// The `[limits]` table; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    pools: Option<usize>,
+    leases: Option<usize>,
+    leases_per_holder: Option<usize>,
+    scope_members: Option<usize>,
+    waiters_per_pool: Option<usize>,
+    waiters_per_holder: Option<usize>,
+    watchers: Option<usize>,
+    keepalive_streams: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +142,19 @@ impl Config {
         self.retry_hint = file.retry_hint_ms.map_or(self.retry_hint, ms);
         self.event_buffer = file.event_buffer.unwrap_or(self.event_buffer);
         self.grace_period = file.grace_period_ms.map_or(self.grace_period, ms);
+        if let Some(transport) = file.transport {
+            self.security.transport = transport;
+        }
+        let l = file.limits.unwrap_or_default();
+        let limits = &mut self.limits;
+        limits.pools = l.pools.unwrap_or(limits.pools);
+        limits.leases = l.leases.unwrap_or(limits.leases);
+        limits.leases_per_holder = l.leases_per_holder.unwrap_or(limits.leases_per_holder);
+        limits.scope_members = l.scope_members.unwrap_or(limits.scope_members);
+        limits.waiters_per_pool = l.waiters_per_pool.unwrap_or(limits.waiters_per_pool);
+        limits.waiters_per_holder = l.waiters_per_holder.unwrap_or(limits.waiters_per_holder);
+        self.max_watchers = l.watchers.unwrap_or(self.max_watchers);
+        self.max_keepalive_streams = l.keepalive_streams.unwrap_or(self.max_keepalive_streams);
         Ok(self)
     }
 
@@ -143,7 +188,28 @@ impl Config {
         if self.event_buffer == 0 || self.event_buffer > 1 << 20 {
             return invalid(format!("event buffer {} must be between 1 and 1048576", self.event_buffer));
         }
-        Ok(())
+        if self.max_wait > Duration::from_secs(3600) {
+            return invalid(format!("max wait {:?} must be at most 1 h", self.max_wait));
+        }
+        let l = &self.limits;
+        for (name, value, max) in [
+            ("limits.pools", l.pools, 1 << 16),
+            ("limits.leases", l.leases, 1 << 26),
+            ("limits.leases_per_holder", l.leases_per_holder, 1 << 26),
+            ("limits.scope_members", l.scope_members, 1 << 26),
+            ("limits.waiters_per_pool", l.waiters_per_pool, 1 << 20),
+            ("limits.waiters_per_holder", l.waiters_per_holder, 1 << 20),
+            ("limits.watchers", self.max_watchers, 1 << 20),
+            ("limits.keepalive_streams", self.max_keepalive_streams, 1 << 20),
+        ] {
+            if value == 0 || value > max {
+                return invalid(format!("{name} = {value} must be between 1 and {max}"));
+            }
+        }
+        if self.pools.len() > l.pools {
+            return invalid(format!("{} pools configured but limits.pools is {}", self.pools.len(), l.pools));
+        }
+        self.security.transport.validate().map_err(ConfigError::Invalid)
     }
 }
 

@@ -6,6 +6,8 @@ use clap::Parser;
 use memory_service::{Config, config::PoolSpec, run};
 use serving::launch::Launch;
 
+serving::security_args!(SecurityArgs, "MEMORY_");
+
 /// Leases named pools of simulated device memory over gRPC (memory.v1.MemoryService).
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -52,6 +54,8 @@ struct Args {
     /// Time given to in-flight calls at shutdown, in milliseconds.
     #[arg(long, env = "MEMORY_GRACE_PERIOD_MS")]
     grace_period_ms: Option<u64>,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 impl Args {
@@ -73,6 +77,9 @@ impl Args {
         config.retry_hint = self.retry_hint_ms.map_or(config.retry_hint, ms);
         config.event_buffer = self.event_buffer.unwrap_or(config.event_buffer);
         config.grace_period = self.grace_period_ms.map_or(config.grace_period, ms);
+        let transport = config.security.transport;
+        config.security = self.security.security()?;
+        config.security.transport = transport;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }

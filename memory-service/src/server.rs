@@ -13,7 +13,7 @@ use crate::{
     config::{Config, ConfigError},
     metrics::Metrics,
     reaper,
-    service::{MemoryApi, Shared},
+    service::{MemoryApi, MemoryPolicy, Shared},
 };
 
 /// Serves `memory.v1.MemoryService`, health and reflection on `listener` until `shutdown`
@@ -35,24 +35,41 @@ pub async fn run(
     let token = CancellationToken::new();
     let pools: Vec<&str> = config.pools.iter().map(|p| p.name.as_str()).collect();
     let metrics = Metrics::new(&pools)?;
-    let shared = Shared::new(config, token.clone(), metrics.clone())
+    let security = config.security.prepare("memory-service", Box::new(MemoryPolicy))?;
+    let transport = config.security.transport;
+    let config_reload = config.security.tls_reload;
+    let shared = Shared::new(config, token.clone(), metrics.clone(), security.auth.enforced())
         .map_err(|e| ConfigError::Invalid(format!("cannot create the configured pools: {e}")))?;
-    let snapshot_of = shared.clone();
-    let snapshot: serving::admin::Snapshot = Arc::new(move || crate::metrics::snapshot(&snapshot_of));
-    serving::admin::spawn(admin, &metrics.registry, snapshot, &token);
 
     let (health, router) = serving::grpc::base::<MemoryServiceServer<MemoryApi>>(
         metrics.grpc.clone(),
         proto::MEMORY_DESCRIPTOR_SET,
+        &transport,
+        security.auth,
     )?;
+    let snapshot_of = shared.clone();
+    let snapshot: serving::admin::Snapshot = Arc::new(move || crate::metrics::snapshot(&snapshot_of));
+    serving::admin::spawn(admin, &metrics.registry, snapshot, &health, &token);
     serving::grpc::set_health::<MemoryServiceServer<MemoryApi>>(&health, true).await;
+    if let Some(tls) = &security.tls {
+        tls.spawn_reload(config_reload, token.clone());
+    }
+    let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+    let incoming = serving::tls::incoming(
+        transport.incoming(listener),
+        security.tls,
+        std::time::Duration::from_millis(transport.tls_handshake_timeout_ms),
+        token.clone(),
+    );
 
     let reaper = tokio::spawn(reaper::run(shared.clone()));
-    let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let drain = token.clone();
     let server = router
-        .add_service(MemoryServiceServer::new(MemoryApi::new(shared.clone())))
-        .serve_with_incoming_shutdown(serving::grpc::incoming(listener), drain.cancelled_owned());
+        .add_service(
+            MemoryServiceServer::new(MemoryApi::new(shared.clone()))
+                .max_decoding_message_size(transport.max_message_bytes),
+        )
+        .serve_with_incoming_shutdown(incoming, drain.cancelled_owned());
     tokio::pin!(server);
     // The epoch as a string: a 64-bit number loses precision in JSON tooling (JavaScript's 2^53).
     info!(%addr, epoch = %shared.ledger().epoch(), "memory-service listening");

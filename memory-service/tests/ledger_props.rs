@@ -53,19 +53,19 @@ fn pool_name(i: u8) -> String {
 #[derive(Default)]
 struct Model {
     leases: Vec<LeaseId>,
-    waiters: Vec<(u64, oneshot::Receiver<Grant>)>,
+    waiters: Vec<(u64, oneshot::Receiver<Result<Grant, memory_service::ledger::Error>>)>,
 }
 
 impl Model {
     /// Collects grants delivered to waiters since the last step.
     fn collect(&mut self) {
         self.waiters.retain_mut(|(_, rx)| match rx.try_recv() {
-            Ok(grant) => {
+            Ok(Ok(grant)) => {
                 self.leases.extend(grant.leases.iter().map(|l| l.id));
                 false
             }
             Err(oneshot::error::TryRecvError::Empty) => true,
-            Err(oneshot::error::TryRecvError::Closed) => false,
+            Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => false,
         });
     }
 }
@@ -106,13 +106,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert!(ledger.free(LeaseId::from_raw(u128::MAX), now).is_err());
             }
             Op::FreeScope { scope } => {
-                ledger.free_scope(&format!("scope-{scope}"), now);
+                ledger.free_scope("prop", &format!("scope-{scope}"), now);
             }
             Op::Renew { pick } if !model.leases.is_empty() => {
                 let _ = ledger.renew(model.leases[pick % model.leases.len()], now);
             }
             Op::RenewScope { scope } => {
-                ledger.renew_scope(&format!("scope-{scope}"), now, &mut Default::default());
+                ledger.renew_scope("prop", &format!("scope-{scope}"), now, &mut Default::default());
             }
             Op::Advance { ms } => {
                 now += Duration::from_millis(ms);
@@ -123,7 +123,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if ledger.abandon_wait(ticket, now, Duration::ZERO, timed_out).is_none() {
                     // Granted before it was abandoned: as the service's guard does, free it.
                     let mut rx = _rx;
-                    if let Ok(grant) = rx.try_recv() {
+                    if let Ok(Ok(grant)) = rx.try_recv() {
                         for lease in grant.leases {
                             let _ = ledger.free(lease.id, now);
                         }

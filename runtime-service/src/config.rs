@@ -92,6 +92,22 @@ pub struct Config {
     pub retry_hint: Duration,
     /// How long shutdown waits for streams to end and memory to be returned.
     pub grace_period: Duration,
+    /// TLS, tokens and transport limits of this service's own gRPC port.
+    pub security: serving::security::Security,
+    /// How this service proves itself to memory-service.
+    pub memory_auth: MemoryAuth,
+}
+
+/// Credentials for the hop to memory-service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryAuth {
+    /// PEM CA that signed memory-service's certificate: turns TLS on (the address must then be
+    /// `https://`).
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate and key for mutual TLS.
+    pub tls_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// File holding the bearer token presented to memory-service.
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -120,6 +136,8 @@ impl Default for Config {
             max_stream_lifetime: Duration::from_secs(600),
             retry_hint: Duration::from_millis(500),
             grace_period: Duration::from_secs(10),
+            security: serving::security::Security::default(),
+            memory_auth: MemoryAuth::default(),
         }
     }
 }
@@ -195,13 +213,21 @@ impl Config {
         if !(self.jitter.is_finite() && (0.0..=1.0).contains(&self.jitter)) {
             return invalid(format!("jitter {} must be between 0 and 1", self.jitter));
         }
-        // memory-service refuses TTLs above its maximum (1 h by default) and waits above 5 min.
-        if self.lease_ttl > Duration::from_secs(3600) {
-            return invalid(format!("lease TTL {:?} must be at most 1 h", self.lease_ttl));
+        // What memory-service accepts (TTL, wait) is its own configuration: the runtime checks
+        // against what it advertises when it connects (see `supervisor`), not fixed numbers.
+        if self.lease_ttl > Duration::from_secs(86_400) || self.memory_wait > Duration::from_secs(86_400) {
+            return invalid("lease TTL and memory wait must be at most a day".into());
         }
-        if self.memory_wait > Duration::from_secs(300) {
-            return invalid(format!("memory wait {:?} must be at most 5 min", self.memory_wait));
+        if self.memory_auth.tls_identity.is_some() && self.memory_auth.tls_ca.is_none() {
+            return invalid("--memory-tls-cert and --memory-tls-key need --memory-tls-ca".into());
         }
+        if self.memory_auth.tls_ca.is_some() && !self.memory_addr.starts_with("https://") {
+            return invalid(format!(
+                "with --memory-tls-ca the memory address must be https://, got {:?}",
+                self.memory_addr
+            ));
+        }
+        self.security.transport.validate().map_err(ConfigError::Invalid)?;
         for (name, d) in [
             ("lease TTL", self.lease_ttl),
             ("memory timeout", self.memory_timeout),

@@ -56,6 +56,13 @@ pub enum Error {
     /// memory-service answered in a way this version does not expect.
     #[error("unexpected answer from memory-service: {0}")]
     MemoryProtocol(String),
+    /// memory-service refused this runtime's own settings (a TTL or wait above what it accepts):
+    /// the pair is misconfigured, not the caller's request.
+    #[error("memory-service refused this runtime's settings: {0}")]
+    MemoryRefused(String),
+    /// The caller is authenticated but may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// Cancelled by a Cancel call.
     #[error("generation cancelled by request")]
     Cancelled,
@@ -112,6 +119,15 @@ impl Error {
                 (Code::Unavailable, retry())
             }
             Error::MemoryProtocol(_) => (Code::Internal, ErrorDetails::new()),
+            Error::MemoryRefused(detail) => (
+                Code::FailedPrecondition,
+                ErrorDetails::with_precondition_failure_violation(
+                    "CONFIG",
+                    "runtime-service",
+                    detail.clone(),
+                ),
+            ),
+            Error::PermissionDenied(_) => (Code::PermissionDenied, ErrorDetails::new()),
             Error::Cancelled => (Code::Cancelled, ErrorDetails::new()),
             Error::DeadlineExceeded(_) => (Code::DeadlineExceeded, ErrorDetails::new()),
         };
@@ -136,6 +152,8 @@ mod tests {
             (Error::MemoryUnavailable("down".into()), Code::Unavailable),
             (Error::MemoryLost, Code::Unavailable),
             (Error::Cancelled, Code::Cancelled),
+            (Error::MemoryRefused("ttl".into()), Code::FailedPrecondition),
+            (Error::PermissionDenied("not yours".into()), Code::PermissionDenied),
             (Error::DeadlineExceeded("ttft".into()), Code::DeadlineExceeded),
             (Error::ShuttingDown, Code::Unavailable),
         ];

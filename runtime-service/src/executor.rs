@@ -30,6 +30,8 @@ pub struct Flight {
     cancel: CancellationToken,
     reason: OnceLock<Error>,
     queued: AtomicBool,
+    /// Who started it (authentication on).
+    owner: Option<Arc<str>>,
 }
 
 impl Flight {
@@ -104,7 +106,9 @@ impl Executor {
     }
 
     /// Registers `id`; refuses an id already in flight.
-    pub fn register(self: &Arc<Self>, id: String) -> Result<Ticket, Error> {
+    /// `owner` is the identity that started it (authentication on), the only one besides an
+    /// admin that may cancel it.
+    pub fn register(self: &Arc<Self>, id: String, owner: Option<Arc<str>>) -> Result<Ticket, Error> {
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
         if flights.contains_key(&id) {
             return Err(Error::DuplicateRequest(id));
@@ -113,6 +117,7 @@ impl Executor {
             cancel: self.shutdown.child_token(),
             reason: OnceLock::new(),
             queued: AtomicBool::new(true),
+            owner,
         });
         flights.insert(id.clone(), flight.clone());
         Ok(Ticket { executor: self.clone(), id, flight })
@@ -136,9 +141,19 @@ impl Executor {
     }
 
     /// Cancels generation `id`; returns whether it was still queued.
-    pub fn cancel(&self, id: &str) -> Result<bool, Error> {
+    /// `caller` is the identity asking, `None` with authentication off; `admin` may cancel any.
+    pub fn cancel(&self, id: &str, caller: Option<&str>, admin: bool) -> Result<bool, Error> {
         let flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        let flight = flights.get(id).ok_or_else(|| Error::RequestNotFound(id.to_owned()))?;
+        let flight = flights.get(id).ok_or_else(|| Error::RequestNotFound(serving::echo::echo(id)))?;
+        if let Some(caller) = caller
+            && !admin
+            && flight.owner.as_deref() != Some(caller)
+        {
+            return Err(Error::PermissionDenied(format!(
+                "generation {:?} was started by another identity",
+                serving::echo::echo(id)
+            )));
+        }
         flight.stop(Error::Cancelled);
         Ok(flight.queued.load(Ordering::Acquire))
     }
@@ -157,14 +172,20 @@ mod tests {
         drop(first);
         assert!(executor.admit().is_ok(), "a place freed up");
 
-        let ticket = executor.register("gen-1".into()).expect("registered");
-        assert!(matches!(executor.register("gen-1".into()), Err(Error::DuplicateRequest(_))));
-        assert_eq!(executor.cancel("gen-1"), Ok(true), "still queued");
+        let ticket = executor.register("gen-1".into(), None).expect("registered");
+        assert!(matches!(executor.register("gen-1".into(), None), Err(Error::DuplicateRequest(_))));
+        assert_eq!(executor.cancel("gen-1", None, false), Ok(true), "still queued");
         assert!(ticket.flight().cancelled().is_cancelled());
         assert_eq!(ticket.flight().reason(), Error::Cancelled);
         ticket.flight().mark_running();
-        assert_eq!(executor.cancel("gen-1"), Ok(false));
+        assert_eq!(executor.cancel("gen-1", None, false), Ok(false));
         drop(ticket);
-        assert!(matches!(executor.cancel("gen-1"), Err(Error::RequestNotFound(_))));
+        assert!(matches!(executor.cancel("gen-1", None, false), Err(Error::RequestNotFound(_))));
+
+        // With identities, only the owner (or an admin) may cancel.
+        let _owned = executor.register("gen-2".into(), Some("alice".into())).expect("registered");
+        assert!(matches!(executor.cancel("gen-2", Some("bob"), false), Err(Error::PermissionDenied(_))));
+        assert!(executor.cancel("gen-2", Some("ops"), true).is_ok());
+        assert!(executor.cancel("gen-2", Some("alice"), false).is_ok());
     }
 }

@@ -7,6 +7,8 @@ use rand::{TryRng, rngs::SysRng};
 use runtime_service::{Config, config, core::SchedulerMode, run, scheduler::KvReserve};
 use serving::launch::Launch;
 
+serving::security_args!(SecurityArgs, "RUNTIME_");
+
 /// Streams generated tokens over gRPC (runtime.v1.RuntimeService), with memory leased from
 /// memory-service.
 #[derive(Debug, Parser)]
@@ -77,6 +79,21 @@ struct Args {
     /// Longest stream, in milliseconds.
     #[arg(long, env = "RUNTIME_MAX_STREAM_LIFETIME_MS")]
     max_stream_lifetime_ms: Option<u64>,
+    #[command(flatten)]
+    security: SecurityArgs,
+    /// PEM CA that signed memory-service's certificate: TLS to memory-service (the address must
+    /// be https://).
+    #[arg(long, env = "RUNTIME_MEMORY_TLS_CA")]
+    memory_tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate presented to memory-service (mutual TLS), with --memory-tls-key.
+    #[arg(long, env = "RUNTIME_MEMORY_TLS_CERT")]
+    memory_tls_cert: Option<std::path::PathBuf>,
+    /// PEM key of --memory-tls-cert.
+    #[arg(long, env = "RUNTIME_MEMORY_TLS_KEY")]
+    memory_tls_key: Option<std::path::PathBuf>,
+    /// File holding the bearer token this runtime presents to memory-service.
+    #[arg(long, env = "RUNTIME_MEMORY_TOKEN_FILE")]
+    memory_token_file: Option<std::path::PathBuf>,
     /// Print what this configuration needs from memory-service (device, activations, each model's
     /// weights and whether it is preloaded) as JSON, and exit without serving: lets deployment
     /// checks size memory-service's pools from the binary itself.
@@ -117,6 +134,16 @@ impl Args {
         config.idle_timeout = self.idle_timeout_ms.map_or(config.idle_timeout, ms);
         config.max_stream_lifetime = self.max_stream_lifetime_ms.map_or(config.max_stream_lifetime, ms);
         config.grace_period = self.grace_period_ms.map_or(config.grace_period, ms);
+        let transport = config.security.transport;
+        config.security = self.security.security()?;
+        config.security.transport = transport;
+        config.memory_auth.tls_ca = self.memory_tls_ca.or(config.memory_auth.tls_ca);
+        config.memory_auth.token_file = self.memory_token_file.or(config.memory_auth.token_file);
+        config.memory_auth.tls_identity = match (self.memory_tls_cert, self.memory_tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => config.memory_auth.tls_identity,
+            _ => return Err("--memory-tls-cert and --memory-tls-key go together".into()),
+        };
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }

@@ -12,7 +12,7 @@ pub use serving::config::ServeError;
 use crate::{
     config::{Config, ConfigError},
     metrics::Metrics,
-    service::RuntimeApi,
+    service::{RuntimeApi, RuntimePolicy},
     state::Shared,
     supervisor,
 };
@@ -38,23 +38,40 @@ pub async fn run(
     let token = CancellationToken::new();
     let keys: Vec<&str> = config.models.iter().map(|m| m.key.as_str()).collect();
     let metrics = Metrics::new(&keys)?;
+    let security = config.security.prepare("runtime-service", Box::new(RuntimePolicy))?;
+    let transport = config.security.transport;
+    let config_reload = config.security.tls_reload;
     let shared = Shared::new(config, token.clone(), metrics.clone())
         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-    // Every runtime metric is a registered instrument; nothing extra to render per scrape.
-    let snapshot: serving::admin::Snapshot = Arc::new(String::new);
-    serving::admin::spawn(admin, &metrics.registry, snapshot, &token);
 
     let (health, router) = serving::grpc::base::<RuntimeServiceServer<RuntimeApi>>(
         metrics.grpc.clone(),
         proto::RUNTIME_DESCRIPTOR_SET,
+        &transport,
+        security.auth,
     )?;
+    // Every runtime metric is a registered instrument; nothing extra to render per scrape.
+    let snapshot: serving::admin::Snapshot = Arc::new(String::new);
+    serving::admin::spawn(admin, &metrics.registry, snapshot, &health, &token);
     serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, false).await;
+    if let Some(tls) = &security.tls {
+        tls.spawn_reload(config_reload, token.clone());
+    }
     let supervisor = tokio::spawn(supervisor::run(shared.clone(), health.clone()));
 
     let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+    let incoming = serving::tls::incoming(
+        transport.incoming(listener),
+        security.tls,
+        std::time::Duration::from_millis(transport.tls_handshake_timeout_ms),
+        token.clone(),
+    );
     let server = router
-        .add_service(RuntimeServiceServer::new(RuntimeApi::new(shared.clone())))
-        .serve_with_incoming_shutdown(serving::grpc::incoming(listener), token.clone().cancelled_owned());
+        .add_service(
+            RuntimeServiceServer::new(RuntimeApi::new(shared.clone()))
+                .max_decoding_message_size(transport.max_message_bytes),
+        )
+        .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     tokio::pin!(server);
     info!(%addr, memory = %shared.config.memory_addr, instance = %shared.config.instance, "runtime-service listening");
 
@@ -97,7 +114,7 @@ pub async fn run(
 /// returned. Cancelling `token` also starts the server's own graceful stop.
 async fn drain(
     shared: &Shared,
-    health: &tonic_health::server::HealthReporter,
+    health: &serving::grpc::Health,
     supervisor: tokio::task::JoinHandle<()>,
     token: CancellationToken,
     grace: std::time::Duration,

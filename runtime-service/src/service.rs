@@ -52,7 +52,8 @@ impl RuntimeService for RuntimeApi {
             return Err(self.status(Error::ShuttingDown));
         }
         let timeout = serving::deadline::grpc_timeout(request.metadata());
-        generate::start(&self.shared, request.into_inner(), timeout).map(Response::new).map_err(|e| {
+        let owner = serving::auth::Caller::of(&request).map(|c| c.identity);
+        generate::start(&self.shared, request.into_inner(), timeout, owner).map(Response::new).map_err(|e| {
             // Refused before it started: load shed (a capacity signal) is counted apart from the
             // caller's mistakes (invalid, unknown model, duplicate id).
             let outcome = match e {
@@ -88,6 +89,7 @@ impl RuntimeService for RuntimeApi {
         &self,
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
+        let caller = serving::auth::Caller::of(&request);
         let id = request.into_inner().request_id;
         if id.is_empty() {
             return Err(self.status(Error::invalid("request_id", "is required")));
@@ -95,7 +97,9 @@ impl RuntimeService for RuntimeApi {
         if !crate::generate::is_valid_request_id(&id) {
             return Err(self.status(Error::invalid("request_id", crate::generate::request_id_rule())));
         }
-        let was_queued = self.shared.executor.cancel(&id).map_err(|e| self.status(e))?;
+        let who = caller.as_ref().map(|c| &*c.identity);
+        let admin = caller.as_ref().is_some_and(|c| c.has("admin"));
+        let was_queued = self.shared.executor.cancel(&id, who, admin).map_err(|e| self.status(e))?;
         tracing::info!(request_id = %id, was_queued, "generation cancelled");
         Ok(Response::new(pb::CancelResponse { was_queued }))
     }
@@ -124,5 +128,20 @@ fn model_info(config: &crate::Config, model: &crate::models::Model) -> pb::Model
         layers: spec.arch.layers,
         context_length: spec.arch.context_length,
         decode_floor: duration(Roofline::weights_floor(&config.device, &spec.arch)),
+    }
+}
+
+/// The roles of `runtime.v1.RuntimeService`'s methods: `client` generates, lists models and
+/// cancels its own generations; `admin` may also cancel anyone's.
+#[derive(Debug, Clone, Copy)]
+pub struct RuntimePolicy;
+
+impl serving::auth::Policy for RuntimePolicy {
+    fn roles(&self) -> &'static [&'static str] {
+        &["admin", "client"]
+    }
+
+    fn required(&self, path: &str) -> Option<&'static [&'static str]> {
+        Some(if path.starts_with("/runtime.v1.RuntimeService/") { &["admin", "client"] } else { &[] })
     }
 }

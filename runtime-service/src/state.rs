@@ -54,7 +54,12 @@ pub struct Shared {
 impl Shared {
     /// Builds the state; starts the renewal task, the device loop and the slab leasers.
     pub fn new(config: Config, shutdown: CancellationToken, metrics: Metrics) -> Result<Arc<Self>, Error> {
-        let memory = MemoryClient::new(&config.memory_addr, &config.instance, config.memory_timeout)?;
+        let memory = MemoryClient::new(
+            &config.memory_addr,
+            &config.instance,
+            config.memory_timeout,
+            &config.memory_auth,
+        )?;
         let renewer = Renewer::spawn(memory.clone(), config.lease_ttl / 3, shutdown.clone());
         let executor = Executor::new(config.max_batch_size, config.queue_capacity, shutdown.clone());
         let tracker = TaskTracker::new();

@@ -5,8 +5,8 @@
 use std::{sync::Arc, time::Duration};
 
 use proto::runtime::v1::runtime_service_server::RuntimeServiceServer;
+use serving::grpc::Health as HealthReporter;
 use tokio_util::sync::CancellationToken;
-use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
 use crate::{error::Error, service::RuntimeApi, state::Shared};
@@ -47,8 +47,9 @@ async fn become_ready(shared: &Shared) -> bool {
         let attempt = async {
             // A new epoch means memory-service restarted and forgot every lease: whatever this
             // runtime held is gone and must be taken again before it may say it is ready.
-            let epoch = shared.memory.ping().await?;
+            let (epoch, limits) = shared.memory.ping().await?;
             shared.renewer.check_epoch(epoch);
+            check_limits(&shared.config, limits.as_ref())?;
             let loader = shared.loader();
             shared.activations.ensure(&loader).await?;
             for model in shared.models.iter().filter(|m| m.spec.preload) {
@@ -128,4 +129,32 @@ async fn stay_ready(shared: &Shared) -> bool {
     };
     degraded.cancel(); // also ends the watcher tasks
     recover
+}
+
+/// Refuses readiness while this runtime's lease TTL or memory wait is above what memory-service
+/// accepts: every Allocate would be refused, so serving would only fail each request.
+fn check_limits(
+    config: &crate::Config,
+    limits: Option<&proto::memory::v1::ServerLimits>,
+) -> Result<(), Error> {
+    let Some(limits) = limits else { return Ok(()) };
+    let as_std = |d: Option<&prost_types::Duration>| d.and_then(|d| Duration::try_from(*d).ok());
+    let mut problems = Vec::new();
+    if let Some(max) = as_std(limits.max_ttl.as_ref())
+        && config.lease_ttl > max
+    {
+        problems.push(format!(
+            "lease TTL {:?} is above its maximum {max:?}: lower --lease-ttl-ms",
+            config.lease_ttl
+        ));
+    }
+    if let Some(max) = as_std(limits.max_wait.as_ref())
+        && config.memory_wait > max
+    {
+        problems.push(format!(
+            "memory wait {:?} is above its maximum {max:?}: lower --memory-wait-ms",
+            config.memory_wait
+        ));
+    }
+    if problems.is_empty() { Ok(()) } else { Err(Error::MemoryRefused(problems.join("; "))) }
 }

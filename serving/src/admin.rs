@@ -1,6 +1,13 @@
-//! The admin HTTP port: Prometheus text at `/metrics`.
+//! The admin HTTP port: Prometheus text at `/metrics`, and `/livez` and `/readyz` for probes
+//! that cannot speak TLS or present a token (Kubernetes' native gRPC probes speak neither).
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use axum::{Router, http::header, response::IntoResponse, routing::get};
 use prometheus::{Encoder, Registry, TextEncoder};
@@ -15,6 +22,7 @@ pub async fn serve(
     listener: TcpListener,
     registry: Registry,
     snapshot: Snapshot,
+    ready: Arc<AtomicBool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let metrics = move || {
@@ -28,7 +36,21 @@ pub async fn serve(
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
         }
     };
-    let app = Router::new().route("/metrics", get(metrics));
+    // Readiness is the gRPC health of the server as a whole: 200 SERVING, else 503.
+    let readyz = move || {
+        let serving = ready.load(Ordering::Relaxed);
+        async move {
+            if serving {
+                (axum::http::StatusCode::OK, "SERVING\n")
+            } else {
+                (axum::http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/readyz", get(readyz))
+        .route("/livez", get(|| async { "OK\n" }));
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
@@ -37,12 +59,13 @@ pub fn spawn(
     admin: Option<TcpListener>,
     registry: &Registry,
     snapshot: Snapshot,
+    health: &crate::grpc::Health,
     stop: &tokio_util::sync::CancellationToken,
 ) {
     let Some(admin) = admin else { return };
     let addr = admin.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-    tokio::spawn(serve(admin, registry.clone(), snapshot, stop.clone().cancelled_owned()));
-    tracing::info!(%addr, "metrics on /metrics");
+    tokio::spawn(serve(admin, registry.clone(), snapshot, health.ready(), stop.clone().cancelled_owned()));
+    tracing::info!(%addr, "metrics on /metrics, probes on /livez and /readyz");
 }
 
 /// Parses an admin listen address: `host:port`, or `off` (or empty) for no admin port.

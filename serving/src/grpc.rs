@@ -1,18 +1,24 @@
 //! Pieces every gRPC server here needs: an accept loop with TCP_NODELAY, reflection (v1 and
 //! v1alpha) and the standard health service.
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
 use tokio::net::TcpListener;
 use tonic::{
     server::NamedService,
-    transport::{
-        Server,
-        server::{Router, TcpIncoming},
-    },
+    transport::server::{Router, TcpIncoming},
 };
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
-use crate::observe::{GrpcMetrics, ObserveLayer};
+use crate::{
+    auth::AuthLayer,
+    observe::{GrpcMetrics, ObserveLayer},
+    transport::{OversizeLayer, Transport},
+};
 pub use tonic_reflection::server::Error as ReflectionError;
 
 /// Accepts on an already-bound listener (tests bind `127.0.0.1:0`, `main` binds the configured
@@ -72,15 +78,34 @@ const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
 const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
 
 /// A router with what every server here carries, before its own service is added.
-pub type BaseRouter = Router<Stack<ObserveLayer, Identity>>;
+pub type BaseRouter = Router<Stack<AuthLayer, Stack<OversizeLayer, Stack<ObserveLayer, Identity>>>>;
 
-/// The common server: the observe layer outermost, so every call (health and reflection
-/// included) gets a span continuing the caller's trace and is counted with its final status;
-/// the standard health service; reflection v1 and v1alpha of service `S` over `descriptor_set`.
+/// The serving status, for gRPC health and for the admin port's `/readyz` (which probes that
+/// speak neither TLS nor tokens can reach).
+#[derive(Debug, Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// Whether the server is SERVING.
+    pub fn ready(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
+    }
+}
+
+/// The common server, with `transport`'s limits: the observe layer outermost, so every call
+/// (health and reflection included, refusals too) gets a span continuing the caller's trace
+/// and is counted with its final status; over-size requests answered RESOURCE_EXHAUSTED; then
+/// authentication (`auth`); the standard health service; reflection v1 and v1alpha of service
+/// `S` over `descriptor_set`.
 pub fn base<S: NamedService>(
     metrics: GrpcMetrics,
     descriptor_set: &[u8],
-) -> Result<(HealthReporter, BaseRouter), ReflectionError> {
+    transport: &Transport,
+    auth: AuthLayer,
+) -> Result<(Health, BaseRouter), ReflectionError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let (reflection_v1, reflection_v1alpha) = reflection(S::NAME, descriptor_set)?;
     let types = crate::observe::method_types(&[
@@ -89,18 +114,22 @@ pub fn base<S: NamedService>(
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ]);
-    let router = Server::builder()
+    let router = transport
+        .server()
         .layer(ObserveLayer::new(metrics, types))
+        .layer(OversizeLayer)
+        .layer(auth)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    Ok((health, router))
+    Ok((Health { reporter: health, ready: Arc::new(AtomicBool::new(false)) }, router))
 }
 
 /// Sets the health of service `S` and of the server as a whole (`""`, what liveness probes ask).
-pub async fn set_health<S: NamedService>(health: &HealthReporter, serving: bool) {
+pub async fn set_health<S: NamedService>(health: &Health, serving: bool) {
     let status =
         if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
-    health.set_service_status(S::NAME, status).await;
-    health.set_service_status("", status).await;
+    health.ready.store(serving, Ordering::Relaxed);
+    health.reporter.set_service_status(S::NAME, status).await;
+    health.reporter.set_service_status("", status).await;
 }

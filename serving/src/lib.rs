@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod deadline;
 pub mod device;
@@ -12,8 +13,11 @@ pub mod json_logs;
 pub mod launch;
 pub mod observe;
 pub mod propagation;
+pub mod security;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
+pub mod transport;
 pub mod units;
 
 /// Exit code for a configuration error (`EX_USAGE` in sysexits.h): the process exits with it

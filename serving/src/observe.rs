@@ -132,8 +132,38 @@ pub struct Observe<S> {
     types: Arc<HashMap<String, &'static str>>,
 }
 
+/// Lets a handler undo what its answer would have handed over if that answer never leaves: the
+/// client reset the stream or went away before the status was sent. The observe layer puts one
+/// in every request's extensions; it fires when the call ends CANCELLED. (A lease granted to a
+/// caller that gave up would otherwise be held by nobody until its TTL ran out.)
+#[derive(Clone, Default)]
+pub struct Undelivered(Arc<std::sync::Mutex<Option<Undo>>>);
+
+/// What a handler runs if its answer is never sent.
+type Undo = Box<dyn FnOnce() + Send>;
+
+impl std::fmt::Debug for Undelivered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Undelivered")
+    }
+}
+
+impl Undelivered {
+    /// Runs `undo` if the call's answer is never sent (replacing an earlier `undo`).
+    pub fn on_undelivered(&self, undo: impl FnOnce() + Send + 'static) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(undo));
+    }
+
+    fn fire(&self) {
+        let undo = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(undo) = undo {
+            undo();
+        }
+    }
+}
+
 /// One call in progress; finishing it records the span's status and the metrics. Dropped
-/// unfinished, the client went away: recorded as CANCELLED.
+/// unfinished, the client went away: recorded as CANCELLED, and its `Undelivered` fires.
 #[derive(Debug)]
 struct Call {
     span: Span,
@@ -144,6 +174,7 @@ struct Call {
     metrics: GrpcMetrics,
     code: Option<Code>,
     message: Option<String>,
+    undelivered: Undelivered,
 }
 
 impl Call {
@@ -155,6 +186,9 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
+        if self.code.is_none() {
+            self.undelivered.fire();
+        }
         let code = self.code.unwrap_or(Code::Cancelled);
         propagation::record_server_status(&self.span, code, self.message.as_deref());
         // Paths come from clients: only routed calls name their series, or any client could
@@ -214,7 +248,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let undelivered = Undelivered::default();
+        request.extensions_mut().insert(undelivered.clone());
         let path = request.uri().path().trim_start_matches('/');
         // Paths come from clients: only routed methods name their series, or any client could
         // create series without bound.
@@ -257,6 +293,7 @@ where
             metrics: self.metrics.clone(),
             code: None,
             message: None,
+            undelivered,
         };
         let future = {
             let _entered = call.span.enter();
@@ -353,5 +390,82 @@ impl<B: Body> Body for ObservedBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// A handler that arms an undo and answers OK with a one-frame body and OK trailers.
+    #[derive(Clone)]
+    struct Handler(Arc<AtomicBool>);
+
+    impl Service<http::Request<()>> for Handler {
+        type Response = http::Response<http_body_util_free::Once>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<()>) -> Self::Future {
+            let undone = self.0.clone();
+            let hook = request.extensions().get::<Undelivered>().expect("the layer adds one").clone();
+            hook.on_undelivered(move || undone.store(true, Ordering::SeqCst));
+            std::future::ready(Ok(http::Response::new(http_body_util_free::Once::default())))
+        }
+    }
+
+    /// A body of one trailers frame carrying `grpc-status: 0`, without another dependency.
+    mod http_body_util_free {
+        use super::*;
+
+        #[derive(Default)]
+        pub struct Once(bool);
+
+        impl Body for Once {
+            type Data = std::io::Cursor<Vec<u8>>;
+            type Error = std::convert::Infallible;
+
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+                if self.0 {
+                    return Poll::Ready(None);
+                }
+                self.0 = true;
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+        }
+    }
+
+    fn observed(undone: &Arc<AtomicBool>) -> Observe<Handler> {
+        let registry = Registry::new();
+        let metrics = GrpcMetrics::register(&registry, "test").expect("metrics register");
+        ObserveLayer::new(metrics, HashMap::new()).layer(Handler(undone.clone()))
+    }
+
+    #[tokio::test]
+    async fn an_answer_never_sent_runs_the_handlers_undo_and_a_sent_one_does_not() {
+        let undone = Arc::new(AtomicBool::new(false));
+        let response = observed(&undone).call(http::Request::new(())).await.expect("answered");
+        drop(response); // the client reset the stream before the status went out
+        assert!(undone.load(Ordering::SeqCst), "the undo did not run");
+
+        let delivered = Arc::new(AtomicBool::new(false));
+        let response = observed(&delivered).call(http::Request::new(())).await.expect("answered");
+        let mut body = Box::pin(response.into_body());
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        while let Poll::Ready(Some(_)) = body.as_mut().poll_frame(&mut cx) {}
+        drop(body);
+        assert!(!delivered.load(Ordering::SeqCst), "the undo ran after the status was sent");
     }
 }

@@ -2,6 +2,7 @@
 //! and stop them by joining their tasks, so a server error fails the test.
 #![forbid(unsafe_code)]
 
+pub mod certs;
 pub mod process;
 
 use std::{future::Future, net::SocketAddr, time::Duration};

@@ -43,7 +43,7 @@ async fn shutdown_ends_open_streams_cleanly_within_the_grace_period() {
 
     let mut waiter = server.client().await;
     let mut waits = alloc(&[("kv-cache", 1)]);
-    waits.max_wait = Some(pb_duration(Duration::from_secs(60)));
+    waits.max_wait = Some(pb_duration(Duration::from_secs(10)));
     let waiting = tokio::spawn(async move { waiter.allocate(waits).await });
     let queued = e2e::wait_for_waiters(&mut client, "kv-cache", 1).await;
     assert!(queued, "the Allocate never queued");

@@ -79,7 +79,7 @@ async fn the_grpc_deadline_bounds_the_wait() {
     let _hold = client.allocate(alloc(&[("kv-cache", 100)])).await.unwrap();
 
     let mut req = tonic::Request::new(alloc(&[("kv-cache", 1)]));
-    req.get_mut().max_wait = Some(pb_duration(Duration::from_secs(60)));
+    req.get_mut().max_wait = Some(pb_duration(Duration::from_secs(10)));
     req.set_timeout(Duration::from_millis(300));
     let started = Instant::now();
     let err = client.allocate(req).await.unwrap_err();
@@ -103,7 +103,7 @@ async fn a_cancelled_wait_leaves_the_queue_and_holds_nothing() {
 
     let mut waiter = server.client().await;
     let mut req = alloc(&[("kv-cache", 40)]);
-    req.max_wait = Some(pb_duration(Duration::from_secs(60)));
+    req.max_wait = Some(pb_duration(Duration::from_secs(10)));
     let waiting = tokio::spawn(async move { waiter.allocate(req).await });
     assert!(wait_for_waiters(&mut client, "kv-cache", 1).await, "the Allocate never queued");
     waiting.abort(); // the client goes away: its HTTP/2 stream is reset

@@ -102,6 +102,19 @@ pub enum Error {
     /// The server is shutting down and takes no new work.
     #[error("memory-service is shutting down")]
     ShuttingDown,
+    /// A configured bound on a resource a caller can create was reached.
+    #[error("{what} limit reached: {limit} allowed ({hint})")]
+    LimitReached {
+        /// What is counted, e.g. "leases per holder".
+        what: &'static str,
+        /// Its configured bound.
+        limit: u64,
+        /// What the caller can do about it.
+        hint: &'static str,
+    },
+    /// The caller is authenticated but may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl Error {

@@ -11,7 +11,7 @@ impl Ledger {
             used[lease.pool] += lease.size;
             count[lease.pool] += 1;
             if let Some(scope) = &lease.scope
-                && !self.scopes.get(scope).is_some_and(|s| s.contains(id))
+                && !self.scopes.get(&*self.scope_key(&lease.holder, scope)).is_some_and(|s| s.contains(id))
             {
                 return Err(format!("lease {id} missing from scope {scope}"));
             }
@@ -57,24 +57,52 @@ impl Ledger {
         {
             return Err("scope index out of step with leases".into());
         }
+        let mut per_holder: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for lease in self.leases.values() {
+            *per_holder.entry(&lease.holder).or_default() += 1;
+        }
+        if let Some((holder, n)) = per_holder.iter().find(|(h, n)| self.holder_leases.get(h) != **n) {
+            return Err(format!("holder {holder}: {n} leases, {} counted", self.holder_leases.get(holder)));
+        }
+        let mut waiting: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for i in 0..self.waiters.len() {
+            if let Some(w) = self.waiters.get(i) {
+                *waiting.entry(&w.request.holder).or_default() += 1;
+            }
+        }
+        if let Some((holder, n)) = waiting.iter().find(|(h, n)| self.holder_waiters.get(h) != **n) {
+            return Err(format!("holder {holder}: {n} waiters, {} counted", self.holder_waiters.get(holder)));
+        }
         self.check_no_servable_waiter()
     }
 
-    /// Liveness: after any operation, no queued waiter could be granted under the FIFO-per-pool
-    /// rule (it would have been served when the room appeared).
+    /// Liveness: after any operation, no queued waiter could be granted under the
+    /// cannot-delay-anyone-ahead rule (it would have been served when the room appeared).
     fn check_no_servable_waiter(&self) -> Result<(), String> {
-        let mut blocked = vec![false; self.pools.len()];
+        let mut ahead = vec![0u128; self.pools.len()];
+        let mut reserved = vec![0u128; self.pools.len()];
         for i in 0..self.waiters.len() {
             let Some(w) = self.waiters.get(i) else { break };
             let demand = &w.request.demand;
             // A waiter whose caller left still holds its place until the next serving pass drops
             // it (callers normally leave through `abandon_wait`, which serves at once).
             let live = !w.reply.is_closed();
-            if live && demand.iter().all(|&(p, bytes)| !blocked[p] && bytes <= self.pools[p].available()) {
+            if live && demand.iter().all(|&(p, bytes)| self.pools[p].fits_behind(ahead[p], bytes)) {
                 return Err(format!("waiter {} fits but is still queued", w.ticket));
             }
-            for &(p, _) in demand {
-                blocked[p] = true;
+            for &(p, bytes) in demand {
+                ahead[p] += u128::from(bytes);
+                reserved[p] += u128::from(bytes);
+            }
+        }
+        for (p, pool) in self.pools.iter().enumerate() {
+            if pool.reserved() != reserved[p] {
+                return Err(format!(
+                    "{}: {} bytes reserved, waiters ask {}",
+                    pool.name(),
+                    pool.reserved(),
+                    reserved[p]
+                ));
             }
         }
         Ok(())

@@ -9,19 +9,19 @@ mod events;
 mod expiry;
 mod invariants;
 mod lease;
+mod limits;
 mod pool;
 mod request;
+mod scopes;
 mod waiters;
 mod waiting;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_limits;
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio::{
     sync::{Notify, broadcast, oneshot},
@@ -33,12 +33,14 @@ pub use self::{
     error::Violations,
     events::{Event, EventKind},
     lease::{IdGen, Lease, LeaseId, LeaseMap, LeaseSet},
+    limits::Limits,
     pool::{Counters, PoolId, PoolStats, Release},
     request::{Admission, AllocRequest, Feasibility, Grant, PoolFit, Resolved},
 };
 use self::{
     events::{Change, EventBus},
     expiry::ExpiryQueue,
+    limits::PerHolder,
     pool::Pool,
     request::{PoolBytes, Replay},
     waiters::WaitQueue,
@@ -65,6 +67,11 @@ pub struct Ledger {
     reaper: Arc<Notify>,
     /// Told of every lease that leaves (metrics).
     observer: Option<Arc<dyn ReleaseObserver>>,
+    limits: Limits,
+    holder_leases: PerHolder,
+    holder_waiters: PerHolder,
+    /// Scopes are keyed by holder and name, not name alone (see `set_scopes_per_holder`).
+    scopes_per_holder: bool,
 }
 
 /// Learns how long each lease lived and how it ended.
@@ -90,6 +97,10 @@ impl Ledger {
             ids,
             reaper: Arc::new(Notify::new()),
             observer: None,
+            limits: Limits::default(),
+            holder_leases: PerHolder::default(),
+            holder_waiters: PerHolder::default(),
+            scopes_per_holder: false,
         }
     }
 
@@ -118,6 +129,7 @@ impl Ledger {
         if self.pool_index.contains_key(name) {
             return Err(Error::PoolExists(name.to_owned()));
         }
+        self.check_pool_limit()?;
         if capacity == 0 || capacity > MAX_CAPACITY {
             return Err(Error::invalid(
                 "capacity_bytes",
@@ -227,6 +239,7 @@ impl Ledger {
             return Err(err);
         }
 
+        self.check_lease_limits(&resolved)?;
         if self.fits_now(&resolved.demand) {
             return Ok(Admission::Granted(self.grant(&resolved, now)));
         }
@@ -239,9 +252,11 @@ impl Ledger {
             return Err(self.no_room(&resolved, &blocking, Duration::ZERO, false));
         }
 
-        for &(p, _) in &resolved.demand {
-            self.pools[p].add_waiter();
+        self.check_waiter_limits(&resolved)?;
+        for &(p, bytes) in &resolved.demand {
+            self.pools[p].add_waiter(bytes);
         }
+        self.holder_waiters.add(&resolved.holder, 1);
         let (reply, grant) = oneshot::channel();
         let ticket = self.waiters.push(resolved, reply);
         Ok(Admission::Queued { ticket, grant })
@@ -269,35 +284,6 @@ impl Ledger {
         Ok(lease)
     }
 
-    /// Renews every live lease of `scope` not in `done` (renewed earlier by the same request, so
-    /// each lease is renewed, and announced, once) and adds them to it. Returns the scope's live
-    /// leases, how many of them this call renewed, and the latest new expiry: counts, not the
-    /// leases themselves, since a scope may hold a hundred thousand.
-    pub fn renew_scope(
-        &mut self,
-        scope: &str,
-        now: Instant,
-        done: &mut HashSet<LeaseId>,
-    ) -> (u64, u64, Option<Instant>) {
-        self.reap(now);
-        let ids: Vec<LeaseId> =
-            self.scopes.get(scope).map(|s| s.iter().copied().collect()).unwrap_or_default();
-        let (mut live, mut renewed, mut latest) = (0, 0, None);
-        for id in ids {
-            if done.contains(&id) {
-                live += 1;
-                continue;
-            }
-            if let Ok(lease) = self.renew(id, now) {
-                done.insert(id);
-                live += 1;
-                renewed += 1;
-                latest = latest.max(Some(lease.expires_at));
-            }
-        }
-        (live, renewed, latest)
-    }
-
     /// Frees one lease.
     pub fn free(&mut self, id: LeaseId, now: Instant) -> Result<Lease, Error> {
         self.check_live(id, now)?;
@@ -306,25 +292,6 @@ impl Ledger {
             self.remove_lease(id, Release::Freed, now).ok_or_else(|| Error::LeaseNotFound(id.to_string()))?;
         self.serve_waiters(now);
         Ok(lease)
-    }
-
-    /// Frees every live lease of `scope`; returns (leases, bytes) freed.
-    pub fn free_scope(&mut self, scope: &str, now: Instant) -> (u64, u64) {
-        self.reap(now);
-        let ids: Vec<LeaseId> =
-            self.scopes.get(scope).map(|s| s.iter().copied().collect()).unwrap_or_default();
-        let (mut count, mut bytes) = (0u64, 0u128);
-        for id in ids {
-            if let Some(lease) = self.remove_lease(id, Release::Freed, now) {
-                count += 1;
-                bytes += u128::from(lease.size);
-            }
-        }
-        if count > 0 {
-            self.serve_waiters(now);
-        }
-        // A scope may span pools whose sizes add past 64 bits; the count is exact, bytes saturate.
-        (count, u64::try_from(bytes).unwrap_or(u64::MAX))
     }
 
     /// Reclaims every lease whose deadline is at or before `now`, all at once (never rate
@@ -373,11 +340,12 @@ impl Ledger {
         Ok((resolved, demand))
     }
 
-    /// True if `demand` fits now without jumping the queue: a pool with waiters serves them first.
+    /// True if `demand` fits now and leaves every pool room for what its waiters ask: a
+    /// newcomer may pass waiters only where it cannot delay them (see `serve_waiters`).
     fn fits_now(&self, demand: &[(PoolId, u64)]) -> bool {
         demand.iter().all(|&(p, bytes)| {
             let pool = &self.pools[p];
-            pool.waiters() == 0 && bytes <= pool.available()
+            pool.fits_behind(pool.reserved(), bytes)
         })
     }
 
@@ -447,10 +415,15 @@ impl Ledger {
                 self.reaper.notify_one();
             }
             if let Some(scope) = &request.scope {
-                self.scopes.entry(scope.clone()).or_default().insert(id);
+                let key = self.scope_key(&request.holder, scope);
+                match self.scopes.get_mut(&*key) {
+                    Some(members) => members.insert(id),
+                    None => self.scopes.entry(Arc::from(key)).or_default().insert(id),
+                };
             }
             leases.push(lease);
         }
+        self.holder_leases.add(&request.holder, leases.len());
         if let Some(key) = &request.key {
             self.replays.insert(
                 key.clone(),
@@ -474,14 +447,16 @@ impl Ledger {
     /// Returns a lease, already out of `leases` and `expiry`, to its pool and its indexes.
     fn release(&mut self, lease: Lease, how: Release, now: Instant) -> Lease {
         let id = lease.id;
-        if let Some(scope) = &lease.scope
-            && let Some(members) = self.scopes.get_mut(scope)
-        {
-            members.remove(&id);
-            if members.is_empty() {
-                self.scopes.remove(scope);
+        if let Some(scope) = &lease.scope {
+            let key = self.scope_key(&lease.holder, scope);
+            if let Some(members) = self.scopes.get_mut(&*key) {
+                members.remove(&id);
+                if members.is_empty() {
+                    self.scopes.remove(&*key);
+                }
             }
         }
+        self.holder_leases.sub(&lease.holder, 1);
         // The grant is no longer whole: a retry under its key allocates afresh. Only if the
         // record is this lease's grant: a newer grant under the same key (made after another of
         // the old leases was freed) keeps its replay.

@@ -15,6 +15,9 @@ pub struct Pool {
     used: u64,
     live_leases: u64,
     waiters: u64,
+    /// Bytes the waiters ask of this pool: room a newcomer may not take (128-bit: a thousand
+    /// waiters of 4 EiB each pass 64 bits).
+    reserved: u128,
     peak_used: u64,
     counters: Counters,
 }
@@ -76,6 +79,7 @@ impl Pool {
             used: 0,
             live_leases: 0,
             waiters: 0,
+            reserved: 0,
             peak_used: 0,
             counters: Counters::default(),
         }
@@ -126,11 +130,23 @@ impl Pool {
         }
     }
 
-    pub(crate) fn add_waiter(&mut self) {
+    /// Bytes the queued waiters ask of this pool.
+    pub fn reserved(&self) -> u128 {
+        self.reserved
+    }
+
+    /// Whether `bytes` more fit with `ahead` bytes promised to earlier waiters.
+    pub fn fits_behind(&self, ahead: u128, bytes: u64) -> bool {
+        ahead + u128::from(bytes) <= u128::from(self.available())
+    }
+
+    pub(crate) fn add_waiter(&mut self, bytes: u64) {
+        self.reserved += u128::from(bytes);
         self.waiters += 1;
     }
 
-    pub(crate) fn remove_waiter(&mut self) {
+    pub(crate) fn remove_waiter(&mut self, bytes: u64) {
+        self.reserved -= u128::from(bytes);
         self.waiters -= 1;
     }
 

@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::oneshot;
 
-use super::{Lease, LeaseId, PoolId};
+use super::{Error, Lease, LeaseId, PoolId};
 
 /// (pool, bytes) pairs.
 pub(super) type PoolBytes = Vec<(PoolId, u64)>;
@@ -55,8 +55,9 @@ pub enum Admission {
     Queued {
         /// Identifies the waiter for [`Ledger::abandon_wait`].
         ticket: u64,
-        /// Receives the grant.
-        grant: oneshot::Receiver<Grant>,
+        /// Receives the grant, or why it can no longer be granted (a lease bound was reached
+        /// while it waited).
+        grant: oneshot::Receiver<Result<Grant, Error>>,
     },
 }
 

@@ -32,7 +32,7 @@ fn granted(admission: Result<Admission, Error>) -> Grant {
     }
 }
 
-fn queued(admission: Result<Admission, Error>) -> (u64, oneshot::Receiver<Grant>) {
+fn queued(admission: Result<Admission, Error>) -> (u64, oneshot::Receiver<Result<Grant, Error>>) {
     match admission {
         Ok(Admission::Queued { ticket, grant }) => (ticket, grant),
         other => panic!("expected to queue, got {other:?}"),
@@ -104,8 +104,8 @@ fn a_free_wakes_the_oldest_waiter_and_later_ones_cannot_barge() {
     assert!(big.try_recv().is_err() && small.try_recv().is_err());
 
     ledger.free(first.leases[0].id, now).unwrap();
-    assert_eq!(big.try_recv().expect("big granted").leases[0].size, 50);
-    assert_eq!(small.try_recv().expect("small granted").leases[0].size, 5);
+    assert_eq!(big.try_recv().expect("big granted").expect("a grant").leases[0].size, 50);
+    assert_eq!(small.try_recv().expect("small granted").expect("a grant").leases[0].size, 5);
     assert_eq!(used(&ledger, "kv-cache"), 55);
     assert_eq!(ledger.pool_stats("kv-cache").unwrap().waiters, 0);
     ledger.check_invariants().unwrap();
@@ -173,7 +173,7 @@ fn many_simultaneous_expiries_are_reclaimed_in_one_pass_and_wake_waiters() {
     let (_, mut waiter) = queued(ledger.allocate(request(&[("kv-cache", 50)]), t0, true));
     assert_eq!(ledger.reap(t0 + TTL - Duration::from_millis(1)), 0);
     assert_eq!(ledger.reap(t0 + TTL), 100);
-    assert_eq!(waiter.try_recv().expect("granted by expiry").leases[0].size, 50);
+    assert_eq!(waiter.try_recv().expect("granted by expiry").expect("a grant").leases[0].size, 50);
     assert_eq!(used(&ledger, "kv-cache"), 50);
     ledger.check_invariants().unwrap();
 }
@@ -189,13 +189,13 @@ fn scopes_free_and_renew_together() {
     granted(ledger.allocate(request(&[("kv-cache", 1)]), t0, false));
 
     let mut done = std::collections::HashSet::new();
-    let renewed = ledger.renew_scope("gen-1", t0 + Duration::from_secs(10), &mut done);
+    let renewed = ledger.renew_scope("test", "gen-1", t0 + Duration::from_secs(10), &mut done);
     assert_eq!(renewed, (4, 4, Some(t0 + Duration::from_secs(10) + TTL)));
     // Named again in the same request: counted, not renewed twice.
-    assert_eq!(ledger.renew_scope("gen-1", t0 + Duration::from_secs(10), &mut done).1, 0);
+    assert_eq!(ledger.renew_scope("test", "gen-1", t0 + Duration::from_secs(10), &mut done).1, 0);
 
-    assert_eq!(ledger.free_scope("gen-1", t0), (4, 66));
-    assert_eq!(ledger.free_scope("gen-1", t0), (0, 0));
+    assert_eq!(ledger.free_scope("test", "gen-1", t0), (4, 66));
+    assert_eq!(ledger.free_scope("test", "gen-1", t0), (0, 0));
     assert_eq!(used(&ledger, "kv-cache"), 1);
     ledger.check_invariants().unwrap();
 }

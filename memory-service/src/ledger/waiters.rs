@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use tokio::sync::oneshot;
 
-use super::{Grant, PoolId, Resolved};
+use super::{Error, Grant, PoolId, Resolved};
 
 /// An Allocate call parked until its items fit. The ledger grants it by sending on `reply`; the
 /// waiting call owns the receiving end (see `WaitGuard` in the service layer).
@@ -15,7 +15,7 @@ pub struct Waiter {
     /// What it asks for, pools resolved.
     pub request: Resolved,
     /// Where the grant goes.
-    pub reply: oneshot::Sender<Grant>,
+    pub reply: oneshot::Sender<Result<Grant, Error>>,
 }
 
 /// Waiters in arrival order. A `VecDeque` scanned linearly: waiters are few (bounded by
@@ -28,7 +28,7 @@ pub struct WaitQueue {
 
 impl WaitQueue {
     /// Appends a waiter and returns its ticket.
-    pub fn push(&mut self, request: Resolved, reply: oneshot::Sender<Grant>) -> u64 {
+    pub fn push(&mut self, request: Resolved, reply: oneshot::Sender<Result<Grant, Error>>) -> u64 {
         self.next_ticket += 1;
         let ticket = self.next_ticket;
         self.queue.push_back(Waiter { ticket, request, reply });
@@ -56,12 +56,15 @@ impl WaitQueue {
         self.queue.iter().any(|w| w.request.key.as_deref() == Some(key))
     }
 
-    /// True if a waiter ahead of `ticket` (any waiter, for `None`) asks for pool `pool`.
-    pub fn has_earlier(&self, pool: PoolId, ticket: Option<u64>) -> bool {
+    /// Bytes that waiters ahead of `ticket` (every waiter, for `None`) ask of pool `pool`.
+    pub fn ahead_of(&self, pool: PoolId, ticket: Option<u64>) -> u128 {
         self.queue
             .iter()
             .take_while(|w| ticket.is_none_or(|t| w.ticket < t))
-            .any(|w| w.request.demand.iter().any(|&(p, _)| p == pool))
+            .flat_map(|w| w.request.demand.iter())
+            .filter(|&&(p, _)| p == pool)
+            .map(|&(_, bytes)| u128::from(bytes))
+            .sum()
     }
 
     /// Takes every waiter out (shutdown).

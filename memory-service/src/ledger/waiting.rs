@@ -18,9 +18,7 @@ impl Ledger {
         timed_out: bool,
     ) -> Option<Error> {
         let waiter = self.waiters.remove(ticket)?;
-        for &(p, _) in &waiter.request.demand {
-            self.pools[p].remove_waiter();
-        }
+        self.unqueue(&waiter.request);
         let blocking = self.blocking(&waiter.request, Some(ticket));
         let err = self.no_room(&waiter.request, &blocking, waited, timed_out);
         if timed_out {
@@ -38,52 +36,60 @@ impl Ledger {
     pub fn close_waiters(&mut self) {
         let waiters: Vec<_> = self.waiters.drain().collect();
         for waiter in waiters {
-            for &(p, _) in &waiter.request.demand {
-                self.pools[p].remove_waiter();
-            }
+            self.unqueue(&waiter.request);
         }
     }
 
-    /// Grants queued requests that now fit, in arrival order, FIFO per pool: once a waiter cannot
-    /// be served, no later waiter may take from any of its pools (else a large request starves
-    /// behind a stream of small ones).
+    /// Undoes the books of a waiter leaving the queue.
+    fn unqueue(&mut self, request: &Resolved) {
+        for &(p, bytes) in &request.demand {
+            self.pools[p].remove_waiter(bytes);
+        }
+        self.holder_waiters.sub(&request.holder, 1);
+    }
+
+    /// Grants queued requests that now fit, in arrival order. The head-of-line policy is
+    /// backfilling that cannot delay anyone ahead: a waiter is granted only if, in each of its
+    /// pools, it leaves room for everything the waiters ahead of it ask of that pool. So a large
+    /// request never starves behind a stream of small ones (they cannot eat into the room it is
+    /// owed), and a request waiting on a full pool C does not freeze pools A and B it also names:
+    /// others may take A and B down to what it needs of them. New requests follow the same rule
+    /// (`fits_now`), against every waiter.
     pub(super) fn serve_waiters(&mut self, now: Instant) {
         if self.waiters.is_empty() {
             return;
         }
-        let mut blocked = vec![false; self.pools.len()];
+        // Bytes promised to the waiters already passed over, per pool.
+        let mut ahead = vec![0u128; self.pools.len()];
         let mut index = 0;
         while let Some(waiter) = self.waiters.get(index) {
             let demand = &waiter.request.demand;
             if waiter.reply.is_closed() {
                 // The call is gone (its guard is about to look for it): drop it, grant nothing.
                 if let Some(gone) = self.waiters.remove_at(index) {
-                    for &(p, _) in &gone.request.demand {
-                        self.pools[p].remove_waiter();
-                    }
+                    self.unqueue(&gone.request);
                 }
                 continue;
             }
-            let fits = demand.iter().all(|&(p, bytes)| !blocked[p] && bytes <= self.pools[p].available());
+            let fits = demand.iter().all(|&(p, bytes)| self.pools[p].fits_behind(ahead[p], bytes));
             if !fits {
-                for &(p, _) in demand {
-                    blocked[p] = true;
+                for &(p, bytes) in demand {
+                    ahead[p] += u128::from(bytes);
                 }
                 index += 1;
-                if blocked.iter().all(|b| *b) {
-                    break;
-                }
                 continue;
             }
             let Some(waiter) = self.waiters.remove_at(index) else { break };
-            for &(p, _) in &waiter.request.demand {
-                self.pools[p].remove_waiter();
-            }
-            let grant = self.grant(&waiter.request, now);
+            self.unqueue(&waiter.request);
+            // Lease bounds are checked again: others may have taken leases while it waited.
+            let outcome = match self.check_lease_limits(&waiter.request) {
+                Ok(()) => Ok(self.grant(&waiter.request, now)),
+                Err(err) => Err(err),
+            };
             // The receiver is owned by the waiting call's guard, which takes the grant back out
             // and frees it if the call is gone; so a failed send here can only follow a dropped
             // guard, and the leases must be returned now.
-            if let Err(grant) = waiter.reply.send(grant) {
+            if let Err(Ok(grant)) = waiter.reply.send(outcome) {
                 for lease in grant.leases {
                     self.remove_lease(lease.id, Release::Freed, now);
                 }
@@ -91,15 +97,15 @@ impl Ledger {
         }
     }
 
-    /// The pools that keep `request` from being granted: too little room, or an earlier waiter.
-    /// `ticket` is the request's place in the queue (`None`: a new request, behind everyone).
-    /// Only these pools are charged with a refusal or timeout.
+    /// The pools that keep `request` from being granted: too little room once the waiters ahead
+    /// of it are served. `ticket` is the request's place in the queue (`None`: a new request,
+    /// behind everyone). Only these pools are charged with a refusal or timeout.
     pub(super) fn blocking(&self, request: &Resolved, ticket: Option<u64>) -> Vec<(PoolId, u64)> {
         let blocking: Vec<_> = request
             .demand
             .iter()
             .copied()
-            .filter(|&(p, bytes)| bytes > self.pools[p].available() || self.waiters.has_earlier(p, ticket))
+            .filter(|&(p, bytes)| !self.pools[p].fits_behind(self.waiters.ahead_of(p, ticket), bytes))
             .collect();
         // A queued request that nothing blocks would have been granted already, so this fallback
         // only guards against describing a refusal with no pool at all.

@@ -7,7 +7,7 @@ use tokio::{sync::oneshot, time::Instant};
 use tonic::Request;
 use tracing::Instrument;
 
-use super::{Shared, convert, convert::Clock};
+use super::{Access, Shared, convert, convert::Clock};
 use crate::ledger::{Admission, Error, Grant};
 
 /// Runs one Allocate call.
@@ -16,7 +16,11 @@ pub(super) async fn allocate(
     request: Request<pb::AllocateRequest>,
 ) -> Result<pb::AllocateResponse, Error> {
     let deadline = serving::deadline::grpc_timeout(request.metadata());
-    let (req, asked_wait) = convert::allocate(request.into_inner(), shared.config())?;
+    let access = Access::of(&request);
+    let undelivered = request.extensions().get::<serving::observe::Undelivered>().cloned();
+    let mut message = request.into_inner();
+    message.holder = access.holder(std::mem::take(&mut message.holder))?;
+    let (req, asked_wait) = convert::allocate(message, shared.config())?;
     let max_wait = deadline.map_or(asked_wait, |d| asked_wait.min(before_deadline(d)));
     let started = Instant::now();
     let span = tracing::info_span!(
@@ -40,6 +44,7 @@ pub(super) async fn allocate(
             let outcome = match &result {
                 Ok(_) => "granted",
                 Err(Error::NoRoom { .. }) => "timed_out",
+                Err(Error::LimitReached { .. }) => "refused",
                 Err(_) => "shutdown",
             };
             let waited = Instant::now() - started;
@@ -52,6 +57,21 @@ pub(super) async fn allocate(
     };
     let ids: Vec<String> = grant.leases.iter().map(|l| l.id.to_string()).collect();
     span.record("lease_ids", tracing::field::display(ids.join(",")));
+    // A grant whose answer never leaves (the caller reset the call or went away meanwhile) goes
+    // straight back, rather than sitting unused until its TTL. A replay is not undone: the same
+    // leases were answered before and may be in use.
+    if let Some(undelivered) = undelivered
+        && !grant.replayed
+    {
+        let owner = shared.clone();
+        let leases: Vec<_> = grant.leases.iter().map(|l| l.id).collect();
+        undelivered.on_undelivered(move || {
+            let now = Instant::now();
+            let mut ledger = owner.ledger();
+            let freed = leases.iter().filter(|&&id| ledger.free(id, now).is_ok()).count();
+            tracing::info!(freed, "an Allocate answer never reached its caller: its leases are freed");
+        });
+    }
     let clock = Clock::now();
     let leases = {
         let ledger = shared.ledger();
@@ -81,7 +101,7 @@ struct WaitGuard<'a> {
     ticket: u64,
     started: Instant,
     /// `None` once the outcome has been taken.
-    grant: Option<oneshot::Receiver<Grant>>,
+    grant: Option<oneshot::Receiver<Result<Grant, Error>>>,
     /// The wait histogram already has this wait (an ended wait is observed once, by its caller).
     observed: bool,
 }
@@ -90,13 +110,14 @@ impl WaitGuard<'_> {
     async fn wait(&mut self, max_wait: Duration) -> Result<Grant, Error> {
         let Some(receiver) = self.grant.as_mut() else { return Err(Error::ShuttingDown) };
         let outcome = tokio::select! {
-            granted = receiver => Some(granted.map_err(|_| Error::ShuttingDown)),
+            granted = receiver => Some(granted.unwrap_or(Err(Error::ShuttingDown))),
             () = tokio::time::sleep(max_wait) => None,
             () = self.shared.shutdown().cancelled() => Some(Err(Error::ShuttingDown)),
         };
         match outcome {
             Some(result) => {
-                if result.is_ok() {
+                // The ledger answered (a grant, or a refusal it already cleaned up after).
+                if !matches!(result, Err(Error::ShuttingDown)) {
                     self.grant = None;
                 }
                 result
@@ -112,7 +133,7 @@ impl WaitGuard<'_> {
         let mut receiver = self.grant.take().ok_or(Error::ShuttingDown)?;
         match refused {
             Some(err) => Err(err),
-            None => receiver.try_recv().map_err(|_| Error::ShuttingDown),
+            None => receiver.try_recv().unwrap_or(Err(Error::ShuttingDown)),
         }
     }
 }
@@ -129,7 +150,7 @@ impl Drop for WaitGuard<'_> {
         let mut ledger = self.shared.ledger();
         if ledger.abandon_wait(self.ticket, now, now - self.started, false).is_none() {
             // Granted while the caller was leaving: nobody will use these leases.
-            if let Ok(grant) = receiver.try_recv() {
+            if let Ok(Ok(grant)) = receiver.try_recv() {
                 for lease in grant.leases {
                     let _ = ledger.free(lease.id, now);
                 }

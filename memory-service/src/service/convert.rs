@@ -212,3 +212,16 @@ pub fn event(e: &Event) -> pb::Event {
         pool_used_bytes: e.pool_used,
     }
 }
+
+/// The limits `config` enforces on callers, as ListPools advertises them.
+pub fn server_limits(config: &Config) -> pb::ServerLimits {
+    let duration = |d: Duration| prost_types::Duration::try_from(d).ok();
+    pb::ServerLimits {
+        max_ttl: duration(config.max_ttl),
+        default_ttl: duration(config.default_ttl),
+        max_wait: duration(config.max_wait),
+        max_items: MAX_ITEMS as u32,
+        max_leases_per_holder: config.limits.leases_per_holder as u64,
+        max_scope_members: config.limits.scope_members as u64,
+    }
+}

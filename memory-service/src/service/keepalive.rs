@@ -3,11 +3,11 @@
 use std::{collections::HashSet, sync::Arc};
 
 use proto::memory::v1 as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::{Shared, convert, convert::Clock};
+use super::{Access, Shared, convert, convert::Clock, scope};
 use crate::ledger::Error;
 
 /// Most lease ids in one KeepAlive message.
@@ -21,10 +21,17 @@ pub type KeepAliveStream = ReceiverStream<Result<pb::KeepAliveResponse, Status>>
 /// Spawns the task that answers `inbound`. It ends when the client closes its half, when the
 /// client goes away (a failed send), on a malformed or undecodable message (INVALID_ARGUMENT), or at shutdown
 /// (UNAVAILABLE, so clients reconnect elsewhere).
-pub(super) fn spawn(shared: Arc<Shared>, mut inbound: Streaming<pb::KeepAliveRequest>) -> KeepAliveStream {
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    access: Access,
+    mut inbound: Streaming<pb::KeepAliveRequest>,
+    permit: OwnedSemaphorePermit,
+) -> KeepAliveStream {
     // Small buffer: one answer per request, so a client that stops reading also stops renewing.
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
+        // Held until the stream ends: the bound on open keep-alive streams.
+        let _permit = permit;
         loop {
             let message = tokio::select! {
                 message = inbound.message() => message,
@@ -35,7 +42,7 @@ pub(super) fn spawn(shared: Arc<Shared>, mut inbound: Streaming<pb::KeepAliveReq
                 }
             };
             let reply = match message {
-                Ok(Some(req)) => renew(&shared, req).map_err(|e| shared.status(e)),
+                Ok(Some(req)) => renew(&shared, &access, req).await.map_err(|e| shared.status(e)),
                 // The client closed its half: nothing left to answer.
                 Ok(None) => return,
                 // A message that cannot be decoded (tonic reports it as INTERNAL): the stream
@@ -44,6 +51,11 @@ pub(super) fn spawn(shared: Arc<Shared>, mut inbound: Streaming<pb::KeepAliveReq
                 Err(status) if status.code() == tonic::Code::Internal => {
                     let reason = format!("a KeepAlive message could not be decoded: {}", status.message());
                     let _ = tx.try_send(Err(Status::invalid_argument(reason)));
+                    return;
+                }
+                // Over the message size limit: gRPC's status table says RESOURCE_EXHAUSTED.
+                Err(status) if status.code() == tonic::Code::OutOfRange => {
+                    let _ = tx.try_send(Err(Status::resource_exhausted(status.message().to_owned())));
                     return;
                 }
                 Err(_) => return,
@@ -61,7 +73,11 @@ pub(super) fn spawn(shared: Arc<Shared>, mut inbound: Streaming<pb::KeepAliveReq
     ReceiverStream::new(rx)
 }
 
-fn renew(shared: &Shared, req: pb::KeepAliveRequest) -> Result<pb::KeepAliveResponse, Error> {
+async fn renew(
+    shared: &Shared,
+    access: &Access,
+    req: pb::KeepAliveRequest,
+) -> Result<pb::KeepAliveResponse, Error> {
     // Every field is checked, so one refusal lists every violation.
     let mut bad = crate::ledger::Violations::default();
     if req.lease_ids.is_empty() && req.scope_ids.is_empty() {
@@ -86,23 +102,32 @@ fn renew(shared: &Shared, req: pb::KeepAliveRequest) -> Result<pb::KeepAliveResp
     // Each lease is renewed once per message, however often it is named (directly, twice, or
     // also through its scope).
     let mut done = HashSet::with_capacity(ids.len());
-    let mut ledger = shared.ledger();
-    for (id, text) in ids.into_iter().zip(req.lease_ids) {
-        if done.contains(&id) {
-            continue;
+    {
+        let mut ledger = shared.ledger();
+        // Another holder's lease refuses the whole message before anything is renewed.
+        for &id in &ids {
+            access.check_owner(&ledger, id)?;
         }
-        match ledger.renew(id, now) {
-            Ok(lease) => {
-                done.insert(id);
-                renewed.push(convert::lease(&lease, ledger.pool_name(lease.pool), &clock));
+        for (id, text) in ids.into_iter().zip(req.lease_ids) {
+            if done.contains(&id) {
+                continue;
             }
-            Err(_) => not_found.push(text),
+            match ledger.renew(id, now) {
+                Ok(lease) => {
+                    done.insert(id);
+                    renewed.push(convert::lease(&lease, ledger.pool_name(lease.pool), &clock));
+                }
+                Err(_) => not_found.push(text),
+            }
         }
     }
     let mut renewed_count = done.len() as u64;
     let mut scopes = Vec::with_capacity(req.scope_ids.len());
     for scope_id in req.scope_ids {
-        let (leases, renewed_now, latest) = ledger.renew_scope(&scope_id, now, &mut done);
+        // A caller's scope names only its own leases (scopes are per holder with
+        // authentication on), so no ownership check is needed here.
+        let (leases, renewed_now, latest) =
+            scope::renew(shared, access.namespace(), &scope_id, &mut done).await;
         if leases == 0 {
             not_found.push(scope_id);
             continue;

@@ -3,17 +3,22 @@
 //! Each handler validates its request, takes the ledger lock for a few microseconds, renders the
 //! answer and releases the lock before any await.
 
+mod access;
 mod allocate;
 pub mod convert;
 mod keepalive;
+mod scope;
 pub mod status;
 mod watch;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use proto::memory::v1::{self as pb, memory_service_server::MemoryService};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+
+pub use self::access::{Access, MemoryPolicy};
 
 use self::convert::Clock;
 use crate::{
@@ -35,18 +40,40 @@ pub struct Shared {
     shutdown: CancellationToken,
     /// Prometheus instruments.
     metrics: Metrics,
+    /// One permit per open WatchEvents stream.
+    watchers: Arc<Semaphore>,
+    /// One permit per open KeepAlive stream.
+    keepalives: Arc<Semaphore>,
 }
 
 impl Shared {
     /// Builds the ledger with the configured pools. `config` must be validated.
-    pub fn new(config: Config, shutdown: CancellationToken, metrics: Metrics) -> Result<Arc<Self>, Error> {
+    /// `authenticated`: callers carry identities, so scopes become per-holder namespaces.
+    pub fn new(
+        config: Config,
+        shutdown: CancellationToken,
+        metrics: Metrics,
+        authenticated: bool,
+    ) -> Result<Arc<Self>, Error> {
         let mut ledger = Ledger::new(config.event_buffer);
+        ledger.set_limits(config.limits);
+        ledger.set_scopes_per_holder(authenticated);
         ledger.observe_releases(metrics.lifetimes());
         for pool in &config.pools {
             ledger.create_pool(&pool.name, pool.capacity)?;
         }
         let epoch = ledger.epoch();
-        Ok(Arc::new(Shared { ledger: Mutex::new(ledger), config, epoch, shutdown, metrics }))
+        let watchers = Arc::new(Semaphore::new(config.max_watchers));
+        let keepalives = Arc::new(Semaphore::new(config.max_keepalive_streams));
+        Ok(Arc::new(Shared {
+            ledger: Mutex::new(ledger),
+            config,
+            epoch,
+            shutdown,
+            metrics,
+            watchers,
+            keepalives,
+        }))
     }
 
     /// Locks the ledger. A poisoned lock is recovered rather than failing every later call. No
@@ -132,6 +159,7 @@ impl MemoryService for MemoryApi {
         Ok(Response::new(pb::ListPoolsResponse {
             pools: pools.into_iter().map(convert::pool_stats).collect(),
             server_epoch: self.shared.epoch,
+            limits: Some(convert::server_limits(&self.shared.config)),
         }))
     }
 
@@ -179,11 +207,16 @@ impl MemoryService for MemoryApi {
         &self,
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let access = Access::of(&request);
         let id = convert::lease_id(&request.into_inner().lease_id).map_err(|e| self.shared.status(e))?;
         let clock = Clock::now();
         let lease = {
             let mut ledger = self.shared.ledger();
-            ledger.renew(id, clock.instant()).map(|l| convert::lease(&l, ledger.pool_name(l.pool), &clock))
+            access.check_owner(&ledger, id).and_then(|()| {
+                ledger
+                    .renew(id, clock.instant())
+                    .map(|l| convert::lease(&l, ledger.pool_name(l.pool), &clock))
+            })
         };
         let lease = lease.map_err(|e| self.shared.status(e))?;
         Ok(Response::new(pb::RenewLeaseResponse { lease: Some(lease), server_epoch: self.shared.epoch }))
@@ -195,15 +228,26 @@ impl MemoryService for MemoryApi {
         &self,
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
-        Ok(Response::new(keepalive::spawn(self.shared.clone(), request.into_inner())))
+        let access = Access::of(&request);
+        let permit = self.shared.keepalives.clone().try_acquire_owned().map_err(|_| {
+            self.shared.status(Error::LimitReached {
+                what: "keep-alive streams",
+                limit: self.shared.config.max_keepalive_streams as u64,
+                hint: "renew many leases and scopes on one stream rather than opening one per lease",
+            })
+        })?;
+        Ok(Response::new(keepalive::spawn(self.shared.clone(), access, request.into_inner(), permit)))
     }
 
     async fn free(&self, request: Request<pb::FreeRequest>) -> Result<Response<pb::FreeResponse>, Status> {
+        let access = Access::of(&request);
         let id = convert::lease_id(&request.into_inner().lease_id).map_err(|e| self.shared.status(e))?;
         let clock = Clock::now();
         let lease = {
             let mut ledger = self.shared.ledger();
-            ledger.free(id, clock.instant()).map(|l| convert::lease(&l, ledger.pool_name(l.pool), &clock))
+            access.check_owner(&ledger, id).and_then(|()| {
+                ledger.free(id, clock.instant()).map(|l| convert::lease(&l, ledger.pool_name(l.pool), &clock))
+            })
         };
         let lease = lease.map_err(|e| self.shared.status(e))?;
         Ok(Response::new(pb::FreeResponse { lease: Some(lease), server_epoch: self.shared.epoch }))
@@ -213,9 +257,10 @@ impl MemoryService for MemoryApi {
         &self,
         request: Request<pb::FreeScopeRequest>,
     ) -> Result<Response<pb::FreeScopeResponse>, Status> {
+        let access = Access::of(&request);
         let req = request.into_inner();
         let scope = convert::scope_id(&req.scope_id).map_err(|e| self.shared.status(e))?;
-        let (freed_leases, freed_bytes) = self.shared.ledger().free_scope(scope, Clock::now().instant());
+        let (freed_leases, freed_bytes) = scope::free(&self.shared, access.namespace(), scope).await;
         Ok(Response::new(pb::FreeScopeResponse {
             freed_leases,
             freed_bytes,
@@ -229,7 +274,15 @@ impl MemoryService for MemoryApi {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let filter = watch::Filter::new(request.into_inner()).map_err(|e| self.shared.status(e))?;
-        Ok(Response::new(watch::spawn(self.shared.clone(), filter)))
+        let access = Access::of(&request);
+        let filter = watch::Filter::new(request.into_inner(), access).map_err(|e| self.shared.status(e))?;
+        let permit = self.shared.watchers.clone().try_acquire_owned().map_err(|_| {
+            self.shared.status(Error::LimitReached {
+                what: "event watchers",
+                limit: self.shared.config.max_watchers as u64,
+                hint: "share one WatchEvents stream per process",
+            })
+        })?;
+        Ok(Response::new(watch::spawn(self.shared.clone(), filter, permit)))
     }
 }

@@ -68,6 +68,14 @@ pub fn to_status(err: Error, retry_hint: Duration) -> Status {
             (Code::Aborted, details)
         }
         Error::ShuttingDown => (Code::Unavailable, ErrorDetails::new()),
+        Error::LimitReached { what, limit, .. } => {
+            let mut details =
+                ErrorDetails::with_quota_failure_violation(what, format!("at most {limit} allowed"));
+            let metadata = [("limit".to_owned(), what.to_owned()), ("max".to_owned(), limit.to_string())];
+            details.set_error_info("LIMIT_REACHED", DOMAIN, metadata.into_iter().collect::<HashMap<_, _>>());
+            (Code::ResourceExhausted, details)
+        }
+        Error::PermissionDenied(_) => (Code::PermissionDenied, ErrorDetails::new()),
     };
     Status::with_error_details(code, message, details)
 }
@@ -91,6 +99,8 @@ mod tests {
             ),
             (Error::RequestInProgress("r".into()), Code::Aborted),
             (Error::ShuttingDown, Code::Unavailable),
+            (Error::LimitReached { what: "pools", limit: 1, hint: "h" }, Code::ResourceExhausted),
+            (Error::PermissionDenied("not yours".into()), Code::PermissionDenied),
         ];
         for (err, code) in cases {
             assert_eq!(to_status(err, hint).code(), code);

@@ -3,11 +3,11 @@
 use std::{collections::HashSet, sync::Arc};
 
 use proto::memory::v1 as pb;
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, broadcast::error::RecvError, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{Shared, convert};
+use super::{Access, Shared, convert};
 use crate::{
     ledger::{Error, Event, EventKind},
     validate,
@@ -21,11 +21,13 @@ pub type WatchStream = ReceiverStream<Result<pb::WatchEventsResponse, Status>>;
 pub(super) struct Filter {
     pools: HashSet<String>,
     kinds: HashSet<EventKind>,
+    /// Who watches: another holder's lease ids, holder names and scopes are only for admins.
+    access: Access,
 }
 
 impl Filter {
     /// Validates the request's filters. Pools need not exist yet: a watcher may wait for a pool.
-    pub(super) fn new(req: pb::WatchEventsRequest) -> Result<Self, Error> {
+    pub(super) fn new(req: pb::WatchEventsRequest, access: Access) -> Result<Self, Error> {
         // Every filter is checked, so one refusal lists every violation.
         let mut bad = crate::ledger::Violations::default();
         for (i, pool) in req.pools.iter().enumerate() {
@@ -36,7 +38,23 @@ impl Filter {
         let kinds: Vec<_> =
             req.kinds.into_iter().filter_map(|k| bad.keep(convert::event_kind_filter(k))).collect();
         bad.check()?;
-        Ok(Filter { pools: req.pools.into_iter().collect(), kinds: kinds.into_iter().collect() })
+        Ok(Filter { pools: req.pools.into_iter().collect(), kinds: kinds.into_iter().collect(), access })
+    }
+
+    /// `event` as this watcher may see it: in full if it is the watcher's own (or the watcher
+    /// sees everything); otherwise only its pool-level figures (kind, pool, size, pool use).
+    fn render(&self, event: &Event) -> pb::Event {
+        let mut rendered = convert::event(event);
+        let own = || match &self.access {
+            Access::As(caller) => event.holder.as_deref() == Some(&*caller.identity),
+            Access::Open => true,
+        };
+        if !self.access.sees_everything() && !own() {
+            rendered.lease_id.clear();
+            rendered.holder.clear();
+            rendered.scope_id.clear();
+        }
+        rendered
     }
 
     fn passes(&self, event: &Event) -> bool {
@@ -48,15 +66,17 @@ impl Filter {
 /// Spawns the task feeding one watcher. The ledger publishes into a broadcast ring and never
 /// waits; this task is the only place a slow client costs anything, and what it costs is its own
 /// lag, reported as a `Lagged` item with the number of events missed.
-pub(super) fn spawn(shared: Arc<Shared>, filter: Filter) -> WatchStream {
+pub(super) fn spawn(shared: Arc<Shared>, filter: Filter, permit: OwnedSemaphorePermit) -> WatchStream {
     let mut events = shared.ledger().subscribe();
     let (tx, rx) = mpsc::channel(64);
     let epoch = shared.epoch;
     tokio::spawn(async move {
+        // Held until the stream ends: the bound on open watchers.
+        let _permit = permit;
         loop {
             let item = tokio::select! {
                 received = events.recv() => match received {
-                    Ok(event) if filter.passes(&event) => pb::watch_events_response::Item::Event(convert::event(&event)),
+                    Ok(event) if filter.passes(&event) => pb::watch_events_response::Item::Event(filter.render(&event)),
                     Ok(_) => continue,
                     Err(RecvError::Lagged(missed)) => {
                         pb::watch_events_response::Item::Lagged(pb::Lagged { missed_events: missed })

@@ -102,7 +102,7 @@ struct Seq {
 
 impl Rig {
     fn submit(&self, name: &str, prompt: &str, max_tokens: u32) -> Seq {
-        let ticket = self.executor.register(name.into()).expect("unique id");
+        let ticket = self.executor.register(name.into(), None).expect("unique id");
         let (tokens_tx, tokens) = mpsc::channel(TOKEN_BUFFER);
         let (outcome_tx, outcome) = oneshot::channel();
         let engine = EngineKind::Webllm.engine();
@@ -318,7 +318,7 @@ async fn cancel_and_hang_up_return_blocks_and_shutdown_fails_the_rest() {
     let mut survivor = rig.submit("s", "shut down", 500);
     cancelled.tokens.recv().await.expect("a first token");
     assert!(rig.used_blocks() > 0);
-    rig.executor.cancel("c").expect("in flight");
+    rig.executor.cancel("c", None, false).expect("in flight");
     let Seq { tokens, outcome, guard, _ticket } = hung_up;
     drop((tokens, outcome, guard));
     // Both are swept at the next step; the survivor keeps streaming.

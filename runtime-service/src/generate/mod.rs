@@ -47,10 +47,11 @@ pub fn start(
     shared: &Arc<Shared>,
     request: pb::GenerateRequest,
     grpc_timeout: Option<Duration>,
+    owner: Option<Arc<str>>,
 ) -> Result<GenerateStream, Error> {
     let started = Instant::now();
     let plan = Plan::new(&shared.models, request)?;
-    let ticket = shared.executor.register(plan.request_id.clone())?;
+    let ticket = shared.executor.register(plan.request_id.clone(), owner)?;
     let admission = shared.executor.admit()?;
     let (sink, stream) = stream::channel(STREAM_BUFFER);
     let limits = Limits::new(&shared.config, started, grpc_timeout);
@@ -247,7 +248,7 @@ impl Generation {
                     // Just after memory-service came back the leases held may belong to its
                     // previous life: learn its epoch first, so they are taken again, never used.
                     if !self.shared.renewer.is_healthy() {
-                        let epoch = self.shared.memory.ping().await?;
+                        let (epoch, _) = self.shared.memory.ping().await?;
                         self.shared.renewer.check_epoch(epoch);
                     }
                     self.plan.model.ensure_loaded(&loader).await?;

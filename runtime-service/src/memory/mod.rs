@@ -48,6 +48,8 @@ pub fn unique_scope(instance: &str, kind: &str, name: &str) -> String {
 pub struct MemoryClient {
     client: MemoryServiceClient<Channel>,
     holder: String,
+    /// `Bearer <token>`, presented on every call when configured.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     /// Bound on each call's round trip (waits add to it).
     pub(crate) timeout: Duration,
 }
@@ -68,8 +70,15 @@ pub struct Ask {
 impl MemoryClient {
     /// A client for `addr` that connects lazily: a runtime may start before memory-service, and
     /// calls made while it is down fail fast with UNAVAILABLE instead of hanging.
-    pub fn new(addr: &str, holder: &str, timeout: Duration) -> Result<Self, Error> {
-        let endpoint = Channel::from_shared(addr.to_owned())
+    /// With credentials in `auth`, the holder is left empty: memory-service then holds the
+    /// leases under the identity the credentials prove.
+    pub fn new(
+        addr: &str,
+        holder: &str,
+        timeout: Duration,
+        auth: &crate::config::MemoryAuth,
+    ) -> Result<Self, Error> {
+        let mut endpoint = Channel::from_shared(addr.to_owned())
             .map_err(|e| Error::MemoryUnavailable(format!("bad memory address {addr:?}: {e}")))?
             .connect_timeout(timeout)
             .tcp_nodelay(true)
@@ -78,17 +87,57 @@ impl MemoryClient {
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
+        let unreadable = |what: &str, path: &std::path::Path, e: std::io::Error| {
+            Error::MemoryUnavailable(format!("cannot read {what} {}: {e}", path.display()))
+        };
+        if let Some(ca) = &auth.tls_ca {
+            let pem = std::fs::read(ca).map_err(|e| unreadable("--memory-tls-ca", ca, e))?;
+            let mut tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            if let Some((cert, key)) = &auth.tls_identity {
+                let cert = std::fs::read(cert).map_err(|e| unreadable("--memory-tls-cert", cert, e))?;
+                let key = std::fs::read(key).map_err(|e| unreadable("--memory-tls-key", key, e))?;
+                tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Error::MemoryUnavailable(format!("memory-service TLS settings: {e}")))?;
+        }
+        let authorization = match &auth.token_file {
+            Some(path) => {
+                let token =
+                    std::fs::read_to_string(path).map_err(|e| unreadable("--memory-token-file", path, e))?;
+                let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                    Error::MemoryUnavailable(format!(
+                        "the token in {} is not valid header text",
+                        path.display()
+                    ))
+                })?;
+                Some(value)
+            }
+            None => None,
+        };
+        let authenticated = authorization.is_some() || auth.tls_identity.is_some();
         Ok(MemoryClient {
             client: MemoryServiceClient::new(endpoint.connect_lazy()),
-            holder: holder.to_owned(),
+            holder: if authenticated { String::new() } else { holder.to_owned() },
+            authorization,
             timeout,
         })
     }
 
-    /// Whether memory-service answers at all.
-    pub async fn ping(&self) -> Result<u64, Error> {
+    /// Adds this client's credentials to `request`.
+    pub(crate) fn authorize<T>(&self, request: &mut Request<T>) {
+        if let Some(value) = &self.authorization {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+    }
+
+    /// Whether memory-service answers at all: its epoch, and the limits it advertises.
+    pub async fn ping(&self) -> Result<(u64, Option<pb::ServerLimits>), Error> {
         let (span, request) = self.request("ListPools", pb::ListPoolsRequest {}, Duration::ZERO);
-        Ok(traced(&span, self.client.clone().list_pools(request)).await?.server_epoch)
+        let reply = traced(&span, self.client.clone().list_pools(request)).await?;
+        Ok((reply.server_epoch, reply.limits))
     }
 
     /// Checks `ask` against pool capacities; a request that can never fit fails at once.
@@ -168,6 +217,7 @@ impl MemoryClient {
         );
         let mut request = Request::new(message);
         request.set_timeout(self.timeout + extra);
+        self.authorize(&mut request);
         propagation::inject(&span, request.metadata_mut());
         (span, request)
     }
@@ -215,6 +265,8 @@ pub(crate) fn classify(status: &Status) -> Error {
             Error::MemoryUnavailable(detail)
         }
         Code::FailedPrecondition | Code::NotFound => Error::Unservable(detail),
+        // The runtime's own TTL or wait is outside what memory-service accepts.
+        Code::InvalidArgument => Error::MemoryRefused(detail),
         _ => Error::MemoryProtocol(detail),
     }
 }

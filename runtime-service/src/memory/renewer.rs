@@ -158,8 +158,15 @@ async fn renew_all(
 ) -> bool {
     if stream.is_none() {
         let (tx, rx) = mpsc::channel(4);
-        let opened =
-            tokio::time::timeout(client.timeout, client.raw().keep_alive(ReceiverStream::new(rx))).await;
+        let opened = tokio::time::timeout(
+            client.timeout,
+            client.raw().keep_alive({
+                let mut request = tonic::Request::new(ReceiverStream::new(rx));
+                client.authorize(&mut request);
+                request
+            }),
+        )
+        .await;
         match opened {
             Ok(Ok(replies)) => *stream = Some((tx, replies.into_inner())),
             Ok(Err(status)) => {

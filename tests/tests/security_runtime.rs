@@ -1,0 +1,123 @@
+//! runtime-service with identities and a secured hop to memory-service: clients authenticate,
+//! Cancel stops only the caller's own generations, and the runtime proves itself to
+//! memory-service with a token or a client certificate.
+
+use e2e::{MemoryServer, RuntimeServer, certs, config_with_pools, runtime_config};
+use proto::{
+    memory::v1::{ListPoolsRequest, memory_service_client::MemoryServiceClient},
+    runtime::v1::{CancelRequest, GenerateRequest, ListModelsRequest, generate_response},
+};
+use tonic::{Code, Request};
+
+fn bearer<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
+    request
+}
+
+fn generate(max_tokens: u32, request_id: &str) -> GenerateRequest {
+    GenerateRequest {
+        model: "test-webllm".into(),
+        prompt: "Write a long story about caches.".into(),
+        max_tokens,
+        seed: 3,
+        request_id: request_id.into(),
+        ..GenerateRequest::default()
+    }
+}
+
+const MEMORY_POOLS: &[(&str, u64)] =
+    &[("kv-cache", 64 << 20), ("activations", 64 << 20), ("uniforms", 64 << 20)];
+
+#[tokio::test]
+async fn generations_belong_to_their_caller_and_the_runtime_presents_its_token() {
+    let dir = certs::TempDir::new("runtime-auth");
+    // memory-service knows the runtime by its token.
+    let memory_tokens = certs::token_file(&dir, &[("runtime-a", &["holder"], Some("runtime-secret"))]);
+    let mut memory_config = config_with_pools(MEMORY_POOLS);
+    memory_config.security.auth_tokens = Some(memory_tokens);
+    let memory = MemoryServer::start(memory_config).await;
+
+    let runtime_dir = certs::TempDir::new("runtime-tokens");
+    let runtime_tokens = certs::token_file(
+        &runtime_dir,
+        &[
+            ("alice", &["client"], Some("alice")),
+            ("bob", &["client"], Some("bob")),
+            ("ops", &["admin"], Some("ops")),
+        ],
+    );
+    let mut config = runtime_config(memory.addr);
+    config.security.auth_tokens = Some(runtime_tokens);
+    config.memory_auth.token_file = Some(dir.write("runtime.token", "runtime-secret\n"));
+    let runtime = RuntimeServer::start(config).await;
+    runtime.ready().await;
+    let mut client = runtime.client().await;
+
+    let anonymous = client.list_models(ListModelsRequest {}).await.unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    assert!(client.list_models(bearer(ListModelsRequest {}, "alice")).await.is_ok());
+
+    let mut stream = client
+        .generate(bearer(generate(500, "alice-1"), "alice"))
+        .await
+        .expect("alice generates")
+        .into_inner();
+    let first = stream.message().await.expect("a token").expect("not ended");
+    assert!(matches!(first.item, Some(generate_response::Item::Token(_))));
+
+    let theft =
+        client.cancel(bearer(CancelRequest { request_id: "alice-1".into() }, "bob")).await.unwrap_err();
+    assert_eq!(theft.code(), Code::PermissionDenied, "{theft:?}");
+    client.cancel(bearer(CancelRequest { request_id: "alice-1".into() }, "alice")).await.expect("own cancel");
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(ended.unwrap_err().code(), Code::Cancelled);
+
+    // The runtime's leases are held under the identity its token proves, and no request id
+    // reaches memory-service's books.
+    let mut memory_client = MemoryServiceClient::new(memory.channel().await);
+    let pools =
+        memory_client.list_pools(bearer(ListPoolsRequest {}, "runtime-secret")).await.expect("listed");
+    assert!(pools.into_inner().pools.iter().any(|p| p.name == "uniforms" && p.live_leases > 0));
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test]
+async fn the_runtime_reaches_a_mutual_tls_memory_service_with_its_certificate() {
+    let ca = certs::TestCa::new("cluster CA");
+    let dir = certs::TempDir::new("runtime-mtls");
+    let server = ca.issue("memory-service");
+    let mut memory_config = config_with_pools(MEMORY_POOLS);
+    memory_config.security.tls = Some(serving::tls::TlsFiles {
+        cert: dir.write("memory.crt", &server.cert),
+        key: dir.write("memory.key", &server.key),
+        client_ca: Some(dir.write("ca.crt", &ca.cert_pem())),
+    });
+    let memory = MemoryServer::start(memory_config).await;
+
+    let client_pem = ca.issue("runtime-b");
+    let mut config = runtime_config(memory.addr);
+    config.memory_addr = format!("https://localhost:{}", memory.addr.port());
+    config.memory_auth.tls_ca = Some(dir.path().join("ca.crt"));
+    config.memory_auth.tls_identity =
+        Some((dir.write("runtime.crt", &client_pem.cert), dir.write("runtime.key", &client_pem.key)));
+    let runtime = RuntimeServer::start(config).await;
+    runtime.ready().await;
+    let mut client = runtime.client().await;
+    let mut stream = client.generate(generate(8, "over-mtls")).await.expect("served").into_inner();
+    let mut summary = None;
+    while let Some(message) = stream.message().await.expect("stream ok") {
+        if let Some(generate_response::Item::Summary(s)) = message.item {
+            summary = Some(s);
+        }
+    }
+    assert_eq!(summary.expect("a summary").completion_tokens, 8);
+    runtime.stop().await;
+    memory.stop().await;
+}
