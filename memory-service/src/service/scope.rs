@@ -23,7 +23,13 @@ pub(super) async fn free(shared: &Arc<Shared>, holder: &str, scope: &str) -> (u6
     let task = tokio::spawn(async move {
         let (mut count, mut bytes) = (0u64, 0u128);
         for slice in ids.chunks(SLICE) {
-            let (c, b) = shared.ledger().free_ids(slice, Clock::now().instant());
+            let (c, b) = {
+                let mut ledger = shared.ledger();
+                let freed = ledger.free_ids(slice, Clock::now().instant());
+                // Hand the lock to a waiting caller, if any, before the next slice.
+                parking_lot::MutexGuard::unlock_fair(ledger);
+                freed
+            };
             count += c;
             bytes += b;
             tokio::task::yield_now().await;
@@ -44,7 +50,13 @@ pub(super) async fn renew(
     let ids = shared.ledger().scope_ids(holder, scope, Clock::now().instant());
     let (mut live, mut renewed, mut latest) = (0, 0, None);
     for slice in ids.chunks(SLICE) {
-        let (l, r, at) = shared.ledger().renew_ids(slice, Clock::now().instant(), done);
+        let (l, r, at) = {
+            let mut ledger = shared.ledger();
+            let renewed = ledger.renew_ids(slice, Clock::now().instant(), done);
+            // Hand the lock to a waiting caller, if any, before the next slice.
+            parking_lot::MutexGuard::unlock_fair(ledger);
+            renewed
+        };
         live += l;
         renewed += r;
         latest = latest.max(at);
