@@ -38,6 +38,7 @@ struct File {
     idle_timeout_ms: Option<u64>,
     max_stream_lifetime_ms: Option<u64>,
     grace_period_ms: Option<u64>,
+    transport: Option<serving::transport::Transport>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -135,6 +136,9 @@ pub fn read_file(mut config: Config, path: &Path) -> Result<Config, ConfigError>
     config.idle_timeout = file.idle_timeout_ms.map_or(config.idle_timeout, ms);
     config.max_stream_lifetime = file.max_stream_lifetime_ms.map_or(config.max_stream_lifetime, ms);
     config.grace_period = file.grace_period_ms.map_or(config.grace_period, ms);
+    if let Some(transport) = file.transport {
+        config.security.transport = transport;
+    }
     Ok(config)
 }
 
