@@ -5,8 +5,11 @@ For every memory-service and runtime-service container of a `kubectl kustomize` 
   - every MEMORY_* / RUNTIME_* / LOG_FORMAT variable it sets is one the binary reads (its --help);
   - the gRPC and metrics ports of the *_LISTEN variables are the ports the container declares,
     the ports its probes ask, and the port the Prometheus annotation names;
-  - readiness probes ask for the service the binary reports (memory.v1.MemoryService,
-    runtime.v1.RuntimeService);
+  - probes are gRPC probes of the gRPC port or HTTP probes of the admin port (/readyz, /livez);
+    readiness asks for the service the binary reports (memory.v1.MemoryService,
+    runtime.v1.RuntimeService) or /readyz; a server with TLS on (*_TLS_CERT) has no gRPC probe
+    (the kubelet's gRPC probes speak no TLS);
+  - every TLS or token file a variable names is in a mounted volume;
   - runtime-service's --memory-addr port is the one memory-service listens on;
   - every ConfigMap a container refers to (envFrom, volumes) is in the render;
   - every object is in the render's one namespace, and both binaries run from one tagged image;
@@ -56,7 +59,12 @@ def binary_help(binary):
 
 
 def ask(binary, flag, env, files):
-    """Runs the binary with `flag` and only the container's own settings; parses its JSON."""
+    """Runs the binary with `flag` and only the container's own settings; parses its JSON.
+
+    Paths of TLS and token files (mounted Secrets, absent here) are passed as they are:
+    --print-pools and --print-memory check how they combine (a certificate without its key, a
+    memory CA with an http:// address) but read none of them.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(env)
         for var, (path, text) in files.items():
@@ -88,6 +96,63 @@ def mounted_files(pod, container, config_maps, env):
         if var not in files:
             problem(var, f"{path} is not a file of a mounted ConfigMap")
     return files
+
+
+# Variables naming a file of TLS material or tokens: MEMORY_TLS_CERT, RUNTIME_MEMORY_TLS_CA,
+# MEMORY_AUTH_TOKENS, RUNTIME_MEMORY_TOKEN_FILE, ...
+SECRET_FILE = re.compile(r"_(TLS_CERT|TLS_KEY|TLS_CA|TLS_CLIENT_CA|AUTH_TOKENS|TOKEN_FILE)$")
+
+
+def check_secret_files(where, pod, container, env):
+    """Every TLS or token file a variable names is under a mount of a Secret or ConfigMap volume."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for var, path in env.items():
+        if not SECRET_FILE.search(var) or path is None:
+            continue
+        mounts = [m for m in container.get("volumeMounts", [])
+                  if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        sources = [volumes.get(m["name"], {}) for m in mounts]
+        if not any("secret" in v or "configMap" in v or "projected" in v for v in sources):
+            problem(where, f"{var} names {path}, which is in no mounted Secret or ConfigMap volume")
+
+
+def check_probes(where, service, container, env, ports):
+    """Probes: gRPC on the gRPC port, or HTTP on the admin port (see the module docs)."""
+    prefix = PREFIX[service]
+    listen = env[f"{prefix}LISTEN"]
+    admin = env.get(f"{prefix}ADMIN_LISTEN")
+    # The admin port the kubelet can reach: not off, not loopback (the default is loopback).
+    admin_port = port_of(admin) if admin and admin != "off" and not admin.startswith("127.") else None
+    # The kubelet's gRPC probes speak plaintext HTTP/2 only: against a TLS port they always fail.
+    # The server's own certificate only: RUNTIME_MEMORY_TLS_CERT is a client certificate.
+    tls = env.get(f"{prefix}TLS_CERT") is not None
+    paths = {"startupProbe": ("/readyz",), "readinessProbe": ("/readyz",), "livenessProbe": ("/readyz", "/livez")}
+    for probe, allowed in paths.items():
+        spec = container.get(probe, {})
+        grpc, http = spec.get("grpc"), spec.get("httpGet")
+        if grpc:
+            if tls:
+                problem(where, f"{probe} is a gRPC probe, but {prefix}TLS_CERT turns TLS on and the kubelet's "
+                               f"gRPC probes speak no TLS: probe the admin port's {' or '.join(allowed)}")
+            if grpc["port"] != port_of(listen):
+                problem(where, f"{probe} asks port {grpc['port']}, the server listens on {port_of(listen)}")
+        if http:
+            # A named port is the container's port of that name.
+            port = ports.get(http["port"], http["port"]) if isinstance(http["port"], str) else http["port"]
+            if admin_port is None:
+                problem(where, f"{probe} asks HTTP port {port}, but the admin port is {admin or 'loopback'}: "
+                               f"set {prefix}ADMIN_LISTEN to 0.0.0.0:<port>")
+            elif port != admin_port:
+                problem(where, f"{probe} asks HTTP port {port}, the admin port is {admin_port}")
+            if http.get("path") not in allowed:
+                problem(where, f"{probe} asks {http.get('path')!r}, not {' or '.join(allowed)}")
+            if http.get("scheme", "HTTP") != "HTTP":
+                problem(where, f"{probe} uses {http['scheme']}; the admin port speaks plain HTTP")
+    ready = container.get("readinessProbe", {})
+    if ready.get("grpc") and ready["grpc"].get("service") != SERVICES[service]:
+        problem(where, f"readinessProbe asks {ready['grpc'].get('service')!r}, not {SERVICES[service]!r}")
+    if not ready.get("grpc") and not ready.get("httpGet") and not listen.startswith("127."):
+        problem(where, "no readiness probe (gRPC on the gRPC port, or the admin port's /readyz)")
 
 
 def main():
@@ -144,17 +209,11 @@ def main():
                 problem(where, f"listens on {port_of(listen)}, which is not a declared port")
             if admin and admin != "off" and port_of(admin) not in ports.values():
                 problem(where, f"serves metrics on {port_of(admin)}, which is not a declared port")
-            if service == "runtime-service" and admin and str(port_of(admin)) != annotations.get("prometheus.io/port"):
-                problem(where, f"prometheus.io/port {annotations.get('prometheus.io/port')} is not {port_of(admin)}")
-            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                grpc = c.get(probe, {}).get("grpc")
-                if grpc and grpc["port"] != port_of(listen):
-                    problem(where, f"{probe} asks port {grpc['port']}, the server listens on {port_of(listen)}")
-            ready = c.get("readinessProbe", {}).get("grpc")
-            if ready and ready.get("service") != SERVICES[service]:
-                problem(where, f"readinessProbe asks {ready.get('service')!r}, not {SERVICES[service]!r}")
-            if not ready and not loopback:
-                problem(where, "no gRPC readiness probe")
+            scraped = annotations.get("prometheus.io/port")
+            if service == "runtime-service" and admin and admin != "off" and str(port_of(admin)) != scraped:
+                problem(where, f"prometheus.io/port {scraped} is not {port_of(admin)}")
+            check_probes(where, service, c, env, ports)
+            check_secret_files(where, pod, c, env)
 
     if len(images) != 1 or ":" not in next(iter(images)):
         problem(rendered, f"the services run from {sorted(images)}: expected one tagged image")

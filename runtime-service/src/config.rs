@@ -99,7 +99,7 @@ pub struct Config {
 }
 
 /// Credentials for the hop to memory-service.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryAuth {
     /// PEM CA that signed memory-service's certificate: turns TLS on (the address must then be
     /// `https://`).
@@ -108,6 +108,20 @@ pub struct MemoryAuth {
     pub tls_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// File holding the bearer token presented to memory-service.
     pub token_file: Option<std::path::PathBuf>,
+    /// How often the CA and client certificate are checked for changes (used from the next
+    /// connection on).
+    pub tls_reload: Duration,
+}
+
+impl Default for MemoryAuth {
+    fn default() -> Self {
+        MemoryAuth {
+            tls_ca: None,
+            tls_identity: None,
+            token_file: None,
+            tls_reload: serving::tls::RELOAD_INTERVAL,
+        }
+    }
 }
 
 impl Default for Config {

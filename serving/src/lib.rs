@@ -13,6 +13,7 @@ pub mod json_logs;
 pub mod launch;
 pub mod observe;
 pub mod propagation;
+mod reload;
 pub mod security;
 pub mod shutdown;
 pub mod telemetry;

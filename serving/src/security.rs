@@ -1,7 +1,10 @@
 //! A server's security settings (TLS, tokens, transport limits) from flags, environment and
 //! file, turned into what `grpc::base` and `tls::incoming` take.
 
-use std::path::PathBuf;
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
 
 use tracing::{info, warn};
 
@@ -70,7 +73,24 @@ impl Security {
     pub fn prepare(&self, service: &str, policy: Box<dyn Policy>) -> Result<Prepared, ConfigError> {
         self.transport.validate().map_err(ConfigError::Invalid)?;
         let tls = self.tls.clone().map(ServerTls::load).transpose().map_err(ConfigError::Invalid)?;
-        let tokens = self.auth_tokens.as_deref().map(|p| TokenFile::load(p, policy.roles())).transpose()?;
+        let roles = policy.roles();
+        let tokens = match &self.auth_tokens {
+            Some(path) => {
+                let tokens = Arc::new(RwLock::new(TokenFile::load(path, roles)?));
+                // Followed on disk like the certificates: a token added or revoked in the Secret
+                // takes effect within the reload interval, without a restart.
+                let file = path.clone();
+                crate::reload::spawn(
+                    vec![path.clone()],
+                    self.tls_reload,
+                    tokio_util::sync::CancellationToken::new(),
+                    Arc::downgrade(&tokens),
+                    move || TokenFile::load(&file, roles).map_err(|e| e.to_string()),
+                );
+                Some(tokens)
+            }
+            None => None,
+        };
         let mutual = tls.as_ref().is_some_and(ServerTls::mutual);
         let auth = AuthLayer::new(Authenticator::new(tokens, mutual, policy));
         match (&tls, auth.enforced()) {

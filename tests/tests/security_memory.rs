@@ -288,3 +288,34 @@ async fn a_certificate_rotated_on_disk_is_served_without_a_restart() {
     }
     assert!(rotated, "the new certificate was never served");
 }
+
+#[tokio::test]
+async fn a_token_added_to_the_file_is_accepted_without_a_restart() {
+    let dir = certs::TempDir::new("memory-token-reload");
+    let tokens = certs::token_file(&dir, &[("ops", &["admin"], Some(ADMIN))]);
+    let mut config = config_with_pools(&[("kv-cache", 1 << 20)]);
+    config.security.auth_tokens = Some(tokens);
+    config.security.tls_reload = Duration::from_millis(50);
+    let server = MemoryServer::start(config).await;
+    let mut client = server.client().await;
+    let refused = client.list_pools(bearer(ListPoolsRequest {}, VIEWER)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+
+    // As a Secret update does: the new file replaces the old one whole.
+    let staging = certs::TempDir::new("memory-token-staging");
+    let updated = certs::token_file(
+        &staging,
+        &[("ops", &["admin"], Some(ADMIN)), ("dashboard", &["viewer"], Some(VIEWER))],
+    );
+    std::fs::copy(&updated, dir.path().join("tokens.toml.new")).expect("stage");
+    std::fs::rename(dir.path().join("tokens.toml.new"), dir.path().join("tokens.toml")).expect("swap");
+    let mut accepted = false;
+    for _ in 0..200 {
+        if client.list_pools(bearer(ListPoolsRequest {}, VIEWER)).await.is_ok() {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(accepted, "the new token was never accepted");
+}

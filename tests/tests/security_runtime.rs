@@ -121,3 +121,54 @@ async fn the_runtime_reaches_a_mutual_tls_memory_service_with_its_certificate() 
     runtime.stop().await;
     memory.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_certificate_rotated_on_disk_is_used_without_a_restart() {
+    let ca = certs::TestCa::new("cluster CA");
+    let dir = certs::TempDir::new("runtime-rotate");
+    let server = ca.issue("memory-service");
+    let mut memory_config = config_with_pools(MEMORY_POOLS);
+    memory_config.security.tls = Some(serving::tls::TlsFiles {
+        cert: dir.write("memory.crt", &server.cert),
+        key: dir.write("memory.key", &server.key),
+        client_ca: Some(dir.write("ca.crt", &ca.cert_pem())),
+    });
+    let memory = MemoryServer::start(memory_config).await;
+
+    // The runtime starts with a certificate memory-service does not trust: it cannot get ready.
+    let untrusted = certs::TestCa::new("stranger CA").issue("runtime-c");
+    let mut config = runtime_config(memory.addr);
+    config.memory_addr = format!("https://localhost:{}", memory.addr.port());
+    config.memory_auth.tls_ca = Some(dir.path().join("ca.crt"));
+    config.memory_auth.tls_identity =
+        Some((dir.write("runtime.crt", &untrusted.cert), dir.write("runtime.key", &untrusted.key)));
+    config.memory_auth.tls_reload = std::time::Duration::from_millis(50);
+    let runtime = RuntimeServer::start(config).await;
+    let mut client = runtime.client().await;
+    let refused = match client.generate(generate(4, "before-rotation")).await {
+        Err(status) => status,
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("served with an untrusted certificate"),
+                    Err(status) => break status,
+                }
+            }
+        }
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+
+    // The Secret is fixed: a certificate the CA signed replaces the files.
+    let trusted = ca.issue("runtime-c");
+    dir.write("runtime.key.new", &trusted.key);
+    dir.write("runtime.crt.new", &trusted.cert);
+    std::fs::rename(dir.path().join("runtime.key.new"), dir.path().join("runtime.key")).expect("swap key");
+    std::fs::rename(dir.path().join("runtime.crt.new"), dir.path().join("runtime.crt")).expect("swap cert");
+    tokio::time::timeout(std::time::Duration::from_secs(60), runtime.ready())
+        .await
+        .expect("the runtime never used the rotated certificate");
+    runtime.stop().await;
+    memory.stop().await;
+}

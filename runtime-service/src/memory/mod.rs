@@ -78,7 +78,11 @@ impl MemoryClient {
         timeout: Duration,
         auth: &crate::config::MemoryAuth,
     ) -> Result<Self, Error> {
-        let mut endpoint = Channel::from_shared(addr.to_owned())
+        // With TLS, our connector does the handshake, so tonic must see a plain address: it
+        // refuses an https:// one without TLS settings of its own.
+        let connect_addr =
+            if auth.tls_ca.is_some() { addr.replacen("https://", "http://", 1) } else { addr.to_owned() };
+        let endpoint = Channel::from_shared(connect_addr)
             .map_err(|e| Error::MemoryUnavailable(format!("bad memory address {addr:?}: {e}")))?
             .connect_timeout(timeout)
             .tcp_nodelay(true)
@@ -90,19 +94,28 @@ impl MemoryClient {
         let unreadable = |what: &str, path: &std::path::Path, e: std::io::Error| {
             Error::MemoryUnavailable(format!("cannot read {what} {}: {e}", path.display()))
         };
-        if let Some(ca) = &auth.tls_ca {
-            let pem = std::fs::read(ca).map_err(|e| unreadable("--memory-tls-ca", ca, e))?;
-            let mut tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(pem));
-            if let Some((cert, key)) = &auth.tls_identity {
-                let cert = std::fs::read(cert).map_err(|e| unreadable("--memory-tls-cert", cert, e))?;
-                let key = std::fs::read(key).map_err(|e| unreadable("--memory-tls-key", key, e))?;
-                tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        let channel = match &auth.tls_ca {
+            // TLS through our own connector, which reads the current certificates at each new
+            // connection: a rotated client certificate or CA is used without a restart.
+            Some(ca) => {
+                let files = serving::tls::client::ClientTlsFiles {
+                    ca: ca.clone(),
+                    identity: auth.tls_identity.clone(),
+                };
+                let tls = serving::tls::client::ClientTls::load(
+                    files,
+                    auth.tls_reload,
+                    tokio_util::sync::CancellationToken::new(),
+                )
+                .map_err(Error::MemoryUnavailable)?;
+                let host =
+                    endpoint.uri().host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+                let server_name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| Error::MemoryUnavailable(format!("memory address host {host:?}: {e}")))?;
+                endpoint.connect_with_connector_lazy(tls.connector(server_name))
             }
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| Error::MemoryUnavailable(format!("memory-service TLS settings: {e}")))?;
-        }
+            None => endpoint.connect_lazy(),
+        };
         let authorization = match &auth.token_file {
             Some(path) => {
                 let token =
@@ -119,7 +132,7 @@ impl MemoryClient {
         };
         let authenticated = authorization.is_some() || auth.tls_identity.is_some();
         Ok(MemoryClient {
-            client: MemoryServiceClient::new(endpoint.connect_lazy()),
+            client: MemoryServiceClient::new(channel),
             holder: if authenticated { String::new() } else { holder.to_owned() },
             authorization,
             timeout,

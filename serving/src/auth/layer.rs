@@ -15,7 +15,8 @@ use super::{Caller, Policy, TokenFile, standard_required};
 /// How callers are authenticated. Built once at start-up.
 #[derive(Debug)]
 pub struct Authenticator {
-    tokens: Option<TokenFile>,
+    /// Swapped when the file changes on disk.
+    tokens: Option<Arc<std::sync::RwLock<TokenFile>>>,
     /// Client certificates are verified by TLS (mutual TLS is on).
     client_certs: bool,
     policy: Box<dyn Policy>,
@@ -23,7 +24,11 @@ pub struct Authenticator {
 
 impl Authenticator {
     /// `None` if neither tokens nor client certificates are configured: the API is open.
-    pub fn new(tokens: Option<TokenFile>, client_certs: bool, policy: Box<dyn Policy>) -> Option<Self> {
+    pub fn new(
+        tokens: Option<Arc<std::sync::RwLock<TokenFile>>>,
+        client_certs: bool,
+        policy: Box<dyn Policy>,
+    ) -> Option<Self> {
         (tokens.is_some() || client_certs).then_some(Authenticator { tokens, client_certs, policy })
     }
 
@@ -44,6 +49,7 @@ impl Authenticator {
             let tokens = self.tokens.as_ref().ok_or_else(|| {
                 Status::unauthenticated("this server takes no bearer tokens; present a client certificate")
             })?;
+            let tokens = tokens.read().unwrap_or_else(|p| p.into_inner());
             return tokens
                 .caller_for_token(token.trim())
                 .ok_or_else(|| Status::unauthenticated("unknown bearer token"));
@@ -53,6 +59,8 @@ impl Authenticator {
         {
             return Ok(match &self.tokens {
                 Some(tokens) => tokens
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
                     .caller_for_identity(&identity)
                     .unwrap_or_else(|| Caller { identity: identity.clone(), roles: Arc::from([]) }),
                 // Mutual TLS without a token file: the CA is the only gate, and a certificate it

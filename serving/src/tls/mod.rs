@@ -4,7 +4,10 @@
 //! server's certificate, key and client CA are files, as a mounted Kubernetes Secret provides
 //! them; a background task re-reads them when they change on disk and swaps the configuration
 //! used for new connections (existing connections keep theirs). A broken update is logged and
-//! the previous configuration stays in force.
+//! the previous configuration stays in force. The client side ([`client`]) does the same for a
+//! client certificate and CA.
+
+pub mod client;
 
 use std::{
     io,
@@ -13,7 +16,7 @@ use std::{
     pin::Pin,
     sync::{Arc, RwLock},
     task::{Context, Poll},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use tokio::{
@@ -33,7 +36,7 @@ use tokio_rustls::{
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{Connected, TcpIncoming};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 /// The files of a server's TLS identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,42 +79,16 @@ impl ServerTls {
 
     /// Re-reads the files every `every` while they change, until `stop`.
     pub fn spawn_reload(&self, every: Duration, stop: CancellationToken) {
-        let tls = self.clone();
-        tokio::spawn(async move {
-            let mut seen = stamps(&tls.files);
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep(every) => {}
-                    () = stop.cancelled() => return,
-                }
-                let now = stamps(&tls.files);
-                if now == seen {
-                    continue;
-                }
-                match build(&tls.files) {
-                    Ok(config) => {
-                        *tls.current.write().unwrap_or_else(|p| p.into_inner()) = config;
-                        seen = now;
-                        info!(cert = %tls.files.cert.display(), "TLS certificates reloaded");
-                    }
-                    // Half-written files (a Secret update in flight) fail here; the next check
-                    // retries, and the previous configuration serves meanwhile.
-                    Err(err) => {
-                        warn!(error = %err, "TLS files changed but cannot be loaded; keeping the previous ones")
-                    }
-                }
-            }
-        });
+        let files = self.files.clone();
+        let paths = [Some(files.cert.clone()), Some(files.key.clone()), files.client_ca.clone()];
+        crate::reload::spawn(
+            paths.into_iter().flatten().collect(),
+            every,
+            stop,
+            Arc::downgrade(&self.current),
+            move || build(&files),
+        );
     }
-}
-
-/// Modification time and length of each file: what changes when a Secret is updated.
-fn stamps(files: &TlsFiles) -> Vec<Option<(SystemTime, u64)>> {
-    [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
-        .collect()
 }
 
 fn build(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
@@ -142,7 +119,7 @@ fn build(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("TLS certificate {}: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -191,7 +168,7 @@ impl Connected for Conn {
 }
 
 /// The subject common name of a DER certificate.
-fn common_name(der: &[u8]) -> Option<String> {
+pub(crate) fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
     Some(cn)
