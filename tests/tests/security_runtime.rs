@@ -4,7 +4,10 @@
 
 use e2e::{MemoryServer, RuntimeServer, certs, config_with_pools, runtime_config};
 use proto::{
-    memory::v1::{ListPoolsRequest, memory_service_client::MemoryServiceClient},
+    memory::v1::{
+        ListPoolsRequest, WatchEventsRequest, memory_service_client::MemoryServiceClient,
+        watch_events_response,
+    },
     runtime::v1::{CancelRequest, GenerateRequest, ListModelsRequest, generate_response},
 };
 use tonic::{Code, Request};
@@ -53,6 +56,12 @@ async fn generations_belong_to_their_caller_and_the_runtime_presents_its_token()
     let runtime = RuntimeServer::start(config).await;
     runtime.ready().await;
     let mut client = runtime.client().await;
+    let mut memory_client = MemoryServiceClient::new(memory.channel().await);
+    let mut events = memory_client
+        .watch_events(bearer(WatchEventsRequest::default(), "runtime-secret"))
+        .await
+        .expect("watch")
+        .into_inner();
 
     let anonymous = client.list_models(ListModelsRequest {}).await.unwrap_err();
     assert_eq!(anonymous.code(), Code::Unauthenticated);
@@ -79,11 +88,21 @@ async fn generations_belong_to_their_caller_and_the_runtime_presents_its_token()
     assert_eq!(ended.unwrap_err().code(), Code::Cancelled);
 
     // The runtime's leases are held under the identity its token proves, and no request id
-    // reaches memory-service's books.
-    let mut memory_client = MemoryServiceClient::new(memory.channel().await);
+    // reaches memory-service's books: its events (seen in full by that identity) never name one.
     let pools =
         memory_client.list_pools(bearer(ListPoolsRequest {}, "runtime-secret")).await.expect("listed");
     assert!(pools.into_inner().pools.iter().any(|p| p.name == "uniforms" && p.live_leases > 0));
+    let mut kv_events = 0;
+    while kv_events < 1 {
+        let reply = events.message().await.expect("event").expect("open");
+        if let Some(watch_events_response::Item::Event(event)) = reply.item {
+            assert_eq!(event.holder, "runtime-a", "{event:?}");
+            assert!(!event.scope_id.contains("alice-1"), "a request id leaked: {event:?}");
+            if event.pool == "kv-cache" {
+                kv_events += 1;
+            }
+        }
+    }
     runtime.stop().await;
     memory.stop().await;
 }
@@ -169,6 +188,43 @@ async fn a_client_certificate_rotated_on_disk_is_used_without_a_restart() {
     tokio::time::timeout(std::time::Duration::from_secs(60), runtime.ready())
         .await
         .expect("the runtime never used the rotated certificate");
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+#[tokio::test]
+async fn a_lease_ttl_above_what_memory_service_accepts_is_a_misconfiguration_not_an_internal_error() {
+    let mut memory_config = config_with_pools(MEMORY_POOLS);
+    memory_config.max_ttl = std::time::Duration::from_secs(10);
+    memory_config.default_ttl = std::time::Duration::from_secs(5);
+    let memory = MemoryServer::start(memory_config).await;
+    // The runtime's default lease TTL is 30 s: above the 10 s memory-service accepts.
+    let runtime = RuntimeServer::start(runtime_config(memory.addr)).await;
+    let mut client = runtime.client().await;
+    let refused = match client.generate(generate(4, "misconfigured")).await {
+        Err(status) => status,
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("served with a TTL memory-service refuses"),
+                    Err(status) => break status,
+                }
+            }
+        }
+    };
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("ttl"), "{}", refused.message());
+    // Readiness says so too: the runtime is not SERVING while the pair is misconfigured.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(runtime.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "runtime.v1.RuntimeService".into() })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status();
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::NotServing);
     runtime.stop().await;
     memory.stop().await;
 }
