@@ -65,7 +65,7 @@ pub fn spawn(
     let Some(admin) = admin else { return };
     let addr = admin.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     tokio::spawn(serve(admin, registry.clone(), snapshot, health.ready(), stop.clone().cancelled_owned()));
-    tracing::info!(%addr, "metrics on /metrics, probes on /livez and /readyz");
+    tracing::info!(%addr, probes = "/livez /readyz", "metrics on /metrics");
 }
 
 /// Parses an admin listen address: `host:port`, or `off` (or empty) for no admin port.
