@@ -45,6 +45,8 @@ pub struct Config {
     pub max_keepalive_streams: usize,
     /// TLS, tokens and transport limits.
     pub security: Security,
+    /// Directory of the durable state store; `None` keeps the ledger in memory only.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// Device whose memory the default pools divide, so a bare memory-service fits a bare
@@ -79,6 +81,7 @@ impl Default for Config {
             max_watchers: 1024,
             max_keepalive_streams: 4096,
             security: Security::default(),
+            state_dir: None,
         }
     }
 }
@@ -97,6 +100,7 @@ struct File {
     grace_period_ms: Option<u64>,
     limits: Option<FileLimits>,
     transport: Option<Transport>,
+    state_dir: Option<std::path::PathBuf>,
 }
 
 /// The `[limits]` table; every key optional.
@@ -144,6 +148,9 @@ impl Config {
         self.grace_period = file.grace_period_ms.map_or(self.grace_period, ms);
         if let Some(transport) = file.transport {
             self.security.transport = transport;
+        }
+        if file.state_dir.is_some() {
+            self.state_dir = file.state_dir;
         }
         let l = file.limits.unwrap_or_default();
         let limits = &mut self.limits;

@@ -10,6 +10,7 @@ pub mod metrics;
 mod reaper;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod validate;
 
 pub use config::Config;

@@ -56,6 +56,10 @@ struct Args {
     grace_period_ms: Option<u64>,
     #[command(flatten)]
     security: SecurityArgs,
+    /// Directory of the durable ledger: every acknowledged change is on disk before its reply,
+    /// and a restart keeps the epoch and every live lease. Without it the ledger is in memory.
+    #[arg(long, env = "MEMORY_STATE_DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 impl Args {
@@ -77,6 +81,9 @@ impl Args {
         config.retry_hint = self.retry_hint_ms.map_or(config.retry_hint, ms);
         config.event_buffer = self.event_buffer.unwrap_or(config.event_buffer);
         config.grace_period = self.grace_period_ms.map_or(config.grace_period, ms);
+        if self.state_dir.is_some() {
+            config.state_dir = self.state_dir.clone();
+        }
         let transport = config.security.transport;
         config.security = self.security.security()?;
         config.security.transport = transport;

@@ -21,6 +21,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 let expired = shared.ledger().reap(Instant::now());
                 if expired > 0 {
                     tracing::debug!(expired, "reclaimed expired leases");
+                    shared.durability().nudge();
                 }
             }
         }

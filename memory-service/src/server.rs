@@ -38,8 +38,23 @@ pub async fn run(
     let security = config.security.prepare("memory-service", Box::new(MemoryPolicy))?;
     let transport = config.security.transport;
     let config_reload = config.security.tls_reload;
-    let shared = Shared::new(config, token.clone(), metrics.clone(), security.auth.enforced())
+    let store = match &config.state_dir {
+        Some(dir) => {
+            let store = crate::store::Store::open(dir).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            let snapshot = store.load().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            info!(dir = %dir.display(), "state: durable; every acknowledged change is on disk before its reply");
+            Some((store, snapshot))
+        }
+        None => {
+            warn!(
+                "state: in memory only (no --state-dir): a restart forgets every lease and starts a new epoch"
+            );
+            None
+        }
+    };
+    let shared = Shared::new(config, token.clone(), metrics.clone(), security.auth.enforced(), store)
         .map_err(|e| ConfigError::Invalid(format!("cannot create the configured pools: {e}")))?;
+    let committer = tokio::spawn(crate::service::durability::run(shared.clone()));
 
     let (health, router) = serving::grpc::base::<MemoryServiceServer<MemoryApi>>(
         metrics.grpc.clone(),
@@ -95,6 +110,8 @@ pub async fn run(
         }
     };
     let _ = reaper.await;
+    // The last commit: what the drain changed is on disk before exit.
+    let _ = committer.await;
     info!("memory-service stopped");
     result
 }

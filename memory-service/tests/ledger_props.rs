@@ -1,9 +1,12 @@
-//! Property test: any sequence of ledger operations keeps the books exact, and once everything
-//! is freed or expired every pool is back to zero.
+//! Property test: any sequence of ledger operations keeps the books exact, what the change
+//! batches wrote restores to the same books at any point, and once everything is freed or
+//! expired every pool is back to zero.
 
 use std::{sync::Arc, time::Duration};
 
-use memory_service::ledger::{Admission, AllocRequest, Grant, LeaseId, Ledger};
+use std::collections::HashMap;
+
+use memory_service::ledger::{Admission, AllocRequest, Batch, Grant, LeaseId, Ledger, Snapshot};
 use proptest::prelude::*;
 use tokio::{sync::oneshot, time::Instant};
 
@@ -11,16 +14,42 @@ const POOLS: [&str; 3] = ["kv-cache", "activations", "uniforms"];
 
 #[derive(Debug, Clone)]
 enum Op {
-    CreatePool { name: u8, capacity: u64 },
-    Allocate { items: Vec<(u8, u64)>, scope: Option<u8>, ttl_ms: u64, wait: bool, key: Option<u8> },
-    Free { pick: usize },
+    CreatePool {
+        name: u8,
+        capacity: u64,
+    },
+    Allocate {
+        items: Vec<(u8, u64)>,
+        scope: Option<u8>,
+        ttl_ms: u64,
+        wait: bool,
+        key: Option<u8>,
+    },
+    Free {
+        pick: usize,
+    },
     FreeBogus,
-    FreeScope { scope: u8 },
-    Renew { pick: usize },
-    RenewScope { scope: u8 },
-    Advance { ms: u64 },
-    Abandon { pick: usize, timed_out: bool },
-    DropWaiter { pick: usize },
+    FreeScope {
+        scope: u8,
+    },
+    Renew {
+        pick: usize,
+    },
+    RenewScope {
+        scope: u8,
+    },
+    Advance {
+        ms: u64,
+    },
+    Abandon {
+        pick: usize,
+        timed_out: bool,
+    },
+    DropWaiter {
+        pick: usize,
+    },
+    /// Take the change batch and apply it to the model store.
+    Commit,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -42,11 +71,77 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u64..3_000).prop_map(|ms| Op::Advance { ms }),
         1 => (any::<usize>(), any::<bool>()).prop_map(|(pick, timed_out)| Op::Abandon { pick, timed_out }),
         1 => any::<usize>().prop_map(|pick| Op::DropWaiter { pick }),
+        2 => Just(Op::Commit),
     ]
 }
 
 fn pool_name(i: u8) -> String {
     POOLS.get(usize::from(i)).map_or_else(|| format!("extra-{i}"), |p| p.to_string())
+}
+
+/// What the store would hold after the batches so far.
+#[derive(Default)]
+struct Store {
+    snapshot: Snapshot,
+    leases: HashMap<LeaseId, usize>,
+}
+
+impl Store {
+    fn apply(&mut self, batch: Batch) {
+        let s = &mut self.snapshot;
+        s.epoch = Some(batch.epoch);
+        for pool in batch.pools {
+            match s.pools.iter_mut().find(|p| p.name == pool.name) {
+                Some(stored) => *stored = pool,
+                None => s.pools.push(pool),
+            }
+        }
+        for (id, lease) in batch.leases {
+            match (lease, self.leases.get(&id).copied()) {
+                (Some(lease), Some(i)) => s.leases[i] = lease,
+                (Some(lease), None) => {
+                    self.leases.insert(id, s.leases.len());
+                    s.leases.push(lease);
+                }
+                (None, Some(i)) => {
+                    s.leases.swap_remove(i);
+                    self.leases.remove(&id);
+                    if let Some(moved) = s.leases.get(i) {
+                        self.leases.insert(moved.id, i);
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        for (key, replay) in batch.replays {
+            s.replays.retain(|r| r.key != key);
+            if let Some(replay) = replay {
+                s.replays.push(replay);
+            }
+        }
+    }
+}
+
+/// Restores what `store` holds and checks it is the books of `ledger` (committed just before).
+fn check_restore(
+    ledger: &Ledger,
+    store: &Store,
+    now: Instant,
+    wall: std::time::SystemTime,
+) -> Result<(), TestCaseError> {
+    let mut restored = Ledger::new(16);
+    restored.restore(store.snapshot.clone(), now, wall).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    restored.check_invariants().map_err(TestCaseError::fail)?;
+    prop_assert_eq!(restored.epoch(), ledger.epoch());
+    prop_assert_eq!(restored.live_leases(), ledger.live_leases());
+    for pool in ledger.list_pools() {
+        let back = restored.pool_stats(&pool.name).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(
+            (back.used, back.live_leases, back.counters),
+            (pool.used, pool.live_leases, pool.counters)
+        );
+    }
+    Ok(())
 }
 
 /// Leases the test believes it holds, and calls still waiting.
@@ -72,10 +167,14 @@ impl Model {
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut ledger = Ledger::new(16);
+    ledger.track_changes();
+    let mut store = Store::default();
+    let wall = std::time::SystemTime::now();
     for (i, name) in POOLS.iter().enumerate() {
         ledger.create_pool(name, 100 * (i as u64 + 1)).map_err(|e| TestCaseError::fail(e.to_string()))?;
     }
     let mut now = Instant::now();
+    let ledger_start = now;
     let mut model = Model::default();
     for op in ops {
         match op {
@@ -130,6 +229,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                 }
             }
+            Op::Commit => store.apply(ledger.take_batch(now, wall + (now - ledger_start))),
             Op::DropWaiter { pick } if !model.waiters.is_empty() => {
                 // A caller that vanished without abandoning: the ledger must skip it.
                 model.waiters.swap_remove(pick % model.waiters.len());
@@ -139,6 +239,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         model.collect();
         ledger.check_invariants().map_err(TestCaseError::fail)?;
     }
+
+    // What was committed restores to the books as they stand (the same instant on both clocks).
+    let start = ledger_start;
+    store.apply(ledger.take_batch(now, wall + (now - start)));
+    check_restore(&ledger, &store, now, wall + (now - start))?;
 
     // Everything left either expires or is freed: every pool returns to zero.
     ledger.close_waiters();

@@ -181,10 +181,13 @@ impl Ledger {
                     None => self.scopes.entry(Arc::from(key)).or_default().insert(id),
                 };
             }
+            self.touch_lease(id);
+            self.touch_pool(p);
             leases.push(lease);
         }
         self.holder_leases.add(&request.holder, leases.len());
         if let Some(key) = &request.key {
+            self.touch_replay(key);
             self.replays.insert(
                 key.clone(),
                 Replay {

@@ -112,6 +112,10 @@ pub enum Error {
         /// What the caller can do about it.
         hint: &'static str,
     },
+    /// The state store cannot be written: the change is refused (or, for a change already made,
+    /// was not acknowledged as durable).
+    #[error("the state store cannot be written, so the change was not kept ({0}); retry when it is fixed")]
+    NotDurable(String),
     /// The caller is authenticated but may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),

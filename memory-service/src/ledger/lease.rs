@@ -23,6 +23,11 @@ impl LeaseId {
     pub const fn from_raw(raw: u128) -> Self {
         LeaseId(raw)
     }
+
+    /// The raw value (stores key leases by it).
+    pub const fn raw(self) -> u128 {
+        self.0
+    }
 }
 
 impl fmt::Display for LeaseId {

@@ -23,6 +23,7 @@ impl Ledger {
         lease.expires_at = now + lease.ttl;
         let lease = lease.clone();
         self.expiry.insert(lease.expires_at, id);
+        self.touch_lease(id);
         let pool = &self.pools[lease.pool];
         self.events.publish(Change {
             kind: EventKind::Renewed,
@@ -101,7 +102,10 @@ impl Ledger {
             && self.replays.get(key).is_some_and(|replay| replay.leases.contains(&id))
         {
             self.replays.remove(key);
+            self.touch_replay(key);
         }
+        self.touch_lease(id);
+        self.touch_pool(lease.pool);
         let pool = &mut self.pools[lease.pool];
         pool.give_back(lease.size, how);
         if let Some(observer) = &self.observer {

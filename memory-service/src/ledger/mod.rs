@@ -5,6 +5,7 @@
 //! ledger behind a mutex and never awaits while holding it.
 
 mod allocation;
+mod durable;
 mod error;
 mod events;
 mod expiry;
@@ -22,6 +23,8 @@ mod waiting;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_durable;
+#[cfg(test)]
 mod tests_limits;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -31,7 +34,17 @@ use tokio::{
     time::Instant,
 };
 
+use self::{
+    durable::Dirty,
+    events::{Change, EventBus},
+    expiry::ExpiryQueue,
+    limits::PerHolder,
+    pool::Pool,
+    request::{PoolBytes, Replay},
+    waiters::WaitQueue,
+};
 pub use self::{
+    durable::{Batch, Restored, Snapshot, StoredLease, StoredPool, StoredReplay},
     error::Error,
     error::Violations,
     events::{Event, EventKind},
@@ -39,14 +52,6 @@ pub use self::{
     limits::Limits,
     pool::{Counters, PoolId, PoolStats, Release},
     request::{Admission, AllocRequest, Feasibility, Grant, PoolFit, Resolved},
-};
-use self::{
-    events::{Change, EventBus},
-    expiry::ExpiryQueue,
-    limits::PerHolder,
-    pool::Pool,
-    request::{PoolBytes, Replay},
-    waiters::WaitQueue,
 };
 
 /// Largest pool: 4 EiB. Bounding capacity bounds every sum of live lease sizes, so the books
@@ -75,6 +80,8 @@ pub struct Ledger {
     holder_waiters: PerHolder,
     /// Scopes are keyed by holder and name, not name alone (see `set_scopes_per_holder`).
     scopes_per_holder: bool,
+    /// What changed since the last commit to the store, if there is one.
+    dirty: Dirty,
 }
 
 /// Learns how long each lease lived and how it ended.
@@ -104,6 +111,7 @@ impl Ledger {
             holder_leases: PerHolder::default(),
             holder_waiters: PerHolder::default(),
             scopes_per_holder: false,
+            dirty: Dirty::default(),
         }
     }
 

@@ -154,6 +154,12 @@ impl Pool {
         self.counters.wait_timeouts += 1;
     }
 
+    /// Sets the counters and peak read back from a store (restore only).
+    pub(crate) fn restore_counters(&mut self, peak_used: u64, counters: Counters) {
+        self.peak_used = peak_used.max(self.used);
+        self.counters = counters;
+    }
+
     pub(crate) fn count_rejected(&mut self) {
         self.counters.rejected += 1;
     }

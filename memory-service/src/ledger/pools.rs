@@ -19,6 +19,7 @@ impl Ledger {
         let id = self.pools.len();
         self.pools.push(Pool::new(name.clone(), capacity));
         self.pool_index.insert(name.clone(), id);
+        self.touch_pool(id);
         self.events.publish(Change {
             kind: EventKind::PoolCreated,
             pool: &name,

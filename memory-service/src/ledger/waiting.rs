@@ -137,6 +137,8 @@ impl Ledger {
     }
 
     pub(super) fn publish_refusal(&mut self, kind: EventKind, p: PoolId, requested: u64, request: &Resolved) {
+        // The pool's refusal counters changed (every caller counts just before).
+        self.touch_pool(p);
         let pool = &self.pools[p];
         self.events.publish(Change {
             kind,

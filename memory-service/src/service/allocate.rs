@@ -34,6 +34,7 @@ pub(super) async fn allocate(
         lease_ids = tracing::field::Empty,
     );
 
+    shared.durability().check()?;
     let admission = shared.ledger().allocate(req, started, !max_wait.is_zero())?;
     let grant = match admission {
         Admission::Granted(grant) => grant,
@@ -55,6 +56,18 @@ pub(super) async fn allocate(
             result?
         }
     };
+    // Durable before it is answered. If the store fails, the grant is taken back: the caller is
+    // told UNAVAILABLE, and nothing it was not told of may hold memory.
+    if let Err(err) = shared.durable().await {
+        if !grant.replayed {
+            let now = Instant::now();
+            let mut ledger = shared.ledger();
+            for lease in &grant.leases {
+                let _ = ledger.free(lease.id, now);
+            }
+        }
+        return Err(err);
+    }
     let ids: Vec<String> = grant.leases.iter().map(|l| l.id.to_string()).collect();
     span.record("lease_ids", tracing::field::display(ids.join(",")));
     // A grant whose answer never leaves (the caller reset the call or went away meanwhile) goes

@@ -94,6 +94,7 @@ async fn renew(
         bad.keep(convert::scope_id(scope));
     }
     bad.check()?;
+    shared.durability().check()?;
 
     let clock = Clock::now();
     let now = clock.instant();
@@ -135,5 +136,7 @@ async fn renew(
         renewed_count += renewed_now;
         scopes.push(pb::ScopeRenewal { scope_id, leases, expire_time: latest.map(|at| clock.wall(at)) });
     }
+    // Renewed deadlines are durable before they are announced.
+    shared.durable().await?;
     Ok(pb::KeepAliveResponse { renewed, not_found, server_epoch: shared.epoch, renewed_count, scopes })
 }

@@ -6,6 +6,7 @@
 mod access;
 mod allocate;
 pub mod convert;
+pub mod durability;
 mod keepalive;
 mod scope;
 pub mod status;
@@ -49,23 +50,55 @@ pub struct Shared {
     watchers: Arc<Semaphore>,
     /// One permit per open KeepAlive stream.
     keepalives: Arc<Semaphore>,
+    /// Group commit to the state store, if there is one.
+    durability: durability::Durability,
 }
 
 impl Shared {
     /// Builds the ledger with the configured pools. `config` must be validated.
     /// `authenticated`: callers carry identities, so scopes become per-holder namespaces.
+    /// With a `store`, its contents come back first (epoch, pools, leases with the time they
+    /// have left) and every change is committed to it before it is acknowledged; configured
+    /// pools it lacks are created, and a stored pool keeps its stored capacity.
     pub fn new(
         config: Config,
         shutdown: CancellationToken,
         metrics: Metrics,
         authenticated: bool,
+        store: Option<(crate::store::Store, crate::ledger::Snapshot)>,
     ) -> Result<Arc<Self>, Error> {
         let mut ledger = Ledger::new(config.event_buffer);
         ledger.set_limits(config.limits);
         ledger.set_scopes_per_holder(authenticated);
         ledger.observe_releases(metrics.lifetimes());
+        let store = match store {
+            Some((store, snapshot)) => {
+                ledger.track_changes();
+                let restored =
+                    ledger.restore(snapshot, tokio::time::Instant::now(), std::time::SystemTime::now())?;
+                tracing::info!(
+                    live = restored.live,
+                    expired = restored.expired,
+                    epoch = %ledger.epoch(),
+                    "state restored: leases live again with their remaining time; those whose deadline passed while down expired"
+                );
+                Some(store)
+            }
+            None => None,
+        };
         for pool in &config.pools {
-            ledger.create_pool(&pool.name, pool.capacity)?;
+            match ledger.pool_stats(&pool.name) {
+                Ok(stored) if stored.capacity != pool.capacity => tracing::warn!(
+                    pool = %pool.name,
+                    stored = stored.capacity,
+                    configured = pool.capacity,
+                    "the stored pool keeps its stored capacity; pools are never resized"
+                ),
+                Ok(_) => {}
+                Err(_) => {
+                    ledger.create_pool(&pool.name, pool.capacity)?;
+                }
+            }
         }
         let epoch = ledger.epoch();
         let watchers = Arc::new(Semaphore::new(config.max_watchers));
@@ -78,6 +111,7 @@ impl Shared {
             metrics,
             watchers,
             keepalives,
+            durability: durability::Durability::new(store),
         }))
     }
 
@@ -101,6 +135,17 @@ impl Shared {
     /// Prometheus instruments.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Group commit to the state store.
+    pub fn durability(&self) -> &durability::Durability {
+        &self.durability
+    }
+
+    /// Waits until the ledger's changes so far are durable (at once without a store).
+    pub async fn durable(&self) -> Result<(), Error> {
+        let seq = self.ledger().change_seq();
+        self.durability.wait(seq).await
     }
 
     /// The shutdown token.
@@ -142,8 +187,10 @@ impl MemoryService for MemoryApi {
             bad.add("capacity_bytes", format!("{} must be between 1 and {max} (4 EiB)", req.capacity_bytes));
         }
         bad.check().map_err(|e| self.shared.status(e))?;
+        self.shared.durability().check().map_err(|e| self.shared.status(e))?;
         let stats = self.shared.ledger().create_pool(&req.name, req.capacity_bytes);
         let stats = stats.map_err(|e| self.shared.status(e))?;
+        self.shared.durable().await.map_err(|e| self.shared.status(e))?;
         tracing::info!(pool = %req.name, capacity = req.capacity_bytes, "pool created");
         Ok(Response::new(pb::CreatePoolResponse {
             pool: Some(convert::pool_stats(stats)),
@@ -249,11 +296,12 @@ impl MemoryService for MemoryApi {
         let clock = Clock::now();
         let lease = {
             let mut ledger = self.shared.ledger();
-            access.check_owner(&ledger, id).and_then(|()| {
+            self.shared.durability().check().and_then(|()| access.check_owner(&ledger, id)).and_then(|()| {
                 ledger.free(id, clock.instant()).map(|l| convert::lease(&l, ledger.pool_name(l.pool), &clock))
             })
         };
         let lease = lease.map_err(|e| self.shared.status(e))?;
+        self.shared.durable().await.map_err(|e| self.shared.status(e))?;
         Ok(Response::new(pb::FreeResponse { lease: Some(lease), server_epoch: self.shared.epoch }))
     }
 
@@ -264,7 +312,9 @@ impl MemoryService for MemoryApi {
         let access = Access::of(&request);
         let req = request.into_inner();
         let scope = convert::scope_id(&req.scope_id).map_err(|e| self.shared.status(e))?;
+        self.shared.durability().check().map_err(|e| self.shared.status(e))?;
         let (freed_leases, freed_bytes) = scope::free(&self.shared, access.namespace(), scope).await;
+        self.shared.durable().await.map_err(|e| self.shared.status(e))?;
         Ok(Response::new(pb::FreeScopeResponse {
             freed_leases,
             freed_bytes,

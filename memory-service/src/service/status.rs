@@ -68,6 +68,11 @@ pub fn to_status(err: Error, retry_hint: Duration) -> Status {
             (Code::Aborted, details)
         }
         Error::ShuttingDown => (Code::Unavailable, ErrorDetails::new()),
+        Error::NotDurable(_) => {
+            let mut details = ErrorDetails::new();
+            details.set_retry_info(Some(retry_hint));
+            (Code::Unavailable, details)
+        }
         Error::LimitReached { what, limit, .. } => {
             let mut details =
                 ErrorDetails::with_quota_failure_violation(what, format!("at most {limit} allowed"));
@@ -99,6 +104,7 @@ mod tests {
             ),
             (Error::RequestInProgress("r".into()), Code::Aborted),
             (Error::ShuttingDown, Code::Unavailable),
+            (Error::NotDurable("disk full".into()), Code::Unavailable),
             (Error::LimitReached { what: "pools", limit: 1, hint: "h" }, Code::ResourceExhausted),
             (Error::PermissionDenied("not yours".into()), Code::PermissionDenied),
         ];

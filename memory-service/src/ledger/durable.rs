@@ -1,0 +1,309 @@
+//! The ledger's side of durability: which records changed since the last commit (a journal of
+//! dirty keys, not of operations), the batch that writes them, and the restore at start-up.
+//!
+//! Tracking keys rather than operations coalesces: a lease renewed a hundred times between two
+//! commits is written once, with its latest deadline. Every change bumps a sequence number; a
+//! caller whose change has sequence `n` may answer once a commit of a batch taken at `>= n` is
+//! durable. The store itself (files, fsync) lives outside, behind this plain-data interface, so
+//! the ledger stays synchronous and testable without a runtime.
+
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::time::Instant;
+
+use super::{Counters, Error, Lease, LeaseId, LeaseSet, Ledger, PoolId, request::Replay};
+
+/// A pool as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPool {
+    /// Its name.
+    pub name: Arc<str>,
+    /// Its capacity.
+    pub capacity: u64,
+    /// Highest use seen.
+    pub peak_used: u64,
+    /// Cumulative counters.
+    pub counters: Counters,
+}
+
+/// A lease as stored: deadlines on the wall clock, which (unlike the monotonic clock) means
+/// something to the next process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredLease {
+    /// Its id.
+    pub id: LeaseId,
+    /// Its pool.
+    pub pool: Arc<str>,
+    /// Bytes held.
+    pub size: u64,
+    /// Who holds it.
+    pub holder: Arc<str>,
+    /// Its scope.
+    pub scope: Option<Arc<str>>,
+    /// TTL applied at each renewal.
+    pub ttl: Duration,
+    /// When it dies unless renewed.
+    pub deadline: SystemTime,
+    /// When it was granted.
+    pub granted: SystemTime,
+    /// Idempotency key of the Allocate that granted it.
+    pub request_key: Option<Arc<str>>,
+}
+
+/// An idempotency record as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReplay {
+    /// Holder and request id.
+    pub key: Arc<str>,
+    /// (pool, bytes) per item, in request order.
+    pub items: Vec<(Arc<str>, u64)>,
+    /// Scope asked.
+    pub scope: Option<Arc<str>>,
+    /// TTL asked.
+    pub ttl: Duration,
+    /// The leases granted.
+    pub leases: Vec<LeaseId>,
+}
+
+/// What changed since the last batch: each key with its current value, or `None` if it is gone.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// Changes up to this sequence number are in the batch.
+    pub seq: u64,
+    /// The server epoch (written with every batch; it never changes).
+    pub epoch: u64,
+    /// Pools whose capacity or counters changed.
+    pub pools: Vec<StoredPool>,
+    /// Leases granted, renewed (`Some`) or gone (`None`).
+    pub leases: Vec<(LeaseId, Option<StoredLease>)>,
+    /// Idempotency records made (`Some`) or dropped (`None`).
+    pub replays: Vec<(Arc<str>, Option<StoredReplay>)>,
+}
+
+impl Batch {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty() && self.leases.is_empty() && self.replays.is_empty()
+    }
+}
+
+/// Everything a store holds, read back at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The epoch of the ledger that wrote it.
+    pub epoch: Option<u64>,
+    /// Pools.
+    pub pools: Vec<StoredPool>,
+    /// Leases.
+    pub leases: Vec<StoredLease>,
+    /// Idempotency records.
+    pub replays: Vec<StoredReplay>,
+}
+
+/// What a restore found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Leases alive again, with their remaining time.
+    pub live: usize,
+    /// Leases whose deadline passed while the server was down, expired at once.
+    pub expired: usize,
+}
+
+/// Keys changed since the last batch.
+#[derive(Debug, Default)]
+pub(super) struct Dirty {
+    /// Off for an in-memory ledger: nothing is tracked.
+    pub(super) on: bool,
+    pub(super) seq: u64,
+    pub(super) pools: Vec<bool>,
+    pub(super) leases: LeaseSet,
+    pub(super) replays: HashSet<Arc<str>>,
+}
+
+impl Ledger {
+    /// Starts tracking changes for a store (an in-memory ledger tracks nothing).
+    pub fn track_changes(&mut self) {
+        self.dirty.on = true;
+    }
+
+    /// The sequence number of the latest change.
+    pub fn change_seq(&self) -> u64 {
+        self.dirty.seq
+    }
+
+    pub(super) fn touch_pool(&mut self, p: PoolId) {
+        if self.dirty.on {
+            if self.dirty.pools.len() <= p {
+                self.dirty.pools.resize(p + 1, false);
+            }
+            self.dirty.pools[p] = true;
+            self.dirty.seq += 1;
+        }
+    }
+
+    pub(super) fn touch_lease(&mut self, id: LeaseId) {
+        if self.dirty.on {
+            self.dirty.leases.insert(id);
+            self.dirty.seq += 1;
+        }
+    }
+
+    pub(super) fn touch_replay(&mut self, key: &Arc<str>) {
+        if self.dirty.on {
+            self.dirty.replays.insert(key.clone());
+            self.dirty.seq += 1;
+        }
+    }
+
+    /// Takes every change since the last batch, with current values; deadlines are converted to
+    /// the wall clock by the readings `now` and `wall` of the two clocks.
+    pub fn take_batch(&mut self, now: Instant, wall: SystemTime) -> Batch {
+        let to_wall = |at: Instant| {
+            if at >= now {
+                wall + (at - now)
+            } else {
+                wall.checked_sub(now - at).unwrap_or(SystemTime::UNIX_EPOCH)
+            }
+        };
+        let dirty = std::mem::take(&mut self.dirty.pools);
+        let pools = dirty.iter().enumerate().filter(|&(_, &d)| d).map(|(p, _)| self.stored_pool(p)).collect();
+        let leases = std::mem::take(&mut self.dirty.leases)
+            .into_iter()
+            .map(|id| {
+                let stored = self.leases.get(&id).map(|l| StoredLease {
+                    id,
+                    pool: self.pools[l.pool].name().clone(),
+                    size: l.size,
+                    holder: l.holder.clone(),
+                    scope: l.scope.clone(),
+                    ttl: l.ttl,
+                    deadline: to_wall(l.expires_at),
+                    granted: to_wall(l.granted_at),
+                    request_key: l.request_key.clone(),
+                });
+                (id, stored)
+            })
+            .collect();
+        let replays = std::mem::take(&mut self.dirty.replays)
+            .into_iter()
+            .map(|key| {
+                let stored = self.replays.get(&key).map(|r| StoredReplay {
+                    key: key.clone(),
+                    items: r.items.iter().map(|&(p, size)| (self.pools[p].name().clone(), size)).collect(),
+                    scope: r.scope.clone(),
+                    ttl: r.ttl,
+                    leases: r.leases.clone(),
+                });
+                (key, stored)
+            })
+            .collect();
+        Batch { seq: self.dirty.seq, epoch: self.epoch, pools, leases, replays }
+    }
+
+    /// Marks the keys of `batch` changed again (its commit failed), so the next batch writes
+    /// their values as they are then.
+    pub fn retake(&mut self, batch: &Batch) {
+        for pool in &batch.pools {
+            if let Some(&p) = self.pool_index.get(&pool.name) {
+                self.touch_pool(p);
+            }
+        }
+        for (id, _) in &batch.leases {
+            self.touch_lease(*id);
+        }
+        for (key, _) in &batch.replays {
+            self.touch_replay(key);
+        }
+    }
+
+    fn stored_pool(&self, p: PoolId) -> StoredPool {
+        let stats = self.pools[p].stats();
+        StoredPool {
+            name: stats.name,
+            capacity: stats.capacity,
+            peak_used: stats.peak_used,
+            counters: stats.counters,
+        }
+    }
+
+    /// Loads `snapshot` into this (fresh) ledger: the epoch, pools and their counters, leases with
+    /// the time they have left, and idempotency records. Leases whose deadline passed while the
+    /// server was down expire now, with EXPIRED events and counters. Leases of a pool the
+    /// snapshot lacks are dropped (they cannot be accounted for).
+    pub fn restore(&mut self, snapshot: Snapshot, now: Instant, wall: SystemTime) -> Result<Restored, Error> {
+        if let Some(epoch) = snapshot.epoch {
+            self.epoch = epoch;
+        }
+        for pool in &snapshot.pools {
+            // Restored pools are not new: bypass the pool bound, which may have been lowered.
+            let id = self.pools.len();
+            self.pools.push(super::pool::Pool::new(pool.name.clone(), pool.capacity));
+            self.pool_index.insert(pool.name.clone(), id);
+        }
+        let to_mono = |at: SystemTime| match at.duration_since(wall) {
+            Ok(ahead) => now + ahead,
+            Err(behind) => now.checked_sub(behind.duration()).unwrap_or(now),
+        };
+        let mut restored = Restored::default();
+        for stored in snapshot.leases {
+            let Some(&p) = self.pool_index.get(&stored.pool) else { continue };
+            if stored.size > self.pools[p].available() {
+                continue;
+            }
+            let expires_at = to_mono(stored.deadline);
+            let lease = Lease {
+                id: stored.id,
+                pool: p,
+                size: stored.size,
+                holder: stored.holder,
+                scope: stored.scope,
+                ttl: stored.ttl,
+                expires_at,
+                request_key: stored.request_key,
+                granted_at: to_mono(stored.granted),
+            };
+            self.pools[p].take(lease.size);
+            self.expiry.insert(lease.expires_at, lease.id);
+            if let Some(scope) = &lease.scope {
+                let key = self.scope_key(&lease.holder, scope);
+                match self.scopes.get_mut(&*key) {
+                    Some(members) => members.insert(lease.id),
+                    None => self.scopes.entry(Arc::from(key)).or_default().insert(lease.id),
+                };
+            }
+            self.holder_leases.add(&lease.holder, 1);
+            if lease.expires_at <= now {
+                restored.expired += 1;
+            } else {
+                restored.live += 1;
+            }
+            self.leases.insert(lease.id, lease);
+        }
+        // The stored counters already count the restored leases.
+        for (p, pool) in snapshot.pools.iter().enumerate() {
+            self.pools[p].restore_counters(pool.peak_used, pool.counters);
+        }
+        for replay in snapshot.replays {
+            let items: Option<Vec<_>> = replay
+                .items
+                .iter()
+                .map(|(pool, size)| self.pool_index.get(pool).map(|&p| (p, *size)))
+                .collect();
+            let Some(items) = items else { continue };
+            if !replay.leases.iter().all(|id| self.leases.contains_key(id)) {
+                continue;
+            }
+            self.replays.insert(
+                replay.key,
+                Replay { items, scope: replay.scope, ttl: replay.ttl, leases: replay.leases },
+            );
+        }
+        // Deadlines that passed while down: expired now, as the reaper would have.
+        self.reap(now);
+        Ok(restored)
+    }
+}

@@ -1,0 +1,150 @@
+//! Unit tests of the ledger's durability interface: batches carry exactly what changed, and a
+//! restore from what the batches wrote gives back the same books, deadlines on the wall clock.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::time::Instant;
+
+use super::*;
+
+/// What a store would hold after applying batches, keyed as the real one.
+#[derive(Default)]
+struct FakeStore {
+    epoch: Option<u64>,
+    pools: HashMap<Arc<str>, StoredPool>,
+    leases: HashMap<LeaseId, StoredLease>,
+    replays: HashMap<Arc<str>, StoredReplay>,
+}
+
+impl FakeStore {
+    fn apply(&mut self, batch: Batch) {
+        self.epoch = Some(batch.epoch);
+        for pool in batch.pools {
+            self.pools.insert(pool.name.clone(), pool);
+        }
+        for (id, lease) in batch.leases {
+            match lease {
+                Some(lease) => self.leases.insert(id, lease),
+                None => self.leases.remove(&id),
+            };
+        }
+        for (key, replay) in batch.replays {
+            match replay {
+                Some(replay) => self.replays.insert(key, replay),
+                None => self.replays.remove(&key),
+            };
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut pools: Vec<_> = self.pools.values().cloned().collect();
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        Snapshot {
+            epoch: self.epoch,
+            pools,
+            leases: self.leases.values().cloned().collect(),
+            replays: self.replays.values().cloned().collect(),
+        }
+    }
+}
+
+fn request(items: &[(&str, u64)], scope: Option<&str>, ttl: Duration, key: Option<&str>) -> AllocRequest {
+    AllocRequest {
+        items: items.iter().map(|(p, s)| (p.to_string(), *s)).collect(),
+        holder: Arc::from("h"),
+        scope: scope.map(Arc::from),
+        ttl,
+        request_id: key.map(Arc::from),
+    }
+}
+
+fn granted(admission: Result<Admission, Error>) -> Grant {
+    match admission {
+        Ok(Admission::Granted(grant)) => grant,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_restore_gives_back_the_books_with_remaining_time_and_expires_what_ran_out() {
+    let (t0, wall0) = (Instant::now(), SystemTime::now());
+    let mut ledger = Ledger::new(16);
+    ledger.track_changes();
+    ledger.create_pool("kv-cache", 1000).unwrap();
+    ledger.create_pool("activations", 100).unwrap();
+    let long = Duration::from_secs(60);
+    let keep = granted(ledger.allocate(
+        request(&[("kv-cache", 300), ("activations", 10)], Some("s"), long, Some("r1")),
+        t0,
+        false,
+    ));
+    let short =
+        granted(ledger.allocate(request(&[("kv-cache", 50)], None, Duration::from_secs(1), None), t0, false));
+    let gone = granted(ledger.allocate(request(&[("kv-cache", 200)], Some("s"), long, None), t0, false));
+    ledger.free(gone.leases[0].id, t0).unwrap();
+    let seq = ledger.change_seq();
+    let mut store = FakeStore::default();
+    let batch = ledger.take_batch(t0, wall0);
+    assert_eq!(batch.seq, seq);
+    store.apply(batch);
+    // Nothing changed since: the next batch is empty.
+    assert!(ledger.take_batch(t0, wall0).is_empty());
+    // A renewal is one lease written again.
+    let t1 = t0 + Duration::from_millis(500);
+    ledger.renew(keep.leases[0].id, t1).unwrap();
+    let batch = ledger.take_batch(t1, wall0 + Duration::from_millis(500));
+    assert_eq!((batch.leases.len(), batch.pools.len()), (1, 0));
+    store.apply(batch);
+
+    // The server is down for 30 s: the 1 s lease ran out, the others have time left.
+    let (t2, wall2) = (Instant::now(), wall0 + Duration::from_secs(40));
+    let mut restored = Ledger::new(16);
+    restored.track_changes();
+    let outcome = restored.restore(store.snapshot(), t2, wall2).unwrap();
+    assert_eq!(outcome, Restored { live: 2, expired: 1 });
+    assert_eq!(restored.epoch(), ledger.epoch());
+    let kv = restored.pool_stats("kv-cache").unwrap();
+    assert_eq!((kv.used, kv.live_leases), (300, 1));
+    assert_eq!(kv.counters.granted, 3);
+    assert_eq!((kv.counters.freed, kv.counters.expired), (1, 1));
+    // 60 s TTL renewed at +0.5 s and not renewed by +40 s: 20.5 s left, on the new monotonic
+    // clock (the activations lease, granted at 0, has 20 s).
+    assert_eq!(restored.next_deadline(), Some(t2 + Duration::from_secs(20)));
+    // The idempotency record came back: a retry replays the same leases.
+    let retry = request(&[("kv-cache", 300), ("activations", 10)], Some("s"), long, Some("r1"));
+    let replay = granted(restored.allocate(retry, t2, false));
+    assert!(replay.replayed);
+    assert_eq!(replay.leases[0].id, keep.leases[0].id);
+    restored.reap(t2 + Duration::from_millis(20_100));
+    assert!(restored.renew(keep.leases[0].id, t2 + Duration::from_millis(20_200)).is_ok());
+    let t3 = t2 + Duration::from_millis(20_200);
+    assert!(matches!(restored.free(short.leases[0].id, t3), Err(Error::LeaseNotFound(_))));
+    assert!(matches!(restored.free(gone.leases[0].id, t3), Err(Error::LeaseNotFound(_))));
+    // The scope came back: the renewed kv-cache lease is in it; the activations lease (not
+    // renewed) expired at its restored deadline.
+    assert_eq!(restored.free_scope("h", "s", t3), (1, 300));
+    restored.check_invariants().unwrap();
+}
+
+#[test]
+fn a_failed_commit_is_retaken_whole_by_the_next_batch() {
+    let (t0, wall0) = (Instant::now(), SystemTime::now());
+    let mut ledger = Ledger::new(16);
+    ledger.track_changes();
+    ledger.create_pool("kv-cache", 1000).unwrap();
+    let grant = granted(ledger.allocate(
+        request(&[("kv-cache", 10)], None, Duration::from_secs(60), None),
+        t0,
+        false,
+    ));
+    let lost = ledger.take_batch(t0, wall0);
+    ledger.retake(&lost);
+    let again = ledger.take_batch(t0, wall0);
+    assert_eq!(again.leases.len(), 1);
+    assert_eq!(again.leases[0].0, grant.leases[0].id);
+    assert_eq!(again.pools.len(), 1);
+}
