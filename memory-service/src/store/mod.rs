@@ -34,7 +34,9 @@ pub struct StoreError {
 /// The opened store.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    /// `None` after a failed commit: redb refuses further writes on a database that saw an I/O
+    /// error until it is opened again (which checks and repairs it), so the next commit reopens.
+    db: parking_lot::Mutex<Option<Database>>,
     path: PathBuf,
 }
 
@@ -45,7 +47,7 @@ impl Store {
         let fail = |message: String| StoreError { path: path.display().to_string(), message };
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create the state directory: {e}")))?;
         let db = Database::create(&path).map_err(|e| fail(e.to_string()))?;
-        Ok(Store { db, path })
+        Ok(Store { db: parking_lot::Mutex::new(Some(db)), path })
     }
 
     fn error(&self, e: impl std::fmt::Display) -> StoreError {
@@ -54,7 +56,9 @@ impl Store {
 
     /// Everything stored.
     pub fn load(&self) -> Result<Snapshot, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let db = self.db.lock();
+        let db = db.as_ref().ok_or_else(|| self.error("not open"))?;
+        let txn = db.begin_read().map_err(|e| self.error(e))?;
         let mut snapshot = Snapshot::default();
         // Tables appear with the first commit; a fresh store has none.
         if let Ok(meta) = txn.open_table(META) {
@@ -86,40 +90,55 @@ impl Store {
 
     /// Writes `batch` in one transaction and waits for it to be on disk (fsync).
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.error(e))?;
+        let mut db = self.db.lock();
+        if db.is_none() {
+            *db = Some(Database::create(&self.path).map_err(|e| self.error(e))?);
+        }
+        let result =
+            Self::write(db.as_ref().ok_or_else(|| self.error("not open"))?, batch).map_err(|e| self.error(e));
+        if result.is_err() {
+            // Closed now, reopened (and repaired if need be) by the next commit.
+            *db = None;
+        }
+        result
+    }
+
+    fn write(db: &Database, batch: &Batch) -> Result<(), Box<dyn std::error::Error>> {
+        let txn = db.begin_write()?;
         {
-            let mut meta = txn.open_table(META).map_err(|e| self.error(e))?;
-            meta.insert(EPOCH, batch.epoch).map_err(|e| self.error(e))?;
-            let mut pools = txn.open_table(POOLS).map_err(|e| self.error(e))?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert(EPOCH, batch.epoch)?;
+            let mut pools = txn.open_table(POOLS)?;
             for pool in &batch.pools {
                 let record = PoolRecord::from_stored(pool).encode_to_vec();
-                pools.insert(&*pool.name, record.as_slice()).map_err(|e| self.error(e))?;
+                pools.insert(&*pool.name, record.as_slice())?;
             }
-            let mut leases = txn.open_table(LEASES).map_err(|e| self.error(e))?;
+            let mut leases = txn.open_table(LEASES)?;
             for (id, lease) in &batch.leases {
                 match lease {
                     Some(lease) => {
                         let record = LeaseRecord::from_stored(lease).encode_to_vec();
-                        leases.insert(lease_key(*id), record.as_slice()).map_err(|e| self.error(e))?;
+                        leases.insert(lease_key(*id), record.as_slice())?;
                     }
                     None => {
-                        leases.remove(lease_key(*id)).map_err(|e| self.error(e))?;
+                        leases.remove(lease_key(*id))?;
                     }
                 }
             }
-            let mut replays = txn.open_table(REPLAYS).map_err(|e| self.error(e))?;
+            let mut replays = txn.open_table(REPLAYS)?;
             for (key, replay) in &batch.replays {
                 match replay {
                     Some(replay) => {
                         let record = ReplayRecord::from_stored(replay).encode_to_vec();
-                        replays.insert(&**key, record.as_slice()).map_err(|e| self.error(e))?;
+                        replays.insert(&**key, record.as_slice())?;
                     }
                     None => {
-                        replays.remove(&**key).map_err(|e| self.error(e))?;
+                        replays.remove(&**key)?;
                     }
                 }
             }
         }
-        txn.commit().map_err(|e| self.error(e))
+        txn.commit()?;
+        Ok(())
     }
 }
