@@ -105,7 +105,15 @@ impl Shared {
         // Admission bounds what is in flight to max_batch_size + queue_capacity; twice that leaves
         // room for the hand-overs of generations that already ended but are not yet swept.
         let inbox = config.max_batch_size.saturating_add(config.queue_capacity).saturating_mul(2);
-        let device = Device::spawn(settings, lanes, inbox, wake, metrics.clone(), shutdown.clone(), &tracker);
+        let device = Device::spawn(
+            settings,
+            lanes,
+            inbox,
+            wake,
+            metrics.clone(),
+            crate::core::Signals { shutdown: shutdown.clone(), memory: renewer.healthy() },
+            &tracker,
+        );
         let activations =
             Standing::new(ACTIVATIONS, config.activation_bytes(), "device", &config.device.name);
         Ok(Arc::new(Shared {

@@ -111,6 +111,16 @@ pub struct Report {
 /// How a sequence ended: its report, or why the device could not go on with it.
 pub type Outcome = Result<Report, Error>;
 
+/// What stops or pauses the device loop.
+#[derive(Debug, Clone)]
+pub struct Signals {
+    /// Cancelled at shutdown: the loop ends.
+    pub shutdown: CancellationToken,
+    /// `true` while memory-service confirms the runtime's leases; no step runs while it is
+    /// `false` (the memory is in doubt).
+    pub memory: tokio::sync::watch::Receiver<bool>,
+}
+
 /// The handle the rest of the service holds on the device.
 #[derive(Debug, Clone)]
 pub struct Device {
@@ -152,11 +162,19 @@ impl Device {
         inbox: usize,
         wake: Arc<Notify>,
         metrics: Metrics,
-        shutdown: CancellationToken,
+        signals: Signals,
         tracker: &TaskTracker,
     ) -> Self {
         let (tx, rx) = mpsc::channel(inbox.max(1));
-        let device_loop = run::DeviceLoop::new(settings, lanes, rx, wake.clone(), metrics, shutdown);
+        let device_loop = run::DeviceLoop::new(
+            settings,
+            lanes,
+            rx,
+            wake.clone(),
+            metrics,
+            signals.shutdown,
+            signals.memory,
+        );
         let stopped = CancellationToken::new();
         // Cancelled however the loop ends, a panic included, so health can say so.
         let guard = stopped.clone().drop_guard();

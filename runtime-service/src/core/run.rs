@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::{
-    sync::{Notify, mpsc},
+    sync::{Notify, mpsc, watch},
     time::{Instant, sleep_until},
 };
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,12 @@ pub(super) struct DeviceLoop {
     next_id: u64,
     /// Accounting already exported to the metrics.
     exported: Busy,
+    /// `true` while memory-service confirms this runtime's leases (the keep-alive rounds
+    /// succeed). While it is `false` the device runs no step: its memory is in doubt (the
+    /// memory-service may have restarted and forgotten it), and using it could collide with
+    /// whoever a restarted memory-service grants it to. Steps resume once the leases are
+    /// confirmed; if they are lost instead, the generations using them end.
+    memory: watch::Receiver<bool>,
 }
 
 impl DeviceLoop {
@@ -38,8 +44,10 @@ impl DeviceLoop {
         wake: Arc<Notify>,
         metrics: Metrics,
         shutdown: CancellationToken,
+        memory: watch::Receiver<bool>,
     ) -> Self {
         DeviceLoop {
+            memory,
             timeline: Timeline::new(settings.mode),
             jitter: SplitMix64::new(settings.jitter_seed),
             settings,
@@ -65,7 +73,8 @@ impl DeviceLoop {
                 lane.absorb_grants();
                 lane.sweep();
             }
-            let picked = self.pick();
+            let memory_confirmed = *self.memory.borrow_and_update();
+            let picked = if memory_confirmed { self.pick() } else { None };
             let now = Instant::now();
             for lane in &mut self.lanes {
                 lane.return_slabs(now, self.settings.kv_idle_release);
@@ -171,10 +180,13 @@ impl DeviceLoop {
                 None => std::future::pending().await,
             }
         };
+        let mut memory = self.memory.clone();
         tokio::select! {
             biased;
             () = self.shutdown.cancelled() => {}
             () = self.wake.notified() => {}
+            // Memory confirmed again (or doubted): look again. (A closed signal never fires.)
+            () = async { if memory.changed().await.is_err() { std::future::pending::<()>().await } } => {}
             received = self.inbox.recv(), if inbox_open => {
                 if let Some(submission) = received {
                     let id = self.next_id;

@@ -77,8 +77,15 @@ fn rig(mode: SchedulerMode, cpu_ms: f64, limits: Limits) -> Rig {
     };
     let settings =
         DeviceSettings { mode, jitter: 0.0, jitter_seed: 1, kv_idle_release: Duration::from_secs(3600) };
-    let device =
-        Device::spawn(settings, vec![(lane, link)], 64, wake, metrics.clone(), shutdown.clone(), &tracker);
+    let device = Device::spawn(
+        settings,
+        vec![(lane, link)],
+        64,
+        wake,
+        metrics.clone(),
+        Signals { shutdown: shutdown.clone(), memory: confirmed() },
+        &tracker,
+    );
     Rig {
         device,
         slabs: Arc::new(slabs),
@@ -454,4 +461,9 @@ async fn sequences_waiting_for_blocks_fail_fast_once_memory_service_is_unreachab
     assert!(matches!(outcome, Err(crate::error::Error::MemoryUnavailable(_))), "{outcome:?}");
     assert!(Instant::now() - started < Duration::from_secs(1), "no wait for a deadline");
     rig.stop().await;
+}
+
+/// A memory signal that always confirms (these tests have no memory-service).
+fn confirmed() -> tokio::sync::watch::Receiver<bool> {
+    tokio::sync::watch::channel(true).1
 }

@@ -1,0 +1,110 @@
+//! memory-service restarted (kill -9) under a runtime that is streaming. From the moment its
+//! keep-alive stream breaks until its leases are confirmed again, the runtime's device runs no
+//! step: its memory is in doubt. With `--state-dir` the leases survive and keep their epoch: the
+//! keep-alive stream reconnects and renews them, and the generation in flight completes. In
+//! memory only, the restart is a new epoch: the runtime drops the memory it no longer holds and
+//! the generation ends UNAVAILABLE; it never ran a step on that memory after the old process
+//! died, so before the new one could grant it to anyone.
+
+use std::time::Duration;
+
+use e2e::{RuntimeServer, certs::TempDir, process::Process, runtime_config, sample};
+use proto::runtime::v1::{GenerateRequest, generate_response};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const POOLS: &str = "kv-cache=64MiB,activations=64MiB,uniforms=64MiB";
+const LOG: &[(&str, &str)] = &[("RUST_LOG", "warn,memory_service=info")];
+
+fn long_generation(id: &str) -> GenerateRequest {
+    GenerateRequest {
+        model: "test-webllm".into(),
+        prompt: "Write a long story about caches.".into(),
+        max_tokens: 400,
+        seed: 3,
+        request_id: id.into(),
+        ..GenerateRequest::default()
+    }
+}
+
+/// Streams `id`, restarting memory-service (`restart`) after the first tokens; returns how the
+/// stream ended and how many tokens it carried.
+async fn stream_through_a_restart(durable: bool) -> (Result<u32, tonic::Status>, u32) {
+    let dir = TempDir::new("restart-state");
+    let state = dir.path().to_str().expect("utf-8").to_owned();
+    let mut args = vec!["--pool", POOLS];
+    if durable {
+        args.extend(["--state-dir", state.as_str()]);
+    }
+    let memory = Process::start("memory-service", &args, LOG, false);
+    let addr: std::net::SocketAddr = memory.addr.parse().expect("address");
+    let mut config = runtime_config(addr);
+    // Renew often, so the test does not wait for a 30 s TTL's third.
+    config.lease_ttl = std::time::Duration::from_secs(3);
+    let runtime = RuntimeServer::start(config).await;
+    runtime.ready().await;
+    let mut client = runtime.client().await;
+    let mut stream =
+        client.generate(long_generation("through-restart")).await.expect("accepted").into_inner();
+    let mut tokens = 0;
+    while tokens < 5 {
+        if let Some(generate_response::Item::Token(_)) =
+            stream.message().await.expect("ok").expect("open").item
+        {
+            tokens += 1;
+        }
+    }
+    let mut health = HealthClient::new(runtime.channel().await);
+    let check = HealthCheckRequest { service: "runtime.v1.RuntimeService".into() };
+    let mut watch = health.watch(check).await.expect("watch").into_inner();
+    memory.kill();
+    // The keep-alive stream's end is noticed at once: NOT_SERVING, and the device stops.
+    while watch.next().await.expect("open").expect("status").status() != ServingStatus::NotServing {}
+    let generated =
+        || async { sample(&runtime.scrape().await, "runtime_tokens_generated_total", &["test-webllm"]) };
+    // Observation windows (not readiness waits): the step already running when the memory came
+    // into doubt finishes (one step, a few ms); after it, at ~3 ms a step, a running device would
+    // generate dozens of tokens in 200 ms.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = generated().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(generated().await, before, "the device stepped while its memory was in doubt");
+    drop((watch, health));
+    let listen = addr.to_string();
+    let mut restart = args.clone();
+    restart.extend(["--listen", listen.as_str()]);
+    let memory = Process::start_at("memory-service", &restart, LOG);
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(message)) => match message.item {
+                Some(generate_response::Item::Token(_)) => tokens += 1,
+                Some(generate_response::Item::Summary(summary)) => break Ok(summary.completion_tokens),
+                None => {}
+            },
+            Ok(None) => break Err(tonic::Status::internal("ended without a summary")),
+            Err(status) => break Err(status),
+        }
+    };
+    drop(stream);
+    runtime.stop().await;
+    memory.stop();
+    (ended, tokens)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_durable_memory_service_a_restart_ends_no_generation() {
+    let (ended, tokens) = stream_through_a_restart(true).await;
+    assert_eq!(ended.expect("the generation completed"), 400);
+    assert_eq!(tokens, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_in_memory_memory_service_a_restart_ends_generations_unavailable() {
+    let (ended, tokens) = stream_through_a_restart(false).await;
+    let status = ended.expect_err("streamed on after a new epoch");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(tokens < 400);
+}
