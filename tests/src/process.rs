@@ -15,7 +15,13 @@ use std::{
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("test executable");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target directory");
+    // Tests and benches live in target/<profile>/deps, binaries (the soak) in target/<profile>.
+    let parent = exe.parent().expect("target directory");
+    let dir = if parent.file_name().is_some_and(|d| d == "deps") {
+        parent.parent().unwrap_or(parent)
+    } else {
+        parent
+    };
     BUILT.call_once(|| {
         let mut build = Command::new(env!("CARGO"));
         // The same selection as scripts/test, so features unify the same way and this is a no-op.
@@ -109,6 +115,11 @@ impl Process {
         assert!(status.success());
         let exit = self.child.wait().expect("wait");
         assert!(exit.success(), "{exit}");
+    }
+
+    /// Its process id (to read its resident memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL, then wait: the process dies without any cleanup, as in a crash or an OOM kill.

@@ -33,7 +33,11 @@ async fn a_killed_runtime_leases_expire_within_their_ttl_and_the_pools_come_back
         &[("RUST_LOG", "warn,runtime_service=info")],
         false,
     );
-    let channel = Channel::from_shared(format!("http://{}", runtime.addr)).expect("uri").connect().await.expect("connect");
+    let channel = Channel::from_shared(format!("http://{}", runtime.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
     wait_serving(channel.clone(), "runtime.v1.RuntimeService").await;
     let mut generator = RuntimeServiceClient::new(channel);
     let request = GenerateRequest {
@@ -43,7 +47,10 @@ async fn a_killed_runtime_leases_expire_within_their_ttl_and_the_pools_come_back
         ..GenerateRequest::default()
     };
     let mut stream = generator.generate(request).await.expect("accepted").into_inner();
-    while !matches!(stream.message().await.expect("ok").expect("open").item, Some(generate_response::Item::Token(_))) {}
+    while !matches!(
+        stream.message().await.expect("ok").expect("open").item,
+        Some(generate_response::Item::Token(_))
+    ) {}
     let held = used(client.list_pools(ListPoolsRequest {}).await.expect("list").into_inner().pools);
     assert!(held > start, "the runtime holds memory while it streams");
 
@@ -57,7 +64,11 @@ async fn a_killed_runtime_leases_expire_within_their_ttl_and_the_pools_come_back
         if used(pools) == start {
             break;
         }
-        let reply = tokio::time::timeout(TTL * 10, expired.message()).await.expect("an expiry").expect("ok").expect("open");
+        let reply = tokio::time::timeout(TTL * 10, expired.message())
+            .await
+            .expect("an expiry")
+            .expect("ok")
+            .expect("open");
         if let Some(watch_events_response::Item::Event(event)) = reply.item {
             let at: SystemTime = event.time.expect("time").try_into().expect("timestamp");
             latest = latest.max(at);
