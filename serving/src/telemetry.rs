@@ -38,6 +38,21 @@ pub struct Telemetry {
     provider: SdkTracerProvider,
 }
 
+/// Set once an exporter is installed: spans are then worth their cost on every call.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans are exported (an OTLP endpoint is configured and its exporter built).
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether work done now should get spans of its own: when spans are exported, or inside a span
+/// (a call that arrived with a `traceparent`, whose trace id the logs carry). Otherwise nothing
+/// exports or reads them, and building them would cost a third of a loopback round trip.
+pub fn traced() -> bool {
+    exporting() || !Span::current().is_none()
+}
+
 /// Whether the environment names an OTLP endpoint for traces.
 fn otlp_configured() -> bool {
     ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
@@ -88,7 +103,10 @@ pub fn init(service_name: &str, default_filter: &str, format: LogFormat) -> Tele
     let mut export_error = None;
     if otlp_configured() {
         match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
-            Ok(exporter) => provider = provider.with_batch_exporter(exporter),
+            Ok(exporter) => {
+                provider = provider.with_batch_exporter(exporter);
+                EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             Err(err) => export_error = Some(err.to_string()),
         }
     }

@@ -309,3 +309,35 @@ async fn spans_that_cannot_be_delivered_are_reported_in_the_log() {
     assert!(reported, "no warning about undelivered spans: {:?}", memory.logs.lock().unwrap());
     memory.stop();
 }
+
+#[tokio::test]
+async fn without_an_exporter_logs_still_carry_the_callers_trace_id() {
+    // No collector configured: no exporter, and spans only where a caller sent a trace context.
+    let env = [
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ""),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+        ("RUST_LOG", "info"),
+    ];
+    let memory = Process::start("memory-service", &["--pool", "kv-cache=1MiB"], &env, false);
+    let channel = Channel::from_shared(format!("http://{}", memory.addr)).unwrap().connect().await.unwrap();
+    let mut client = MemoryServiceClient::new(channel);
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = Request::new(CreatePoolRequest { name: "traced".into(), capacity_bytes: 1024 });
+    request
+        .metadata_mut()
+        .insert("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01").parse().unwrap());
+    client.create_pool(request).await.unwrap();
+    client.create_pool(CreatePoolRequest { name: "untraced".into(), capacity_bytes: 1024 }).await.unwrap();
+    let logs_handle = memory.logs.clone();
+    memory.stop();
+    let logs = logs_handle.lock().unwrap().clone();
+    let traced =
+        logs.iter().find(|l| l.contains("pool created") && l.contains("pool=traced")).expect("logged");
+    assert!(traced.contains(trace_id), "the caller's trace id is missing: {traced}");
+    let untraced =
+        logs.iter().find(|l| l.contains("pool created") && l.contains("pool=untraced")).expect("logged");
+    assert!(
+        !untraced.contains("trace_id="),
+        "a span was built with nothing to export or continue: {untraced}"
+    );
+}

@@ -23,23 +23,32 @@ pub(super) async fn allocate(
     let (req, asked_wait) = convert::allocate(message, shared.config())?;
     let max_wait = deadline.map_or(asked_wait, |d| asked_wait.min(before_deadline(d)));
     let started = Instant::now();
-    let span = tracing::info_span!(
-        "memory.allocate",
-        holder = %req.holder,
-        scope = req.scope.as_deref().unwrap_or_default(),
-        items = req.items.len(),
-        bytes = req.items.iter().map(|(_, size)| *size).fold(0u64, u64::saturating_add),
-        pools = %req.items.iter().map(|(pool, _)| pool.as_str()).collect::<Vec<_>>().join(","),
-        max_wait_ms = max_wait.as_millis() as u64,
-        lease_ids = tracing::field::Empty,
-    );
+    // Spans only where a trace is being recorded (see `serving::telemetry::traced`).
+    let span = if !serving::telemetry::traced() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
+            "memory.allocate",
+            holder = %req.holder,
+            scope = req.scope.as_deref().unwrap_or_default(),
+            items = req.items.len(),
+            bytes = req.items.iter().map(|(_, size)| *size).fold(0u64, u64::saturating_add),
+            pools = %req.items.iter().map(|(pool, _)| pool.as_str()).collect::<Vec<_>>().join(","),
+            max_wait_ms = max_wait.as_millis() as u64,
+            lease_ids = tracing::field::Empty,
+        )
+    };
 
     shared.durability().check()?;
     let admission = shared.ledger().allocate(req, started, !max_wait.is_zero())?;
     let grant = match admission {
         Admission::Granted(grant) => grant,
         Admission::Queued { ticket, grant } => {
-            let wait_span = tracing::info_span!(parent: &span, "memory.wait", waited_ms = tracing::field::Empty, outcome = tracing::field::Empty);
+            let wait_span = if span.is_none() {
+                tracing::Span::none()
+            } else {
+                tracing::info_span!(parent: &span, "memory.wait", waited_ms = tracing::field::Empty, outcome = tracing::field::Empty)
+            };
             let mut guard = WaitGuard { shared, ticket, started, grant: Some(grant), observed: false };
             let result = guard.wait(max_wait).instrument(wait_span.clone()).await;
             let outcome = match &result {
@@ -68,8 +77,10 @@ pub(super) async fn allocate(
         }
         return Err(err);
     }
-    let ids: Vec<String> = grant.leases.iter().map(|l| l.id.to_string()).collect();
-    span.record("lease_ids", tracing::field::display(ids.join(",")));
+    if !span.is_none() {
+        let ids: Vec<String> = grant.leases.iter().map(|l| l.id.to_string()).collect();
+        span.record("lease_ids", tracing::field::display(ids.join(",")));
+    }
     // A grant whose answer never leaves (the caller reset the call or went away meanwhile) goes
     // straight back, rather than sitting unused until its TTL. A replay is not undone: the same
     // leases were answered before and may be in use.

@@ -56,16 +56,20 @@ pub fn start(
     let (sink, stream) = stream::channel(STREAM_BUFFER);
     let limits = Limits::new(&shared.config, started, grpc_timeout);
     // A child of the call's server span, so model load (and the memory-service calls it makes)
-    // and decoding land in the caller's trace.
-    let span = tracing::info_span!(
-        "generate",
-        request_id = %plan.request_id,
-        model = %plan.model.spec.key,
-        prompt_tokens = plan.prompt_tokens,
-        max_tokens = plan.max_tokens,
-        completion_tokens = tracing::field::Empty,
-        outcome = tracing::field::Empty,
-    );
+    // and decoding land in the caller's trace; none where no trace is recorded.
+    let span = if !serving::telemetry::traced() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
+            "generate",
+            request_id = %plan.request_id,
+            model = %plan.model.spec.key,
+            prompt_tokens = plan.prompt_tokens,
+            max_tokens = plan.max_tokens,
+            completion_tokens = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        )
+    };
     let task = Generation { shared: shared.clone(), plan, ticket, tx: sink.tokens, limits, started };
     // Tracked: a drain waits for every generation to end and return its memory.
     shared.generations.spawn(task.run(admission, sink.outcome).instrument(span));
@@ -194,12 +198,16 @@ impl Generation {
         };
         let _active = ActiveStream::new(&self.shared.metrics.active_streams);
         // One span for the whole decode, not one per token; its fields summarise the stream.
-        let decode = tracing::info_span!(
-            "decode",
-            tokens = tracing::field::Empty,
-            ttft_ms = tracing::field::Empty,
-            preemptions = tracing::field::Empty,
-        );
+        let decode = if tracing::Span::current().is_none() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                "decode",
+                tokens = tracing::field::Empty,
+                ttft_ms = tracing::field::Empty,
+                preemptions = tracing::field::Empty,
+            )
+        };
         let lost = self.memory_lost();
         let streamed =
             self.stream(&mut on_device, flight, &lost, &mut timings).instrument(decode.clone()).await;

@@ -241,8 +241,13 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
             continue;
         }
         let span = match &cause {
-            Some(cause) => tracing::info_span!(parent: cause, "kv.lease", model = %plan.model, blocks = size),
-            None => tracing::info_span!("kv.lease", model = %plan.model, blocks = size),
+            Some(cause) if !cause.is_none() => {
+                tracing::info_span!(parent: cause, "kv.lease", model = %plan.model, blocks = size)
+            }
+            _ if serving::telemetry::exporting() => {
+                tracing::info_span!("kv.lease", model = %plan.model, blocks = size)
+            }
+            _ => tracing::Span::none(),
         };
         let result = async {
             if !capped {

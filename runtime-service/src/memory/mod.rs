@@ -216,7 +216,11 @@ impl MemoryClient {
 
     /// A bounded request carrying the trace context of a new client span for `method`.
     fn request<T>(&self, method: &'static str, message: T, extra: Duration) -> (Span, Request<T>) {
-        let span = tracing::info_span!(
+        // A client span only where there is a trace to continue or spans are exported.
+        let span = if !serving::telemetry::traced() {
+            Span::none()
+        } else {
+            tracing::info_span!(
             "grpc.client",
             otel.name = %format_args!("{SERVICE}/{method}"),
             otel.kind = "client",
@@ -227,7 +231,8 @@ impl MemoryClient {
             rpc.grpc.status_code = tracing::field::Empty,
             memory.scope = tracing::field::Empty,
             memory.bytes = tracing::field::Empty,
-        );
+            )
+        };
         let mut request = Request::new(message);
         request.set_timeout(self.timeout + extra);
         self.authorize(&mut request);
