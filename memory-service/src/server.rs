@@ -66,16 +66,8 @@ pub async fn run(
     let snapshot: serving::admin::Snapshot = Arc::new(move || crate::metrics::snapshot(&snapshot_of));
     serving::admin::spawn(admin, &metrics.registry, snapshot, &health, &token);
     serving::grpc::set_health::<MemoryServiceServer<MemoryApi>>(&health, true).await;
-    if let Some(tls) = &security.tls {
-        tls.spawn_reload(config_reload, token.clone());
-    }
     let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-    let incoming = serving::tls::incoming(
-        transport.incoming(listener),
-        security.tls,
-        std::time::Duration::from_millis(transport.tls_handshake_timeout_ms),
-        token.clone(),
-    );
+    let incoming = serving::tls::accept(listener, security.tls, &transport, config_reload, token.clone());
 
     let reaper = tokio::spawn(reaper::run(shared.clone()));
     let drain = token.clone();

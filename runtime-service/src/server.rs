@@ -54,18 +54,10 @@ pub async fn run(
     let snapshot: serving::admin::Snapshot = Arc::new(String::new);
     serving::admin::spawn(admin, &metrics.registry, snapshot, &health, &token);
     serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, false).await;
-    if let Some(tls) = &security.tls {
-        tls.spawn_reload(config_reload, token.clone());
-    }
     let supervisor = tokio::spawn(supervisor::run(shared.clone(), health.clone()));
 
     let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-    let incoming = serving::tls::incoming(
-        transport.incoming(listener),
-        security.tls,
-        std::time::Duration::from_millis(transport.tls_handshake_timeout_ms),
-        token.clone(),
-    );
+    let incoming = serving::tls::accept(listener, security.tls, &transport, config_reload, token.clone());
     let server = router
         .add_service(
             RuntimeServiceServer::new(RuntimeApi::new(shared.clone()))

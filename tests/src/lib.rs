@@ -453,3 +453,43 @@ pub async fn runtimes_on(memory: SocketAddr, n: usize) -> Vec<RuntimeServer> {
     }
     runtimes
 }
+
+/// Whether `status` is a refusal a caller can act on: a code in `allowed`, a message saying
+/// why, bounded in size. The fuzz tests' check of every error.
+pub fn proper_refusal(status: &tonic::Status, allowed: &[tonic::Code]) -> Result<(), String> {
+    if !allowed.contains(&status.code()) {
+        return Err(format!("unexpected code: {status:?}"));
+    }
+    if status.message().is_empty() {
+        return Err(format!("no message: {status:?}"));
+    }
+    if status.message().len() >= 8192 {
+        return Err(format!("message of {} bytes", status.message().len()));
+    }
+    Ok(())
+}
+
+/// A Generate of `max_tokens` tokens of the test model, under `request_id`.
+pub fn generate_request(max_tokens: u32, request_id: &str) -> proto::runtime::v1::GenerateRequest {
+    proto::runtime::v1::GenerateRequest {
+        model: "test-webllm".into(),
+        prompt: "Write a long story about caches.".into(),
+        max_tokens,
+        seed: 3,
+        request_id: request_id.into(),
+        ..proto::runtime::v1::GenerateRequest::default()
+    }
+}
+
+/// A memory-service config with the test pools and mutual TLS from `ca` (server certificate for
+/// `localhost`, files written to `dir`).
+pub fn mtls_memory_config(pools: &[(&str, u64)], ca: &certs::TestCa, dir: &certs::TempDir) -> Config {
+    let server = ca.issue("memory-service");
+    let mut config = config_with_pools(pools);
+    config.security.tls = Some(serving::tls::TlsFiles {
+        cert: dir.write("memory.crt", &server.cert),
+        key: dir.write("memory.key", &server.key),
+        client_ca: Some(dir.write("ca.crt", &ca.cert_pem())),
+    });
+    config
+}

@@ -25,14 +25,7 @@ use tonic_types::StatusExt;
 const POOLS: &[(&str, u64)] = &[("kv-cache", 64 << 20), ("activations", 64 << 20), ("uniforms", 64 << 20)];
 
 fn request(max_tokens: u32, request_id: &str) -> GenerateRequest {
-    GenerateRequest {
-        model: "test-webllm".into(),
-        prompt: "Write a long story about caches.".into(),
-        max_tokens,
-        seed: 3,
-        request_id: request_id.into(),
-        ..GenerateRequest::default()
-    }
+    e2e::generate_request(max_tokens, request_id)
 }
 
 async fn read_tokens(stream: &mut Streaming<GenerateResponse>, n: usize) {

@@ -18,15 +18,28 @@ fn bearer<T>(message: T, token: &str) -> Request<T> {
     request
 }
 
-fn generate(max_tokens: u32, request_id: &str) -> GenerateRequest {
-    GenerateRequest {
-        model: "test-webllm".into(),
-        prompt: "Write a long story about caches.".into(),
-        max_tokens,
-        seed: 3,
-        request_id: request_id.into(),
-        ..GenerateRequest::default()
+/// The status a Generate ends with, at its call or after its tokens; panics with `served` if it
+/// completes.
+async fn refusal(
+    client: &mut proto::runtime::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    request: GenerateRequest,
+    served: &str,
+) -> tonic::Status {
+    let mut stream = match client.generate(request).await {
+        Err(status) => return status,
+        Ok(stream) => stream.into_inner(),
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("{served}"),
+            Err(status) => return status,
+        }
     }
+}
+
+fn generate(max_tokens: u32, request_id: &str) -> GenerateRequest {
+    e2e::generate_request(max_tokens, request_id)
 }
 
 const MEMORY_POOLS: &[(&str, u64)] =
@@ -111,14 +124,7 @@ async fn generations_belong_to_their_caller_and_the_runtime_presents_its_token()
 async fn the_runtime_reaches_a_mutual_tls_memory_service_with_its_certificate() {
     let ca = certs::TestCa::new("cluster CA");
     let dir = certs::TempDir::new("runtime-mtls");
-    let server = ca.issue("memory-service");
-    let mut memory_config = config_with_pools(MEMORY_POOLS);
-    memory_config.security.tls = Some(serving::tls::TlsFiles {
-        cert: dir.write("memory.crt", &server.cert),
-        key: dir.write("memory.key", &server.key),
-        client_ca: Some(dir.write("ca.crt", &ca.cert_pem())),
-    });
-    let memory = MemoryServer::start(memory_config).await;
+    let memory = MemoryServer::start(e2e::mtls_memory_config(MEMORY_POOLS, &ca, &dir)).await;
 
     let client_pem = ca.issue("runtime-b");
     let mut config = runtime_config(memory.addr);
@@ -145,14 +151,7 @@ async fn the_runtime_reaches_a_mutual_tls_memory_service_with_its_certificate() 
 async fn a_client_certificate_rotated_on_disk_is_used_without_a_restart() {
     let ca = certs::TestCa::new("cluster CA");
     let dir = certs::TempDir::new("runtime-rotate");
-    let server = ca.issue("memory-service");
-    let mut memory_config = config_with_pools(MEMORY_POOLS);
-    memory_config.security.tls = Some(serving::tls::TlsFiles {
-        cert: dir.write("memory.crt", &server.cert),
-        key: dir.write("memory.key", &server.key),
-        client_ca: Some(dir.write("ca.crt", &ca.cert_pem())),
-    });
-    let memory = MemoryServer::start(memory_config).await;
+    let memory = MemoryServer::start(e2e::mtls_memory_config(MEMORY_POOLS, &ca, &dir)).await;
 
     // The runtime starts with a certificate memory-service does not trust: it cannot get ready.
     let untrusted = certs::TestCa::new("stranger CA").issue("runtime-c");
@@ -164,19 +163,8 @@ async fn a_client_certificate_rotated_on_disk_is_used_without_a_restart() {
     config.memory_auth.tls_reload = std::time::Duration::from_millis(50);
     let runtime = RuntimeServer::start(config).await;
     let mut client = runtime.client().await;
-    let refused = match client.generate(generate(4, "before-rotation")).await {
-        Err(status) => status,
-        Ok(stream) => {
-            let mut stream = stream.into_inner();
-            loop {
-                match stream.message().await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => panic!("served with an untrusted certificate"),
-                    Err(status) => break status,
-                }
-            }
-        }
-    };
+    let refused =
+        refusal(&mut client, generate(4, "before-rotation"), "served with an untrusted certificate").await;
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
 
     // The Secret is fixed: a certificate the CA signed replaces the files.
@@ -201,19 +189,8 @@ async fn a_lease_ttl_above_what_memory_service_accepts_is_a_misconfiguration_not
     // The runtime's default lease TTL is 30 s: above the 10 s memory-service accepts.
     let runtime = RuntimeServer::start(runtime_config(memory.addr)).await;
     let mut client = runtime.client().await;
-    let refused = match client.generate(generate(4, "misconfigured")).await {
-        Err(status) => status,
-        Ok(stream) => {
-            let mut stream = stream.into_inner();
-            loop {
-                match stream.message().await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => panic!("served with a TTL memory-service refuses"),
-                    Err(status) => break status,
-                }
-            }
-        }
-    };
+    let refused =
+        refusal(&mut client, generate(4, "misconfigured"), "served with a TTL memory-service refuses").await;
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("ttl"), "{}", refused.message());
     // Readiness says so too: the runtime is not SERVING while the pair is misconfigured.

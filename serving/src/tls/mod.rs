@@ -270,3 +270,23 @@ pub fn incoming(
     });
     Box::pin(ReceiverStream::new(rx))
 }
+
+/// The connections of `listener` for a server with `tls` (if any) and `transport`'s limits;
+/// with TLS, its files are followed every `reload` until `stop`.
+pub fn accept(
+    listener: tokio::net::TcpListener,
+    tls: Option<ServerTls>,
+    transport: &crate::transport::Transport,
+    reload: Duration,
+    stop: CancellationToken,
+) -> Pin<Box<dyn Stream<Item = Result<Conn, io::Error>> + Send>> {
+    if let Some(tls) = &tls {
+        tls.spawn_reload(reload, stop.clone());
+    }
+    incoming(
+        transport.incoming(listener),
+        tls,
+        Duration::from_millis(transport.tls_handshake_timeout_ms),
+        stop,
+    )
+}
