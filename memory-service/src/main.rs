@@ -84,9 +84,7 @@ impl Args {
         if self.state_dir.is_some() {
             config.state_dir = self.state_dir.clone();
         }
-        let transport = config.security.transport;
-        config.security = self.security.security()?;
-        config.security.transport = transport;
+        self.security.apply(&mut config.security)?;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }

@@ -134,9 +134,7 @@ impl Args {
         config.idle_timeout = self.idle_timeout_ms.map_or(config.idle_timeout, ms);
         config.max_stream_lifetime = self.max_stream_lifetime_ms.map_or(config.max_stream_lifetime, ms);
         config.grace_period = self.grace_period_ms.map_or(config.grace_period, ms);
-        let transport = config.security.transport;
-        config.security = self.security.security()?;
-        config.security.transport = transport;
+        self.security.apply(&mut config.security)?;
         config.memory_auth.tls_ca = self.memory_tls_ca.or(config.memory_auth.tls_ca);
         config.memory_auth.token_file = self.memory_token_file.or(config.memory_auth.token_file);
         config.memory_auth.tls_identity = match (self.memory_tls_cert, self.memory_tls_key) {

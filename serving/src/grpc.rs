@@ -7,10 +7,7 @@ use std::sync::{
 };
 
 use tokio::net::TcpListener;
-use tonic::{
-    server::NamedService,
-    transport::server::{Router, TcpIncoming},
-};
+use tonic::{server::NamedService, transport::server::Router};
 use tonic_health::server::HealthReporter;
 use tower::layer::util::{Identity, Stack};
 
@@ -20,13 +17,6 @@ use crate::{
     transport::{OversizeLayer, Transport},
 };
 pub use tonic_reflection::server::Error as ReflectionError;
-
-/// Accepts on an already-bound listener (tests bind `127.0.0.1:0`, `main` binds the configured
-/// address). TCP_NODELAY is set on every accepted socket: without it Nagle's algorithm and delayed
-/// ACKs add ~40 ms to small unary replies.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
 
 /// Binds the gRPC listener and, if given, the admin listener. Errors name the address.
 pub async fn bind(

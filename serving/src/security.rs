@@ -49,14 +49,16 @@ pub struct Prepared {
 }
 
 impl Security {
-    /// Builds the settings from flag values: TLS needs both a certificate and a key, and a
-    /// client CA needs TLS.
-    pub fn from_flags(
+    /// Sets TLS and the token file from flag values, keeping the rest (transport limits from a
+    /// file, the reload interval): TLS needs both a certificate and a key, and a client CA needs
+    /// TLS.
+    pub fn apply_flags(
+        &mut self,
         cert: Option<PathBuf>,
         key: Option<PathBuf>,
         client_ca: Option<PathBuf>,
         auth_tokens: Option<PathBuf>,
-    ) -> Result<Self, String> {
+    ) -> Result<(), String> {
         let tls = match (cert, key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca }),
             (None, None) if client_ca.is_some() => {
@@ -65,7 +67,9 @@ impl Security {
             (None, None) => None,
             _ => return Err("--tls-cert and --tls-key go together".into()),
         };
-        Ok(Security { tls, auth_tokens, ..Security::default() })
+        self.tls = tls;
+        self.auth_tokens = auth_tokens;
+        Ok(())
     }
 
     /// Loads the files and says plainly how the API is protected. `service` names the server in
@@ -138,9 +142,9 @@ macro_rules! security_args {
         }
 
         impl $name {
-            /// The settings these flags give.
-            pub fn security(&self) -> Result<$crate::security::Security, String> {
-                $crate::security::Security::from_flags(
+            /// Sets what these flags say on `security`, keeping the rest.
+            pub fn apply(&self, security: &mut $crate::security::Security) -> Result<(), String> {
+                security.apply_flags(
                     self.tls_cert.clone(),
                     self.tls_key.clone(),
                     self.tls_client_ca.clone(),

@@ -54,14 +54,22 @@ impl TestServer {
 
     /// The Prometheus text its admin port serves now.
     pub async fn scrape(&self) -> String {
+        let (status, body) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// `GET path` on its admin port: the HTTP status and the body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(self.admin).await.expect("connect admin port");
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.expect("send request");
+        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send request");
         let mut response = String::new();
         stream.read_to_string(&mut response).await.expect("read response");
         let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
-        body.to_owned()
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status line");
+        (status, body.to_owned())
     }
 
     /// A connected channel.

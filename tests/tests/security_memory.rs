@@ -198,14 +198,7 @@ async fn tls_channel(
 async fn mutual_tls_admits_certified_clients_only_and_serves_no_plaintext() {
     let ca = certs::TestCa::new("test CA");
     let dir = certs::TempDir::new("memory-mtls");
-    let server_pem = ca.issue("memory-service");
-    let mut config = config_with_pools(&[("kv-cache", 1 << 20)]);
-    config.security.tls = Some(serving::tls::TlsFiles {
-        cert: dir.write("tls.crt", &server_pem.cert),
-        key: dir.write("tls.key", &server_pem.key),
-        client_ca: Some(dir.write("ca.crt", &ca.cert_pem())),
-    });
-    let server = MemoryServer::start(config).await;
+    let server = MemoryServer::start(e2e::mtls_memory_config(&[("kv-cache", 1 << 20)], &ca, &dir)).await;
 
     let client_pem = ca.issue("runtime-7");
     let channel = tls_channel(server.addr, &ca.cert_pem(), Some(&client_pem)).await.expect("mTLS connects");
@@ -236,19 +229,7 @@ async fn mutual_tls_admits_certified_clients_only_and_serves_no_plaintext() {
     };
     assert!(plain.is_err(), "plaintext was served on a TLS port");
     // Probes still work, on the admin port.
-    assert!(
-        readyz(server.admin).await.starts_with("HTTP/1.1 200")
-            || readyz(server.admin).await.starts_with("HTTP/1.0 200")
-    );
-}
-
-async fn readyz(admin: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(admin).await.expect("connect admin");
-    stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n").await.expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    response
+    assert_eq!(server.admin_get("/readyz").await, (200, "SERVING\n".to_owned()));
 }
 
 #[tokio::test]

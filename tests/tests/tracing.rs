@@ -142,9 +142,12 @@ async fn one_trace_spans_the_caller_both_services_and_memory_calls() {
     let otlp = TestServer::spawn("127.0.0.1:0".parse().unwrap(), |listener, _admin, stopped| {
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(Receiver(sink)))
-            .serve_with_incoming_shutdown(serving::grpc::incoming(listener), async {
-                let _ = stopped.await;
-            })
+            .serve_with_incoming_shutdown(
+                serving::transport::Transport::default().incoming(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            )
     })
     .await;
 

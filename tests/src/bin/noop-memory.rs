@@ -115,7 +115,7 @@ async fn main() {
     eprintln!("noop-memory listening addr={addr}");
     tonic::transport::Server::builder()
         .add_service(MemoryServiceServer::new(Noop))
-        .serve_with_incoming(serving::grpc::incoming(listener))
+        .serve_with_incoming(serving::transport::Transport::default().incoming(listener))
         .await
         .expect("serve");
 }
