@@ -3,7 +3,7 @@
 
 use std::{fmt::Write, sync::Arc, time::Duration};
 
-use prometheus::{HistogramOpts, HistogramVec, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 use serving::{admin, observe::GrpcMetrics};
 
 use crate::{
@@ -21,6 +21,10 @@ pub struct Metrics {
     /// Time Allocate calls spent waiting for room, by outcome.
     pub wait: HistogramVec,
     lifetimes: HistogramVec,
+    /// How long each group commit to the state store took (write and fsync).
+    pub commit_seconds: Histogram,
+    /// How many records (pools, leases, idempotency records) each group commit wrote.
+    pub commit_records: Histogram,
 }
 
 impl Metrics {
@@ -53,9 +57,25 @@ impl Metrics {
                 lifetimes.with_label_values(&[pool, reason]);
             }
         }
+        let commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "memory_store_commit_seconds",
+                "Time each group commit to the state store took, write and fsync (with --state-dir).",
+            )
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0]),
+        )?;
+        let commit_records = Histogram::with_opts(
+            HistogramOpts::new(
+                "memory_store_commit_records",
+                "Records (pools, leases, idempotency records) written by each group commit: how many changes share one fsync.",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 1024.0, 16384.0]),
+        )?;
         registry.register(Box::new(wait.clone()))?;
         registry.register(Box::new(lifetimes.clone()))?;
-        Ok(Metrics { registry, grpc, wait, lifetimes })
+        registry.register(Box::new(commit_seconds.clone()))?;
+        registry.register(Box::new(commit_records.clone()))?;
+        Ok(Metrics { registry, grpc, wait, lifetimes, commit_seconds, commit_records })
     }
 
     /// The ledger's release observer, feeding the lifetime histogram.

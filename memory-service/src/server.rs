@@ -54,7 +54,8 @@ pub async fn run(
     };
     let shared = Shared::new(config, token.clone(), metrics.clone(), security.auth.enforced(), store)
         .map_err(|e| ConfigError::Invalid(format!("cannot create the configured pools: {e}")))?;
-    let committer = tokio::spawn(crate::service::durability::run(shared.clone()));
+    let committer = crate::service::durability::Committer::start(shared.clone())
+        .map_err(|e| ConfigError::Invalid(format!("cannot start the commit thread: {e}")))?;
 
     let (health, router) = serving::grpc::base::<MemoryServiceServer<MemoryApi>>(
         metrics.grpc.clone(),
@@ -102,8 +103,9 @@ pub async fn run(
         }
     };
     let _ = reaper.await;
-    // The last commit: what the drain changed is on disk before exit.
-    let _ = committer.await;
+    // The last commit, once no call is served any more: what the drain changed is on disk
+    // before exit, and no call that changed the ledger during the drain waits in vain.
+    committer.finish().await;
     info!("memory-service stopped");
     result
 }

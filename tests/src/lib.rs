@@ -61,15 +61,7 @@ impl TestServer {
 
     /// `GET path` on its admin port: the HTTP status and the body.
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.admin).await.expect("connect admin port");
-        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.expect("send request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("read response");
-        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status line");
-        (status, body.to_owned())
+        http_get(&self.admin.to_string(), path).await
     }
 
     /// A connected channel.
@@ -381,6 +373,19 @@ pub fn alloc(items: &[(&str, u64)]) -> AllocateRequest {
         holder: "test".into(),
         ..AllocateRequest::default()
     }
+}
+
+/// `GET path` from the HTTP/1 server at `addr` (an admin port): the status and the body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect admin port");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status line");
+    (status, body.to_owned())
 }
 
 /// A protobuf duration.

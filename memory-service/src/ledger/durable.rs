@@ -9,7 +9,10 @@
 
 use std::{
     collections::HashSet,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -87,7 +90,12 @@ pub struct Batch {
 impl Batch {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.pools.is_empty() && self.leases.is_empty() && self.replays.is_empty()
+        self.records() == 0
+    }
+
+    /// How many records it writes.
+    pub fn records(&self) -> usize {
+        self.pools.len() + self.leases.len() + self.replays.len()
     }
 }
 
@@ -119,15 +127,25 @@ pub(super) struct Dirty {
     /// Off for an in-memory ledger: nothing is tracked.
     pub(super) on: bool,
     pub(super) seq: u64,
+    /// `seq`, readable without the ledger's lock (a call waits for the commit of its change
+    /// without locking the ledger a second time).
+    pub(super) latest: Arc<AtomicU64>,
     pub(super) pools: Vec<bool>,
     pub(super) leases: LeaseSet,
     pub(super) replays: HashSet<Arc<str>>,
 }
 
 impl Ledger {
-    /// Starts tracking changes for a store (an in-memory ledger tracks nothing).
-    pub fn track_changes(&mut self) {
+    /// Starts tracking changes for a store (an in-memory ledger tracks nothing). Returns the
+    /// latest change's sequence number as it moves, readable without the lock.
+    pub fn track_changes(&mut self) -> Arc<AtomicU64> {
         self.dirty.on = true;
+        self.dirty.latest.clone()
+    }
+
+    fn bump(&mut self) {
+        self.dirty.seq += 1;
+        self.dirty.latest.store(self.dirty.seq, Ordering::Release);
     }
 
     /// The sequence number of the latest change.
@@ -141,21 +159,21 @@ impl Ledger {
                 self.dirty.pools.resize(p + 1, false);
             }
             self.dirty.pools[p] = true;
-            self.dirty.seq += 1;
+            self.bump();
         }
     }
 
     pub(super) fn touch_lease(&mut self, id: LeaseId) {
         if self.dirty.on {
             self.dirty.leases.insert(id);
-            self.dirty.seq += 1;
+            self.bump();
         }
     }
 
     pub(super) fn touch_replay(&mut self, key: &Arc<str>) {
         if self.dirty.on {
             self.dirty.replays.insert(key.clone());
-            self.dirty.seq += 1;
+            self.bump();
         }
     }
 

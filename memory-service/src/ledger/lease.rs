@@ -28,11 +28,25 @@ impl LeaseId {
     pub const fn raw(self) -> u128 {
         self.0
     }
+
+    /// The 32 lowercase hexadecimal digits. A table lookup per digit rather than `{:032x}`:
+    /// every reply renders its lease ids, and the formatter's machinery cost more than the rest
+    /// of a renewal.
+    pub fn hex(self) -> [u8; 32] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, digit) in out.iter_mut().enumerate() {
+            *digit = DIGITS[((self.0 >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        out
+    }
 }
 
 impl fmt::Display for LeaseId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        let hex = self.hex();
+        // Only ASCII digits were written.
+        f.write_str(std::str::from_utf8(&hex).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -46,17 +60,26 @@ impl FromStr for LeaseId {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Error> {
-        let valid = s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        if !valid {
-            return Err(Error::invalid(
+        // Validated and decoded in one pass (every renewal names ids).
+        let decoded = (s.len() == 32).then(|| {
+            s.bytes().try_fold(0u128, |acc, b| {
+                let digit = match b {
+                    b'0'..=b'9' => b - b'0',
+                    b'a'..=b'f' => b - b'a' + 10,
+                    _ => return None,
+                };
+                Some(acc << 4 | u128::from(digit))
+            })
+        });
+        decoded.flatten().map(LeaseId).ok_or_else(|| {
+            Error::invalid(
                 "lease_id",
                 format!(
                     "{:?} is not a lease id (32 lowercase hexadecimal characters)",
                     serving::echo::echo(s)
                 ),
-            ));
-        }
-        u128::from_str_radix(s, 16).map(LeaseId).map_err(|e| Error::invalid("lease_id", e.to_string()))
+            )
+        })
     }
 }
 
@@ -158,8 +181,26 @@ mod tests {
     }
 
     #[test]
+    fn ids_render_as_the_formatter_would() {
+        for raw in [0, 1, 0xf, u128::MAX, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210] {
+            let id = LeaseId::from_raw(raw);
+            assert_eq!(id.to_string(), format!("{raw:032x}"));
+            assert_eq!(format!("{raw:032x}").parse::<LeaseId>(), Ok(id));
+        }
+    }
+
+    #[test]
     fn malformed_ids_are_invalid_arguments() {
-        for bad in ["", "xyz", "0123456789ABCDEF0123456789ABCDEF", "+123456789abcdef0123456789abcdef"] {
+        let multibyte = format!("é{}", "0".repeat(30));
+        for bad in [
+            "",
+            "xyz",
+            "0123456789ABCDEF0123456789ABCDEF",
+            "+123456789abcdef0123456789abcdef",
+            "0123456789abcdef0123456789abcdeg",
+            "0123456789abcdef0123456789abcdef0",
+            &multibyte,
+        ] {
             assert!(matches!(bad.parse::<LeaseId>(), Err(Error::InvalidArgument { .. })), "{bad:?}");
         }
     }

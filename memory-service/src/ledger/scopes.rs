@@ -5,7 +5,9 @@
 //! service can release the ledger lock between slices and a 100,000-lease scope never holds it
 //! for long. Ids are never reused, so a snapshot that went stale only names leases that are gone.
 
-use std::{borrow::Cow, collections::HashSet};
+use std::borrow::Cow;
+
+use super::LeaseSet;
 
 use tokio::time::Instant;
 
@@ -53,7 +55,7 @@ impl Ledger {
         &mut self,
         ids: &[LeaseId],
         now: Instant,
-        done: &mut HashSet<LeaseId>,
+        done: &mut LeaseSet,
     ) -> (u64, u64, Option<Instant>) {
         let (mut live, mut renewed, mut latest) = (0, 0, None);
         for &id in ids {
@@ -95,7 +97,7 @@ impl Ledger {
         holder: &str,
         scope: &str,
         now: Instant,
-        done: &mut HashSet<LeaseId>,
+        done: &mut LeaseSet,
     ) -> (u64, u64, Option<Instant>) {
         let ids = self.scope_ids(holder, scope, now);
         self.renew_ids(&ids, now, done)

@@ -188,7 +188,7 @@ fn scopes_free_and_renew_together() {
     granted(ledger.allocate(scoped, t0, false));
     granted(ledger.allocate(request(&[("kv-cache", 1)]), t0, false));
 
-    let mut done = std::collections::HashSet::new();
+    let mut done = LeaseSet::default();
     let renewed = ledger.renew_scope("test", "gen-1", t0 + Duration::from_secs(10), &mut done);
     assert_eq!(renewed, (4, 4, Some(t0 + Duration::from_secs(10) + TTL)));
     // Named again in the same request: counted, not renewed twice.

@@ -14,11 +14,16 @@
 //! state as it is then.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
     time::{Duration, SystemTime},
 };
 
-use tokio::sync::{Notify, watch};
+use parking_lot::{Condvar, Mutex};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{error, info};
 
@@ -37,21 +42,39 @@ struct Progress {
     failure: Option<Arc<str>>,
 }
 
+/// What the committer thread is asked to do.
+#[derive(Debug, Default)]
+struct Wake {
+    /// Changes are waiting for a commit.
+    pending: bool,
+    /// Commit what is left, then stop.
+    stop: bool,
+}
+
 /// The durability of one server: `None` store runs in memory, where every change is "durable"
 /// at once.
 #[derive(Debug)]
 pub struct Durability {
     store: Option<Arc<Store>>,
-    wake: Notify,
+    /// The ledger's latest change (see `Ledger::track_changes`).
+    latest: Arc<AtomicU64>,
+    wake: Mutex<Wake>,
+    wakeup: Condvar,
     progress: watch::Sender<Progress>,
 }
 
 impl Durability {
-    /// Over `store`, or in memory.
-    pub fn new(store: Option<Store>) -> Self {
+    /// Over `store`, with the ledger's change counter, or in memory.
+    pub fn new(store: Option<(Store, Arc<AtomicU64>)>) -> Self {
+        let (store, latest) = match store {
+            Some((store, latest)) => (Some(Arc::new(store)), latest),
+            None => (None, Arc::default()),
+        };
         Durability {
-            store: store.map(Arc::new),
-            wake: Notify::new(),
+            store,
+            latest,
+            wake: Mutex::new(Wake::default()),
+            wakeup: Condvar::new(),
             progress: watch::Sender::new(Progress::default()),
         }
     }
@@ -59,6 +82,12 @@ impl Durability {
     /// Whether changes go to disk.
     pub fn is_durable(&self) -> bool {
         self.store.is_some()
+    }
+
+    /// The sequence number of the ledger's latest change: a call that changed the ledger waits
+    /// for it to be durable.
+    pub fn latest_change(&self) -> u64 {
+        self.latest.load(Ordering::Acquire)
     }
 
     /// Refuses a change up front while the store is failing.
@@ -76,7 +105,7 @@ impl Durability {
             return Ok(());
         }
         let mut progress = self.progress.subscribe();
-        self.wake.notify_one();
+        self.signal();
         loop {
             {
                 let now = progress.borrow_and_update();
@@ -96,44 +125,112 @@ impl Durability {
     /// Wakes the committer for changes nobody waits on (expiries).
     pub fn nudge(&self) {
         if self.store.is_some() {
-            self.wake.notify_one();
+            self.signal();
+        }
+    }
+
+    /// Tells the committer there is work. A committer busy with a commit sees it when that commit
+    /// ends (nothing is lost between two commits); an idle one wakes at once. No syscall when it
+    /// is busy: the common case under load.
+    fn signal(&self) {
+        self.wake.lock().pending = true;
+        self.wakeup.notify_one();
+    }
+}
+
+/// The committer thread of a durable server; stopping it commits what is left first.
+#[derive(Debug)]
+pub struct Committer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Committer {
+    /// Starts the committer (nothing to start in memory). A dedicated OS thread rather than a
+    /// task: a commit blocks on fsync, and a thread that sleeps on a condition variable wakes the
+    /// moment a change arrives, without waiting for a busy async worker to schedule it or for a
+    /// blocking-pool hand-off. Both would add to every durable call's latency.
+    pub fn start(shared: Arc<Shared>) -> std::io::Result<Self> {
+        let thread = match shared.durability().store.clone() {
+            Some(store) => {
+                let for_thread = shared.clone();
+                // The ledger's deadlines are on tokio's clock (paused in tests): read it there.
+                let runtime = tokio::runtime::Handle::current();
+                Some(std::thread::Builder::new().name("ledger-commit".into()).spawn(move || {
+                    let _clock = runtime.enter();
+                    run(&for_thread, &store);
+                })?)
+            }
+            None => None,
+        };
+        Ok(Committer { shared, thread })
+    }
+
+    /// Commits whatever is left (the drain's last changes), then stops. Call once the server
+    /// serves no more calls.
+    pub async fn finish(mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.request_stop();
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    fn request_stop(&self) {
+        let durability = self.shared.durability();
+        durability.wake.lock().stop = true;
+        durability.wakeup.notify_one();
+    }
+}
+
+impl Drop for Committer {
+    /// A server that ends on an error still stops its committer (after a last commit).
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.request_stop();
         }
     }
 }
 
-/// Commits until shutdown, then once more, so what the drain changed is on disk before exit.
-pub(crate) async fn run(shared: Arc<Shared>) {
+/// Commits whenever there are changes, and every [`RETRY`] while the store is failing, until
+/// asked to stop; then once more, so nothing acknowledged is left behind.
+fn run(shared: &Arc<Shared>, store: &Arc<Store>) {
     let durability = shared.durability();
-    let Some(store) = durability.store.clone() else { return };
     loop {
-        let failing = durability.progress.borrow().failure.is_some();
-        tokio::select! {
-            () = durability.wake.notified() => {}
-            () = tokio::time::sleep(RETRY), if failing => {}
-            () = shared.shutdown().cancelled() => break,
+        let stop = {
+            let mut wake = durability.wake.lock();
+            while !wake.pending && !wake.stop {
+                if durability.progress.borrow().failure.is_some() {
+                    // Retry a failing store even when nothing new arrives.
+                    durability.wakeup.wait_for(&mut wake, RETRY);
+                    break;
+                }
+                durability.wakeup.wait(&mut wake);
+            }
+            wake.pending = false;
+            wake.stop
+        };
+        commit(shared, store);
+        if stop {
+            return;
         }
-        commit(&shared, &store).await;
     }
-    // Whatever the drain changed (waiters answered, leases freed by the last calls).
-    commit(&shared, &store).await;
 }
 
 /// One group commit of everything changed so far.
-async fn commit(shared: &Arc<Shared>, store: &Arc<Store>) {
+fn commit(shared: &Arc<Shared>, store: &Store) {
     let durability = shared.durability();
     let failing = durability.progress.borrow().failure.is_some();
     let batch = shared.ledger().take_batch(Instant::now(), SystemTime::now());
     if batch.is_empty() && !failing && batch.seq <= durability.progress.borrow().durable {
         return;
     }
-    let writer = store.clone();
-    let written = tokio::task::spawn_blocking(move || {
-        let result = writer.commit(&batch);
-        (result, batch)
-    })
-    .await;
+    let started = Instant::now();
+    let written = store.commit(&batch);
+    let metrics = shared.metrics();
+    metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+    metrics.commit_records.observe(batch.records() as f64);
     match written {
-        Ok((Ok(()), batch)) => {
+        Ok(()) => {
             if failing {
                 info!("the state store accepts writes again; changes are allowed");
             }
@@ -142,16 +239,12 @@ async fn commit(shared: &Arc<Shared>, store: &Arc<Store>) {
                 p.failure = None;
             });
         }
-        Ok((Err(err), batch)) => {
+        Err(err) => {
             if !failing {
                 error!(error = %err, "cannot write the state store: changes are refused (UNAVAILABLE) until it accepts writes again");
             }
             shared.ledger().retake(&batch);
             durability.progress.send_modify(|p| p.failure = Some(Arc::from(err.to_string())));
-        }
-        Err(join) => {
-            error!(error = %join, "the commit task failed");
-            durability.progress.send_modify(|p| p.failure = Some(Arc::from("the commit task failed")));
         }
     }
 }

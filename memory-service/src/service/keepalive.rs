@@ -1,6 +1,6 @@
 //! KeepAlive: a bidirectional stream on which a long-lived holder renews leases and scopes.
 
-use std::{collections::HashSet, sync::Arc};
+use std::sync::Arc;
 
 use proto::memory::v1 as pb;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -8,7 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use super::{Access, Shared, convert, convert::Clock, scope};
-use crate::ledger::Error;
+use crate::ledger::{Error, LeaseSet};
 
 /// Most lease ids in one KeepAlive message.
 pub const MAX_LEASES: usize = 1024;
@@ -32,10 +32,15 @@ pub(super) fn spawn(
     tokio::spawn(async move {
         // Held until the stream ends: the bound on open keep-alive streams.
         let _permit = permit;
+        // Registered once for the stream's life, not once per message: every registration
+        // takes the shutdown token's lock, which all streams share.
+        let shutdown = shared.shutdown().clone();
+        let shutdown = shutdown.cancelled();
+        tokio::pin!(shutdown);
         loop {
             let message = tokio::select! {
                 message = inbound.message() => message,
-                () = shared.shutdown().cancelled() => {
+                () = &mut shutdown => {
                     // Best effort: a client that stopped reading must not hold up the drain.
                     let _ = tx.try_send(Err(shared.status(Error::ShuttingDown)));
                     return;
@@ -63,7 +68,7 @@ pub(super) fn spawn(
             let fatal = reply.is_err();
             let sent = tokio::select! {
                 sent = tx.send(reply) => sent.is_ok(),
-                () = shared.shutdown().cancelled() => false,
+                () = &mut shutdown => false,
             };
             if !sent || fatal {
                 return;
@@ -102,7 +107,7 @@ async fn renew(
     let mut not_found = Vec::new();
     // Each lease is renewed once per message, however often it is named (directly, twice, or
     // also through its scope).
-    let mut done = HashSet::with_capacity(ids.len());
+    let mut done = LeaseSet::with_capacity_and_hasher(ids.len(), Default::default());
     {
         let mut ledger = shared.ledger();
         // Another holder's lease refuses the whole message before anything is renewed.

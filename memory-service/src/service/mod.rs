@@ -73,7 +73,7 @@ impl Shared {
         ledger.observe_releases(metrics.lifetimes());
         let store = match store {
             Some((store, snapshot)) => {
-                ledger.track_changes();
+                let latest = ledger.track_changes();
                 let restored =
                     ledger.restore(snapshot, tokio::time::Instant::now(), std::time::SystemTime::now())?;
                 tracing::info!(
@@ -82,7 +82,7 @@ impl Shared {
                     epoch = %ledger.epoch(),
                     "state restored: leases live again with their remaining time; those whose deadline passed while down expired"
                 );
-                Some(store)
+                Some((store, latest))
             }
             None => None,
         };
@@ -148,8 +148,7 @@ impl Shared {
         if !self.durability.is_durable() {
             return Ok(());
         }
-        let seq = self.ledger().change_seq();
-        self.durability.wait(seq).await
+        self.durability.wait(self.durability.latest_change()).await
     }
 
     /// The shutdown token.

@@ -1,12 +1,12 @@
 //! Whole-scope work in bounded slices: the ledger lock is taken for at most `SLICE` leases at a
 //! time, so freeing or renewing a 100,000-lease scope never stalls other calls for long.
 
-use std::{collections::HashSet, sync::Arc};
+use std::sync::Arc;
 
 use tokio::time::Instant;
 
 use super::{Shared, convert::Clock};
-use crate::ledger::LeaseId;
+use crate::ledger::LeaseSet;
 
 /// Leases handled per lock hold.
 pub const SLICE: usize = 1024;
@@ -45,7 +45,7 @@ pub(super) async fn renew(
     shared: &Shared,
     holder: &str,
     scope: &str,
-    done: &mut HashSet<LeaseId>,
+    done: &mut LeaseSet,
 ) -> (u64, u64, Option<Instant>) {
     let ids = shared.ledger().scope_ids(holder, scope, Clock::now().instant());
     let (mut live, mut renewed, mut latest) = (0, 0, None);

@@ -1,8 +1,9 @@
 //! A no-op `memory.v1.MemoryService` for benchmarks: the same tonic server stack as the
 //! production binary (TCP_NODELAY, one process) with handlers that do nothing: `Allocate` answers
-//! one made-up lease, `Free` an empty reply, `KeepAlive` answers each message with every lease it names. What the
-//! production binary costs beyond it is the memory logic (and its durability). Replies have
-//! the real replies' shape (a KeepAlive reply lists every lease named), so the comparison is of
+//! a made-up lease per item, `Free` an empty reply, `KeepAlive` a made-up lease per id named.
+//! What the production binary costs beyond it is the memory logic (and its durability). Replies
+//! have the production replies' shape and size (every field of a lease filled, the same epoch
+//! field), so both sides pay the same encoding, bytes and client decoding: the comparison is of
 //! the work, not of the bytes.
 //!
 //! Flags: `--listen ADDR` (default 127.0.0.1:0); other flags are ignored. Logs its address as
@@ -20,6 +21,22 @@ use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Debug, Default)]
 struct Noop;
+
+/// A server epoch of the same encoded size as a real one (random 64 bits).
+const EPOCH: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// A lease with every field the production server fills, as it renders them.
+fn made_up_lease(lease_id: String, pool: String, size_bytes: u64, holder: &str) -> pb::Lease {
+    pb::Lease {
+        lease_id,
+        pool,
+        size_bytes,
+        holder: holder.to_owned(),
+        scope_id: String::new(),
+        ttl: Some(prost_types::Duration { seconds: 30, nanos: 0 }),
+        expire_time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+    }
+}
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
@@ -53,14 +70,18 @@ impl MemoryService for Noop {
         &self,
         request: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
-        let item = request.into_inner().items.into_iter().next().unwrap_or_default();
-        let lease = pb::Lease {
-            lease_id: "0".repeat(32),
-            pool: item.pool,
-            size_bytes: item.size_bytes,
-            ..pb::Lease::default()
-        };
-        Ok(Response::new(pb::AllocateResponse { leases: vec![lease], ..pb::AllocateResponse::default() }))
+        let request = request.into_inner();
+        let holder = request.holder;
+        let leases = request
+            .items
+            .into_iter()
+            .map(|item| made_up_lease("0".repeat(32), item.pool, item.size_bytes, &holder))
+            .collect();
+        Ok(Response::new(pb::AllocateResponse {
+            leases,
+            server_epoch: EPOCH,
+            ..pb::AllocateResponse::default()
+        }))
     }
     async fn renew_lease(
         &self,
@@ -79,6 +100,12 @@ impl MemoryService for Noop {
             while let Some(Ok(message)) = inbound.next().await {
                 let reply = pb::KeepAliveResponse {
                     renewed_count: message.lease_ids.len() as u64,
+                    renewed: message
+                        .lease_ids
+                        .into_iter()
+                        .map(|id| made_up_lease(id, "kv-cache".into(), 4096, "test"))
+                        .collect(),
+                    server_epoch: EPOCH,
                     ..Default::default()
                 };
                 if tx.send(Ok(reply)).await.is_err() {

@@ -1,0 +1,250 @@
+//! memory-service at the gRPC ceiling, as real load sees it: each server is its own process
+//! (release binaries), driven from this process over loopback. In one run, interleaved round by
+//! round so machine noise hits all alike:
+//! - Allocate+Free RPC rate of the production binary in memory and with `--state-dir` (fsync on,
+//!   group commit), against the no-op tonic server (`noop-memory`: same stack, handlers that do
+//!   nothing, replies of the same shape), at concurrency 1 and 32;
+//! - KeepAlive renewals (one message of 16 leases per round trip, on 1 and 32 streams), against
+//!   the no-op server's echo;
+//! - etcd lease grant+revoke with fsync, when `etcd` is installed (`apt-get install etcd-server`);
+//! - mass expiry: 100,000 leases due at once, reclaimed how long after their deadline, in memory
+//!   and with `--state-dir`.
+//!
+//! Run: `cargo bench -p e2e --bench memory_process [-- rates] [expiry]` (both by default).
+
+#![allow(clippy::print_stdout)]
+
+mod etcd;
+mod expiry;
+
+use std::time::Duration;
+
+use e2e::{alloc, certs::TempDir, process::Process};
+use proto::memory::v1::{FreeRequest, KeepAliveRequest, memory_service_client::MemoryServiceClient};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+const ROUNDS: usize = 5;
+const ROUND: Duration = Duration::from_millis(1500);
+const LEASES_PER_MESSAGE: usize = 16;
+
+async fn connect(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
+}
+
+/// Allocate+Free pairs for `ROUND` from `concurrency` tasks on one connection; RPCs per second.
+async fn alloc_free(channel: &Channel, concurrency: usize) -> f64 {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let mut client = MemoryServiceClient::new(channel.clone());
+            tokio::spawn(async move {
+                let mut rpcs = 0u64;
+                while started.elapsed() < ROUND {
+                    let lease = client.allocate(alloc(&[("kv-cache", 4096)])).await.expect("allocate");
+                    let lease_id = lease.into_inner().leases.remove(0).lease_id;
+                    client.free(FreeRequest { lease_id }).await.expect("free");
+                    rpcs += 2;
+                }
+                rpcs
+            })
+        })
+        .collect();
+    let mut rpcs = 0;
+    for task in tasks {
+        rpcs += task.await.expect("task");
+    }
+    rpcs as f64 / started.elapsed().as_secs_f64()
+}
+
+/// KeepAlive round trips for `ROUND` on `streams` streams, each message naming the same 16
+/// leases (granted first on a real server); lease renewals per second.
+async fn keep_alive(channel: &Channel, streams: usize, real: bool) -> f64 {
+    let mut client = MemoryServiceClient::new(channel.clone());
+    let mut lease_ids = Vec::new();
+    for _ in 0..LEASES_PER_MESSAGE {
+        lease_ids.push(if real {
+            client
+                .allocate(alloc(&[("kv-cache", 4096)]))
+                .await
+                .expect("allocate")
+                .into_inner()
+                .leases
+                .remove(0)
+                .lease_id
+        } else {
+            "0".repeat(32)
+        });
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..streams)
+        .map(|_| {
+            let mut client = client.clone();
+            let lease_ids = lease_ids.clone();
+            tokio::spawn(async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let mut replies = client
+                    .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .expect("open")
+                    .into_inner();
+                let mut renewed = 0u64;
+                while started.elapsed() < ROUND {
+                    tx.send(KeepAliveRequest { lease_ids: lease_ids.clone(), scope_ids: vec![] })
+                        .await
+                        .expect("send");
+                    replies.message().await.expect("reply").expect("open");
+                    renewed += LEASES_PER_MESSAGE as u64;
+                }
+                renewed
+            })
+        })
+        .collect();
+    let mut renewed = 0;
+    for task in tasks {
+        renewed += task.await.expect("task");
+    }
+    let rate = renewed as f64 / started.elapsed().as_secs_f64();
+    if real {
+        for lease_id in lease_ids {
+            let _ = client.free(FreeRequest { lease_id }).await;
+        }
+    }
+    rate
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let sections: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let wants = |name: &str| sections.is_empty() || sections.iter().any(|s| s == name);
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let quiet = [("RUST_LOG", "warn,memory_service=info,serving=info")];
+        let memory = Process::start("memory-service", &["--pool", "kv-cache=1TiB"], &quiet, false);
+        let dir = TempDir::new("bench-state");
+        let state = dir.path().to_str().expect("utf-8").to_owned();
+        let durable = Process::start("memory-service", &["--pool", "kv-cache=1TiB", "--state-dir", &state], &quiet, true);
+        let (in_memory, on_disk) = (connect(&memory.addr).await, connect(&durable.addr).await);
+        println!("memory-service as its own process, driven from this one over loopback (2 cores shared)");
+        if wants("rates") {
+            rates(&in_memory, &on_disk).await;
+            println!("\n--state-dir: {}", commits(durable.admin.as_deref().expect("admin port")).await);
+        }
+        if wants("expiry") {
+            println!("\n| mass expiry: {} leases due at once | deadline spread | all reclaimed after the last deadline | next Allocate took |", expiry::LEASES);
+            println!("| --- | ---: | ---: | ---: |");
+            for (name, channel) in [("memory-service, in memory", &in_memory), ("memory-service, --state-dir", &on_disk)] {
+                let e = expiry::mass_expiry(channel, "kv-cache").await;
+                println!(
+                    "| {name} | {:.1} ms | {:.1} ms | {:.1} ms |",
+                    e.deadline_spread.as_secs_f64() * 1e3,
+                    e.reclaimed_after.as_secs_f64() * 1e3,
+                    e.next_grant.as_secs_f64() * 1e3
+                );
+            }
+        }
+        memory.stop();
+        durable.stop();
+    });
+}
+
+/// The RPC-rate table: every server measured round by round, interleaved, medians printed.
+async fn rates(in_memory: &Channel, on_disk: &Channel) {
+    let noop = Process::start("noop-memory", &[], &[], false);
+    let etcd = etcd::Etcd::start();
+    let mut servers = vec![
+        ("no-op tonic server", connect(&noop.addr).await, Kind::Noop),
+        ("memory-service, in memory", in_memory.clone(), Kind::Memory),
+        ("memory-service, --state-dir (fsync, group commit)", on_disk.clone(), Kind::Memory),
+    ];
+    if let Some(etcd) = &etcd {
+        let name = "etcd lease grant+revoke (fsync)";
+        servers.push((name, connect(&etcd.addr).await, Kind::Etcd));
+        println!("etcd: {}", etcd::Etcd::version());
+    }
+    println!(
+        "\n| server | Allocate+Free RPC/s, c=1 | ratio | c=32 | ratio | KeepAlive renewals/s, 1 stream | ratio | 32 streams | ratio |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    // rates[server][measure] over rounds
+    let mut rates = vec![vec![Vec::new(); 4]; servers.len()];
+    for (_, channel, kind) in &servers {
+        // Warm-up: connections, allocators, the stores' first pages, etcd's leader election.
+        measure(channel, *kind, 0).await;
+        measure(channel, *kind, 2).await;
+    }
+    for _ in 0..ROUNDS {
+        for (i, (_, channel, kind)) in servers.iter().enumerate() {
+            for (m, rate) in rates[i].iter_mut().enumerate() {
+                if let Some(r) = measure(channel, *kind, m).await {
+                    rate.push(r);
+                }
+            }
+        }
+    }
+    let base: Vec<f64> = rates[0].iter().map(|r| median(r.clone())).collect();
+    for (i, (name, _, _)) in servers.iter().enumerate() {
+        let cells: Vec<String> = rates[i]
+            .iter()
+            .zip(&base)
+            .map(|(r, b)| {
+                if r.is_empty() {
+                    "— | —".to_owned()
+                } else {
+                    format!("{:.0} | {:.2}", median(r.clone()), median(r.clone()) / b)
+                }
+            })
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+    if servers.len() > 3 {
+        let (durable, etcd) = (median(rates[2][1].clone()), median(rates[3][1].clone()));
+        println!(
+            "\nmemory-service with --state-dir against etcd, Allocate+Free against grant+revoke at c=32: {:.1}×",
+            durable / etcd
+        );
+    }
+    noop.kill();
+}
+
+/// How the durable server's group commits went so far, from its metrics.
+async fn commits(admin: &str) -> String {
+    let (_, metrics) = e2e::http_get(admin, "/metrics").await;
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let count = value("memory_store_commit_seconds_count").max(1.0);
+    format!(
+        "{:.0} group commits, {:.1} records and {:.2} ms each on average",
+        value("memory_store_commit_seconds_count"),
+        value("memory_store_commit_records_sum") / count,
+        value("memory_store_commit_seconds_sum") / count * 1e3
+    )
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Noop,
+    Memory,
+    Etcd,
+}
+
+/// Measure `m` (Allocate+Free c=1, c=32, KeepAlive 1 stream, 32 streams) of one server; `None`
+/// where the server has no such call (etcd's keep-alive renews one lease per message).
+async fn measure(channel: &Channel, kind: Kind, m: usize) -> Option<f64> {
+    let concurrency = if m.is_multiple_of(2) { 1 } else { 32 };
+    match (kind, m < 2) {
+        (Kind::Etcd, true) => Some(etcd::grant_revoke_rate(channel, concurrency, ROUND).await),
+        (Kind::Etcd, false) => None,
+        (_, true) => Some(alloc_free(channel, concurrency).await),
+        (_, false) => Some(keep_alive(channel, concurrency, kind == Kind::Memory).await),
+    }
+}
