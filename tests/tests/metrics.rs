@@ -116,3 +116,30 @@ async fn metrics_follow_a_generation_in_both_services() {
     runtime.stop().await;
     memory.stop().await;
 }
+
+#[tokio::test]
+async fn a_durable_server_counts_its_group_commits() {
+    let dir = e2e::certs::TempDir::new("metrics-state");
+    let mut config = config_with_pools(&[("kv-cache", 64 << 20)]);
+    config.state_dir = Some(dir.path().to_path_buf());
+    let memory = MemoryServer::start(config).await;
+    let mut client = memory.client().await;
+    let granted = client.allocate(e2e::alloc(&[("kv-cache", 4096)])).await.unwrap().into_inner();
+    let lease_id = granted.leases[0].lease_id.clone();
+    client.free(proto::memory::v1::FreeRequest { lease_id }).await.unwrap();
+
+    // Both changes were on disk before their replies: each took a commit of its lease and pool.
+    let mem = memory.scrape().await;
+    let commits = sample(&mem, "memory_store_commit_seconds_count", &[]).unwrap();
+    assert!(commits >= 2.0, "{mem}");
+    assert!(sample(&mem, "memory_store_commit_records_sum", &[]).unwrap() >= 4.0, "{mem}");
+    memory.stop().await;
+
+    // In memory nothing is committed.
+    let memory = MemoryServer::start(config_with_pools(&[("kv-cache", 64 << 20)])).await;
+    let mut client = memory.client().await;
+    client.allocate(e2e::alloc(&[("kv-cache", 4096)])).await.unwrap();
+    let mem = memory.scrape().await;
+    assert_eq!(sample(&mem, "memory_store_commit_seconds_count", &[]), Some(0.0), "{mem}");
+    memory.stop().await;
+}

@@ -116,8 +116,14 @@ pub fn scope_id(scope: &str) -> Result<&str, Error> {
 
 /// Renders a lease.
 pub fn lease(lease: &Lease, pool: &str, clock: &Clock) -> pb::Lease {
+    lease_named(lease, lease.id.to_string(), pool, clock)
+}
+
+/// Renders a lease under `lease_id`, its id as the caller wrote it (a valid id has exactly one
+/// spelling, so a renewal reuses the request's string rather than rendering it again).
+pub fn lease_named(lease: &Lease, lease_id: String, pool: &str, clock: &Clock) -> pb::Lease {
     pb::Lease {
-        lease_id: lease.id.to_string(),
+        lease_id,
         pool: pool.to_owned(),
         size_bytes: lease.size,
         holder: lease.holder.to_string(),

@@ -23,7 +23,7 @@ use std::{
 };
 
 use parking_lot::{Condvar, Mutex};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{error, info};
 
@@ -33,13 +33,35 @@ use crate::{ledger::Error, store::Store};
 /// How often a failed store is tried again.
 const RETRY: Duration = Duration::from_secs(1);
 
-/// How far commits have got.
-#[derive(Debug, Clone, Default)]
+/// How far commits have got, and who waits for what.
+#[derive(Debug, Default)]
 struct Progress {
     /// Every change up to this sequence number is on disk.
     durable: u64,
     /// The last commit failed, with this message, and none has succeeded since.
     failure: Option<Arc<str>>,
+    /// The committer has made its last commit.
+    stopped: bool,
+    /// Calls waiting for the commit of their change's sequence number. Each is woken exactly
+    /// once, by the commit that covers it: a commit wakes nobody it does not answer.
+    waiters: Vec<(u64, oneshot::Sender<Result<(), Error>>)>,
+}
+
+impl Progress {
+    /// Answers every waiter whose change is now on disk.
+    fn answer_covered(&mut self) {
+        let durable = self.durable;
+        for (_, waiter) in self.waiters.extract_if(.., |(seq, _)| *seq <= durable) {
+            let _ = waiter.send(Ok(()));
+        }
+    }
+
+    /// Answers every waiter with `error` (its change could not be made durable).
+    fn answer_all(&mut self, error: impl Fn() -> Error) {
+        for (_, waiter) in self.waiters.drain(..) {
+            let _ = waiter.send(Err(error()));
+        }
+    }
 }
 
 /// What the committer thread is asked to do.
@@ -60,7 +82,7 @@ pub struct Durability {
     latest: Arc<AtomicU64>,
     wake: Mutex<Wake>,
     wakeup: Condvar,
-    progress: watch::Sender<Progress>,
+    progress: Mutex<Progress>,
 }
 
 impl Durability {
@@ -75,7 +97,7 @@ impl Durability {
             latest,
             wake: Mutex::new(Wake::default()),
             wakeup: Condvar::new(),
-            progress: watch::Sender::new(Progress::default()),
+            progress: Mutex::new(Progress::default()),
         }
     }
 
@@ -92,10 +114,14 @@ impl Durability {
 
     /// Refuses a change up front while the store is failing.
     pub fn check(&self) -> Result<(), Error> {
-        match &self.progress.borrow().failure {
+        match &self.progress.lock().failure {
             Some(failure) => Err(Error::NotDurable(failure.to_string())),
             None => Ok(()),
         }
+    }
+
+    fn failing(&self) -> bool {
+        self.progress.lock().failure.is_some()
     }
 
     /// Returns once every change up to `seq` is on disk, or the error to answer if the commit
@@ -104,22 +130,23 @@ impl Durability {
         if self.store.is_none() {
             return Ok(());
         }
-        let mut progress = self.progress.subscribe();
-        self.signal();
-        loop {
-            {
-                let now = progress.borrow_and_update();
-                if now.durable >= seq {
-                    return Ok(());
-                }
-                if let Some(failure) = &now.failure {
-                    return Err(Error::NotDurable(failure.to_string()));
-                }
+        let answer = {
+            let mut progress = self.progress.lock();
+            if progress.durable >= seq {
+                return Ok(());
             }
-            if progress.changed().await.is_err() {
+            if let Some(failure) = &progress.failure {
+                return Err(Error::NotDurable(failure.to_string()));
+            }
+            if progress.stopped {
                 return Err(Error::ShuttingDown);
             }
-        }
+            let (tx, rx) = oneshot::channel();
+            progress.waiters.push((seq, tx));
+            rx
+        };
+        self.signal();
+        answer.await.unwrap_or(Err(Error::ShuttingDown))
     }
 
     /// Wakes the committer for changes nobody waits on (expiries).
@@ -199,7 +226,7 @@ fn run(shared: &Arc<Shared>, store: &Arc<Store>) {
         let stop = {
             let mut wake = durability.wake.lock();
             while !wake.pending && !wake.stop {
-                if durability.progress.borrow().failure.is_some() {
+                if durability.failing() {
                     // Retry a failing store even when nothing new arrives.
                     durability.wakeup.wait_for(&mut wake, RETRY);
                     break;
@@ -211,6 +238,10 @@ fn run(shared: &Arc<Shared>, store: &Arc<Store>) {
         };
         commit(shared, store);
         if stop {
+            // Whoever still waits (a change that came after the last batch) hears why.
+            let mut progress = durability.progress.lock();
+            progress.stopped = true;
+            progress.answer_all(|| Error::ShuttingDown);
             return;
         }
     }
@@ -219,9 +250,9 @@ fn run(shared: &Arc<Shared>, store: &Arc<Store>) {
 /// One group commit of everything changed so far.
 fn commit(shared: &Arc<Shared>, store: &Store) {
     let durability = shared.durability();
-    let failing = durability.progress.borrow().failure.is_some();
+    let failing = durability.failing();
     let batch = shared.ledger().take_batch(Instant::now(), SystemTime::now());
-    if batch.is_empty() && !failing && batch.seq <= durability.progress.borrow().durable {
+    if batch.is_empty() && !failing && batch.seq <= durability.progress.lock().durable {
         return;
     }
     let started = Instant::now();
@@ -234,17 +265,20 @@ fn commit(shared: &Arc<Shared>, store: &Store) {
             if failing {
                 info!("the state store accepts writes again; changes are allowed");
             }
-            durability.progress.send_modify(|p| {
-                p.durable = p.durable.max(batch.seq);
-                p.failure = None;
-            });
+            let mut progress = durability.progress.lock();
+            progress.durable = progress.durable.max(batch.seq);
+            progress.failure = None;
+            progress.answer_covered();
         }
         Err(err) => {
             if !failing {
                 error!(error = %err, "cannot write the state store: changes are refused (UNAVAILABLE) until it accepts writes again");
             }
             shared.ledger().retake(&batch);
-            durability.progress.send_modify(|p| p.failure = Some(Arc::from(err.to_string())));
+            let failure: Arc<str> = Arc::from(err.to_string());
+            let mut progress = durability.progress.lock();
+            progress.failure = Some(failure.clone());
+            progress.answer_all(|| Error::NotDurable(failure.to_string()));
         }
     }
 }

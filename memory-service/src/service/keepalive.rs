@@ -121,7 +121,7 @@ async fn renew(
             match ledger.renew(id, now) {
                 Ok(lease) => {
                     done.insert(id);
-                    renewed.push(convert::lease(&lease, ledger.pool_name(lease.pool), &clock));
+                    renewed.push(convert::lease_named(&lease, text, ledger.pool_name(lease.pool), &clock));
                 }
                 Err(_) => not_found.push(text),
             }
