@@ -77,7 +77,7 @@ pub struct StoredReplay {
 pub struct Batch {
     /// Changes up to this sequence number are in the batch.
     pub seq: u64,
-    /// The server epoch (written with every batch; it never changes).
+    /// The server epoch (it never changes; the store writes it once).
     pub epoch: u64,
     /// Pools whose capacity or counters changed.
     pub pools: Vec<StoredPool>,

@@ -37,6 +37,9 @@ pub struct Store {
     /// `None` after a failed commit: redb refuses further writes on a database that saw an I/O
     /// error until it is opened again (which checks and repairs it), so the next commit reopens.
     db: parking_lot::Mutex<Option<Database>>,
+    /// The epoch known to be on disk. It never changes while the server runs, so only the first
+    /// commit writes it (rewriting its table in every commit cost a page copy per fsync).
+    epoch_on_disk: parking_lot::Mutex<Option<u64>>,
     path: PathBuf,
 }
 
@@ -47,7 +50,11 @@ impl Store {
         let fail = |message: String| StoreError { path: path.display().to_string(), message };
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create the state directory: {e}")))?;
         let db = Database::create(&path).map_err(|e| fail(e.to_string()))?;
-        Ok(Store { db: parking_lot::Mutex::new(Some(db)), path })
+        Ok(Store {
+            db: parking_lot::Mutex::new(Some(db)),
+            epoch_on_disk: parking_lot::Mutex::new(None),
+            path,
+        })
     }
 
     fn error(&self, e: impl std::fmt::Display) -> StoreError {
@@ -63,6 +70,7 @@ impl Store {
         // Tables appear with the first commit; a fresh store has none.
         if let Ok(meta) = txn.open_table(META) {
             snapshot.epoch = meta.get(EPOCH).map_err(|e| self.error(e))?.map(|v| v.value());
+            *self.epoch_on_disk.lock() = snapshot.epoch;
         }
         if let Ok(pools) = txn.open_table(POOLS) {
             for entry in pools.iter().map_err(|e| self.error(e))? {
@@ -94,51 +102,132 @@ impl Store {
         if db.is_none() {
             *db = Some(Database::create(&self.path).map_err(|e| self.error(e))?);
         }
-        let result =
-            Self::write(db.as_ref().ok_or_else(|| self.error("not open"))?, batch).map_err(|e| self.error(e));
-        if result.is_err() {
-            // Closed now, reopened (and repaired if need be) by the next commit.
-            *db = None;
+        let mut epoch_on_disk = self.epoch_on_disk.lock();
+        let with_epoch = *epoch_on_disk != Some(batch.epoch);
+        let db_open = db.as_ref().ok_or_else(|| self.error("not open"))?;
+        let result = Self::write(db_open, batch, with_epoch).map_err(|e| self.error(e));
+        match result {
+            Ok(()) => *epoch_on_disk = Some(batch.epoch),
+            Err(_) => {
+                // Closed now, reopened (and repaired if need be) by the next commit, which
+                // writes the epoch again.
+                *db = None;
+                *epoch_on_disk = None;
+            }
         }
         result
     }
 
-    fn write(db: &Database, batch: &Batch) -> Result<(), Box<dyn std::error::Error>> {
+    fn write(db: &Database, batch: &Batch, with_epoch: bool) -> Result<(), Box<dyn std::error::Error>> {
         let txn = db.begin_write()?;
         {
-            let mut meta = txn.open_table(META)?;
-            meta.insert(EPOCH, batch.epoch)?;
-            let mut pools = txn.open_table(POOLS)?;
-            for pool in &batch.pools {
-                let record = PoolRecord::from_stored(pool).encode_to_vec();
-                pools.insert(&*pool.name, record.as_slice())?;
+            if with_epoch {
+                txn.open_table(META)?.insert(EPOCH, batch.epoch)?;
             }
-            let mut leases = txn.open_table(LEASES)?;
-            for (id, lease) in &batch.leases {
-                match lease {
-                    Some(lease) => {
-                        let record = LeaseRecord::from_stored(lease).encode_to_vec();
-                        leases.insert(lease_key(*id), record.as_slice())?;
-                    }
-                    None => {
-                        leases.remove(lease_key(*id))?;
+            // Only the tables with changes are opened: an untouched table costs nothing.
+            if !batch.pools.is_empty() {
+                let mut pools = txn.open_table(POOLS)?;
+                for pool in &batch.pools {
+                    let record = PoolRecord::from_stored(pool).encode_to_vec();
+                    pools.insert(&*pool.name, record.as_slice())?;
+                }
+            }
+            if !batch.leases.is_empty() {
+                let mut leases = txn.open_table(LEASES)?;
+                for (id, lease) in &batch.leases {
+                    match lease {
+                        Some(lease) => {
+                            let record = LeaseRecord::from_stored(lease).encode_to_vec();
+                            leases.insert(lease_key(*id), record.as_slice())?;
+                        }
+                        None => {
+                            leases.remove(lease_key(*id))?;
+                        }
                     }
                 }
             }
-            let mut replays = txn.open_table(REPLAYS)?;
-            for (key, replay) in &batch.replays {
-                match replay {
-                    Some(replay) => {
-                        let record = ReplayRecord::from_stored(replay).encode_to_vec();
-                        replays.insert(&**key, record.as_slice())?;
-                    }
-                    None => {
-                        replays.remove(&**key)?;
+            if !batch.replays.is_empty() {
+                let mut replays = txn.open_table(REPLAYS)?;
+                for (key, replay) in &batch.replays {
+                    match replay {
+                        Some(replay) => {
+                            let record = ReplayRecord::from_stored(replay).encode_to_vec();
+                            replays.insert(&**key, record.as_slice())?;
+                        }
+                        None => {
+                            replays.remove(&**key)?;
+                        }
                     }
                 }
             }
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::Arc,
+        time::{Duration, SystemTime, UNIX_EPOCH},
+    };
+
+    use super::*;
+    use crate::ledger::{LeaseId, StoredLease, StoredPool};
+
+    fn lease(raw: u128) -> StoredLease {
+        let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        StoredLease {
+            id: LeaseId::from_raw(raw),
+            pool: Arc::from("kv-cache"),
+            size: 4096,
+            holder: Arc::from("runtime-0"),
+            scope: Some(Arc::from("model-a")),
+            ttl: Duration::from_secs(30),
+            deadline: at,
+            granted: at - Duration::from_secs(30),
+            request_key: None,
+        }
+    }
+
+    #[test]
+    fn commits_read_back_after_a_reopen_with_the_epoch_written_once() {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("store-test-{}-{nanos}", std::process::id()));
+        let pool = StoredPool {
+            name: Arc::from("kv-cache"),
+            capacity: 1 << 30,
+            peak_used: 8192,
+            counters: crate::ledger::Counters::default(),
+        };
+        {
+            let store = Store::open(&dir).unwrap();
+            assert_eq!(store.load().unwrap().epoch, None, "a fresh store");
+            let first = Batch {
+                seq: 2,
+                epoch: 7,
+                pools: vec![pool.clone()],
+                leases: vec![(LeaseId::from_raw(1), Some(lease(1))), (LeaseId::from_raw(2), Some(lease(2)))],
+                replays: vec![],
+            };
+            store.commit(&first).unwrap();
+            // The second commit does not write the epoch again, and removes a lease.
+            let second = Batch {
+                seq: 3,
+                epoch: 7,
+                pools: vec![],
+                leases: vec![(LeaseId::from_raw(1), None)],
+                replays: vec![],
+            };
+            store.commit(&second).unwrap();
+        }
+        let store = Store::open(&dir).unwrap();
+        let snapshot = store.load().unwrap();
+        assert_eq!(snapshot.epoch, Some(7));
+        assert_eq!(snapshot.pools, vec![pool]);
+        assert_eq!(snapshot.leases, vec![lease(2)]);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

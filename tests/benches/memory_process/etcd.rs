@@ -16,7 +16,6 @@ use std::{
 
 use e2e::certs::TempDir;
 use http::uri::PathAndQuery;
-use tokio::time::Instant;
 use tonic::{client::Grpc, transport::Channel};
 use tonic_prost::ProstCodec;
 
@@ -129,7 +128,7 @@ fn free_port() -> u16 {
 }
 
 /// One lease grant (TTL 30 s) and its revoke.
-async fn grant_revoke(grpc: &mut Grpc<Channel>) {
+async fn grant_revoke(mut grpc: Grpc<Channel>) -> Grpc<Channel> {
     grpc.ready().await.expect("etcd ready");
     let granted: LeaseGrantResponse = grpc
         .unary(
@@ -150,28 +149,11 @@ async fn grant_revoke(grpc: &mut Grpc<Channel>) {
         )
         .await
         .expect("LeaseRevoke");
+    grpc
 }
 
 /// Grant+revoke pairs for `round` from `concurrency` tasks on one connection; RPCs per second
 /// (two per pair, as Allocate+Free is counted).
 pub async fn grant_revoke_rate(channel: &Channel, concurrency: usize, round: Duration) -> f64 {
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let mut grpc = Grpc::new(channel.clone());
-            tokio::spawn(async move {
-                let mut rpcs = 0u64;
-                while started.elapsed() < round {
-                    grant_revoke(&mut grpc).await;
-                    rpcs += 2;
-                }
-                rpcs
-            })
-        })
-        .collect();
-    let mut rpcs = 0;
-    for task in tasks {
-        rpcs += task.await.expect("task");
-    }
-    rpcs as f64 / started.elapsed().as_secs_f64()
+    super::pair_rate(concurrency, round, || Grpc::new(channel.clone()), grant_revoke).await
 }

@@ -32,18 +32,26 @@ async fn connect(addr: &str) -> Channel {
     Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
 }
 
-/// Allocate+Free pairs for `ROUND` from `concurrency` tasks on one connection; RPCs per second.
-async fn alloc_free(channel: &Channel, concurrency: usize) -> f64 {
+/// Runs `concurrency` closed-loop tasks for `round` on one connection, each with its own client
+/// from `new_client`, repeating `pair` (two RPCs); RPCs per second.
+pub(crate) async fn pair_rate<C, Fut>(
+    concurrency: usize,
+    round: Duration,
+    new_client: impl Fn() -> C,
+    pair: fn(C) -> Fut,
+) -> f64
+where
+    C: Send + 'static,
+    Fut: std::future::Future<Output = C> + Send + 'static,
+{
     let started = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let mut client = MemoryServiceClient::new(channel.clone());
+            let mut client = new_client();
             tokio::spawn(async move {
                 let mut rpcs = 0u64;
-                while started.elapsed() < ROUND {
-                    let lease = client.allocate(alloc(&[("kv-cache", 4096)])).await.expect("allocate");
-                    let lease_id = lease.into_inner().leases.remove(0).lease_id;
-                    client.free(FreeRequest { lease_id }).await.expect("free");
+                while started.elapsed() < round {
+                    client = pair(client).await;
                     rpcs += 2;
                 }
                 rpcs
@@ -55,6 +63,17 @@ async fn alloc_free(channel: &Channel, concurrency: usize) -> f64 {
         rpcs += task.await.expect("task");
     }
     rpcs as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Allocate+Free pairs for `ROUND` from `concurrency` tasks on one connection; RPCs per second.
+async fn alloc_free(channel: &Channel, concurrency: usize) -> f64 {
+    async fn pair(mut client: MemoryServiceClient<Channel>) -> MemoryServiceClient<Channel> {
+        let lease = client.allocate(alloc(&[("kv-cache", 4096)])).await.expect("allocate");
+        let lease_id = lease.into_inner().leases.remove(0).lease_id;
+        client.free(FreeRequest { lease_id }).await.expect("free");
+        client
+    }
+    pair_rate(concurrency, ROUND, || MemoryServiceClient::new(channel.clone()), pair).await
 }
 
 /// KeepAlive round trips for `ROUND` on `streams` streams, each message naming the same 16
@@ -111,6 +130,27 @@ async fn keep_alive(channel: &Channel, streams: usize, real: bool) -> f64 {
         }
     }
     rate
+}
+
+/// (busy, total) CPU ticks of the whole machine so far, from `/proc/stat` (zeros elsewhere).
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    // idle and iowait are not busy
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn busy_between(before: (u64, u64), after: (u64, u64)) -> f64 {
+    (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -171,8 +211,9 @@ async fn rates(in_memory: &Channel, on_disk: &Channel) {
         "\n| server | Allocate+Free RPC/s, c=1 | ratio | c=32 | ratio | KeepAlive renewals/s, 1 stream | ratio | 32 streams | ratio |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    // rates[server][measure] over rounds
+    // rates[server][measure] over rounds; busy[server]: the machine's CPU use during c=32 pairs
     let mut rates = vec![vec![Vec::new(); 4]; servers.len()];
+    let mut busy = vec![Vec::new(); servers.len()];
     for (_, channel, kind) in &servers {
         // Warm-up: connections, allocators, the stores' first pages, etcd's leader election.
         measure(channel, *kind, 0).await;
@@ -181,8 +222,12 @@ async fn rates(in_memory: &Channel, on_disk: &Channel) {
     for _ in 0..ROUNDS {
         for (i, (_, channel, kind)) in servers.iter().enumerate() {
             for (m, rate) in rates[i].iter_mut().enumerate() {
+                let before = cpu_ticks();
                 if let Some(r) = measure(channel, *kind, m).await {
                     rate.push(r);
+                }
+                if m == 1 {
+                    busy[i].push(busy_between(before, cpu_ticks()));
                 }
             }
         }
@@ -202,6 +247,15 @@ async fn rates(in_memory: &Channel, on_disk: &Channel) {
             .collect();
         println!("| {name} | {} |", cells.join(" | "));
     }
+    let busy: Vec<String> = servers
+        .iter()
+        .zip(busy)
+        .map(|((name, _, _), b)| format!("{name} {:.0}%", median(b) * 100.0))
+        .collect();
+    println!(
+        "\nmachine CPU busy during Allocate+Free at c=32 (both cores, client included): {}",
+        busy.join(", ")
+    );
     if servers.len() > 3 {
         let (durable, etcd) = (median(rates[2][1].clone()), median(rates[3][1].clone()));
         println!(
