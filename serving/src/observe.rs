@@ -94,48 +94,89 @@ pub fn method_types(descriptor_sets: &[&[u8]]) -> HashMap<String, &'static str> 
 /// The layer to add to a tonic server.
 #[derive(Debug, Clone)]
 pub struct ObserveLayer {
-    metrics: GrpcMetrics,
-    types: Arc<HashMap<String, &'static str>>,
+    methods: Arc<Methods>,
 }
 
 impl ObserveLayer {
-    /// Observes calls into `metrics`; `types` gives each method's streaming kind
-    /// ([`method_types`]).
     pub fn new(metrics: GrpcMetrics, types: HashMap<String, &'static str>) -> Self {
-        // Every method's series exist from the start, at zero (as go-grpc-prometheus's
-        // InitializeMetrics does): a rate over a series that appears with its first call misses it.
-        for (path, kind) in &types {
-            let (service, method) = path.split_once('/').unwrap_or((path, ""));
-            metrics.started.with_label_values(&[kind, service, method]);
-            metrics.latency.with_label_values(&[kind, service, method]);
-            for code in (0..=16).map(Code::from_i32) {
-                metrics.handled.with_label_values(&[kind, service, method, code_name(code)]);
-            }
-        }
-        ObserveLayer { metrics, types: Arc::new(types) }
+        let resolve = |kind: &'static str, service: &str, method: &str| MethodMetrics {
+            kind,
+            started: metrics.started.with_label_values(&[kind, service, method]),
+            latency: metrics.latency.with_label_values(&[kind, service, method]),
+            handled: std::array::from_fn(|code| {
+                let code = code_name(Code::from_i32(code as i32));
+                metrics.handled.with_label_values(&[kind, service, method, code])
+            }),
+        };
+        let routed = types
+            .iter()
+            .map(|(path, kind)| {
+                let (service, method) = path.split_once('/').unwrap_or((path, ""));
+                (path.clone(), Arc::new(resolve(kind, service, method)))
+            })
+            .collect();
+        // Created on the first unroutable call, as before: its series exist only once one came.
+        let unknown = std::sync::OnceLock::new();
+        ObserveLayer { methods: Arc::new(Methods { routed, unknown, metrics }) }
     }
+}
+
+/// Every routed method's series, resolved once: a call then costs no label hashing and no
+/// allocation for its metrics.
+#[derive(Debug)]
+struct Methods {
+    routed: HashMap<String, Arc<MethodMetrics>>,
+    unknown: std::sync::OnceLock<Arc<MethodMetrics>>,
+    metrics: GrpcMetrics,
+}
+
+impl Methods {
+    fn of(&self, path: &str) -> Arc<MethodMetrics> {
+        match self.routed.get(path) {
+            Some(method) => method.clone(),
+            None => self
+                .unknown
+                .get_or_init(|| {
+                    let labels = ["unknown", "unknown", "unknown"];
+                    Arc::new(MethodMetrics {
+                        kind: "unknown",
+                        started: self.metrics.started.with_label_values(&labels),
+                        latency: self.metrics.latency.with_label_values(&labels),
+                        handled: std::array::from_fn(|code| {
+                            let code = code_name(Code::from_i32(code as i32));
+                            self.metrics.handled.with_label_values(&["unknown", "unknown", "unknown", code])
+                        }),
+                    })
+                })
+                .clone(),
+        }
+    }
+}
+
+/// One method's series.
+#[derive(Debug)]
+struct MethodMetrics {
+    kind: &'static str,
+    started: prometheus::IntCounter,
+    latency: prometheus::Histogram,
+    /// By code, 0 (OK) to 16 (UNAUTHENTICATED).
+    handled: [prometheus::IntCounter; 17],
 }
 
 impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Observe<S> {
-        Observe { inner, metrics: self.metrics.clone(), types: self.types.clone() }
+        Observe { inner, methods: self.methods.clone() }
     }
 }
 
-/// See [`ObserveLayer`].
 #[derive(Debug, Clone)]
 pub struct Observe<S> {
     inner: S,
-    metrics: GrpcMetrics,
-    types: Arc<HashMap<String, &'static str>>,
+    methods: Arc<Methods>,
 }
 
-/// Lets a handler undo what its answer would have handed over if that answer never leaves: the
-/// client reset the stream or went away before the status was sent. The observe layer puts one
-/// in every request's extensions; it fires when the call ends CANCELLED. (A lease granted to a
-/// caller that gave up would otherwise be held by nobody until its TTL ran out.)
 #[derive(Clone, Default)]
 pub struct Undelivered(Arc<std::sync::Mutex<Option<Undo>>>);
 
@@ -168,10 +209,7 @@ impl Undelivered {
 struct Call {
     span: Span,
     started: Instant,
-    kind: &'static str,
-    service: String,
-    method: String,
-    metrics: GrpcMetrics,
+    method: Arc<MethodMetrics>,
     code: Option<Code>,
     message: Option<String>,
     undelivered: Undelivered,
@@ -190,15 +228,14 @@ impl Drop for Call {
             self.undelivered.fire();
         }
         let code = self.code.unwrap_or(Code::Cancelled);
-        propagation::record_server_status(&self.span, code, self.message.as_deref());
-        // Paths come from clients: only routed calls name their series, or any client could
-        // create series without bound.
-        let labels = [self.kind, self.service.as_str(), self.method.as_str()];
-        self.metrics.handled.with_label_values(&[labels[0], labels[1], labels[2], code_name(code)]).inc();
-        self.metrics
-            .latency
-            .with_label_values(&labels)
-            .observe((Instant::now() - self.started).as_secs_f64());
+        if !self.span.is_none() {
+            propagation::record_server_status(&self.span, code, self.message.as_deref());
+        }
+        // `Code` values are 0..=16, the array's indexes.
+        if let Some(handled) = self.method.handled.get(code as usize) {
+            handled.inc();
+        }
+        self.method.latency.observe((Instant::now() - self.started).as_secs_f64());
     }
 }
 
@@ -254,14 +291,12 @@ where
         let path = request.uri().path().trim_start_matches('/');
         // Paths come from clients: only routed methods name their series, or any client could
         // create series without bound.
-        let (kind, service, method) = match self.types.get(path) {
-            Some(kind) => {
-                let (service, method) = path.split_once('/').unwrap_or((path, ""));
-                (*kind, service, method)
-            }
-            None => ("unknown", "unknown", "unknown"),
+        let metrics = self.methods.of(path);
+        metrics.started.inc();
+        let (service, method) = match metrics.kind {
+            "unknown" => ("unknown", "unknown"),
+            _ => path.split_once('/').unwrap_or((path, "")),
         };
-        self.metrics.started.with_label_values(&[kind, service, method]).inc();
         // Health probes and reflection are counted, not traced: a probe every few seconds per pod
         // would bury the traces worth reading. Other calls get a span when spans are exported,
         // or when the caller sent a trace context (so the logs carry its trace id and calls made
@@ -286,20 +321,14 @@ where
             trace_id = tracing::field::Empty,
             )
         };
-        // The caller's trace becomes the parent; without a `traceparent` the span starts a trace.
-        let _ = span.set_parent(propagation::extract(request.headers()));
-        telemetry::record_trace_id(&span);
-        let call = Call {
-            span,
-            started: Instant::now(),
-            kind,
-            service: service.to_owned(),
-            method: method.to_owned(),
-            metrics: self.metrics.clone(),
-            code: None,
-            message: None,
-            undelivered,
-        };
+        if traced {
+            // The caller's trace becomes the parent; without a `traceparent` the span starts a
+            // trace.
+            let _ = span.set_parent(propagation::extract(request.headers()));
+            telemetry::record_trace_id(&span);
+        }
+        let call =
+            Call { span, started: Instant::now(), method: metrics, code: None, message: None, undelivered };
         let future = {
             let _entered = call.span.enter();
             self.inner.call(request)
