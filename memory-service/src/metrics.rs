@@ -7,7 +7,7 @@ use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 use serving::{admin, observe::GrpcMetrics};
 
 use crate::{
-    ledger::{PoolStats, Release, ReleaseObserver},
+    ledger::{PoolId, PoolStats, Release, ReleaseObserver},
     service::Shared,
 };
 
@@ -80,20 +80,35 @@ impl Metrics {
 
     /// The ledger's release observer, feeding the lifetime histogram.
     pub fn lifetimes(&self) -> Arc<dyn ReleaseObserver> {
-        Arc::new(Lifetimes(self.lifetimes.clone()))
+        Arc::new(Lifetimes {
+            histograms: self.lifetimes.clone(),
+            by_pool: parking_lot::Mutex::new(Vec::new()),
+        })
     }
 }
 
 #[derive(Debug)]
-struct Lifetimes(HistogramVec);
+struct Lifetimes {
+    histograms: HistogramVec,
+    /// Each pool's two series (freed, expired), resolved on its first release: a mass expiry
+    /// of 100,000 leases would otherwise hash the labels 100,000 times under the ledger's lock.
+    by_pool: parking_lot::Mutex<Vec<Option<[Histogram; 2]>>>,
+}
 
 impl ReleaseObserver for Lifetimes {
-    fn released(&self, pool: &str, lived: Duration, how: Release) {
-        let reason = match how {
-            Release::Freed => "freed",
-            Release::Expired => "expired",
+    fn released(&self, id: PoolId, pool: &str, lived: Duration, how: Release) {
+        let mut by_pool = self.by_pool.lock();
+        if by_pool.len() <= id {
+            by_pool.resize(id + 1, None);
+        }
+        let series = by_pool[id].get_or_insert_with(|| {
+            ["freed", "expired"].map(|reason| self.histograms.with_label_values(&[pool, reason]))
+        });
+        let series = match how {
+            Release::Freed => &series[0],
+            Release::Expired => &series[1],
         };
-        self.0.with_label_values(&[pool, reason]).observe(lived.as_secs_f64());
+        series.observe(lived.as_secs_f64());
     }
 }
 

@@ -111,7 +111,12 @@ impl Ledger {
         if let Some(observer) = &self.observer {
             // Expired leases died at their deadline, however late the reaper noticed.
             let ended = if how == Release::Expired { lease.expires_at } else { now };
-            observer.released(pool.name(), ended.saturating_duration_since(lease.granted_at), how);
+            observer.released(
+                lease.pool,
+                pool.name(),
+                ended.saturating_duration_since(lease.granted_at),
+                how,
+            );
         }
         self.events.publish(Change {
             kind: match how {

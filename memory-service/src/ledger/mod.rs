@@ -86,8 +86,9 @@ pub struct Ledger {
 
 /// Learns how long each lease lived and how it ended.
 pub trait ReleaseObserver: Send + Sync + std::fmt::Debug {
-    /// `lease` of `pool` left after `lived`, freed or expired.
-    fn released(&self, pool: &str, lived: Duration, how: Release);
+    /// A lease of pool `id` (named `pool`; ids are stable, pools are never removed) left after
+    /// `lived`, freed or expired.
+    fn released(&self, id: PoolId, pool: &str, lived: Duration, how: Release);
 }
 
 impl Ledger {
