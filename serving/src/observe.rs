@@ -99,20 +99,11 @@ pub struct ObserveLayer {
 
 impl ObserveLayer {
     pub fn new(metrics: GrpcMetrics, types: HashMap<String, &'static str>) -> Self {
-        let resolve = |kind: &'static str, service: &str, method: &str| MethodMetrics {
-            kind,
-            started: metrics.started.with_label_values(&[kind, service, method]),
-            latency: metrics.latency.with_label_values(&[kind, service, method]),
-            handled: std::array::from_fn(|code| {
-                let code = code_name(Code::from_i32(code as i32));
-                metrics.handled.with_label_values(&[kind, service, method, code])
-            }),
-        };
         let routed = types
             .iter()
             .map(|(path, kind)| {
                 let (service, method) = path.split_once('/').unwrap_or((path, ""));
-                (path.clone(), Arc::new(resolve(kind, service, method)))
+                (path.clone(), Arc::new(MethodMetrics::resolve(&metrics, kind, service, method)))
             })
             .collect();
         // Created on the first unroutable call, as before: its series exist only once one came.
@@ -137,16 +128,7 @@ impl Methods {
             None => self
                 .unknown
                 .get_or_init(|| {
-                    let labels = ["unknown", "unknown", "unknown"];
-                    Arc::new(MethodMetrics {
-                        kind: "unknown",
-                        started: self.metrics.started.with_label_values(&labels),
-                        latency: self.metrics.latency.with_label_values(&labels),
-                        handled: std::array::from_fn(|code| {
-                            let code = code_name(Code::from_i32(code as i32));
-                            self.metrics.handled.with_label_values(&["unknown", "unknown", "unknown", code])
-                        }),
-                    })
+                    Arc::new(MethodMetrics::resolve(&self.metrics, "unknown", "unknown", "unknown"))
                 })
                 .clone(),
         }
@@ -161,6 +143,21 @@ struct MethodMetrics {
     latency: prometheus::Histogram,
     /// By code, 0 (OK) to 16 (UNAUTHENTICATED).
     handled: [prometheus::IntCounter; 17],
+}
+
+impl MethodMetrics {
+    /// The series of one method (creating them at zero).
+    fn resolve(metrics: &GrpcMetrics, kind: &'static str, service: &str, method: &str) -> Self {
+        MethodMetrics {
+            kind,
+            started: metrics.started.with_label_values(&[kind, service, method]),
+            latency: metrics.latency.with_label_values(&[kind, service, method]),
+            handled: std::array::from_fn(|code| {
+                let code = code_name(Code::from_i32(code as i32));
+                metrics.handled.with_label_values(&[kind, service, method, code])
+            }),
+        }
+    }
 }
 
 impl<S> Layer<S> for ObserveLayer {

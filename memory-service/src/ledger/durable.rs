@@ -126,10 +126,9 @@ pub struct Restored {
 pub(super) struct Dirty {
     /// Off for an in-memory ledger: nothing is tracked.
     pub(super) on: bool,
-    pub(super) seq: u64,
-    /// `seq`, readable without the ledger's lock (a call waits for the commit of its change
-    /// without locking the ledger a second time).
-    pub(super) latest: Arc<AtomicU64>,
+    /// The sequence number of the latest change. Written under the ledger's lock, readable
+    /// without it (a call waits for the commit of its change without locking the ledger again).
+    pub(super) seq: Arc<AtomicU64>,
     pub(super) pools: Vec<bool>,
     pub(super) leases: LeaseSet,
     pub(super) replays: HashSet<Arc<str>>,
@@ -140,17 +139,16 @@ impl Ledger {
     /// latest change's sequence number as it moves, readable without the lock.
     pub fn track_changes(&mut self) -> Arc<AtomicU64> {
         self.dirty.on = true;
-        self.dirty.latest.clone()
+        self.dirty.seq.clone()
     }
 
     fn bump(&mut self) {
-        self.dirty.seq += 1;
-        self.dirty.latest.store(self.dirty.seq, Ordering::Release);
+        self.dirty.seq.fetch_add(1, Ordering::Release);
     }
 
     /// The sequence number of the latest change.
     pub fn change_seq(&self) -> u64 {
-        self.dirty.seq
+        self.dirty.seq.load(Ordering::Acquire)
     }
 
     pub(super) fn touch_pool(&mut self, p: PoolId) {
@@ -219,7 +217,7 @@ impl Ledger {
                 (key, stored)
             })
             .collect();
-        Batch { seq: self.dirty.seq, epoch: self.epoch, pools, leases, replays }
+        Batch { seq: self.change_seq(), epoch: self.epoch, pools, leases, replays }
     }
 
     /// Marks the keys of `batch` changed again (its commit failed), so the next batch writes
