@@ -96,21 +96,21 @@ impl Store {
                 None => s.pools.push(pool),
             }
         }
-        for (id, lease) in batch.leases {
-            match (lease, self.leases.get(&id).copied()) {
-                (Some(lease), Some(i)) => s.leases[i] = lease,
-                (Some(lease), None) => {
-                    self.leases.insert(id, s.leases.len());
+        for lease in batch.leases {
+            match self.leases.get(&lease.id).copied() {
+                Some(i) => s.leases[i] = lease,
+                None => {
+                    self.leases.insert(lease.id, s.leases.len());
                     s.leases.push(lease);
                 }
-                (None, Some(i)) => {
-                    s.leases.swap_remove(i);
-                    self.leases.remove(&id);
-                    if let Some(moved) = s.leases.get(i) {
-                        self.leases.insert(moved.id, i);
-                    }
+            }
+        }
+        for id in batch.gone {
+            if let Some(i) = self.leases.remove(&id) {
+                s.leases.swap_remove(i);
+                if let Some(moved) = s.leases.get(i) {
+                    self.leases.insert(moved.id, i);
                 }
-                (None, None) => {}
             }
         }
         for (key, replay) in batch.replays {

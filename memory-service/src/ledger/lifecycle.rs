@@ -104,7 +104,7 @@ impl Ledger {
             self.replays.remove(key);
             self.touch_replay(key);
         }
-        self.touch_lease(id);
+        self.touch_gone(id);
         self.touch_pool(lease.pool);
         let pool = &mut self.pools[lease.pool];
         pool.give_back(lease.size, how);

@@ -26,11 +26,11 @@ impl FakeStore {
         for pool in batch.pools {
             self.pools.insert(pool.name.clone(), pool);
         }
-        for (id, lease) in batch.leases {
-            match lease {
-                Some(lease) => self.leases.insert(id, lease),
-                None => self.leases.remove(&id),
-            };
+        for lease in batch.leases {
+            self.leases.insert(lease.id, lease);
+        }
+        for id in batch.gone {
+            self.leases.remove(&id);
         }
         for (key, replay) in batch.replays {
             match replay {
@@ -145,6 +145,38 @@ fn a_failed_commit_is_retaken_whole_by_the_next_batch() {
     ledger.retake(&lost);
     let again = ledger.take_batch(t0, wall0);
     assert_eq!(again.leases.len(), 1);
-    assert_eq!(again.leases[0].0, grant.leases[0].id);
+    assert_eq!(again.leases[0].id, grant.leases[0].id);
     assert_eq!(again.pools.len(), 1);
+}
+
+#[test]
+fn a_lease_granted_and_gone_between_two_batches_is_only_removed() {
+    let (t0, wall0) = (Instant::now(), SystemTime::now());
+    let mut ledger = Ledger::new(16);
+    ledger.track_changes();
+    ledger.create_pool("kv-cache", 1000).unwrap();
+    let _ = ledger.take_batch(t0, wall0);
+    let freed = granted(ledger.allocate(
+        request(&[("kv-cache", 10)], None, Duration::from_secs(60), None),
+        t0,
+        false,
+    ));
+    let expired =
+        granted(ledger.allocate(request(&[("kv-cache", 10)], None, Duration::from_secs(1), None), t0, false));
+    let kept = granted(ledger.allocate(
+        request(&[("kv-cache", 10)], None, Duration::from_secs(60), None),
+        t0,
+        false,
+    ));
+    ledger.free(freed.leases[0].id, t0).unwrap();
+    assert_eq!(ledger.reap(t0 + Duration::from_secs(2)), 1);
+    let batch = ledger.take_batch(t0, wall0);
+    let written: Vec<_> = batch.leases.iter().map(|l| l.id).collect();
+    assert_eq!(written, vec![kept.leases[0].id], "only the live lease is written");
+    assert_eq!(
+        batch.gone,
+        vec![freed.leases[0].id, expired.leases[0].id],
+        "the others are removed, in order"
+    );
+    assert_eq!(batch.pools.len(), 1);
 }

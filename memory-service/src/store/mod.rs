@@ -12,7 +12,7 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use self::records::{LeaseRecord, PoolRecord, ReplayRecord, lease_key};
-use crate::ledger::{Batch, Snapshot};
+use crate::ledger::{Batch, LeaseId, LeaseSet, Snapshot};
 
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
 const LEASES: TableDefinition<u128, &[u8]> = TableDefinition::new("leases");
@@ -132,19 +132,13 @@ impl Store {
                     pools.insert(&*pool.name, record.as_slice())?;
                 }
             }
-            if !batch.leases.is_empty() {
+            if !batch.leases.is_empty() || !batch.gone.is_empty() {
                 let mut leases = txn.open_table(LEASES)?;
-                for (id, lease) in &batch.leases {
-                    match lease {
-                        Some(lease) => {
-                            let record = LeaseRecord::from_stored(lease).encode_to_vec();
-                            leases.insert(lease_key(*id), record.as_slice())?;
-                        }
-                        None => {
-                            leases.remove(lease_key(*id))?;
-                        }
-                    }
+                for lease in &batch.leases {
+                    let record = LeaseRecord::from_stored(lease).encode_to_vec();
+                    leases.insert(lease_key(lease.id), record.as_slice())?;
                 }
+                Self::remove_leases(&mut leases, &batch.gone)?;
             }
             if !batch.replays.is_empty() {
                 let mut replays = txn.open_table(REPLAYS)?;
@@ -164,7 +158,29 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+
+    /// Removes `gone` from `leases`. A mass expiry removes a large share of the table at once:
+    /// then one pass that rebuilds each page once (redb's `retain`) beats as many root-to-leaf
+    /// descents as there are keys, each copying its page (100,000 single removals took 90 ms
+    /// here, and the next grant waits for that commit).
+    fn remove_leases(
+        leases: &mut redb::Table<'_, u128, &[u8]>,
+        gone: &[LeaseId],
+    ) -> Result<(), redb::StorageError> {
+        use redb::ReadableTableMetadata;
+        if gone.len() >= BULK_REMOVAL && gone.len() as u64 * 4 >= leases.len()? {
+            let gone: LeaseSet = gone.iter().copied().collect();
+            return leases.retain(|id, _| !gone.contains(&LeaseId::from_raw(id)));
+        }
+        for &id in gone {
+            leases.remove(lease_key(id))?;
+        }
+        Ok(())
+    }
 }
+
+/// Removals from which one pass over the whole leases table may be cheaper (see `remove_leases`).
+const BULK_REMOVAL: usize = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -208,7 +224,8 @@ mod tests {
                 seq: 2,
                 epoch: 7,
                 pools: vec![pool.clone()],
-                leases: vec![(LeaseId::from_raw(1), Some(lease(1))), (LeaseId::from_raw(2), Some(lease(2)))],
+                leases: vec![lease(1), lease(2)],
+                gone: vec![],
                 replays: vec![],
             };
             store.commit(&first).unwrap();
@@ -217,7 +234,8 @@ mod tests {
                 seq: 3,
                 epoch: 7,
                 pools: vec![],
-                leases: vec![(LeaseId::from_raw(1), None)],
+                leases: vec![],
+                gone: vec![LeaseId::from_raw(1)],
                 replays: vec![],
             };
             store.commit(&second).unwrap();
@@ -227,6 +245,33 @@ mod tests {
         assert_eq!(snapshot.epoch, Some(7));
         assert_eq!(snapshot.pools, vec![pool]);
         assert_eq!(snapshot.leases, vec![lease(2)]);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_mass_removal_takes_the_bulk_path_and_leaves_the_rest() {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("store-bulk-{}-{nanos}", std::process::id()));
+        let count = BULK_REMOVAL as u128 + 1000;
+        let store = Store::open(&dir).unwrap();
+        let batch = |leases: Vec<StoredLease>, gone: Vec<LeaseId>| Batch {
+            seq: 1,
+            epoch: 7,
+            pools: vec![],
+            leases,
+            gone,
+            replays: vec![],
+        };
+        store.commit(&batch((1..=count).map(lease).collect(), vec![])).unwrap();
+        // All but the last 100 go at once: more than a quarter of the table, so one pass.
+        let gone: Vec<LeaseId> = (1..=count - 100).map(LeaseId::from_raw).collect();
+        assert!(gone.len() >= BULK_REMOVAL);
+        store.commit(&batch(vec![], gone)).unwrap();
+        // A few single removals take the per-key path.
+        store.commit(&batch(vec![], vec![LeaseId::from_raw(count)])).unwrap();
+        let left: Vec<u128> = store.load().unwrap().leases.iter().map(|l| l.id.raw()).collect();
+        assert_eq!(left, (count - 99..count).collect::<Vec<_>>());
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
