@@ -34,13 +34,20 @@ pub struct StoreError {
 /// The opened store.
 #[derive(Debug)]
 pub struct Store {
+    open: parking_lot::Mutex<Opened>,
+    path: PathBuf,
+}
+
+/// The database and what is known to be in it, changed together by a commit.
+#[derive(Debug)]
+struct Opened {
     /// `None` after a failed commit: redb refuses further writes on a database that saw an I/O
     /// error until it is opened again (which checks and repairs it), so the next commit reopens.
-    db: parking_lot::Mutex<Option<Database>>,
+    db: Option<Database>,
     /// The epoch known to be on disk. It never changes while the server runs, so only the first
-    /// commit writes it (rewriting its table in every commit cost a page copy per fsync).
-    epoch_on_disk: parking_lot::Mutex<Option<u64>>,
-    path: PathBuf,
+    /// commit of an opening writes it (rewriting its table in every commit cost a page copy per
+    /// fsync).
+    epoch_on_disk: Option<u64>,
 }
 
 impl Store {
@@ -50,11 +57,7 @@ impl Store {
         let fail = |message: String| StoreError { path: path.display().to_string(), message };
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create the state directory: {e}")))?;
         let db = Database::create(&path).map_err(|e| fail(e.to_string()))?;
-        Ok(Store {
-            db: parking_lot::Mutex::new(Some(db)),
-            epoch_on_disk: parking_lot::Mutex::new(None),
-            path,
-        })
+        Ok(Store { open: parking_lot::Mutex::new(Opened { db: Some(db), epoch_on_disk: None }), path })
     }
 
     fn error(&self, e: impl std::fmt::Display) -> StoreError {
@@ -63,14 +66,13 @@ impl Store {
 
     /// Everything stored.
     pub fn load(&self) -> Result<Snapshot, StoreError> {
-        let db = self.db.lock();
-        let db = db.as_ref().ok_or_else(|| self.error("not open"))?;
+        let mut open = self.open.lock();
+        let db = open.db.as_ref().ok_or_else(|| self.error("not open"))?;
         let txn = db.begin_read().map_err(|e| self.error(e))?;
         let mut snapshot = Snapshot::default();
         // Tables appear with the first commit; a fresh store has none.
         if let Ok(meta) = txn.open_table(META) {
             snapshot.epoch = meta.get(EPOCH).map_err(|e| self.error(e))?.map(|v| v.value());
-            *self.epoch_on_disk.lock() = snapshot.epoch;
         }
         if let Ok(pools) = txn.open_table(POOLS) {
             for entry in pools.iter().map_err(|e| self.error(e))? {
@@ -93,28 +95,26 @@ impl Store {
                 snapshot.replays.push(record.into_stored(key.value()));
             }
         }
+        drop(txn);
+        open.epoch_on_disk = snapshot.epoch;
         Ok(snapshot)
     }
 
     /// Writes `batch` in one transaction and waits for it to be on disk (fsync).
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        let mut db = self.db.lock();
-        if db.is_none() {
-            *db = Some(Database::create(&self.path).map_err(|e| self.error(e))?);
-        }
-        let mut epoch_on_disk = self.epoch_on_disk.lock();
-        let with_epoch = *epoch_on_disk != Some(batch.epoch);
-        let db_open = db.as_ref().ok_or_else(|| self.error("not open"))?;
-        let result = Self::write(db_open, batch, with_epoch).map_err(|e| self.error(e));
-        match result {
-            Ok(()) => *epoch_on_disk = Some(batch.epoch),
-            Err(_) => {
-                // Closed now, reopened (and repaired if need be) by the next commit, which
-                // writes the epoch again.
-                *db = None;
-                *epoch_on_disk = None;
-            }
-        }
+        let mut open = self.open.lock();
+        let db = match open.db.take() {
+            Some(db) => db,
+            None => Database::create(&self.path).map_err(|e| self.error(e))?,
+        };
+        let with_epoch = open.epoch_on_disk != Some(batch.epoch);
+        let result = Self::write(&db, batch, with_epoch).map_err(|e| self.error(e));
+        // After a failure the database is dropped (closed) here, and reopened (and repaired if
+        // need be) by the next commit, which writes the epoch again.
+        *open = match result {
+            Ok(()) => Opened { db: Some(db), epoch_on_disk: Some(batch.epoch) },
+            Err(_) => Opened { db: None, epoch_on_disk: None },
+        };
         result
     }
 
