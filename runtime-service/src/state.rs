@@ -1,9 +1,9 @@
 //! State shared by every handler and background task of runtime-service, and the wiring of the
 //! device: one lane per model, each with its slab leaser.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -13,7 +13,7 @@ use crate::{
     error::Error,
     executor::Executor,
     kv::{self, SlabPlan},
-    memory::{Loader, MemoryClient, Renewer, Standing},
+    memory::{Loader, MemoryClient, PoolCapacity, Renewer, Standing},
     metrics::Metrics,
     models::{ACTIVATIONS, KV_CACHE, Models},
     scheduler::Limits,
@@ -41,8 +41,9 @@ pub struct Shared {
     pub device: Device,
     /// The device's double-buffered activations, leased at start.
     pub activations: Standing,
-    /// Capacity of memory-service's kv-cache pool, learned once.
-    kv_capacity: OnceCell<u64>,
+    /// Capacity of memory-service's kv-cache pool, as last learned (asked again when the
+    /// server's epoch changes).
+    kv_capacity: Mutex<Option<PoolCapacity>>,
     /// Cancelled when a drain starts: new generations are refused, running ones go on.
     pub draining: CancellationToken,
     /// Cancelled when the drain's grace period is over: whatever still runs is cancelled.
@@ -125,7 +126,7 @@ impl Shared {
             executor,
             device,
             activations,
-            kv_capacity: OnceCell::new(),
+            kv_capacity: Mutex::new(None),
             draining: CancellationToken::new(),
             shutdown,
             config,
@@ -145,8 +146,19 @@ impl Shared {
         }
     }
 
-    /// Capacity of memory-service's kv-cache pool (asked once; pools are never resized).
+    /// Capacity of memory-service's kv-cache pool: asked once per server epoch (a running
+    /// memory-service never resizes a pool; one restarted in memory may have other pools).
     pub async fn kv_capacity(&self) -> Result<u64, Error> {
-        self.kv_capacity.get_or_try_init(|| self.memory.pool_capacity(KV_CACHE)).await.copied()
+        let cached = *self.kv_capacity.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(known) = cached
+            && known.epoch == self.renewer.epoch()
+        {
+            return Ok(known.bytes);
+        }
+        let fresh = self.memory.pool_capacity(KV_CACHE).await?;
+        // An answer from a new epoch proves the restart: what the old one granted is gone.
+        self.renewer.check_epoch(fresh.epoch);
+        *self.kv_capacity.lock().unwrap_or_else(PoisonError::into_inner) = Some(fresh);
+        Ok(fresh.bytes)
     }
 }

@@ -108,3 +108,51 @@ async fn with_an_in_memory_memory_service_a_restart_ends_generations_unavailable
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(tokens < 400);
 }
+
+/// memory-service restarted in memory with a smaller kv-cache pool: the runtime learns the new
+/// capacity (it is cached per server epoch), so a generation that fitted the old pool but not
+/// the new one is refused at once instead of waiting for blocks that can never exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_learns_the_kv_pool_of_a_restarted_memory_service() {
+    let memory = Process::start("memory-service", &["--pool", POOLS], LOG, false);
+    let addr: std::net::SocketAddr = memory.addr.parse().expect("address");
+    let runtime = RuntimeServer::start(runtime_config(addr)).await;
+    runtime.ready().await;
+    let client = runtime.client().await;
+    let generation =
+        |id: &str| GenerateRequest { prompt: "hi there".into(), max_tokens: 100, ..long_generation(id) };
+    let run = |mut client: proto::runtime::v1::runtime_service_client::RuntimeServiceClient<_>,
+               request: GenerateRequest| async move {
+        let mut stream = client.generate(request).await?.into_inner();
+        let mut tokens = 0u32;
+        while let Some(message) = stream.message().await? {
+            if let Some(generate_response::Item::Token(_)) = message.item {
+                tokens += 1;
+            }
+        }
+        Ok::<u32, tonic::Status>(tokens)
+    };
+    assert_eq!(run(client.clone(), generation("before")).await.expect("fits the 64 MiB pool"), 100);
+
+    let mut health = HealthClient::new(runtime.channel().await);
+    let check = HealthCheckRequest { service: "runtime.v1.RuntimeService".into() };
+    let mut watch = health.watch(check).await.expect("watch").into_inner();
+    memory.kill();
+    while watch.next().await.expect("open").expect("status").status() != ServingStatus::NotServing {}
+    // Two blocks of kv-cache now: 32 tokens, fewer than the prompt plus 100.
+    let small = format!("kv-cache={},activations=64MiB,uniforms=64MiB", 2 * e2e::TEST_BLOCK_BYTES + 100);
+    let listen = addr.to_string();
+    let memory = Process::start_at("memory-service", &["--pool", &small, "--listen", &listen], LOG);
+    runtime.ready().await;
+    let refused = tokio::time::timeout(Duration::from_secs(60), run(client.clone(), generation("after")))
+        .await
+        .expect("answered, not left waiting for blocks the pool cannot hold")
+        .expect_err("refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("lower max_tokens"), "{}", refused.message());
+    // One that fits the two blocks runs.
+    let short = GenerateRequest { max_tokens: 20, ..generation("short") };
+    assert_eq!(run(client.clone(), short).await.expect("fits two blocks"), 20);
+    runtime.stop().await;
+    memory.stop();
+}

@@ -225,7 +225,8 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
     // several runtimes (and a pool sized for only a few sequences) share it in useful pieces.
     let mut cap = plan.slab_blocks.max(1);
     let mut size = cap;
-    let mut capped = false;
+    // The server epoch the pool's capacity (and so `cap`) was read in: read again in a new one.
+    let mut capped_in = None;
     let mut backoff = RETRY_FIRST;
     loop {
         let (missing, cause, whole) = {
@@ -250,12 +251,13 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
             _ => tracing::Span::none(),
         };
         let result = async {
-            if !capped {
+            if capped_in != Some(loader.renewer.epoch()) {
                 let capacity = loader.client.pool_capacity(KV_CACHE).await?;
-                lock(&end.demand).capacity = capacity / plan.block_bytes;
-                cap = plan.slab_blocks.min(capacity / plan.block_bytes / 16).max(1);
+                loader.renewer.check_epoch(capacity.epoch);
+                lock(&end.demand).capacity = capacity.bytes / plan.block_bytes;
+                cap = plan.slab_blocks.min(capacity.bytes / plan.block_bytes / 16).max(1);
                 size = size.min(cap);
-                capped = true;
+                capped_in = Some(capacity.epoch);
             }
             // A lane that holds nothing and cannot start its first sequence asks for that
             // sequence's whole need in one call and waits for it server-side (first come, first
@@ -317,7 +319,7 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
             }
             Err(err) => {
                 warn!(model = %plan.model, cause = %err, retry_in = ?backoff, "cannot lease kv-cache");
-                capped = false; // memory-service may have restarted with other pools
+                capped_in = None; // memory-service may have restarted with other pools
                 let mut demand = lock(&end.demand);
                 demand.failure = Some(err);
                 demand.failures += 1;

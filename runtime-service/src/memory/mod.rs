@@ -44,6 +44,15 @@ pub fn unique_scope(instance: &str, kind: &str, name: &str) -> String {
 }
 
 /// A cheap-to-clone handle on memory-service.
+/// A pool's capacity as memory-service reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolCapacity {
+    /// The epoch of the server that answered.
+    pub epoch: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct MemoryClient {
     client: MemoryServiceClient<Channel>,
@@ -167,8 +176,10 @@ impl MemoryClient {
         Ok(())
     }
 
-    /// Capacity of `pool`, in bytes (pools are never resized, so callers may cache it).
-    pub async fn pool_capacity(&self, pool: &'static str) -> Result<u64, Error> {
+    /// Capacity of `pool`, and the epoch of the server that said so. A running memory-service
+    /// never resizes a pool, but one restarted in memory may come back with other pools: a
+    /// cached capacity is good for its epoch only.
+    pub async fn pool_capacity(&self, pool: &'static str) -> Result<PoolCapacity, Error> {
         let items = vec![AllocationItem { pool: pool.to_owned(), size_bytes: 1 }];
         let (span, request) = self.request("CanAllocate", CanAllocateRequest { items }, Duration::ZERO);
         let reply = traced(&span, self.client.clone().can_allocate(request)).await?;
@@ -176,7 +187,7 @@ impl MemoryClient {
             .pools
             .iter()
             .find(|p| p.pool == pool)
-            .map(|p| p.capacity_bytes)
+            .map(|p| PoolCapacity { epoch: reply.server_epoch, bytes: p.capacity_bytes })
             .ok_or_else(|| Error::MemoryProtocol(format!("CanAllocate did not report pool {pool}")))
     }
 

@@ -2,7 +2,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -41,6 +44,9 @@ pub struct Renewer {
     /// Wakes the task when a scope is registered while no stream is open, so the stream (and
     /// with it the loss signal) exists as soon as there is something to lose.
     kick: Arc<tokio::sync::Notify>,
+    /// The latest server epoch seen (0 before the first): what this runtime learned about
+    /// memory-service (its pools) is good only while it stays the same.
+    epoch: Arc<AtomicU64>,
 }
 
 impl Renewer {
@@ -50,11 +56,12 @@ impl Renewer {
         let (health_tx, healthy) = watch::channel(true);
         let kick = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(run(client, interval, scopes.clone(), health_tx, kick.clone(), shutdown));
-        Renewer { scopes, healthy, kick }
+        Renewer { scopes, healthy, kick, epoch: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Starts renewing `scope`, whose leases were granted in `epoch`.
     pub fn register(&self, scope: String, epoch: u64) -> Lost {
+        self.epoch.store(epoch, Ordering::Release);
         let lost = Lost::new();
         lock(&self.scopes).insert(scope, Entry { epoch, lost: lost.clone() });
         self.kick.notify_one();
@@ -69,6 +76,7 @@ impl Renewer {
     /// memory-service answers with `epoch`: every scope granted in another epoch is gone (it
     /// restarted and lost them), so their holders are told now, before anyone relies on them.
     pub fn check_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
         let mut scopes = lock(&self.scopes);
         scopes.retain(|scope, entry| {
             let alive = entry.epoch == epoch;
@@ -78,6 +86,11 @@ impl Renewer {
             }
             alive
         });
+    }
+
+    /// The latest memory-service epoch seen (0 before the first answer).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Whether memory-service answered the last keep-alive round (and the stream is not broken).
