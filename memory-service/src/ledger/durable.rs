@@ -7,8 +7,9 @@
 //! coalescing, and a mass expiry of 100,000 leases costs the reaper a vector push per lease
 //! rather than a hash-set insert, and the batch a move rather than 100,000 lookups under the
 //! ledger's lock. Every change bumps a sequence number; a caller whose change has sequence `n`
-//! may answer once a commit of a batch taken at `>= n` is durable. The store itself (files, fsync) lives outside, behind this plain-data interface, so
-//! the ledger stays synchronous and testable without a runtime.
+//! may answer once a commit of a batch taken at `>= n` is durable. The store itself (files,
+//! fsync) lives outside, behind this plain-data interface, so the ledger stays synchronous and
+//! testable without a runtime.
 
 use std::{
     collections::HashSet,
@@ -75,7 +76,7 @@ pub struct StoredReplay {
     pub leases: Vec<LeaseId>,
 }
 
-/// What changed since the last batch: each key with its current value, or `None` if it is gone.
+/// What changed since the last batch: live keys with their current values, removed keys alone.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     /// Changes up to this sequence number are in the batch.

@@ -141,11 +141,34 @@ fn a_failed_commit_is_retaken_whole_by_the_next_batch() {
         t0,
         false,
     ));
+    let freed = granted(ledger.allocate(
+        request(&[("kv-cache", 10)], None, Duration::from_secs(60), None),
+        t0,
+        false,
+    ));
+    let later = granted(ledger.allocate(
+        request(&[("kv-cache", 10)], None, Duration::from_secs(60), None),
+        t0,
+        false,
+    ));
+    let _ = ledger.take_batch(t0, wall0);
+    // The failed batch carries a removal and a renewal.
+    ledger.free(freed.leases[0].id, t0).unwrap();
+    ledger.renew(later.leases[0].id, t0).unwrap();
+    ledger.renew(grant.leases[0].id, t0).unwrap();
     let lost = ledger.take_batch(t0, wall0);
+    assert_eq!((lost.leases.len(), lost.gone.len()), (2, 1));
+    // While it was failing, one of its renewed leases was freed: the retry only removes it.
+    ledger.free(later.leases[0].id, t0).unwrap();
     ledger.retake(&lost);
     let again = ledger.take_batch(t0, wall0);
-    assert_eq!(again.leases.len(), 1);
-    assert_eq!(again.leases[0].id, grant.leases[0].id);
+    let written: Vec<_> = again.leases.iter().map(|l| l.id).collect();
+    assert_eq!(written, vec![grant.leases[0].id]);
+    let mut gone = again.gone.clone();
+    gone.sort();
+    let mut expected = vec![freed.leases[0].id, later.leases[0].id];
+    expected.sort();
+    assert_eq!(gone, expected, "both removals are written again");
     assert_eq!(again.pools.len(), 1);
 }
 

@@ -168,7 +168,7 @@ impl Store {
         gone: &[LeaseId],
     ) -> Result<(), redb::StorageError> {
         use redb::ReadableTableMetadata;
-        if gone.len() >= BULK_REMOVAL && gone.len() as u64 * 4 >= leases.len()? {
+        if one_pass(gone.len(), leases.len()?) {
             let gone: LeaseSet = gone.iter().copied().collect();
             return leases.retain(|id, _| !gone.contains(&LeaseId::from_raw(id)));
         }
@@ -181,6 +181,13 @@ impl Store {
 
 /// Removals from which one pass over the whole leases table may be cheaper (see `remove_leases`).
 const BULK_REMOVAL: usize = 4096;
+
+/// Whether `removals` from a table of `stored` leases take one `retain` pass: many of them, and
+/// at least a quarter of the table (a pass visits every lease, so a few thousand removals from
+/// a million leases are cheaper one by one).
+fn one_pass(removals: usize, stored: u64) -> bool {
+    removals >= BULK_REMOVAL && removals as u64 * 4 >= stored
+}
 
 #[cfg(test)]
 mod tests {
@@ -266,13 +273,22 @@ mod tests {
         store.commit(&batch((1..=count).map(lease).collect(), vec![])).unwrap();
         // All but the last 100 go at once: more than a quarter of the table, so one pass.
         let gone: Vec<LeaseId> = (1..=count - 100).map(LeaseId::from_raw).collect();
-        assert!(gone.len() >= BULK_REMOVAL);
+        assert!(one_pass(gone.len(), count as u64));
         store.commit(&batch(vec![], gone)).unwrap();
-        // A few single removals take the per-key path.
+        // A single removal takes the per-key path.
+        assert!(!one_pass(1, 100));
         store.commit(&batch(vec![], vec![LeaseId::from_raw(count)])).unwrap();
         let left: Vec<u128> = store.load().unwrap().leases.iter().map(|l| l.id.raw()).collect();
         assert_eq!(left, (count - 99..count).collect::<Vec<_>>());
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn one_pass_only_for_many_removals_and_a_large_share_of_the_table() {
+        assert!(one_pass(100_000, 100_000));
+        assert!(one_pass(BULK_REMOVAL, 4 * BULK_REMOVAL as u64));
+        assert!(!one_pass(BULK_REMOVAL - 1, BULK_REMOVAL as u64), "too few to be worth a pass");
+        assert!(!one_pass(10_000, 1_000_000), "a small share of a large table");
     }
 }

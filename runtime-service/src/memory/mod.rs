@@ -43,7 +43,6 @@ pub fn unique_scope(instance: &str, kind: &str, name: &str) -> String {
     format!("{instance}/{kind}/{name}/{:08x}", NONCE.fetch_add(1, Ordering::Relaxed))
 }
 
-/// A cheap-to-clone handle on memory-service.
 /// A pool's capacity as memory-service reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolCapacity {
@@ -53,6 +52,7 @@ pub struct PoolCapacity {
     pub bytes: u64,
 }
 
+/// A cheap-to-clone handle on memory-service.
 #[derive(Debug, Clone)]
 pub struct MemoryClient {
     client: MemoryServiceClient<Channel>,
