@@ -155,10 +155,15 @@ impl Shared {
         {
             return Ok(known.bytes);
         }
+        let ticket = self.renewer.ticket();
         let fresh = self.memory.pool_capacity(KV_CACHE).await?;
         // An answer from a new epoch proves the restart: what the old one granted is gone.
-        self.renewer.check_epoch(fresh.epoch);
-        *self.kv_capacity.lock().unwrap_or_else(PoisonError::into_inner) = Some(fresh);
+        self.renewer.check_epoch(ticket, fresh.epoch);
+        // Cached only if it is the epoch now known: a late answer from a previous process is
+        // used for this call and asked again by the next.
+        if fresh.epoch == self.renewer.epoch() {
+            *self.kv_capacity.lock().unwrap_or_else(PoisonError::into_inner) = Some(fresh);
+        }
         Ok(fresh.bytes)
     }
 }

@@ -256,8 +256,9 @@ impl Generation {
                     // Just after memory-service came back the leases held may belong to its
                     // previous life: learn its epoch first, so they are taken again, never used.
                     if !self.shared.renewer.is_healthy() {
+                        let ticket = self.shared.renewer.ticket();
                         let (epoch, _) = self.shared.memory.ping().await?;
-                        self.shared.renewer.check_epoch(epoch);
+                        self.shared.renewer.check_epoch(ticket, epoch);
                     }
                     self.plan.model.ensure_loaded(&loader).await?;
                     self.shared.activations.ensure(&loader).await?;

@@ -2,10 +2,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -44,10 +41,41 @@ pub struct Renewer {
     /// Wakes the task when a scope is registered while no stream is open, so the stream (and
     /// with it the loss signal) exists as soon as there is something to lose.
     kick: Arc<tokio::sync::Notify>,
-    /// The latest server epoch seen (0 before the first): what this runtime learned about
-    /// memory-service (its pools) is good only while it stays the same.
-    epoch: Arc<AtomicU64>,
+    /// The server epoch as last learned: what this runtime knows of memory-service (its pools)
+    /// is good only while it stays the same.
+    seen: Arc<Mutex<Seen>>,
 }
+
+/// memory-service's epoch as this runtime learned it.
+#[derive(Debug, Default)]
+struct Seen {
+    /// 0 before the first answer.
+    epoch: u64,
+    /// How many times it changed: an answer to a call sent before the latest change may come
+    /// from the previous process (still draining), so it cannot change it back.
+    changes: u64,
+}
+
+impl Seen {
+    /// Takes in an answer with `epoch` to the call of `ticket`; false if it is not trusted (it
+    /// may come from before the latest change).
+    fn learn(&mut self, ticket: Ticket, epoch: u64) -> bool {
+        if self.epoch == epoch {
+            return true;
+        }
+        if ticket.0 != self.changes {
+            return false;
+        }
+        self.epoch = epoch;
+        self.changes += 1;
+        true
+    }
+}
+
+/// Taken before a call whose answer carries an epoch, given back with that answer (see
+/// [`Renewer::check_epoch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket(u64);
 
 impl Renewer {
     /// Starts the renewal task; it ends with `shutdown`.
@@ -56,12 +84,11 @@ impl Renewer {
         let (health_tx, healthy) = watch::channel(true);
         let kick = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(run(client, interval, scopes.clone(), health_tx, kick.clone(), shutdown));
-        Renewer { scopes, healthy, kick, epoch: Arc::new(AtomicU64::new(0)) }
+        Renewer { scopes, healthy, kick, seen: Arc::default() }
     }
 
     /// Starts renewing `scope`, whose leases were granted in `epoch`.
     pub fn register(&self, scope: String, epoch: u64) -> Lost {
-        self.epoch.store(epoch, Ordering::Release);
         let lost = Lost::new();
         lock(&self.scopes).insert(scope, Entry { epoch, lost: lost.clone() });
         self.kick.notify_one();
@@ -73,10 +100,20 @@ impl Renewer {
         lock(&self.scopes).remove(scope);
     }
 
-    /// memory-service answers with `epoch`: every scope granted in another epoch is gone (it
-    /// restarted and lost them), so their holders are told now, before anyone relies on them.
-    pub fn check_epoch(&self, epoch: u64) {
-        self.epoch.store(epoch, Ordering::Release);
+    /// A ticket for a call about to be sent, whose answer will carry an epoch.
+    pub fn ticket(&self) -> Ticket {
+        Ticket(lock(&self.seen).changes)
+    }
+
+    /// memory-service answered the call of `ticket` with `epoch`. A new epoch means it
+    /// restarted and lost every lease: every scope granted in another epoch is gone, and its
+    /// holder is told now, before anyone relies on it. An answer to a call sent before the
+    /// epoch last changed is not trusted to change it again (the previous process may still be
+    /// answering while it drains); the next call will tell.
+    pub fn check_epoch(&self, ticket: Ticket, epoch: u64) {
+        if !lock(&self.seen).learn(ticket, epoch) {
+            return;
+        }
         let mut scopes = lock(&self.scopes);
         scopes.retain(|scope, entry| {
             let alive = entry.epoch == epoch;
@@ -88,9 +125,9 @@ impl Renewer {
         });
     }
 
-    /// The latest memory-service epoch seen (0 before the first answer).
+    /// memory-service's epoch as last learned (0 before the first answer).
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        lock(&self.seen).epoch
     }
 
     /// Whether memory-service answered the last keep-alive round (and the stream is not broken).
@@ -218,4 +255,28 @@ async fn renew_all(
         debug!(renewed = reply.renewed.len(), "renewed leases");
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_sent_before_the_epoch_changed_cannot_change_it_back() {
+        let mut seen = Seen::default();
+        let before = Ticket(seen.changes);
+        assert!(seen.learn(before, 7), "the first answer is the epoch");
+        let old_call = Ticket(seen.changes);
+        assert!(seen.learn(Ticket(seen.changes), 9), "a restart, seen by a call sent after the last change");
+        assert_eq!(seen.epoch, 9);
+        // The previous process, still draining, answers a call sent before the restart was seen.
+        assert!(!seen.learn(old_call, 7), "not trusted");
+        assert!(!seen.learn(before, 7));
+        assert_eq!(seen.epoch, 9);
+        // Any call's answer in the current epoch agrees, whenever it was sent.
+        assert!(seen.learn(old_call, 9));
+        // A later restart is learned from a call sent after the last change.
+        assert!(seen.learn(Ticket(seen.changes), 11));
+        assert_eq!((seen.epoch, seen.changes), (11, 3));
+    }
 }
