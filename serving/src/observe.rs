@@ -98,7 +98,11 @@ pub struct ObserveLayer {
 }
 
 impl ObserveLayer {
+    /// Observes calls into `metrics`; `types` gives each method's streaming kind
+    /// ([`method_types`]).
     pub fn new(metrics: GrpcMetrics, types: HashMap<String, &'static str>) -> Self {
+        // Every method's series exist from the start, at zero (as go-grpc-prometheus's
+        // InitializeMetrics does): a rate over a series that appears with its first call misses it.
         let routed = types
             .iter()
             .map(|(path, kind)| {
@@ -135,10 +139,11 @@ impl Methods {
     }
 }
 
-/// One method's series.
+/// One method's series, and the names its spans carry.
 #[derive(Debug)]
 struct MethodMetrics {
-    kind: &'static str,
+    service: String,
+    method: String,
     started: prometheus::IntCounter,
     latency: prometheus::Histogram,
     /// By code, 0 (OK) to 16 (UNAUTHENTICATED).
@@ -149,7 +154,8 @@ impl MethodMetrics {
     /// The series of one method (creating them at zero).
     fn resolve(metrics: &GrpcMetrics, kind: &'static str, service: &str, method: &str) -> Self {
         MethodMetrics {
-            kind,
+            service: service.to_owned(),
+            method: method.to_owned(),
             started: metrics.started.with_label_values(&[kind, service, method]),
             latency: metrics.latency.with_label_values(&[kind, service, method]),
             handled: std::array::from_fn(|code| {
@@ -168,12 +174,17 @@ impl<S> Layer<S> for ObserveLayer {
     }
 }
 
+/// See [`ObserveLayer`].
 #[derive(Debug, Clone)]
 pub struct Observe<S> {
     inner: S,
     methods: Arc<Methods>,
 }
 
+/// Lets a handler undo what its answer would have handed over if that answer never leaves: the
+/// client reset the stream or went away before the status was sent. The observe layer puts one
+/// in every request's extensions; it fires when the call ends CANCELLED. (A lease granted to a
+/// caller that gave up would otherwise be held by nobody until its TTL ran out.)
 #[derive(Clone, Default)]
 pub struct Undelivered(Arc<std::sync::Mutex<Option<Undo>>>);
 
@@ -290,10 +301,7 @@ where
         // create series without bound.
         let metrics = self.methods.of(path);
         metrics.started.inc();
-        let (service, method) = match metrics.kind {
-            "unknown" => ("unknown", "unknown"),
-            _ => path.split_once('/').unwrap_or((path, "")),
-        };
+        let (service, method) = (metrics.service.as_str(), metrics.method.as_str());
         // Health probes and reflection are counted, not traced: a probe every few seconds per pod
         // would bury the traces worth reading. Other calls get a span when spans are exported,
         // or when the caller sent a trace context (so the logs carry its trace id and calls made
