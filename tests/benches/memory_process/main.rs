@@ -269,12 +269,7 @@ async fn rates(in_memory: &Channel, on_disk: &Channel) {
 /// How the durable server's group commits went so far, from its metrics.
 async fn commits(admin: &str) -> String {
     let (_, metrics) = e2e::http_get(admin, "/metrics").await;
-    let value = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let value = |name: &str| e2e::sample(&metrics, name, &[]).unwrap_or(0.0);
     let count = value("memory_store_commit_seconds_count").max(1.0);
     format!(
         "{:.0} group commits, {:.1} records and {:.2} ms each on average",
