@@ -69,12 +69,23 @@ fn granted(admission: Result<Admission, Error>) -> Grant {
     }
 }
 
-#[test]
-fn a_restore_gives_back_the_books_with_remaining_time_and_expires_what_ran_out() {
-    let (t0, wall0) = (Instant::now(), SystemTime::now());
+/// A ledger that tracks changes, with a kv-cache pool of 1,000 bytes.
+fn tracked_ledger() -> Ledger {
     let mut ledger = Ledger::new(16);
     ledger.track_changes();
     ledger.create_pool("kv-cache", 1000).unwrap();
+    ledger
+}
+
+/// Grants 10 bytes of kv-cache for `ttl` at `now`; the lease's id.
+fn grant(ledger: &mut Ledger, ttl: Duration, now: Instant) -> LeaseId {
+    granted(ledger.allocate(request(&[("kv-cache", 10)], None, ttl, None), now, false)).leases[0].id
+}
+
+#[test]
+fn a_restore_gives_back_the_books_with_remaining_time_and_expires_what_ran_out() {
+    let (t0, wall0) = (Instant::now(), SystemTime::now());
+    let mut ledger = tracked_ledger();
     ledger.create_pool("activations", 100).unwrap();
     let long = Duration::from_secs(60);
     let keep = granted(ledger.allocate(
@@ -133,40 +144,26 @@ fn a_restore_gives_back_the_books_with_remaining_time_and_expires_what_ran_out()
 #[test]
 fn a_failed_commit_is_retaken_whole_by_the_next_batch() {
     let (t0, wall0) = (Instant::now(), SystemTime::now());
-    let mut ledger = Ledger::new(16);
-    ledger.track_changes();
-    ledger.create_pool("kv-cache", 1000).unwrap();
-    let grant = granted(ledger.allocate(
-        request(&[("kv-cache", 10)], None, Duration::from_secs(60), None),
-        t0,
-        false,
-    ));
-    let freed = granted(ledger.allocate(
-        request(&[("kv-cache", 10)], None, Duration::from_secs(60), None),
-        t0,
-        false,
-    ));
-    let later = granted(ledger.allocate(
-        request(&[("kv-cache", 10)], None, Duration::from_secs(60), None),
-        t0,
-        false,
-    ));
+    let mut ledger = tracked_ledger();
+    let long = Duration::from_secs(60);
+    let (kept, freed, later) =
+        (grant(&mut ledger, long, t0), grant(&mut ledger, long, t0), grant(&mut ledger, long, t0));
     let _ = ledger.take_batch(t0, wall0);
     // The failed batch carries a removal and a renewal.
-    ledger.free(freed.leases[0].id, t0).unwrap();
-    ledger.renew(later.leases[0].id, t0).unwrap();
-    ledger.renew(grant.leases[0].id, t0).unwrap();
+    ledger.free(freed, t0).unwrap();
+    ledger.renew(later, t0).unwrap();
+    ledger.renew(kept, t0).unwrap();
     let lost = ledger.take_batch(t0, wall0);
     assert_eq!((lost.leases.len(), lost.gone.len()), (2, 1));
     // While it was failing, one of its renewed leases was freed: the retry only removes it.
-    ledger.free(later.leases[0].id, t0).unwrap();
+    ledger.free(later, t0).unwrap();
     ledger.retake(&lost);
     let again = ledger.take_batch(t0, wall0);
     let written: Vec<_> = again.leases.iter().map(|l| l.id).collect();
-    assert_eq!(written, vec![grant.leases[0].id]);
+    assert_eq!(written, vec![kept]);
     let mut gone = again.gone.clone();
     gone.sort();
-    let mut expected = vec![freed.leases[0].id, later.leases[0].id];
+    let mut expected = vec![freed, later];
     expected.sort();
     assert_eq!(gone, expected, "both removals are written again");
     assert_eq!(again.pools.len(), 1);
@@ -175,31 +172,16 @@ fn a_failed_commit_is_retaken_whole_by_the_next_batch() {
 #[test]
 fn a_lease_granted_and_gone_between_two_batches_is_only_removed() {
     let (t0, wall0) = (Instant::now(), SystemTime::now());
-    let mut ledger = Ledger::new(16);
-    ledger.track_changes();
-    ledger.create_pool("kv-cache", 1000).unwrap();
+    let mut ledger = tracked_ledger();
     let _ = ledger.take_batch(t0, wall0);
-    let freed = granted(ledger.allocate(
-        request(&[("kv-cache", 10)], None, Duration::from_secs(60), None),
-        t0,
-        false,
-    ));
-    let expired =
-        granted(ledger.allocate(request(&[("kv-cache", 10)], None, Duration::from_secs(1), None), t0, false));
-    let kept = granted(ledger.allocate(
-        request(&[("kv-cache", 10)], None, Duration::from_secs(60), None),
-        t0,
-        false,
-    ));
-    ledger.free(freed.leases[0].id, t0).unwrap();
+    let freed = grant(&mut ledger, Duration::from_secs(60), t0);
+    let expired = grant(&mut ledger, Duration::from_secs(1), t0);
+    let kept = grant(&mut ledger, Duration::from_secs(60), t0);
+    ledger.free(freed, t0).unwrap();
     assert_eq!(ledger.reap(t0 + Duration::from_secs(2)), 1);
     let batch = ledger.take_batch(t0, wall0);
     let written: Vec<_> = batch.leases.iter().map(|l| l.id).collect();
-    assert_eq!(written, vec![kept.leases[0].id], "only the live lease is written");
-    assert_eq!(
-        batch.gone,
-        vec![freed.leases[0].id, expired.leases[0].id],
-        "the others are removed, in order"
-    );
+    assert_eq!(written, vec![kept], "only the live lease is written");
+    assert_eq!(batch.gone, vec![freed, expired], "the others are removed, in order");
     assert_eq!(batch.pools.len(), 1);
 }
