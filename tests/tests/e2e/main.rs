@@ -1,0 +1,25 @@
+//! The end-to-end tests, one module per area, in one test binary: each binary links the whole
+//! stack, and some two dozen of them took minutes to link and gigabytes of disk.
+
+mod exhaustion;
+mod fuzz_memory;
+mod fuzz_runtime;
+mod memory_abandoned;
+mod memory_disk_full;
+mod memory_durable;
+mod memory_events;
+mod memory_rpcs;
+mod memory_shutdown;
+mod memory_stress;
+mod memory_time;
+mod metrics;
+mod runtime_crash;
+mod runtime_device;
+mod runtime_generate;
+mod runtime_kill;
+mod runtime_lifecycle;
+mod runtime_memory_restart;
+mod security_memory;
+mod security_runtime;
+mod tracing;
+mod transport_limits;
