@@ -4,6 +4,7 @@
 //! leaves the previous state. Group commit happens one level up (`service::durability`): every
 //! change made while a commit is in flight goes into the next one.
 
+mod leases;
 mod records;
 
 use std::path::{Path, PathBuf};
@@ -11,11 +12,13 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use self::records::{LeaseRecord, PoolRecord, ReplayRecord, lease_key};
-use crate::ledger::{Batch, LeaseId, LeaseSet, Snapshot};
+use self::{
+    leases::{LEASES, LeaseKeys},
+    records::{PoolRecord, ReplayRecord},
+};
+use crate::ledger::{Batch, Snapshot};
 
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
-const LEASES: TableDefinition<u128, &[u8]> = TableDefinition::new("leases");
 const REPLAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("replays");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const EPOCH: &str = "epoch";
@@ -48,6 +51,8 @@ struct Opened {
     /// commit of an opening writes it (rewriting its table in every commit cost a page copy per
     /// fsync).
     epoch_on_disk: Option<u64>,
+    /// Where each stored lease is (see `leases`). `None` until read from this opening of `db`.
+    keys: Option<LeaseKeys>,
 }
 
 impl Store {
@@ -57,7 +62,13 @@ impl Store {
         let fail = |message: String| StoreError { path: path.display().to_string(), message };
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create the state directory: {e}")))?;
         let db = Database::create(&path).map_err(|e| fail(e.to_string()))?;
-        Ok(Store { open: parking_lot::Mutex::new(Opened { db: Some(db), epoch_on_disk: None }), path })
+        let moved = leases::migrate(&db)
+            .map_err(|e| fail(format!("cannot move leases to the current layout: {e}")))?;
+        if moved > 0 {
+            tracing::info!(leases = moved, "leases moved to the current store layout");
+        }
+        let opened = Opened { db: Some(db), epoch_on_disk: None, keys: None };
+        Ok(Store { open: parking_lot::Mutex::new(opened), path })
     }
 
     fn error(&self, e: impl std::fmt::Display) -> StoreError {
@@ -81,13 +92,6 @@ impl Store {
                 snapshot.pools.push(record.into_stored(name.value()));
             }
         }
-        if let Ok(leases) = txn.open_table(LEASES) {
-            for entry in leases.iter().map_err(|e| self.error(e))? {
-                let (id, value) = entry.map_err(|e| self.error(e))?;
-                let record = LeaseRecord::decode(value.value()).map_err(|e| self.error(e))?;
-                snapshot.leases.push(record.into_stored(id.value()));
-            }
-        }
         if let Ok(replays) = txn.open_table(REPLAYS) {
             for entry in replays.iter().map_err(|e| self.error(e))? {
                 let (key, value) = entry.map_err(|e| self.error(e))?;
@@ -96,6 +100,9 @@ impl Store {
             }
         }
         drop(txn);
+        let (keys, leases) = LeaseKeys::read(db).map_err(|e| self.error(e))?;
+        snapshot.leases = leases;
+        open.keys = Some(keys);
         open.epoch_on_disk = snapshot.epoch;
         Ok(snapshot)
     }
@@ -108,17 +115,34 @@ impl Store {
             None => Database::create(&self.path).map_err(|e| self.error(e))?,
         };
         let with_epoch = open.epoch_on_disk != Some(batch.epoch);
-        let result = Self::write(&db, batch, with_epoch).map_err(|e| self.error(e));
-        // After a failure the database is dropped (closed) here, and reopened (and repaired if
-        // need be) by the next commit, which writes the epoch again.
-        *open = match result {
-            Ok(()) => Opened { db: Some(db), epoch_on_disk: Some(batch.epoch) },
-            Err(_) => Opened { db: None, epoch_on_disk: None },
+        let keys = match open.keys.take() {
+            Some(keys) => Ok(keys),
+            None => LeaseKeys::read(&db).map(|(keys, _)| keys),
         };
-        result
+        let result = keys
+            .and_then(|mut keys| Self::write(&db, batch, with_epoch, &mut keys).map(|()| keys))
+            .map_err(|e| self.error(e));
+        // After a failure the database is dropped (closed) here, and reopened (and repaired if
+        // need be) by the next commit, which writes the epoch again and reads the lease keys
+        // back from what is on disk (this batch's new keys may not be).
+        match result {
+            Ok(keys) => {
+                *open = Opened { db: Some(db), epoch_on_disk: Some(batch.epoch), keys: Some(keys) };
+                Ok(())
+            }
+            Err(e) => {
+                *open = Opened { db: None, epoch_on_disk: None, keys: None };
+                Err(e)
+            }
+        }
     }
 
-    fn write(db: &Database, batch: &Batch, with_epoch: bool) -> Result<(), Box<dyn std::error::Error>> {
+    fn write(
+        db: &Database,
+        batch: &Batch,
+        with_epoch: bool,
+        keys: &mut LeaseKeys,
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let txn = db.begin_write()?;
         {
             if with_epoch {
@@ -133,12 +157,7 @@ impl Store {
                 }
             }
             if !batch.leases.is_empty() || !batch.gone.is_empty() {
-                let mut leases = txn.open_table(LEASES)?;
-                for lease in &batch.leases {
-                    let record = LeaseRecord::from_stored(lease).encode_to_vec();
-                    leases.insert(lease_key(lease.id), record.as_slice())?;
-                }
-                Self::remove_leases(&mut leases, &batch.gone)?;
+                keys.write(&mut txn.open_table(LEASES)?, &batch.leases, &batch.gone)?;
             }
             if !batch.replays.is_empty() {
                 let mut replays = txn.open_table(REPLAYS)?;
@@ -158,35 +177,6 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
-
-    /// Removes `gone` from `leases`. A mass expiry removes a large share of the table at once:
-    /// then one pass that rebuilds each page once (redb's `retain`) beats as many root-to-leaf
-    /// descents as there are keys, each copying its page (100,000 single removals took 90 ms
-    /// here, and the next grant waits for that commit).
-    fn remove_leases(
-        leases: &mut redb::Table<'_, u128, &[u8]>,
-        gone: &[LeaseId],
-    ) -> Result<(), redb::StorageError> {
-        use redb::ReadableTableMetadata;
-        if one_pass(gone.len(), leases.len()?) {
-            let gone: LeaseSet = gone.iter().copied().collect();
-            return leases.retain(|id, _| !gone.contains(&LeaseId::from_raw(id)));
-        }
-        for &id in gone {
-            leases.remove(lease_key(id))?;
-        }
-        Ok(())
-    }
-}
-
-/// Removals from which one pass over the whole leases table may be cheaper (see `remove_leases`).
-const BULK_REMOVAL: usize = 4096;
-
-/// Whether `removals` from a table of `stored` leases take one `retain` pass: many of them, and
-/// at least a quarter of the table (a pass visits every lease, so a few thousand removals from
-/// a million leases are cheaper one by one).
-fn one_pass(removals: usize, stored: u64) -> bool {
-    removals >= BULK_REMOVAL && removals as u64 * 4 >= stored
 }
 
 #[cfg(test)]
@@ -227,24 +217,11 @@ mod tests {
         {
             let store = Store::open(&dir).unwrap();
             assert_eq!(store.load().unwrap().epoch, None, "a fresh store");
-            let first = Batch {
-                seq: 2,
-                epoch: 7,
-                pools: vec![pool.clone()],
-                leases: vec![lease(1), lease(2)],
-                gone: vec![],
-                replays: vec![],
-            };
+            let first =
+                Batch { seq: 2, pools: vec![pool.clone()], ..batch(vec![lease(1), lease(2)], vec![]) };
             store.commit(&first).unwrap();
             // The second commit does not write the epoch again, and removes a lease.
-            let second = Batch {
-                seq: 3,
-                epoch: 7,
-                pools: vec![],
-                leases: vec![],
-                gone: vec![LeaseId::from_raw(1)],
-                replays: vec![],
-            };
+            let second = Batch { seq: 3, ..batch(vec![], vec![LeaseId::from_raw(1)]) };
             store.commit(&second).unwrap();
         }
         let store = Store::open(&dir).unwrap();
@@ -260,35 +237,46 @@ mod tests {
     fn a_mass_removal_takes_the_bulk_path_and_leaves_the_rest() {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let dir = std::env::temp_dir().join(format!("store-bulk-{}-{nanos}", std::process::id()));
-        let count = BULK_REMOVAL as u128 + 1000;
+        let count = leases::BULK_REMOVAL as u128 + 1000;
         let store = Store::open(&dir).unwrap();
-        let batch = |leases: Vec<StoredLease>, gone: Vec<LeaseId>| Batch {
-            seq: 1,
-            epoch: 7,
-            pools: vec![],
-            leases,
-            gone,
-            replays: vec![],
-        };
-        store.commit(&batch((1..=count).map(lease).collect(), vec![])).unwrap();
+        // Stored in the reverse of their ids' order: keys follow the order of storing.
+        store.commit(&batch((1..=count).rev().map(lease).collect(), vec![])).unwrap();
         // All but the last 100 go at once: more than a quarter of the table, so one pass.
         let gone: Vec<LeaseId> = (1..=count - 100).map(LeaseId::from_raw).collect();
-        assert!(one_pass(gone.len(), count as u64));
+        assert!(leases::one_pass(gone.len(), count as u64));
         store.commit(&batch(vec![], gone)).unwrap();
         // A single removal takes the per-key path.
-        assert!(!one_pass(1, 100));
+        assert!(!leases::one_pass(1, 100));
         store.commit(&batch(vec![], vec![LeaseId::from_raw(count)])).unwrap();
         let left: Vec<u128> = store.load().unwrap().leases.iter().map(|l| l.id.raw()).collect();
-        assert_eq!(left, (count - 99..count).collect::<Vec<_>>());
+        assert_eq!(left, (count - 99..count).rev().collect::<Vec<_>>());
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    fn batch(leases: Vec<StoredLease>, gone: Vec<LeaseId>) -> Batch {
+        Batch { seq: 1, epoch: 7, pools: vec![], leases, gone, replays: vec![] }
+    }
+
     #[test]
-    fn one_pass_only_for_many_removals_and_a_large_share_of_the_table() {
-        assert!(one_pass(100_000, 100_000));
-        assert!(one_pass(BULK_REMOVAL, 4 * BULK_REMOVAL as u64));
-        assert!(!one_pass(BULK_REMOVAL - 1, BULK_REMOVAL as u64), "too few to be worth a pass");
-        assert!(!one_pass(10_000, 1_000_000), "a small share of a large table");
+    fn a_renewal_or_removal_after_a_reopen_finds_the_lease_where_it_was_stored() {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("store-keys-{}-{nanos}", std::process::id()));
+        Store::open(&dir).unwrap().commit(&batch(vec![lease(10), lease(20), lease(30)], vec![])).unwrap();
+        // Committed right after opening, without a load first: the keys are read by the commit.
+        let renewed = StoredLease { deadline: lease(10).deadline + Duration::from_secs(60), ..lease(10) };
+        Store::open(&dir)
+            .unwrap()
+            .commit(&batch(vec![renewed.clone()], vec![LeaseId::from_raw(20)]))
+            .unwrap();
+        {
+            let store = Store::open(&dir).unwrap();
+            assert_eq!(store.load().unwrap().leases, vec![renewed.clone(), lease(30)]);
+            // After a load, and a new lease after the ones stored.
+            store.commit(&batch(vec![lease(5)], vec![LeaseId::from_raw(30)])).unwrap();
+        }
+        let leases = Store::open(&dir).unwrap().load().unwrap().leases;
+        assert_eq!(leases, vec![renewed, lease(5)], "each lease once, in the order first stored");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -32,7 +32,7 @@ pub struct PoolRecord {
     pub released_bytes: Vec<u8>,
 }
 
-/// A lease; its id is the table key.
+/// A lease. The table key is the order it was stored in, not its id (see `store::LeaseKeys`).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct LeaseRecord {
     #[prost(string, tag = "1")]
@@ -52,6 +52,9 @@ pub struct LeaseRecord {
     pub granted_unix_ms: u64,
     #[prost(string, optional, tag = "8")]
     pub request_key: Option<String>,
+    /// The lease id, 16 big-endian bytes.
+    #[prost(bytes = "vec", tag = "9")]
+    pub id: Vec<u8>,
 }
 
 /// One item of an idempotency record.
@@ -91,11 +94,6 @@ fn u128_bytes(n: u128) -> Vec<u8> {
 
 fn bytes_u128(bytes: &[u8]) -> u128 {
     <[u8; 16]>::try_from(bytes).map_or(0, u128::from_le_bytes)
-}
-
-/// A lease id as a table key.
-pub fn lease_key(id: LeaseId) -> u128 {
-    id.raw()
 }
 
 impl PoolRecord {
@@ -143,12 +141,19 @@ impl LeaseRecord {
             deadline_unix_ms: unix_ms(lease.deadline),
             granted_unix_ms: unix_ms(lease.granted),
             request_key: lease.request_key.as_deref().map(str::to_owned),
+            id: lease.id.raw().to_be_bytes().to_vec(),
         }
     }
 
-    pub fn into_stored(self, key: u128) -> StoredLease {
+    /// The lease id it holds, or `None` if the record has none of 16 bytes.
+    pub fn id(&self) -> Option<LeaseId> {
+        Some(LeaseId::from_raw(u128::from_be_bytes(self.id.as_slice().try_into().ok()?)))
+    }
+
+    /// The lease, which is `id` (read with [`LeaseRecord::id`]).
+    pub fn into_stored(self, id: LeaseId) -> StoredLease {
         StoredLease {
-            id: LeaseId::from_raw(key),
+            id,
             pool: Arc::from(self.pool),
             size: self.size,
             holder: Arc::from(self.holder),

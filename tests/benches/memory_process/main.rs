@@ -7,6 +7,7 @@
 //! - KeepAlive renewals (one message of 16 leases per round trip, on 1 and 32 streams), against
 //!   the no-op server's echo;
 //! - etcd lease grant+revoke with fsync, when `etcd` is installed (`apt-get install etcd-server`);
+//! - the durable rate again while 10,240 other leases are held (a store of many pages);
 //! - mass expiry: 100,000 leases due at once, reclaimed how long after their deadline, in memory
 //!   and with `--state-dir`.
 //!
@@ -20,7 +21,9 @@ mod expiry;
 use std::time::Duration;
 
 use e2e::{alloc, certs::TempDir, process::Process};
-use proto::memory::v1::{FreeRequest, KeepAliveRequest, memory_service_client::MemoryServiceClient};
+use proto::memory::v1::{
+    FreeRequest, FreeScopeRequest, KeepAliveRequest, memory_service_client::MemoryServiceClient,
+};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -256,14 +259,42 @@ async fn rates(in_memory: &Channel, on_disk: &Channel) {
         "\nmachine CPU busy during Allocate+Free at c=32 (both cores, client included): {}",
         busy.join(", ")
     );
+    let durable = median(rates[2][1].clone());
     if servers.len() > 3 {
-        let (durable, etcd) = (median(rates[2][1].clone()), median(rates[3][1].clone()));
+        let etcd = median(rates[3][1].clone());
         println!(
             "\nmemory-service with --state-dir against etcd, Allocate+Free against grant+revoke at c=32: {:.1}×",
             durable / etcd
         );
     }
+    let live = with_live_leases(&servers[2].1).await;
+    println!(
+        "\n--state-dir with {LIVE_LEASES} other leases held, Allocate+Free at c=32: {live:.0} RPC/s, {:.2} of its rate \
+         with none",
+        live / durable
+    );
     noop.kill();
+}
+
+/// Leases held during [`with_live_leases`].
+const LIVE_LEASES: usize = 10_240;
+
+/// Allocate+Free at concurrency 32 while [`LIVE_LEASES`] other leases are held, as a device's
+/// runtimes would hold them: the durable store's leases table is then many pages, not one.
+async fn with_live_leases(channel: &Channel) -> f64 {
+    const SCOPE: &str = "bench-live-leases";
+    let mut client = MemoryServiceClient::new(channel.clone());
+    for _ in 0..LIVE_LEASES / 64 {
+        let mut ask = alloc(&[("kv-cache", 4096); 64]);
+        ask.scope_id = SCOPE.into();
+        client.allocate(ask).await.expect("hold leases");
+    }
+    let mut rates = Vec::new();
+    for _ in 0..ROUNDS {
+        rates.push(alloc_free(channel, 32).await);
+    }
+    client.free_scope(FreeScopeRequest { scope_id: SCOPE.into() }).await.expect("free the held leases");
+    median(rates)
 }
 
 /// How the durable server's group commits went so far, from its metrics.
