@@ -10,7 +10,7 @@ mod records;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use self::{
     leases::{LEASES, LeaseKeys},
@@ -71,6 +71,17 @@ impl Store {
         Ok(Store { open: parking_lot::Mutex::new(opened), path })
     }
 
+    /// A table that may not exist yet: tables appear with the first commit, so a fresh store has
+    /// none. Any other failure to open one (a corrupt or foreign file) is an error: never start
+    /// as if the store were empty.
+    fn existing<T>(&self, opened: Result<T, TableError>) -> Result<Option<T>, StoreError> {
+        match opened {
+            Ok(table) => Ok(Some(table)),
+            Err(TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
     fn error(&self, e: impl std::fmt::Display) -> StoreError {
         StoreError { path: self.path.display().to_string(), message: e.to_string() }
     }
@@ -81,18 +92,17 @@ impl Store {
         let db = open.db.as_ref().ok_or_else(|| self.error("not open"))?;
         let txn = db.begin_read().map_err(|e| self.error(e))?;
         let mut snapshot = Snapshot::default();
-        // Tables appear with the first commit; a fresh store has none.
-        if let Ok(meta) = txn.open_table(META) {
+        if let Some(meta) = self.existing(txn.open_table(META))? {
             snapshot.epoch = meta.get(EPOCH).map_err(|e| self.error(e))?.map(|v| v.value());
         }
-        if let Ok(pools) = txn.open_table(POOLS) {
+        if let Some(pools) = self.existing(txn.open_table(POOLS))? {
             for entry in pools.iter().map_err(|e| self.error(e))? {
                 let (name, value) = entry.map_err(|e| self.error(e))?;
                 let record = PoolRecord::decode(value.value()).map_err(|e| self.error(e))?;
                 snapshot.pools.push(record.into_stored(name.value()));
             }
         }
-        if let Ok(replays) = txn.open_table(REPLAYS) {
+        if let Some(replays) = self.existing(txn.open_table(REPLAYS))? {
             for entry in replays.iter().map_err(|e| self.error(e))? {
                 let (key, value) = entry.map_err(|e| self.error(e))?;
                 let record = ReplayRecord::decode(value.value()).map_err(|e| self.error(e))?;
@@ -117,7 +127,7 @@ impl Store {
         let with_epoch = open.epoch_on_disk != Some(batch.epoch);
         let keys = match open.keys.take() {
             Some(keys) => Ok(keys),
-            None => LeaseKeys::read(&db).map(|(keys, _)| keys),
+            None => LeaseKeys::read_keys(&db),
         };
         let result = keys
             .and_then(|mut keys| Self::write(&db, batch, with_epoch, &mut keys).map(|()| keys))
@@ -264,16 +274,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("store-keys-{}-{nanos}", std::process::id()));
         Store::open(&dir).unwrap().commit(&batch(vec![lease(10), lease(20), lease(30)], vec![])).unwrap();
         // Committed right after opening, without a load first: the keys are read by the commit.
-        let renewed = StoredLease { deadline: lease(10).deadline + Duration::from_secs(60), ..lease(10) };
+        // The renewed lease is the last stored, so a map wrongly started empty would miss it.
+        let renewed = StoredLease { deadline: lease(30).deadline + Duration::from_secs(60), ..lease(30) };
         Store::open(&dir)
             .unwrap()
             .commit(&batch(vec![renewed.clone()], vec![LeaseId::from_raw(20)]))
             .unwrap();
         {
             let store = Store::open(&dir).unwrap();
-            assert_eq!(store.load().unwrap().leases, vec![renewed.clone(), lease(30)]);
+            assert_eq!(store.load().unwrap().leases, vec![lease(10), renewed.clone()]);
             // After a load, and a new lease after the ones stored.
-            store.commit(&batch(vec![lease(5)], vec![LeaseId::from_raw(30)])).unwrap();
+            store.commit(&batch(vec![lease(5)], vec![LeaseId::from_raw(10)])).unwrap();
         }
         let leases = Store::open(&dir).unwrap().load().unwrap().leases;
         assert_eq!(leases, vec![renewed, lease(5)], "each lease once, in the order first stored");

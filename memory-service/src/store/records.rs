@@ -32,7 +32,7 @@ pub struct PoolRecord {
     pub released_bytes: Vec<u8>,
 }
 
-/// A lease. The table key is the order it was stored in, not its id (see `store::LeaseKeys`).
+/// A lease. The table key is the order it was stored in, not its id (see `store::leases`).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct LeaseRecord {
     #[prost(string, tag = "1")]
@@ -150,10 +150,10 @@ impl LeaseRecord {
         Some(LeaseId::from_raw(u128::from_be_bytes(self.id.as_slice().try_into().ok()?)))
     }
 
-    /// The lease, which is `id` (read with [`LeaseRecord::id`]).
-    pub fn into_stored(self, id: LeaseId) -> StoredLease {
-        StoredLease {
-            id,
+    /// The lease, or `None` if the record holds no id of 16 bytes.
+    pub fn into_stored(self) -> Option<StoredLease> {
+        Some(StoredLease {
+            id: self.id()?,
             pool: Arc::from(self.pool),
             size: self.size,
             holder: Arc::from(self.holder),
@@ -162,7 +162,7 @@ impl LeaseRecord {
             deadline: from_unix_ms(self.deadline_unix_ms),
             granted: from_unix_ms(self.granted_unix_ms),
             request_key: self.request_key.map(Arc::from),
-        }
+        })
     }
 }
 
