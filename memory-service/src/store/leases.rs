@@ -10,7 +10,7 @@
 //!
 //! The table keeps its name, `leases`, with a new key type. A store of the earlier layout is
 //! moved over when opened, in one transaction; an earlier binary opening a moved store then
-//! fails to open the table (a type mismatch) and refuses every change, rather than serving as
+//! fails to open the table (a type mismatch) and refuses every grant, rather than serving as
 //! if no lease were held. There is no way back to the earlier layout.
 
 use prost::Message;
