@@ -24,7 +24,7 @@ pub(super) const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("lea
 /// The same table in the earlier layout, keyed by lease id: moved to `LEASES` at open.
 const LEASES_BY_ID: TableDefinition<u128, &[u8]> = TableDefinition::new("leases");
 
-/// Removals from which one pass over the whole leases table may be cheaper (see `remove`).
+/// Removals from which one pass over the table may be cheaper (see `LeaseKeys::write`).
 pub(super) const BULK_REMOVAL: usize = 4096;
 
 type Failure = Box<dyn std::error::Error>;
@@ -121,9 +121,9 @@ impl LeaseKeys {
     }
 }
 
-/// Whether `removals` from a table of `stored` leases take one `retain` pass: many of them, and
-/// at least a quarter of the table (a pass visits every lease, so a few thousand removals from
-/// a million leases are cheaper one by one).
+/// Whether `removals` from a table of `stored` leases take one `retain_in` pass: many of them,
+/// and at least a quarter of the table (a pass visits every lease between the first and the
+/// last removed, so a few thousand removals spread over a million leases are cheaper one by one).
 pub(super) fn one_pass(removals: usize, stored: u64) -> bool {
     removals >= BULK_REMOVAL && removals as u64 * 4 >= stored
 }
