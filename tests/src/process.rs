@@ -102,7 +102,13 @@ impl Process {
         });
         let (mut addr, mut admin_addr) = (None, None);
         while addr.is_none() || (admin && admin_addr.is_none()) {
-            let (is_admin, found) = rx.recv_timeout(Duration::from_secs(60)).expect("service started");
+            let Ok((is_admin, found)) = rx.recv_timeout(Duration::from_secs(60)) else {
+                // Not left running behind the failed test; what it logged says why.
+                let _ = child.kill();
+                let _ = child.wait();
+                let logged = logs.lock().map(|l| l.join("\n")).unwrap_or_default();
+                panic!("{name} did not report its address within 60 s (or exited); it logged:\n{logged}");
+            };
             if is_admin { admin_addr = Some(found) } else { addr = Some(found) }
         }
         Process { child, logs, addr: addr.unwrap_or_default(), admin: admin_addr }
