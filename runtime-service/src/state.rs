@@ -155,10 +155,8 @@ impl Shared {
         {
             return Ok(known.bytes);
         }
-        let ticket = self.renewer.ticket();
-        let fresh = self.memory.pool_capacity(KV_CACHE).await?;
         // An answer from a new epoch proves the restart: what the old one granted is gone.
-        self.renewer.check_epoch(ticket, fresh.epoch);
+        let fresh = self.renewer.learn_epoch(self.memory.pool_capacity(KV_CACHE), |c| c.epoch).await?;
         // Cached only if it is the epoch now known: a late answer from a previous process is
         // used for this call and asked again by the next.
         if fresh.epoch == self.renewer.epoch() {

@@ -47,9 +47,7 @@ async fn become_ready(shared: &Shared) -> bool {
         let attempt = async {
             // A new epoch means memory-service restarted and forgot every lease: whatever this
             // runtime held is gone and must be taken again before it may say it is ready.
-            let ticket = shared.renewer.ticket();
-            let (epoch, limits) = shared.memory.ping().await?;
-            shared.renewer.check_epoch(ticket, epoch);
+            let (_, limits) = shared.renewer.learn_epoch(shared.memory.ping(), |&(epoch, _)| epoch).await?;
             check_limits(&shared.config, limits.as_ref())?;
             let loader = shared.loader();
             shared.activations.ensure(&loader).await?;

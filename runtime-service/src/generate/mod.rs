@@ -256,9 +256,10 @@ impl Generation {
                     // Just after memory-service came back the leases held may belong to its
                     // previous life: learn its epoch first, so they are taken again, never used.
                     if !self.shared.renewer.is_healthy() {
-                        let ticket = self.shared.renewer.ticket();
-                        let (epoch, _) = self.shared.memory.ping().await?;
-                        self.shared.renewer.check_epoch(ticket, epoch);
+                        self.shared
+                            .renewer
+                            .learn_epoch(self.shared.memory.ping(), |&(epoch, _)| epoch)
+                            .await?;
                     }
                     self.plan.model.ensure_loaded(&loader).await?;
                     self.shared.activations.ensure(&loader).await?;

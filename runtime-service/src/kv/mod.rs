@@ -252,9 +252,8 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
         };
         let result = async {
             if capped_in != Some(loader.renewer.epoch()) {
-                let ticket = loader.renewer.ticket();
-                let capacity = loader.client.pool_capacity(KV_CACHE).await?;
-                loader.renewer.check_epoch(ticket, capacity.epoch);
+                let capacity =
+                    loader.renewer.learn_epoch(loader.client.pool_capacity(KV_CACHE), |c| c.epoch).await?;
                 lock(&end.demand).capacity = capacity.bytes / plan.block_bytes;
                 cap = plan.slab_blocks.min(capacity.bytes / plan.block_bytes / 16).max(1);
                 size = size.min(cap);

@@ -75,7 +75,7 @@ impl Seen {
 /// Taken before a call whose answer carries an epoch, given back with that answer (see
 /// [`Renewer::check_epoch`]).
 #[derive(Debug, Clone, Copy)]
-pub struct Ticket(u64);
+struct Ticket(u64);
 
 impl Renewer {
     /// Starts the renewal task; it ends with `shutdown`.
@@ -100,8 +100,22 @@ impl Renewer {
         lock(&self.scopes).remove(scope);
     }
 
+    /// Sends `call`, whose answer carries memory-service's epoch (read by `epoch_of`), and
+    /// learns that epoch (see `check_epoch`). Its ticket is taken first, before anything is
+    /// sent: a call's future does nothing until awaited.
+    pub async fn learn_epoch<T, E>(
+        &self,
+        call: impl Future<Output = Result<T, E>>,
+        epoch_of: impl FnOnce(&T) -> u64,
+    ) -> Result<T, E> {
+        let ticket = self.ticket();
+        let answer = call.await?;
+        self.check_epoch(ticket, epoch_of(&answer));
+        Ok(answer)
+    }
+
     /// A ticket for a call about to be sent, whose answer will carry an epoch.
-    pub fn ticket(&self) -> Ticket {
+    fn ticket(&self) -> Ticket {
         Ticket(lock(&self.seen).changes)
     }
 
@@ -110,7 +124,7 @@ impl Renewer {
     /// holder is told now, before anyone relies on it. An answer to a call sent before the
     /// epoch last changed is not trusted to change it again (the previous process may still be
     /// answering while it drains); the next call will tell.
-    pub fn check_epoch(&self, ticket: Ticket, epoch: u64) {
+    fn check_epoch(&self, ticket: Ticket, epoch: u64) {
         if !lock(&self.seen).learn(ticket, epoch) {
             return;
         }
