@@ -16,7 +16,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, SystemTime},
@@ -44,23 +44,27 @@ struct Progress {
     stopped: bool,
     /// Calls waiting for the commit of their change's sequence number. Each is woken exactly
     /// once, by the commit that covers it: a commit wakes nobody it does not answer.
-    waiters: Vec<(u64, oneshot::Sender<Result<(), Error>>)>,
+    waiters: Vec<Waiter>,
 }
 
 impl Progress {
-    /// Answers every waiter whose change is now on disk.
-    fn answer_covered(&mut self) {
+    /// Takes every waiter whose change is now on disk, to be answered once the lock is released
+    /// (see [`answer`]).
+    fn take_covered(&mut self) -> Vec<Waiter> {
         let durable = self.durable;
-        for (_, waiter) in self.waiters.extract_if(.., |(seq, _)| *seq <= durable) {
-            let _ = waiter.send(Ok(()));
-        }
+        self.waiters.extract_if(.., |(seq, _)| *seq <= durable).collect()
     }
+}
 
-    /// Answers every waiter with `error` (its change could not be made durable).
-    fn answer_all(&mut self, error: impl Fn() -> Error) {
-        for (_, waiter) in self.waiters.drain(..) {
-            let _ = waiter.send(Err(error()));
-        }
+/// A call waiting for the commit of its change's sequence number.
+type Waiter = (u64, oneshot::Sender<Result<(), Error>>);
+
+/// Answers `waiters` with `answer()`. Called with no lock held: each answer wakes a task, which
+/// may take a syscall, and a call that checks or joins the commit queue meanwhile should not
+/// wait behind those wake-ups.
+fn answer(waiters: Vec<Waiter>, answer: impl Fn() -> Result<(), Error>) {
+    for (_, waiter) in waiters {
+        let _ = waiter.send(answer());
     }
 }
 
@@ -83,6 +87,8 @@ pub struct Durability {
     wake: Mutex<Wake>,
     wakeup: Condvar,
     progress: Mutex<Progress>,
+    /// Whether `progress.failure` is set: read by every change up front without the lock.
+    failing: AtomicBool,
 }
 
 impl Durability {
@@ -98,6 +104,7 @@ impl Durability {
             wake: Mutex::new(Wake::default()),
             wakeup: Condvar::new(),
             progress: Mutex::new(Progress::default()),
+            failing: AtomicBool::new(false),
         }
     }
 
@@ -114,7 +121,7 @@ impl Durability {
 
     /// Refuses a change up front while the store is failing.
     pub fn check(&self) -> Result<(), Error> {
-        if self.store.is_none() {
+        if !self.failing() {
             return Ok(());
         }
         match &self.progress.lock().failure {
@@ -124,7 +131,7 @@ impl Durability {
     }
 
     fn failing(&self) -> bool {
-        self.progress.lock().failure.is_some()
+        self.failing.load(Ordering::Acquire)
     }
 
     /// Returns once every change up to `seq` is on disk, or the error to answer if the commit
@@ -242,9 +249,12 @@ fn run(shared: &Arc<Shared>, store: &Arc<Store>) {
         commit(shared, store);
         if stop {
             // Whoever still waits (a change that came after the last batch) hears why.
-            let mut progress = durability.progress.lock();
-            progress.stopped = true;
-            progress.answer_all(|| Error::ShuttingDown);
+            let waiters = {
+                let mut progress = durability.progress.lock();
+                progress.stopped = true;
+                std::mem::take(&mut progress.waiters)
+            };
+            answer(waiters, || Err(Error::ShuttingDown));
             return;
         }
     }
@@ -268,10 +278,14 @@ fn commit(shared: &Arc<Shared>, store: &Store) {
             if failing {
                 info!("the state store accepts writes again; changes are allowed");
             }
-            let mut progress = durability.progress.lock();
-            progress.durable = progress.durable.max(batch.seq);
-            progress.failure = None;
-            progress.answer_covered();
+            let covered = {
+                let mut progress = durability.progress.lock();
+                progress.durable = progress.durable.max(batch.seq);
+                progress.failure = None;
+                durability.failing.store(false, Ordering::Release);
+                progress.take_covered()
+            };
+            answer(covered, || Ok(()));
         }
         Err(err) => {
             if !failing {
@@ -279,9 +293,13 @@ fn commit(shared: &Arc<Shared>, store: &Store) {
             }
             shared.ledger().retake(&batch);
             let failure: Arc<str> = Arc::from(err.to_string());
-            let mut progress = durability.progress.lock();
-            progress.failure = Some(failure.clone());
-            progress.answer_all(|| Error::NotDurable(failure.to_string()));
+            let waiters = {
+                let mut progress = durability.progress.lock();
+                progress.failure = Some(failure.clone());
+                durability.failing.store(true, Ordering::Release);
+                std::mem::take(&mut progress.waiters)
+            };
+            answer(waiters, || Err(Error::NotDurable(failure.to_string())));
         }
     }
 }
