@@ -126,6 +126,10 @@ pub struct Restored {
     pub live: usize,
     /// Leases whose deadline passed while the server was down, expired at once.
     pub expired: usize,
+    /// Stored leases that cannot be accounted for (their pool is not stored, or they do not fit
+    /// in what is left of it): not restored, and deleted from the store by the first commit.
+    /// Only a damaged or hand-edited store has any.
+    pub dropped: usize,
 }
 
 /// Keys changed since the last batch.
@@ -278,7 +282,9 @@ impl Ledger {
     /// Loads `snapshot` into this (fresh) ledger: the epoch, pools and their counters, leases with
     /// the time they have left, and idempotency records. Leases whose deadline passed while the
     /// server was down expire now, with EXPIRED events and counters. Leases of a pool the
-    /// snapshot lacks are dropped (they cannot be accounted for).
+    /// snapshot lacks, or too big for what is left of their pool, are dropped (they cannot be
+    /// accounted for) and noted as gone, so the next commit deletes them instead of every start
+    /// dropping them again.
     pub fn restore(&mut self, snapshot: Snapshot, now: Instant, wall: SystemTime) -> Result<Restored, Error> {
         if let Some(epoch) = snapshot.epoch {
             self.epoch = epoch;
@@ -295,10 +301,13 @@ impl Ledger {
         };
         let mut restored = Restored::default();
         for stored in snapshot.leases {
-            let Some(&p) = self.pool_index.get(&stored.pool) else { continue };
-            if stored.size > self.pools[p].available() {
+            let fits =
+                self.pool_index.get(&stored.pool).filter(|&&p| stored.size <= self.pools[p].available());
+            let Some(&p) = fits else {
+                restored.dropped += 1;
+                self.touch_gone(stored.id);
                 continue;
-            }
+            };
             let expires_at = to_mono(stored.deadline);
             let lease = Lease {
                 id: stored.id,

@@ -116,7 +116,7 @@ fn a_restore_gives_back_the_books_with_remaining_time_and_expires_what_ran_out()
     let mut restored = Ledger::new(16);
     restored.track_changes();
     let outcome = restored.restore(store.snapshot(), t2, wall2).unwrap();
-    assert_eq!(outcome, Restored { live: 2, expired: 1 });
+    assert_eq!(outcome, Restored { live: 2, expired: 1, dropped: 0 });
     assert_eq!(restored.epoch(), ledger.epoch());
     let kv = restored.pool_stats("kv-cache").unwrap();
     assert_eq!((kv.used, kv.live_leases), (300, 1));
@@ -184,4 +184,41 @@ fn a_lease_granted_and_gone_between_two_batches_is_only_removed() {
     assert_eq!(written, vec![kept], "only the live lease is written");
     assert_eq!(batch.gone, vec![freed, expired], "the others are removed, in order");
     assert_eq!(batch.pools.len(), 1);
+}
+
+#[test]
+fn stored_leases_that_cannot_be_accounted_for_are_dropped_and_deleted_by_the_next_commit() {
+    let (t0, wall0) = (Instant::now(), SystemTime::now());
+    let mut ledger = tracked_ledger();
+    let long = Duration::from_secs(60);
+    let kept = grant(&mut ledger, long, t0);
+    let mut store = FakeStore::default();
+    store.apply(ledger.take_batch(t0, wall0));
+    // A damaged store: one lease of a pool it does not hold, one bigger than the whole pool.
+    let template = store.leases[&kept].clone();
+    let orphan =
+        StoredLease { id: LeaseId::from_raw(7), pool: Arc::from("no-such-pool"), ..template.clone() };
+    let oversize = StoredLease { id: LeaseId::from_raw(8), size: 1001, ..template };
+    store.leases.insert(orphan.id, orphan.clone());
+    store.leases.insert(oversize.id, oversize.clone());
+
+    let mut restored = Ledger::new(16);
+    restored.track_changes();
+    let outcome = restored.restore(store.snapshot(), t0, wall0).unwrap();
+    assert_eq!(outcome, Restored { live: 1, expired: 0, dropped: 2 });
+    let kv = restored.pool_stats("kv-cache").unwrap();
+    assert_eq!((kv.used, kv.live_leases), (10, 1), "only the lease that fits is accounted");
+    restored.check_invariants().unwrap();
+    // The first commit after the restore deletes them; a second restart finds them gone.
+    let batch = restored.take_batch(t0, wall0);
+    let mut gone = batch.gone.clone();
+    gone.sort();
+    assert_eq!(gone, vec![orphan.id, oversize.id]);
+    store.apply(batch);
+    let mut again = Ledger::new(16);
+    again.track_changes();
+    assert_eq!(
+        again.restore(store.snapshot(), t0, wall0).unwrap(),
+        Restored { live: 1, expired: 0, dropped: 0 }
+    );
 }

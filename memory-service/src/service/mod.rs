@@ -82,6 +82,12 @@ impl Shared {
                     epoch = %ledger.epoch(),
                     "state restored: leases live again with their remaining time; those whose deadline passed while down expired"
                 );
+                if restored.dropped > 0 {
+                    tracing::warn!(
+                        dropped = restored.dropped,
+                        "stored leases of a pool that is not stored, or bigger than what is left of it, were not restored and are deleted from the store (a damaged or edited state file)"
+                    );
+                }
                 Some((store, latest))
             }
             None => None,
