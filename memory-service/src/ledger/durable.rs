@@ -127,8 +127,9 @@ pub struct Restored {
     /// Leases whose deadline passed while the server was down, expired at once.
     pub expired: usize,
     /// Stored leases that cannot be accounted for (their pool is not stored, or they do not fit
-    /// in what is left of it): not restored, and deleted from the store by the first commit.
-    /// Only a damaged or hand-edited store has any.
+    /// in what is left of it): not restored, and deleted from the store by the next commit. Only
+    /// a damaged or hand-edited store has any. (Their pool's counters, which counted them, are
+    /// left as stored.)
     pub dropped: usize,
 }
 
@@ -347,10 +348,13 @@ impl Ledger {
                 .iter()
                 .map(|(pool, size)| self.pool_index.get(pool).map(|&p| (p, *size)))
                 .collect();
-            let Some(items) = items else { continue };
-            if !replay.leases.iter().all(|id| self.leases.contains_key(id)) {
+            // A record whose pool or leases did not come back can never be replayed: noted as
+            // changed, so the next commit deletes it (it is absent from the books).
+            let Some(items) = items.filter(|_| replay.leases.iter().all(|id| self.leases.contains_key(id)))
+            else {
+                self.touch_replay(&replay.key);
                 continue;
-            }
+            };
             self.replays.insert(
                 replay.key,
                 Replay { items, scope: replay.scope, ttl: replay.ttl, leases: replay.leases },

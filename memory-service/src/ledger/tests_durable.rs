@@ -46,7 +46,11 @@ impl FakeStore {
         Snapshot {
             epoch: self.epoch,
             pools,
-            leases: self.leases.values().cloned().collect(),
+            leases: {
+                let mut leases: Vec<_> = self.leases.values().cloned().collect();
+                leases.sort_by_key(|l| l.id);
+                leases
+            },
             replays: self.replays.values().cloned().collect(),
         }
     }
@@ -187,20 +191,31 @@ fn a_lease_granted_and_gone_between_two_batches_is_only_removed() {
 }
 
 #[test]
-fn stored_leases_that_cannot_be_accounted_for_are_dropped_and_deleted_by_the_next_commit() {
+fn stored_leases_and_records_that_cannot_be_accounted_for_are_dropped_and_deleted_by_the_next_commit() {
     let (t0, wall0) = (Instant::now(), SystemTime::now());
     let mut ledger = tracked_ledger();
     let long = Duration::from_secs(60);
     let kept = grant(&mut ledger, long, t0);
     let mut store = FakeStore::default();
     store.apply(ledger.take_batch(t0, wall0));
-    // A damaged store: one lease of a pool it does not hold, one bigger than the whole pool.
+    // A damaged store: one lease of a pool it does not hold, and one that fits the pool but not
+    // what is left of it once the kept lease is back (the snapshot lists leases by id, and
+    // this one's id is the highest).
     let template = store.leases[&kept].clone();
     let orphan =
         StoredLease { id: LeaseId::from_raw(7), pool: Arc::from("no-such-pool"), ..template.clone() };
-    let oversize = StoredLease { id: LeaseId::from_raw(8), size: 1001, ..template };
+    let oversize = StoredLease { id: LeaseId::from_raw(u128::MAX), size: 995, ..template };
     store.leases.insert(orphan.id, orphan.clone());
     store.leases.insert(oversize.id, oversize.clone());
+    // And the idempotency record of the orphan's grant, which can never be replayed.
+    let record = StoredReplay {
+        key: Arc::from("h/r-orphan"),
+        items: vec![(Arc::from("no-such-pool"), 10)],
+        scope: None,
+        ttl: long,
+        leases: vec![orphan.id],
+    };
+    store.replays.insert(record.key.clone(), record.clone());
 
     let mut restored = Ledger::new(16);
     restored.track_changes();
@@ -214,6 +229,7 @@ fn stored_leases_that_cannot_be_accounted_for_are_dropped_and_deleted_by_the_nex
     let mut gone = batch.gone.clone();
     gone.sort();
     assert_eq!(gone, vec![orphan.id, oversize.id]);
+    assert_eq!(batch.replays, vec![(record.key.clone(), None)], "the record is deleted too");
     store.apply(batch);
     let mut again = Ledger::new(16);
     again.track_changes();

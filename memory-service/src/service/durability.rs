@@ -42,8 +42,9 @@ struct Progress {
     failure: Option<Arc<str>>,
     /// The committer has made its last commit.
     stopped: bool,
-    /// Calls waiting for the commit of their change's sequence number. Each is woken exactly
-    /// once, by the commit that covers it: a commit wakes nobody it does not answer.
+    /// Calls waiting for the commit of their change's sequence number. Each is answered exactly
+    /// once: by the first commit that covers it, or with the error of a failed commit or of the
+    /// stop, which answer every waiter.
     waiters: Vec<Waiter>,
 }
 
@@ -59,12 +60,12 @@ impl Progress {
 /// A call waiting for the commit of its change's sequence number.
 type Waiter = (u64, oneshot::Sender<Result<(), Error>>);
 
-/// Answers `waiters` with `answer()`. Called with no lock held: each answer wakes a task, which
+/// Answers `waiters` with `reply()`. Called with no lock held: each answer wakes a task, which
 /// may take a syscall, and a call that checks or joins the commit queue meanwhile should not
 /// wait behind those wake-ups.
-fn answer(waiters: Vec<Waiter>, answer: impl Fn() -> Result<(), Error>) {
+fn answer(waiters: Vec<Waiter>, reply: impl Fn() -> Result<(), Error>) {
     for (_, waiter) in waiters {
-        let _ = waiter.send(answer());
+        let _ = waiter.send(reply());
     }
 }
 

@@ -85,7 +85,7 @@ impl Shared {
                 if restored.dropped > 0 {
                     tracing::warn!(
                         dropped = restored.dropped,
-                        "stored leases of a pool that is not stored, or bigger than what is left of it, were not restored and are deleted from the store (a damaged or edited state file)"
+                        "stored leases of a pool that is not stored, or bigger than what is left of it, were not restored and will be deleted by the next commit (a damaged or edited state file)"
                     );
                 }
                 Some((store, latest))
