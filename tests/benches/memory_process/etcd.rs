@@ -103,6 +103,11 @@ impl Etcd {
         Some(Etcd { child, addr, _data: data })
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its version, as `etcd --version` prints it.
     pub fn version() -> String {
         Command::new("etcd")

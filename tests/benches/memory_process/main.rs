@@ -7,6 +7,8 @@
 //! - KeepAlive renewals (one message of 16 leases per round trip, on 1 and 32 streams), against
 //!   the no-op server's echo;
 //! - etcd lease grant+revoke with fsync, when `etcd` is installed (`apt-get install etcd-server`);
+//! - each server process's own CPU per call at concurrency 32 (from `/proc`, all its threads), which
+//!   the shared machine's noise moves less than rates;
 //! - the durable rate again while 10,240 other leases are held (a store of many pages);
 //! - mass expiry: 100,000 leases due at once, reclaimed how long after their deadline, in memory
 //!   and with `--state-dir`.
@@ -152,6 +154,20 @@ fn cpu_ticks() -> (u64, u64) {
     (total - idle, total)
 }
 
+/// Microseconds per clock tick of `/proc` (USER_HZ is 100 on Linux).
+const TICK_US: f64 = 10_000.0;
+
+/// CPU ticks (user and system, all threads) process `pid` used so far, from `/proc/<pid>/stat`
+/// (zero elsewhere).
+fn process_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime: the 14th and 15th fields of the line, the 12th and 13th after the name.
+    field(11) + field(12)
+}
+
 fn busy_between(before: (u64, u64), after: (u64, u64)) -> f64 {
     (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64
 }
@@ -175,7 +191,7 @@ fn main() {
         let (in_memory, on_disk) = (connect(&memory.addr).await, connect(&durable.addr).await);
         println!("memory-service as its own process, driven from this one over loopback (2 cores shared)");
         if wants("rates") {
-            rates(&in_memory, &on_disk).await;
+            rates(&in_memory, &on_disk, [memory.pid(), durable.pid()]).await;
             println!("\n--state-dir: {}", commits(durable.admin.as_deref().expect("admin port")).await);
         }
         if wants("expiry") {
@@ -196,18 +212,19 @@ fn main() {
     });
 }
 
-/// The RPC-rate table: every server measured round by round, interleaved, medians printed.
-async fn rates(in_memory: &Channel, on_disk: &Channel) {
+/// The RPC-rate table: every server measured round by round, interleaved, medians printed;
+/// `pids` are the in-memory and durable servers' processes.
+async fn rates(in_memory: &Channel, on_disk: &Channel, pids: [u32; 2]) {
     let noop = Process::start("noop-memory", &[], &[], false);
     let etcd = etcd::Etcd::start();
     let mut servers = vec![
-        ("no-op tonic server", connect(&noop.addr).await, Kind::Noop),
-        ("memory-service, in memory", in_memory.clone(), Kind::Memory),
-        ("memory-service, --state-dir (fsync, group commit)", on_disk.clone(), Kind::Memory),
+        ("no-op tonic server", connect(&noop.addr).await, Kind::Noop, noop.pid()),
+        ("memory-service, in memory", in_memory.clone(), Kind::Memory, pids[0]),
+        ("memory-service, --state-dir (fsync, group commit)", on_disk.clone(), Kind::Memory, pids[1]),
     ];
     if let Some(etcd) = &etcd {
         let name = "etcd lease grant+revoke (fsync)";
-        servers.push((name, connect(&etcd.addr).await, Kind::Etcd));
+        servers.push((name, connect(&etcd.addr).await, Kind::Etcd, etcd.pid()));
         println!("etcd: {}", etcd::Etcd::version());
     }
     println!(
@@ -217,17 +234,23 @@ async fn rates(in_memory: &Channel, on_disk: &Channel) {
     // rates[server][measure] over rounds; busy[server]: the machine's CPU use during c=32 pairs
     let mut rates = vec![vec![Vec::new(); 4]; servers.len()];
     let mut busy = vec![Vec::new(); servers.len()];
-    for (_, channel, kind) in &servers {
+    // cpu[server]: the server process's own CPU per call during c=32 pairs, in µs
+    let mut cpu = vec![Vec::new(); servers.len()];
+    for (_, channel, kind, _) in &servers {
         // Warm-up: connections, allocators, the stores' first pages, etcd's leader election.
         measure(channel, *kind, 0).await;
         measure(channel, *kind, 2).await;
     }
     for _ in 0..ROUNDS {
-        for (i, (_, channel, kind)) in servers.iter().enumerate() {
+        for (i, (_, channel, kind, pid)) in servers.iter().enumerate() {
             for (m, rate) in rates[i].iter_mut().enumerate() {
-                let before = cpu_ticks();
+                let (before, server_before, started) = (cpu_ticks(), process_ticks(*pid), Instant::now());
                 if let Some(r) = measure(channel, *kind, m).await {
                     rate.push(r);
+                    if m == 1 {
+                        let calls = r * started.elapsed().as_secs_f64();
+                        cpu[i].push((process_ticks(*pid) - server_before) as f64 * TICK_US / calls);
+                    }
                 }
                 if m == 1 {
                     busy[i].push(busy_between(before, cpu_ticks()));
@@ -236,7 +259,7 @@ async fn rates(in_memory: &Channel, on_disk: &Channel) {
         }
     }
     let base: Vec<f64> = rates[0].iter().map(|r| median(r.clone())).collect();
-    for (i, (name, _, _)) in servers.iter().enumerate() {
+    for (i, (name, _, _, _)) in servers.iter().enumerate() {
         let cells: Vec<String> = rates[i]
             .iter()
             .zip(&base)
@@ -253,11 +276,17 @@ async fn rates(in_memory: &Channel, on_disk: &Channel) {
     let busy: Vec<String> = servers
         .iter()
         .zip(busy)
-        .map(|((name, _, _), b)| format!("{name} {:.0}%", median(b) * 100.0))
+        .map(|((name, _, _, _), b)| format!("{name} {:.0}%", median(b) * 100.0))
         .collect();
     println!(
         "\nmachine CPU busy during Allocate+Free at c=32 (both cores, client included): {}",
         busy.join(", ")
+    );
+    let cpu: Vec<String> =
+        servers.iter().zip(cpu).map(|((name, _, _, _), c)| format!("{name} {:.1} µs", median(c))).collect();
+    println!(
+        "\nserver process CPU per call during Allocate+Free at c=32 (all its threads): {}",
+        cpu.join(", ")
     );
     let durable = median(rates[2][1].clone());
     if servers.len() > 3 {
