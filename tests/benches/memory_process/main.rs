@@ -245,15 +245,15 @@ async fn rates(in_memory: &Channel, on_disk: &Channel, pids: [u32; 2]) {
         for (i, (_, channel, kind, pid)) in servers.iter().enumerate() {
             for (m, rate) in rates[i].iter_mut().enumerate() {
                 let (before, server_before, started) = (cpu_ticks(), process_ticks(*pid), Instant::now());
-                if let Some(r) = measure(channel, *kind, m).await {
-                    rate.push(r);
-                    if m == 1 {
-                        let calls = r * started.elapsed().as_secs_f64();
-                        cpu[i].push((process_ticks(*pid) - server_before) as f64 * TICK_US / calls);
-                    }
-                }
+                let measured = measure(channel, *kind, m).await;
+                rate.extend(measured);
                 if m == 1 {
                     busy[i].push(busy_between(before, cpu_ticks()));
+                    if let Some(r) = measured {
+                        let calls = r * started.elapsed().as_secs_f64();
+                        let ticks = process_ticks(*pid).saturating_sub(server_before);
+                        cpu[i].push(ticks as f64 * TICK_US / calls);
+                    }
                 }
             }
         }
