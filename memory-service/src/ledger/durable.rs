@@ -128,9 +128,11 @@ pub struct Restored {
     pub expired: usize,
     /// Stored leases that cannot be accounted for (their pool is not stored, or they do not fit
     /// in what is left of it): not restored, and deleted from the store by the next commit. Only
-    /// a damaged or hand-edited store has any. (Their pool's counters, which counted them, are
-    /// left as stored.)
+    /// a damaged or hand-edited store has any.
     pub dropped: usize,
+    /// Pools whose stored counters did not add up with the leases restored (a dropped lease,
+    /// or a damaged store), and were made to (see `Pool::reconcile_counters`).
+    pub reconciled: usize,
 }
 
 /// Keys changed since the last batch.
@@ -338,9 +340,14 @@ impl Ledger {
             }
             self.leases.insert(lease.id, lease);
         }
-        // The stored counters already count the restored leases.
+        // The stored counters already count the restored leases, unless the store is damaged:
+        // then they are made to add up, and written back by the next commit.
         for (p, pool) in snapshot.pools.iter().enumerate() {
             self.pools[p].restore_counters(pool.peak_used, pool.counters);
+            if self.pools[p].reconcile_counters() {
+                restored.reconciled += 1;
+                self.touch_pool(p);
+            }
         }
         for replay in snapshot.replays {
             let items: Option<Vec<_>> = replay

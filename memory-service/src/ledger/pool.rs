@@ -160,6 +160,28 @@ impl Pool {
         self.counters = counters;
     }
 
+    /// Makes the counters add up with the leases held (every lease granted is freed, expired or
+    /// live; every byte granted is released or used), after a restore from a store where they
+    /// do not: only a damaged or hand-edited one, say with a lease the restore dropped. Leases
+    /// counted as granted but not held are counted as expired (their memory came back without
+    /// a Free); leases held but never counted are counted as granted. Returns whether anything
+    /// changed. Saturating: stored counters are not trusted not to overflow.
+    pub(crate) fn reconcile_counters(&mut self) -> bool {
+        let before = self.counters;
+        let c = &mut self.counters;
+        let accounted = c.freed.saturating_add(c.expired).saturating_add(self.live_leases);
+        match c.granted.checked_sub(accounted) {
+            Some(missing) => c.expired += missing,
+            None => c.granted = accounted,
+        }
+        let bytes = c.released_bytes.saturating_add(u128::from(self.used));
+        match c.granted_bytes.checked_sub(bytes) {
+            Some(missing) => c.released_bytes += missing,
+            None => c.granted_bytes = bytes,
+        }
+        self.counters != before
+    }
+
     pub(crate) fn count_rejected(&mut self) {
         self.counters.rejected += 1;
     }

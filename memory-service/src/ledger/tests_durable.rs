@@ -120,7 +120,7 @@ fn a_restore_gives_back_the_books_with_remaining_time_and_expires_what_ran_out()
     let mut restored = Ledger::new(16);
     restored.track_changes();
     let outcome = restored.restore(store.snapshot(), t2, wall2).unwrap();
-    assert_eq!(outcome, Restored { live: 2, expired: 1, dropped: 0 });
+    assert_eq!(outcome, Restored { live: 2, expired: 1, dropped: 0, reconciled: 0 });
     assert_eq!(restored.epoch(), ledger.epoch());
     let kv = restored.pool_stats("kv-cache").unwrap();
     assert_eq!((kv.used, kv.live_leases), (300, 1));
@@ -220,7 +220,7 @@ fn stored_leases_and_records_that_cannot_be_accounted_for_are_dropped_and_delete
     let mut restored = Ledger::new(16);
     restored.track_changes();
     let outcome = restored.restore(store.snapshot(), t0, wall0).unwrap();
-    assert_eq!(outcome, Restored { live: 1, expired: 0, dropped: 2 });
+    assert_eq!(outcome, Restored { live: 1, expired: 0, dropped: 2, reconciled: 0 });
     let kv = restored.pool_stats("kv-cache").unwrap();
     assert_eq!((kv.used, kv.live_leases), (10, 1), "only the lease that fits is accounted");
     restored.check_invariants().unwrap();
@@ -235,6 +235,50 @@ fn stored_leases_and_records_that_cannot_be_accounted_for_are_dropped_and_delete
     again.track_changes();
     assert_eq!(
         again.restore(store.snapshot(), t0, wall0).unwrap(),
-        Restored { live: 1, expired: 0, dropped: 0 }
+        Restored { live: 1, expired: 0, dropped: 0, reconciled: 0 }
     );
+}
+
+#[test]
+fn stored_counters_that_do_not_add_up_with_the_leases_restored_are_made_to_and_written_back() {
+    let (t0, wall0) = (Instant::now(), SystemTime::now());
+    let mut ledger = tracked_ledger();
+    let long = Duration::from_secs(60);
+    let kept = grant(&mut ledger, long, t0);
+    let mut store = FakeStore::default();
+    store.apply(ledger.take_batch(t0, wall0));
+    let counted = store.pools[&Arc::from("kv-cache") as &Arc<str>].counters;
+
+    // A lease the counters count but that does not fit (so the restore drops it): counted as
+    // expired, its bytes as released.
+    let oversize = StoredLease { id: LeaseId::from_raw(u128::MAX), size: 995, ..store.leases[&kept].clone() };
+    store.leases.insert(oversize.id, oversize);
+    let pool = store.pools.get_mut("kv-cache").unwrap();
+    pool.counters.granted += 1;
+    pool.counters.granted_bytes += 995;
+    let mut restored = Ledger::new(16);
+    restored.track_changes();
+    let outcome = restored.restore(store.snapshot(), t0, wall0).unwrap();
+    assert_eq!(outcome, Restored { live: 1, expired: 0, dropped: 1, reconciled: 1 });
+    restored.check_invariants().unwrap();
+    let c = restored.pool_stats("kv-cache").unwrap().counters;
+    assert_eq!((c.granted, c.expired, c.released_bytes), (counted.granted + 1, counted.expired + 1, 995));
+    // The next commit writes the corrected counters, so the next restart finds them adding up.
+    let batch = restored.take_batch(t0, wall0);
+    assert_eq!(batch.pools.len(), 1);
+    assert_eq!(batch.pools[0].counters, c);
+    store.apply(batch);
+    let mut again = Ledger::new(16);
+    again.track_changes();
+    assert_eq!(again.restore(store.snapshot(), t0, wall0).unwrap().reconciled, 0);
+
+    // Counters that count fewer grants than the leases held (and absurd ones, which must not
+    // overflow): the grants are raised to what is held.
+    let pool = store.pools.get_mut("kv-cache").unwrap();
+    pool.counters = Counters { freed: u64::MAX, released_bytes: u128::MAX, ..Counters::default() };
+    let mut damaged = Ledger::new(16);
+    damaged.track_changes();
+    assert_eq!(damaged.restore(store.snapshot(), t0, wall0).unwrap().reconciled, 1);
+    let c = damaged.pool_stats("kv-cache").unwrap().counters;
+    assert_eq!((c.granted, c.granted_bytes), (u64::MAX, u128::MAX), "saturated, not wrapped");
 }

@@ -82,6 +82,12 @@ impl Shared {
                     epoch = %ledger.epoch(),
                     "state restored: leases live again with their remaining time; those whose deadline passed while down expired"
                 );
+                if restored.reconciled > 0 {
+                    tracing::warn!(
+                        pools = restored.reconciled,
+                        "stored pool counters did not add up with the leases restored and were corrected (leases counted but not held count as expired); the next commit writes them back"
+                    );
+                }
                 if restored.dropped > 0 {
                     tracing::warn!(
                         dropped = restored.dropped,
