@@ -55,13 +55,24 @@ struct Opened {
     keys: Option<LeaseKeys>,
 }
 
+/// Opens (creating if needed) the redb file at `path`, verifying every page's checksum first.
+/// A plain open trusts the file and may panic on a damaged one (redb's documentation says so, and
+/// a test here flipping bytes found it: 12 panics in 121 damaged copies); checked, a damaged
+/// file is an error naming it, and the server refuses to start instead of crashing or serving
+/// from it. The check reads the whole file once per open: 9–15 ms for 100,000 leases here
+/// (against 0.2–1.5 ms unchecked; reading them back takes 100 ms anyway), at start-up and when a
+/// commit reopens the file after a failure.
+fn open_checked(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder().set_check_integrity_on_open(true).create(path)
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join(FILE);
         let fail = |message: String| StoreError { path: path.display().to_string(), message };
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create the state directory: {e}")))?;
-        let db = Database::create(&path).map_err(|e| fail(e.to_string()))?;
+        let db = open_checked(&path).map_err(|e| fail(e.to_string()))?;
         let moved = leases::migrate(&db)
             .map_err(|e| fail(format!("cannot move leases to the current layout: {e}")))?;
         if moved > 0 {
@@ -122,7 +133,7 @@ impl Store {
         let mut open = self.open.lock();
         let db = match open.db.take() {
             Some(db) => db,
-            None => Database::create(&self.path).map_err(|e| self.error(e))?,
+            None => open_checked(&self.path).map_err(|e| self.error(e))?,
         };
         let with_epoch = open.epoch_on_disk != Some(batch.epoch);
         let keys = match open.keys.take() {
@@ -261,6 +272,38 @@ mod tests {
         let left: Vec<u128> = store.load().unwrap().leases.iter().map(|l| l.id.raw()).collect();
         assert_eq!(left, (count - 99..count).rev().collect::<Vec<_>>());
         drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_damaged_file_is_refused_with_an_error_never_a_panic() {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("store-damaged-{}-{nanos}", std::process::id()));
+        Store::open(&dir).unwrap().commit(&batch((1..1000).map(lease).collect(), vec![])).unwrap();
+        let path = dir.join(FILE);
+        let clean = std::fs::read(&path).unwrap();
+        let (mut refused, mut read) = (0, 0);
+        // 64 garbled bytes at a time, past the header, across the whole file.
+        for offset in (4096..clean.len()).step_by(2039) {
+            let mut bytes = clean.clone();
+            let end = (offset + 64).min(bytes.len());
+            bytes[offset..end].iter_mut().for_each(|b| *b ^= 0x5a);
+            std::fs::write(&path, &bytes).unwrap();
+            let opened = std::panic::catch_unwind(|| Store::open(&dir).and_then(|store| store.load()));
+            match opened {
+                Err(_) => panic!("a damaged file (bytes {offset}..{end}) made the open panic"),
+                Ok(Err(error)) => {
+                    assert!(error.to_string().contains(&*path.to_string_lossy()), "{error}");
+                    refused += 1;
+                }
+                // Garbled bytes in pages no tree uses change nothing that is read.
+                Ok(Ok(snapshot)) => {
+                    assert_eq!(snapshot.leases.len(), 999, "damage read as data (bytes {offset}..{end})");
+                    read += 1;
+                }
+            }
+        }
+        assert!(refused > read, "{refused} damaged copies refused, {read} read whole");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
