@@ -72,7 +72,14 @@ impl Store {
         let path = dir.join(FILE);
         let fail = |message: String| StoreError { path: path.display().to_string(), message };
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create the state directory: {e}")))?;
-        let db = open_checked(&path).map_err(|e| fail(e.to_string()))?;
+        let db = open_checked(&path).map_err(|e| match e {
+            redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => fail(format!(
+                "{e}: the file is damaged. Restore it from a backup, or move it away to start with an \
+                 empty ledger (every lease it holds is then forgotten: stop the holders first, or \
+                 wait one TTL)"
+            )),
+            e => fail(e.to_string()),
+        })?;
         let moved = leases::migrate(&db)
             .map_err(|e| fail(format!("cannot move leases to the current layout: {e}")))?;
         if moved > 0 {
@@ -282,7 +289,7 @@ mod tests {
         Store::open(&dir).unwrap().commit(&batch((1..1000).map(lease).collect(), vec![])).unwrap();
         let path = dir.join(FILE);
         let clean = std::fs::read(&path).unwrap();
-        let (mut refused, mut read) = (0, 0);
+        let (mut refused, mut read, mut advised) = (0, 0, 0);
         // 64 garbled bytes at a time, past the header, across the whole file.
         for offset in (4096..clean.len()).step_by(2039) {
             let mut bytes = clean.clone();
@@ -293,7 +300,10 @@ mod tests {
             match opened {
                 Err(_) => panic!("a damaged file (bytes {offset}..{end}) made the open panic"),
                 Ok(Err(error)) => {
-                    assert!(error.to_string().contains(&*path.to_string_lossy()), "{error}");
+                    let error = error.to_string();
+                    assert!(error.contains(&*path.to_string_lossy()), "{error}");
+                    // A checksum that fails says what to do about it.
+                    advised += usize::from(error.contains("damaged. Restore it from a backup"));
                     refused += 1;
                 }
                 // Garbled bytes in pages no tree uses change nothing that is read.
@@ -304,6 +314,7 @@ mod tests {
             }
         }
         assert!(refused > read, "{refused} damaged copies refused, {read} read whole");
+        assert!(advised > 0, "no refusal said the file is damaged");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
