@@ -190,14 +190,19 @@ fn a_lease_granted_and_gone_between_two_batches_is_only_removed() {
     assert_eq!(batch.pools.len(), 1);
 }
 
-#[test]
-fn stored_leases_and_records_that_cannot_be_accounted_for_are_dropped_and_deleted_by_the_next_commit() {
-    let (t0, wall0) = (Instant::now(), SystemTime::now());
+/// A store holding what a ledger wrote after granting one lease of `ttl` (returned).
+fn one_lease_stored(t0: Instant, wall0: SystemTime, ttl: Duration) -> (LeaseId, FakeStore) {
     let mut ledger = tracked_ledger();
-    let long = Duration::from_secs(60);
-    let kept = grant(&mut ledger, long, t0);
+    let kept = grant(&mut ledger, ttl, t0);
     let mut store = FakeStore::default();
     store.apply(ledger.take_batch(t0, wall0));
+    (kept, store)
+}
+
+#[test]
+fn stored_leases_and_records_that_cannot_be_accounted_for_are_dropped_and_deleted_by_the_next_commit() {
+    let (t0, wall0, long) = (Instant::now(), SystemTime::now(), Duration::from_secs(60));
+    let (kept, mut store) = one_lease_stored(t0, wall0, long);
     // A damaged store: one lease of a pool it does not hold, and one that fits the pool but not
     // what is left of it once the kept lease is back (the snapshot lists leases by id, and
     // this one's id is the highest).
@@ -242,11 +247,7 @@ fn stored_leases_and_records_that_cannot_be_accounted_for_are_dropped_and_delete
 #[test]
 fn stored_counters_that_do_not_add_up_with_the_leases_restored_are_made_to_and_written_back() {
     let (t0, wall0) = (Instant::now(), SystemTime::now());
-    let mut ledger = tracked_ledger();
-    let long = Duration::from_secs(60);
-    let kept = grant(&mut ledger, long, t0);
-    let mut store = FakeStore::default();
-    store.apply(ledger.take_batch(t0, wall0));
+    let (kept, mut store) = one_lease_stored(t0, wall0, Duration::from_secs(60));
     let counted = store.pools[&Arc::from("kv-cache") as &Arc<str>].counters;
 
     // A lease the counters count but that does not fit (so the restore drops it): counted as
