@@ -6,12 +6,6 @@ use clap::Parser;
 use memory_service::{Config, config::PoolSpec, run};
 use serving::launch::Launch;
 
-/// Every call allocates a few dozen small blocks in tonic, h2 and hyper (frames, headers,
-/// tasks), freed on other threads: glibc's malloc and free were 7% of the server's CPU at
-/// concurrency 32. mimalloc's per-thread free lists take less (see the README's benchmarks).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 serving::security_args!(SecurityArgs, "MEMORY_");
 
 /// Leases named pools of simulated device memory over gRPC (memory.v1.MemoryService).

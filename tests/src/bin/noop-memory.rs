@@ -4,8 +4,7 @@
 //! What the production binary costs beyond it is the memory logic (and its durability). Replies
 //! have the production replies' shape and size (every field of a lease filled, the same epoch
 //! field), so both sides pay the same encoding, bytes and client decoding: the comparison is of
-//! the work, not of the bytes. It uses the production binary's allocator (mimalloc) too, so
-//! that a faster allocator does not read as cheaper memory logic.
+//! the work, not of the bytes.
 //!
 //! Flags: `--listen ADDR` (default 127.0.0.1:0); other flags are ignored. Logs its address as
 //! `listening addr=…` on stderr, as the services do.
@@ -19,9 +18,6 @@ use proto::memory::v1::{
 use tokio::net::TcpListener;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
-
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Default)]
 struct Noop;
