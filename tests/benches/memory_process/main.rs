@@ -11,14 +11,18 @@
 //!   the shared machine's noise moves less than rates;
 //! - the durable rate again while 10,240 other leases are held (a store of many pages);
 //! - mass expiry: 100,000 leases due at once, reclaimed how long after their deadline, in memory
-//!   and with `--state-dir`.
+//!   and with `--state-dir`;
+//! - the durable rate against etcd's again with each server alone on one core and this client on
+//!   the other (`own_core`), so that the client's CPU does not count against the server's.
 //!
-//! Run: `cargo bench -p e2e --bench memory_process [-- rates] [expiry]` (both by default).
+//! Run: `cargo bench -p e2e --bench memory_process [-- rates] [own-core] [expiry]` (all by
+//! default).
 
 #![allow(clippy::print_stdout)]
 
 mod etcd;
 mod expiry;
+mod own_core;
 
 use std::time::Duration;
 
@@ -29,11 +33,11 @@ use proto::memory::v1::{
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-const ROUNDS: usize = 5;
-const ROUND: Duration = Duration::from_millis(1500);
+pub(crate) const ROUNDS: usize = 5;
+pub(crate) const ROUND: Duration = Duration::from_millis(1500);
 const LEASES_PER_MESSAGE: usize = 16;
 
-async fn connect(addr: &str) -> Channel {
+pub(crate) async fn connect(addr: &str) -> Channel {
     Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
 }
 
@@ -71,7 +75,7 @@ where
 }
 
 /// Allocate+Free pairs for `ROUND` from `concurrency` tasks on one connection; RPCs per second.
-async fn alloc_free(channel: &Channel, concurrency: usize) -> f64 {
+pub(crate) async fn alloc_free(channel: &Channel, concurrency: usize) -> f64 {
     async fn pair(mut client: MemoryServiceClient<Channel>) -> MemoryServiceClient<Channel> {
         let lease = client.allocate(alloc(&[("kv-cache", 4096)])).await.expect("allocate");
         let lease_id = lease.into_inner().leases.remove(0).lease_id;
@@ -155,11 +159,11 @@ fn cpu_ticks() -> (u64, u64) {
 }
 
 /// Microseconds per clock tick of `/proc` (USER_HZ is 100 on Linux).
-const TICK_US: f64 = 10_000.0;
+pub(crate) const TICK_US: f64 = 10_000.0;
 
 /// CPU ticks (user and system, all threads) process `pid` used so far, from `/proc/<pid>/stat`
 /// (zero elsewhere).
-fn process_ticks(pid: u32) -> u64 {
+pub(crate) fn process_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
@@ -172,7 +176,7 @@ fn busy_between(before: (u64, u64), after: (u64, u64)) -> f64 {
     (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -193,6 +197,9 @@ fn main() {
         if wants("rates") {
             rates(&in_memory, &on_disk, [memory.pid(), durable.pid()]).await;
             println!("\n--state-dir: {}", commits(durable.admin.as_deref().expect("admin port")).await);
+        }
+        if wants("own-core") {
+            own_core::durable_against_etcd().await;
         }
         if wants("expiry") {
             println!("\n| mass expiry: {} leases due at once | deadline spread | all reclaimed after the last deadline | next Allocate took |", expiry::LEASES);

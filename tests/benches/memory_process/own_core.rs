@@ -1,0 +1,89 @@
+//! Durable memory-service against etcd with each server on a core of its own and the client on
+//! the other one. In the shared-core table the client's CPU (about 25 µs per call, the same for
+//! both servers) competes with the server's, which pulls every rate ratio towards 1; load that
+//! comes from other machines, as it does in production, does not. Each server is started afresh
+//! inside a one-core affinity mask, so it sizes itself as it would in a one-core cpuset: tokio
+//! starts one worker, Go sets GOMAXPROCS to 1.
+
+use std::process::{Command, Stdio};
+
+use e2e::{certs::TempDir, process::Process};
+use tokio::time::Instant;
+
+use super::{ROUND, ROUNDS, TICK_US, alloc_free, connect, etcd, median, process_ticks};
+
+/// The core the servers run on; the client runs on core 0.
+const SERVER_CPU: &str = "1";
+
+/// `taskset` with `args`; whether it ran and succeeded.
+fn taskset(args: &[&str]) -> bool {
+    Command::new("taskset")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Prints the durable memory-service's and etcd's Allocate+Free (grant+revoke) rates at
+/// concurrency 32, each server alone on core 1 and this process on core 0, interleaved round by
+/// round; skipped (with the reason) on one core or without `taskset` or etcd.
+pub async fn durable_against_etcd() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 || !taskset(&["-V"]) {
+        println!("\neach server on a core of its own: skipped (needs 2 cores and `taskset`, util-linux)");
+        return;
+    }
+    let me = std::process::id().to_string();
+    // A child inherits the affinity of the thread that spawns it: this thread (the main thread,
+    // whose id is the process id) moves to the servers' core while it starts them.
+    assert!(taskset(&["-c", "-p", SERVER_CPU, &me]), "pin this thread to the servers' core");
+    let dir = TempDir::new("bench-own-core");
+    let state = dir.path().to_str().expect("utf-8").to_owned();
+    let quiet = [("RUST_LOG", "warn,memory_service=info,serving=info")];
+    let durable =
+        Process::start("memory-service", &["--pool", "kv-cache=1TiB", "--state-dir", &state], &quiet, false);
+    let etcd = etcd::Etcd::start();
+    // Then every thread of this process, the client, moves to the other core.
+    assert!(taskset(&["-a", "-c", "-p", "0", &me]), "pin the client to core 0");
+    if let Some(etcd) = &etcd {
+        let servers = [
+            (connect(&durable.addr).await, durable.pid(), false),
+            (connect(&etcd.addr).await, etcd.pid(), true),
+        ];
+        let measure = |(channel, _, is_etcd): &(tonic::transport::Channel, u32, bool)| {
+            let channel = channel.clone();
+            let is_etcd = *is_etcd;
+            async move {
+                if is_etcd {
+                    etcd::grant_revoke_rate(&channel, 32, ROUND).await
+                } else {
+                    alloc_free(&channel, 32).await
+                }
+            }
+        };
+        for server in &servers {
+            measure(server).await; // warm-up
+        }
+        let (mut rates, mut cpu) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+        for _ in 0..ROUNDS {
+            for (i, server) in servers.iter().enumerate() {
+                let (ticks, started) = (process_ticks(server.1), Instant::now());
+                let rate = measure(server).await;
+                let calls = rate * started.elapsed().as_secs_f64();
+                cpu[i].push(process_ticks(server.1).saturating_sub(ticks) as f64 * TICK_US / calls);
+                rates[i].push(rate);
+            }
+        }
+        let [durable_rate, etcd_rate] = rates.map(median);
+        let [durable_cpu, etcd_cpu] = cpu.map(median);
+        println!(
+            "\neach server alone on core {SERVER_CPU}, the client on core 0, at c=32: memory-service with --state-dir \
+             {durable_rate:.0} RPC/s ({durable_cpu:.1} µs of CPU per call), etcd {etcd_rate:.0} RPC/s \
+             ({etcd_cpu:.1} µs): {:.2}×",
+            durable_rate / etcd_rate
+        );
+    }
+    assert!(taskset(&["-a", "-c", "-p", &format!("0-{}", cpus - 1), &me]), "unpin the client");
+    durable.stop();
+}
