@@ -36,6 +36,8 @@ use tonic::transport::Channel;
 pub(crate) const ROUNDS: usize = 5;
 pub(crate) const ROUND: Duration = Duration::from_millis(1500);
 const LEASES_PER_MESSAGE: usize = 16;
+/// The servers' log filter: their addresses (which `Process` reads) and warnings.
+pub(crate) const QUIET: [(&str, &str); 1] = [("RUST_LOG", "warn,memory_service=info,serving=info")];
 
 pub(crate) async fn connect(addr: &str) -> Channel {
     Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
@@ -159,7 +161,7 @@ fn cpu_ticks() -> (u64, u64) {
 }
 
 /// Microseconds per clock tick of `/proc` (USER_HZ is 100 on Linux).
-pub(crate) const TICK_US: f64 = 10_000.0;
+const TICK_US: f64 = 10_000.0;
 
 /// CPU ticks (user and system, all threads) process `pid` used so far, from `/proc/<pid>/stat`
 /// (zero elsewhere).
@@ -176,6 +178,13 @@ fn busy_between(before: (u64, u64), after: (u64, u64)) -> f64 {
     (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64
 }
 
+/// Microseconds of CPU process `pid` spent per call since it had used `ticks_before` (from
+/// [`process_ticks`]) at `started`, over calls made at `rate` per second.
+pub(crate) fn cpu_per_call(pid: u32, ticks_before: u64, started: Instant, rate: f64) -> f64 {
+    let calls = rate * started.elapsed().as_secs_f64();
+    process_ticks(pid).saturating_sub(ticks_before) as f64 * TICK_US / calls
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -187,11 +196,10 @@ fn main() {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async {
-        let quiet = [("RUST_LOG", "warn,memory_service=info,serving=info")];
-        let memory = Process::start("memory-service", &["--pool", "kv-cache=1TiB"], &quiet, false);
+        let memory = Process::start("memory-service", &["--pool", "kv-cache=1TiB"], &QUIET, false);
         let dir = TempDir::new("bench-state");
         let state = dir.path().to_str().expect("utf-8").to_owned();
-        let durable = Process::start("memory-service", &["--pool", "kv-cache=1TiB", "--state-dir", &state], &quiet, true);
+        let durable = Process::start("memory-service", &["--pool", "kv-cache=1TiB", "--state-dir", &state], &QUIET, true);
         let (in_memory, on_disk) = (connect(&memory.addr).await, connect(&durable.addr).await);
         println!("memory-service as its own process, driven from this one over loopback (2 cores shared)");
         if wants("rates") {
@@ -257,9 +265,7 @@ async fn rates(in_memory: &Channel, on_disk: &Channel, pids: [u32; 2]) {
                 if m == 1 {
                     busy[i].push(busy_between(before, cpu_ticks()));
                     if let Some(r) = measured {
-                        let calls = r * started.elapsed().as_secs_f64();
-                        let ticks = process_ticks(*pid).saturating_sub(server_before);
-                        cpu[i].push(ticks as f64 * TICK_US / calls);
+                        cpu[i].push(cpu_per_call(*pid, server_before, started, r));
                     }
                 }
             }
@@ -348,7 +354,7 @@ async fn commits(admin: &str) -> String {
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Kind {
+pub(crate) enum Kind {
     Noop,
     Memory,
     Etcd,
@@ -356,7 +362,7 @@ enum Kind {
 
 /// Measure `m` (Allocate+Free c=1, c=32, KeepAlive 1 stream, 32 streams) of one server; `None`
 /// where the server has no such call (etcd's keep-alive renews one lease per message).
-async fn measure(channel: &Channel, kind: Kind, m: usize) -> Option<f64> {
+pub(crate) async fn measure(channel: &Channel, kind: Kind, m: usize) -> Option<f64> {
     let concurrency = if m.is_multiple_of(2) { 1 } else { 32 };
     match (kind, m < 2) {
         (Kind::Etcd, true) => Some(etcd::grant_revoke_rate(channel, concurrency, ROUND).await),

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use e2e::{certs::TempDir, process::Process};
 use tokio::time::Instant;
 
-use super::{ROUND, ROUNDS, TICK_US, alloc_free, connect, etcd, median, process_ticks};
+use super::{Kind, QUIET, ROUNDS, connect, cpu_per_call, etcd, measure, median, process_ticks};
 
 /// The core the servers run on; the client runs on core 0.
 const SERVER_CPU: &str = "1";
@@ -43,38 +43,27 @@ pub async fn durable_against_etcd() {
     }
     let dir = TempDir::new("bench-own-core");
     let state = dir.path().to_str().expect("utf-8").to_owned();
-    let quiet = [("RUST_LOG", "warn,memory_service=info,serving=info")];
     let durable =
-        Process::start("memory-service", &["--pool", "kv-cache=1TiB", "--state-dir", &state], &quiet, false);
+        Process::start("memory-service", &["--pool", "kv-cache=1TiB", "--state-dir", &state], &QUIET, false);
     let etcd = etcd::Etcd::start();
     // Then every thread of this process, the client, moves to the other core.
     assert!(taskset(&["-a", "-c", "-p", "0", &me]), "pin the client to core 0");
     if let Some(etcd) = &etcd {
         let servers = [
-            (connect(&durable.addr).await, durable.pid(), false),
-            (connect(&etcd.addr).await, etcd.pid(), true),
+            (connect(&durable.addr).await, Kind::Memory, durable.pid()),
+            (connect(&etcd.addr).await, Kind::Etcd, etcd.pid()),
         ];
-        let measure = |(channel, _, is_etcd): &(tonic::transport::Channel, u32, bool)| {
-            let channel = channel.clone();
-            let is_etcd = *is_etcd;
-            async move {
-                if is_etcd {
-                    etcd::grant_revoke_rate(&channel, 32, ROUND).await
-                } else {
-                    alloc_free(&channel, 32).await
-                }
-            }
-        };
-        for server in &servers {
-            measure(server).await; // warm-up
+        // Measure 1 of the shared-core table: Allocate+Free (grant+revoke) at c=32.
+        const C32: usize = 1;
+        for (channel, kind, _) in &servers {
+            measure(channel, *kind, C32).await; // warm-up
         }
         let (mut rates, mut cpu) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
         for _ in 0..ROUNDS {
-            for (i, server) in servers.iter().enumerate() {
-                let (ticks, started) = (process_ticks(server.1), Instant::now());
-                let rate = measure(server).await;
-                let calls = rate * started.elapsed().as_secs_f64();
-                cpu[i].push(process_ticks(server.1).saturating_sub(ticks) as f64 * TICK_US / calls);
+            for (i, (channel, kind, pid)) in servers.iter().enumerate() {
+                let (ticks, started) = (process_ticks(*pid), Instant::now());
+                let rate = measure(channel, *kind, C32).await.expect("every server has measure 1");
+                cpu[i].push(cpu_per_call(*pid, ticks, started, rate));
                 rates[i].push(rate);
             }
         }
