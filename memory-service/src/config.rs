@@ -33,7 +33,8 @@ pub struct Config {
     pub max_wait: Duration,
     /// Delay suggested to a caller refused for lack of room (RetryInfo).
     pub retry_hint: Duration,
-    /// Events each watcher may fall behind before it is told it lagged.
+    /// Events each watcher may fall behind before it is told it lagged; also how many of the
+    /// latest events are kept for watchers that resume.
     pub event_buffer: usize,
     /// How long shutdown waits for in-flight calls before closing connections.
     pub grace_period: Duration,

@@ -44,7 +44,8 @@ struct Args {
     /// Retry delay suggested when memory is short, in milliseconds.
     #[arg(long, env = "MEMORY_RETRY_HINT_MS")]
     retry_hint_ms: Option<u64>,
-    /// Events a watcher may fall behind before it is told it lagged.
+    /// Events a watcher may fall behind before it is told it lagged, and the latest events
+    /// kept for watchers that resume after a sequence.
     #[arg(long, env = "MEMORY_EVENT_BUFFER")]
     event_buffer: Option<usize>,
     /// Print the pools this configuration creates (name and bytes) as JSON, and exit without

@@ -155,7 +155,10 @@ pub fn snapshot(shared: &Shared) -> String {
         admin::family(&mut out, name, kind, help, &samples);
     }
     // The epoch as a label: a 64-bit id does not survive a float sample.
-    let _ = writeln!(out, "# HELP memory_server_info Constant 1, labelled with the server epoch (boot id).");
+    let _ = writeln!(
+        out,
+        "# HELP memory_server_info Constant 1, labelled with the server epoch (the id of its state)."
+    );
     let _ = writeln!(out, "# TYPE memory_server_info gauge");
     let _ = writeln!(out, "memory_server_info{{epoch=\"{}\"}} 1", shared.epoch());
     out

@@ -352,6 +352,7 @@ pub async fn wait_for_used(memory: &MemoryServer, pool: &str, used: u64) {
     let filter = WatchEventsRequest {
         pools: vec![pool.into()],
         kinds: vec![EventKind::Freed.into(), EventKind::Expired.into(), EventKind::Allocated.into()],
+        ..Default::default()
     };
     let mut events = client.watch_events(filter).await.expect("watch events").into_inner();
     loop {

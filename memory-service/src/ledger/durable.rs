@@ -83,6 +83,9 @@ pub struct Batch {
     pub seq: u64,
     /// The server epoch (it never changes; the store writes it once).
     pub epoch: u64,
+    /// The sequence number of the latest event once this batch's events are released: numbering
+    /// goes on from it after a restart.
+    pub events: u64,
     /// Pools whose capacity or counters changed.
     pub pools: Vec<StoredPool>,
     /// Leases granted or renewed, with their current values.
@@ -111,6 +114,8 @@ impl Batch {
 pub struct Snapshot {
     /// The epoch of the ledger that wrote it.
     pub epoch: Option<u64>,
+    /// The sequence number of the latest event released (0 for a store that has none).
+    pub events: u64,
     /// Pools.
     pub pools: Vec<StoredPool>,
     /// Leases.
@@ -156,6 +161,7 @@ impl Ledger {
     /// latest change's sequence number as it moves, readable without the lock.
     pub fn track_changes(&mut self) -> Arc<AtomicU64> {
         self.dirty.on = true;
+        self.events.hold_until_durable(self.dirty.seq.clone());
         self.dirty.seq.clone()
     }
 
@@ -247,7 +253,8 @@ impl Ledger {
                 (key, stored)
             })
             .collect();
-        Batch { seq: self.change_seq(), epoch: self.epoch, pools, leases, gone, replays }
+        let events = self.events.sequence_when_released();
+        Batch { seq: self.change_seq(), epoch: self.epoch, events, pools, leases, gone, replays }
     }
 
     /// Marks the keys of `batch` changed again (its commit failed), so the next batch writes
@@ -292,6 +299,8 @@ impl Ledger {
         if let Some(epoch) = snapshot.epoch {
             self.epoch = epoch;
         }
+        // Same epoch, so the same numbering: watchers resume by (epoch, sequence).
+        self.events.continue_after(snapshot.events);
         for pool in &snapshot.pools {
             // Restored pools are not new: bypass the pool bound, which may have been lowered.
             let id = self.pools.len();

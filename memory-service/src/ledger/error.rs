@@ -119,6 +119,12 @@ pub enum Error {
     /// The caller is authenticated but may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// A watcher cannot resume in this epoch: the state it watched is gone.
+    #[error("cannot resume the watch: {0}")]
+    CannotResume(String),
+    /// A watcher cannot resume after that event: it is not retained, or was never reached.
+    #[error("cannot resume the watch: {0}")]
+    ResumeOutOfRange(String),
 }
 
 impl Error {

@@ -1,7 +1,15 @@
-//! The event feed: every state change gets a sequence number under the ledger lock, then fans
-//! out through a broadcast ring that never blocks the publisher.
+//! The event feed: every state change becomes an event with a sequence number under the ledger
+//! lock, is retained for watchers that resume, and fans out through a broadcast ring that never
+//! blocks the publisher.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
 
 use tokio::sync::broadcast;
 
@@ -61,36 +69,97 @@ pub struct Change<'a> {
     pub pool_used: u64,
 }
 
-/// Sequences events and broadcasts them. A `broadcast` channel because it is a bounded ring: a
-/// slow receiver loses the oldest events (and learns how many) instead of holding the publisher,
-/// which runs under the ledger lock and must never wait.
+/// Sequences events, keeps the latest for watchers that resume, and broadcasts them. A
+/// `broadcast` channel because it is a bounded ring: a slow receiver loses the oldest events (and
+/// learns how many) instead of holding the publisher, which runs under the ledger lock and must
+/// never wait.
+///
+/// With a store, an event is held back until the commit that carries its change is on disk
+/// ([`EventBus::release`]), as etcd emits only committed revisions: a watcher never sees a grant
+/// or a `pool_used` that a crash could take back. Sequence numbers are given at release, so they
+/// stay gapless in the order watchers see them, and the store keeps the latest one so numbering
+/// goes on after a restart.
 #[derive(Debug)]
 pub struct EventBus {
     sender: broadcast::Sender<Arc<Event>>,
     last_sequence: u64,
+    /// The latest events, oldest first, at most `capacity`: what a resuming watcher can replay.
+    retained: VecDeque<Arc<Event>>,
+    capacity: usize,
+    /// Set with a store: events wait for the commit of their change.
+    held: Option<Held>,
+}
+
+/// Events waiting for the commit of their change.
+#[derive(Debug)]
+struct Held {
+    /// The ledger's change counter (see `Ledger::track_changes`): an event is a change of its
+    /// own, numbered after the state change it reports.
+    changes: Arc<AtomicU64>,
+    /// (change number, event without its sequence), in change order.
+    pending: VecDeque<(u64, Event)>,
+}
+
+/// What a new watcher starts with: the retained events it asked to replay, and a receiver of
+/// the events released after them.
+pub type Subscription = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>);
+
+/// Why a watcher cannot resume where it asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeGap {
+    /// The sequence asked for has not been reached.
+    Ahead { latest: u64 },
+    /// Events after the sequence asked for are no longer retained.
+    Gone { oldest: u64, latest: u64 },
 }
 
 impl EventBus {
-    /// A bus whose slowest watcher may fall `capacity` events behind before it lags.
+    /// A bus whose slowest watcher may fall `capacity` events behind before it lags, and that
+    /// retains as many for watchers that resume.
     pub fn new(capacity: usize) -> Self {
-        let (sender, _) = broadcast::channel(capacity.max(1));
-        EventBus { sender, last_sequence: 0 }
+        let capacity = capacity.max(1);
+        let (sender, _) = broadcast::channel(capacity);
+        EventBus { sender, last_sequence: 0, retained: VecDeque::new(), capacity, held: None }
     }
 
-    /// A new receiver, seeing events published from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.sender.subscribe()
+    /// Holds every event until [`EventBus::release`] says its change (numbered by `changes`)
+    /// is durable.
+    pub fn hold_until_durable(&mut self, changes: Arc<AtomicU64>) {
+        self.held = Some(Held { changes, pending: VecDeque::new() });
     }
 
-    /// Sequences `change` and sends it to every watcher. With no watcher the number is still
-    /// taken (so numbering is the same whoever watches) but nothing is built.
-    pub fn publish(&mut self, change: Change<'_>) {
-        self.last_sequence += 1;
-        if self.sender.receiver_count() == 0 {
-            return;
+    /// Numbering goes on after `sequence` (a restore).
+    pub fn continue_after(&mut self, sequence: u64) {
+        self.last_sequence = self.last_sequence.max(sequence);
+    }
+
+    /// The sequence the latest event will have once every held event is released: what a
+    /// commit of every change so far stores.
+    pub fn sequence_when_released(&self) -> u64 {
+        self.last_sequence + self.held.as_ref().map_or(0, |held| held.pending.len() as u64)
+    }
+
+    /// A new receiver, seeing events released from now on, and the retained events after
+    /// `after` (none for `None`). Under the ledger lock, so nothing falls between the two.
+    pub fn subscribe(&self, after: Option<u64>) -> Result<Subscription, ResumeGap> {
+        let receiver = self.sender.subscribe();
+        let Some(after) = after else { return Ok((Vec::new(), receiver)) };
+        let latest = self.last_sequence;
+        if after > latest {
+            return Err(ResumeGap::Ahead { latest });
         }
+        let oldest = self.retained.front().map_or(latest + 1, |e| e.sequence);
+        if after + 1 < oldest {
+            return Err(ResumeGap::Gone { oldest, latest });
+        }
+        let skip = (after + 1 - oldest) as usize;
+        Ok((self.retained.iter().skip(skip).cloned().collect(), receiver))
+    }
+
+    /// Records `change`: sent at once in memory, held until its commit with a store.
+    pub fn publish(&mut self, change: Change<'_>) {
         let event = Event {
-            sequence: self.last_sequence,
+            sequence: 0,
             time: SystemTime::now(),
             kind: change.kind,
             pool: change.pool.clone(),
@@ -100,7 +169,51 @@ impl EventBus {
             scope: change.scope.cloned(),
             pool_used: change.pool_used,
         };
-        // An error only means every receiver left between the check and the send.
-        let _ = self.sender.send(Arc::new(event));
+        match &mut self.held {
+            Some(held) => {
+                // Only ever written under the ledger's lock (see `Ledger::bump`).
+                let seq = held.changes.load(Ordering::Relaxed) + 1;
+                held.changes.store(seq, Ordering::Release);
+                held.pending.push_back((seq, event));
+            }
+            None => self.send(event),
+        }
+    }
+
+    /// Sends every held event whose change is in a commit that covered change `through`.
+    pub fn release(&mut self, through: u64) {
+        while let Some(held) = &mut self.held
+            && held.pending.front().is_some_and(|(seq, _)| *seq <= through)
+        {
+            let Some((_, event)) = held.pending.pop_front() else { break };
+            self.send(event);
+        }
+    }
+
+    /// Drops the held events of `lease` if its grant was never released (its commit failed,
+    /// or its caller left before it): watchers never hear of a lease that was not kept.
+    /// Returns whether they were dropped.
+    pub fn withdraw(&mut self, lease: LeaseId) -> bool {
+        let Some(held) = &mut self.held else { return false };
+        let unreleased =
+            held.pending.iter().any(|(_, e)| e.lease == Some(lease) && e.kind == EventKind::Allocated);
+        if unreleased {
+            held.pending.retain(|(_, e)| e.lease != Some(lease));
+        }
+        unreleased
+    }
+
+    fn send(&mut self, mut event: Event) {
+        self.last_sequence += 1;
+        event.sequence = self.last_sequence;
+        let event = Arc::new(event);
+        if self.retained.len() == self.capacity {
+            self.retained.pop_front();
+        }
+        self.retained.push_back(event.clone());
+        if self.sender.receiver_count() > 0 {
+            // An error only means every receiver left between the check and the send.
+            let _ = self.sender.send(event);
+        }
     }
 }

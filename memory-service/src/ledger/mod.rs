@@ -25,12 +25,14 @@ mod tests;
 #[cfg(test)]
 mod tests_durable;
 #[cfg(test)]
+mod tests_events;
+#[cfg(test)]
 mod tests_limits;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio::{
-    sync::{Notify, broadcast, oneshot},
+    sync::{Notify, oneshot},
     time::Instant,
 };
 
@@ -47,7 +49,7 @@ pub use self::{
     durable::{Batch, Restored, Snapshot, StoredLease, StoredPool, StoredReplay},
     error::Error,
     error::Violations,
-    events::{Event, EventKind},
+    events::{Event, EventKind, ResumeGap, Subscription},
     lease::{IdGen, Lease, LeaseId, LeaseMap, LeaseSet},
     limits::Limits,
     pool::{Counters, PoolId, PoolStats, Release},
@@ -121,7 +123,8 @@ impl Ledger {
         self.observer = Some(observer);
     }
 
-    /// Boot id: random per ledger, so clients notice a restart.
+    /// The epoch: random per ledger, kept by a restore, so clients notice a restart that lost
+    /// the state.
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -131,8 +134,28 @@ impl Ledger {
         self.reaper.clone()
     }
 
-    /// A receiver of every event published from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.events.subscribe()
+    /// A receiver of every event released from now on, and the retained events after
+    /// `after`, if asked (a watcher that resumes).
+    pub fn subscribe(&self, after: Option<u64>) -> Result<Subscription, ResumeGap> {
+        self.events.subscribe(after)
+    }
+
+    /// Releases to watchers the events of every change up to `through`, now durable.
+    pub fn release_events(&mut self, through: u64) {
+        self.events.release(through);
+    }
+
+    /// Takes back leases whose grant was not delivered (its commit failed, or its caller left):
+    /// freed, and if their grant's event was never released, no watcher hears of them at all.
+    /// Leases already gone are skipped. Returns how many were freed.
+    pub fn withdraw(&mut self, leases: &[LeaseId], now: Instant) -> usize {
+        let mut freed = 0;
+        for &id in leases {
+            if self.free(id, now).is_ok() {
+                self.events.withdraw(id);
+                freed += 1;
+            }
+        }
+        freed
     }
 }

@@ -261,7 +261,7 @@ fn a_request_id_that_is_still_waiting_is_refused() {
 #[test]
 fn events_are_sequenced_and_describe_the_change() {
     let mut ledger = ledger();
-    let mut rx = ledger.subscribe();
+    let (_, mut rx) = ledger.subscribe(None).expect("live");
     let now = Instant::now();
     let lease = granted(ledger.allocate(request(&[("kv-cache", 7)]), now, false)).leases.remove(0);
     ledger.free(lease.id, now).unwrap();

@@ -13,16 +13,18 @@ use super::*;
 
 /// What a store would hold after applying batches, keyed as the real one.
 #[derive(Default)]
-struct FakeStore {
+pub(super) struct FakeStore {
     epoch: Option<u64>,
+    events: u64,
     pools: HashMap<Arc<str>, StoredPool>,
     leases: HashMap<LeaseId, StoredLease>,
     replays: HashMap<Arc<str>, StoredReplay>,
 }
 
 impl FakeStore {
-    fn apply(&mut self, batch: Batch) {
+    pub(super) fn apply(&mut self, batch: Batch) {
         self.epoch = Some(batch.epoch);
+        self.events = batch.events;
         for pool in batch.pools {
             self.pools.insert(pool.name.clone(), pool);
         }
@@ -40,11 +42,12 @@ impl FakeStore {
         }
     }
 
-    fn snapshot(&self) -> Snapshot {
+    pub(super) fn snapshot(&self) -> Snapshot {
         let mut pools: Vec<_> = self.pools.values().cloned().collect();
         pools.sort_by(|a, b| a.name.cmp(&b.name));
         Snapshot {
             epoch: self.epoch,
+            events: self.events,
             pools,
             leases: {
                 let mut leases: Vec<_> = self.leases.values().cloned().collect();
@@ -74,7 +77,7 @@ fn granted(admission: Result<Admission, Error>) -> Grant {
 }
 
 /// A ledger that tracks changes, with a kv-cache pool of 1,000 bytes.
-fn tracked_ledger() -> Ledger {
+pub(super) fn tracked_ledger() -> Ledger {
     let mut ledger = Ledger::new(16);
     ledger.track_changes();
     ledger.create_pool("kv-cache", 1000).unwrap();
@@ -82,7 +85,7 @@ fn tracked_ledger() -> Ledger {
 }
 
 /// Grants 10 bytes of kv-cache for `ttl` at `now`; the lease's id.
-fn grant(ledger: &mut Ledger, ttl: Duration, now: Instant) -> LeaseId {
+pub(super) fn grant(ledger: &mut Ledger, ttl: Duration, now: Instant) -> LeaseId {
     granted(ledger.allocate(request(&[("kv-cache", 10)], None, ttl, None), now, false)).leases[0].id
 }
 

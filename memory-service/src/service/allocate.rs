@@ -65,36 +65,36 @@ pub(super) async fn allocate(
             result?
         }
     };
-    // Durable before it is answered. If the store fails, the grant is taken back: the caller is
-    // told UNAVAILABLE, and nothing it was not told of may hold memory.
-    if let Err(err) = shared.durable().await {
-        if !grant.replayed {
-            let now = Instant::now();
-            let mut ledger = shared.ledger();
-            for lease in &grant.leases {
-                let _ = ledger.free(lease.id, now);
-            }
-        }
-        return Err(err);
-    }
-    if !span.is_none() {
-        let ids: Vec<String> = grant.leases.iter().map(|l| l.id.to_string()).collect();
-        span.record("lease_ids", tracing::field::display(ids.join(",")));
-    }
-    // A grant whose answer never leaves (the caller reset the call or went away meanwhile) goes
-    // straight back, rather than sitting unused until its TTL. A replay is not undone: the same
-    // leases were answered before and may be in use.
+    // A grant whose answer never leaves (the caller reset the call or went away, the commit wait
+    // included) goes straight back, rather than sitting unused until its TTL. Registered before
+    // the commit wait: a caller that resets during it drops this future at the await, and nothing
+    // after the await would run. A replay is not undone: the same leases were answered before
+    // and may be in use.
+    let leases: Vec<_> = grant.leases.iter().map(|l| l.id).collect();
     if let Some(undelivered) = undelivered
         && !grant.replayed
     {
         let owner = shared.clone();
-        let leases: Vec<_> = grant.leases.iter().map(|l| l.id).collect();
+        let leases = leases.clone();
         undelivered.on_undelivered(move || {
-            let now = Instant::now();
-            let mut ledger = owner.ledger();
-            let freed = leases.iter().filter(|&&id| ledger.free(id, now).is_ok()).count();
-            tracing::info!(freed, "an Allocate answer never reached its caller: its leases are freed");
+            let freed = owner.ledger().withdraw(&leases, Instant::now());
+            if freed > 0 {
+                owner.durability().nudge();
+                tracing::info!(freed, "an Allocate answer never reached its caller: its leases are freed");
+            }
         });
+    }
+    // Durable before it is answered. If the store fails, the grant is taken back: the caller is
+    // told UNAVAILABLE, and nothing it was not told of may hold memory (nor reach a watcher).
+    if let Err(err) = shared.durable().await {
+        if !grant.replayed {
+            shared.ledger().withdraw(&leases, Instant::now());
+        }
+        return Err(err);
+    }
+    if !span.is_none() {
+        let ids: Vec<String> = leases.iter().map(|id| id.to_string()).collect();
+        span.record("lease_ids", tracing::field::display(ids.join(",")));
     }
     let clock = Clock::now();
     let leases = {

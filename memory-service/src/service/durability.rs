@@ -194,6 +194,9 @@ impl Committer {
                 let for_thread = shared.clone();
                 // The ledger's deadlines are on tokio's clock (paused in tests): read it there.
                 let runtime = tokio::runtime::Handle::current();
+                // A restore's changes (leases that expired while down, and their events) are
+                // committed at once, not with the first call's.
+                shared.durability().signal();
                 Some(std::thread::Builder::new().name("ledger-commit".into()).spawn(move || {
                     let _clock = runtime.enter();
                     run(&for_thread, &store);
@@ -279,6 +282,8 @@ fn commit(shared: &Arc<Shared>, store: &Store) {
             if failing {
                 info!("the state store accepts writes again; changes are allowed");
             }
+            // Watchers hear of what is on disk, and of nothing else.
+            shared.ledger().release_events(batch.seq);
             let covered = {
                 let mut progress = durability.progress.lock();
                 progress.durable = progress.durable.max(batch.seq);

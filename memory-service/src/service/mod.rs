@@ -1,4 +1,4 @@
-//! The gRPC shell: `memory.v1.MemoryService` over a shared [`Ledger`].
+//! The gRPC shell: `memory.v1.MemoryService` over a shared [`Ledger`](crate::ledger::Ledger).
 //!
 //! Each handler validates its request, takes the ledger lock for a few microseconds, renders the
 //! answer and releases the lock before any await.
@@ -9,169 +9,22 @@ pub mod convert;
 pub mod durability;
 mod keepalive;
 mod scope;
+mod shared;
 pub mod status;
 mod watch;
 
 use std::sync::Arc;
 
-use parking_lot::{Mutex, MutexGuard};
-
 use proto::memory::v1::{self as pb, memory_service_server::MemoryService};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-pub use self::access::{Access, MemoryPolicy};
-
-use self::convert::Clock;
-use crate::{
-    config::Config,
-    ledger::{Error, Ledger},
-    metrics::Metrics,
+pub use self::{
+    access::{Access, MemoryPolicy},
+    shared::Shared,
 };
 
-/// State shared by every handler and background task.
-#[derive(Debug)]
-pub struct Shared {
-    /// A synchronous mutex, not tokio's: it is never held across an await, critical sections
-    /// are microseconds, and the ledger must stay usable from `Drop` (wait guards) where no await
-    /// is possible. parking_lot's, because it is eventually fair: a caller waiting for it is
-    /// handed the lock within about half a millisecond, even while a sliced scope operation
-    /// takes and releases it in a loop (std's futex mutex let that loop starve other calls for
-    /// hundreds of milliseconds).
-    ledger: Mutex<Ledger>,
-    config: Config,
-    epoch: u64,
-    /// Cancelled when shutdown starts: streams end and waiters give up.
-    shutdown: CancellationToken,
-    /// Prometheus instruments.
-    metrics: Metrics,
-    /// One permit per open WatchEvents stream.
-    watchers: Arc<Semaphore>,
-    /// One permit per open KeepAlive stream.
-    keepalives: Arc<Semaphore>,
-    /// Group commit to the state store, if there is one.
-    durability: durability::Durability,
-}
-
-impl Shared {
-    /// Builds the ledger with the configured pools. `config` must be validated.
-    /// `authenticated`: callers carry identities, so scopes become per-holder namespaces.
-    /// With a `store`, its contents come back first (epoch, pools, leases with the time they
-    /// have left) and every change is committed to it before it is acknowledged; configured
-    /// pools it lacks are created, and a stored pool keeps its stored capacity.
-    pub fn new(
-        config: Config,
-        shutdown: CancellationToken,
-        metrics: Metrics,
-        authenticated: bool,
-        store: Option<(crate::store::Store, crate::ledger::Snapshot)>,
-    ) -> Result<Arc<Self>, Error> {
-        let mut ledger = Ledger::new(config.event_buffer);
-        ledger.set_limits(config.limits);
-        ledger.set_scopes_per_holder(authenticated);
-        ledger.observe_releases(metrics.lifetimes());
-        let store = match store {
-            Some((store, snapshot)) => {
-                let latest = ledger.track_changes();
-                let restored =
-                    ledger.restore(snapshot, tokio::time::Instant::now(), std::time::SystemTime::now())?;
-                tracing::info!(
-                    live = restored.live,
-                    expired = restored.expired,
-                    epoch = %ledger.epoch(),
-                    "state restored: leases live again with their remaining time; those whose deadline passed while down expired"
-                );
-                if restored.reconciled > 0 {
-                    tracing::warn!(
-                        pools = restored.reconciled,
-                        "stored pool counters did not add up with the leases restored and were corrected (leases counted but not held count as expired); the next commit writes them back"
-                    );
-                }
-                if restored.dropped > 0 {
-                    tracing::warn!(
-                        dropped = restored.dropped,
-                        "stored leases of a pool that is not stored, or bigger than what is left of it, were not restored and will be deleted by the next commit (a damaged or edited state file)"
-                    );
-                }
-                Some((store, latest))
-            }
-            None => None,
-        };
-        for pool in &config.pools {
-            match ledger.pool_stats(&pool.name) {
-                Ok(stored) if stored.capacity != pool.capacity => tracing::warn!(
-                    pool = %pool.name,
-                    stored = stored.capacity,
-                    configured = pool.capacity,
-                    "the stored pool keeps its stored capacity; pools are never resized"
-                ),
-                Ok(_) => {}
-                Err(_) => {
-                    ledger.create_pool(&pool.name, pool.capacity)?;
-                }
-            }
-        }
-        let epoch = ledger.epoch();
-        let watchers = Arc::new(Semaphore::new(config.max_watchers));
-        let keepalives = Arc::new(Semaphore::new(config.max_keepalive_streams));
-        Ok(Arc::new(Shared {
-            ledger: Mutex::new(ledger),
-            config,
-            epoch,
-            shutdown,
-            metrics,
-            watchers,
-            keepalives,
-            durability: durability::Durability::new(store),
-        }))
-    }
-
-    /// Locks the ledger. No ledger path panics on client input (sizes are bounded by pool
-    /// capacity, cumulative counters are 128-bit, lookups are checked); the invariant checks in
-    /// the property and stress tests are there to find a bug that would.
-    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
-        self.ledger.lock()
-    }
-
-    /// The validated configuration.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// Boot id.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
-    /// Prometheus instruments.
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    /// Group commit to the state store.
-    pub fn durability(&self) -> &durability::Durability {
-        &self.durability
-    }
-
-    /// Waits until the ledger's changes so far are durable (at once without a store).
-    pub async fn durable(&self) -> Result<(), Error> {
-        // In memory every change is as durable as it gets: no second lock on the hot path.
-        if !self.durability.is_durable() {
-            return Ok(());
-        }
-        self.durability.wait(self.durability.latest_change()).await
-    }
-
-    /// The shutdown token.
-    pub fn shutdown(&self) -> &CancellationToken {
-        &self.shutdown
-    }
-
-    fn status(&self, err: Error) -> Status {
-        status::to_status(err, self.config.retry_hint)
-    }
-}
+use self::convert::Clock;
+use crate::ledger::Error;
 
 /// The `MemoryService` implementation.
 #[derive(Debug, Clone)]
@@ -222,6 +75,7 @@ impl MemoryService for MemoryApi {
             ledger.reap(Clock::now().instant());
             ledger.list_pools()
         };
+        self.shared.settled().await;
         Ok(Response::new(pb::ListPoolsResponse {
             pools: pools.into_iter().map(convert::pool_stats).collect(),
             server_epoch: self.shared.epoch,
@@ -241,6 +95,7 @@ impl MemoryService for MemoryApi {
             ledger.pool_stats(&name)
         };
         let stats = stats.map_err(|e| self.shared.status(e))?;
+        self.shared.settled().await;
         Ok(Response::new(pb::GetPoolStatsResponse {
             pool: Some(convert::pool_stats(stats)),
             server_epoch: self.shared.epoch,
@@ -254,6 +109,7 @@ impl MemoryService for MemoryApi {
         let items = convert::items(request.into_inner().items).map_err(|e| self.shared.status(e))?;
         let fit = self.shared.ledger().can_allocate(&items, Clock::now().instant());
         let fit = fit.map_err(|e| self.shared.status(e))?;
+        self.shared.settled().await;
         Ok(Response::new(pb::CanAllocateResponse {
             can_allocate_now: fit.now,
             fits_capacity: fit.fits_capacity,
@@ -266,7 +122,13 @@ impl MemoryService for MemoryApi {
         &self,
         request: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
-        allocate::allocate(&self.shared, request).await.map(Response::new).map_err(|e| self.shared.status(e))
+        allocate::allocate(&self.shared, request).await.map(Response::new).map_err(|e| {
+            // A refusal is an event (REJECTED, WAIT_TIMED_OUT) with counters, and nobody waits
+            // for its commit: wake the committer, or watchers would hear of it only with the
+            // next change.
+            self.shared.durability().nudge();
+            self.shared.status(e)
+        })
     }
 
     async fn renew_lease(
@@ -278,13 +140,15 @@ impl MemoryService for MemoryApi {
         let clock = Clock::now();
         let lease = {
             let mut ledger = self.shared.ledger();
-            access.check_owner(&ledger, id).and_then(|()| {
+            self.shared.durability().check().and_then(|()| access.check_owner(&ledger, id)).and_then(|()| {
                 ledger
                     .renew(id, clock.instant())
                     .map(|l| convert::lease(&l, ledger.pool_name(l.pool), &clock))
             })
         };
         let lease = lease.map_err(|e| self.shared.status(e))?;
+        // A renewal is a promise about the deadline: it must survive a crash like a grant.
+        self.shared.durable().await.map_err(|e| self.shared.status(e))?;
         Ok(Response::new(pb::RenewLeaseResponse { lease: Some(lease), server_epoch: self.shared.epoch }))
     }
 
@@ -344,7 +208,8 @@ impl MemoryService for MemoryApi {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let access = Access::of(&request);
-        let filter = watch::Filter::new(request.into_inner(), access).map_err(|e| self.shared.status(e))?;
+        let filter = watch::Filter::new(request.into_inner(), access, self.shared.epoch)
+            .map_err(|e| self.shared.status(e))?;
         let permit = self.shared.watchers.clone().try_acquire_owned().map_err(|_| {
             self.shared.status(Error::LimitReached {
                 what: "event watchers",
@@ -352,6 +217,7 @@ impl MemoryService for MemoryApi {
                 hint: "share one WatchEvents stream per process",
             })
         })?;
-        Ok(Response::new(watch::spawn(self.shared.clone(), filter, permit)))
+        let stream = watch::spawn(self.shared.clone(), filter, permit).map_err(|e| self.shared.status(e))?;
+        Ok(Response::new(stream))
     }
 }

@@ -81,6 +81,18 @@ pub fn to_status(err: Error, retry_hint: Duration) -> Status {
             (Code::ResourceExhausted, details)
         }
         Error::PermissionDenied(_) => (Code::PermissionDenied, ErrorDetails::new()),
+        Error::CannotResume(_) => (
+            Code::FailedPrecondition,
+            ErrorDetails::with_precondition_failure_violation(
+                "EPOCH",
+                "resume_epoch",
+                "not the server's epoch",
+            ),
+        ),
+        Error::ResumeOutOfRange(_) => (
+            Code::OutOfRange,
+            ErrorDetails::with_bad_request_violation("resume_after_sequence", "not a retained event"),
+        ),
     };
     Status::with_error_details(code, message, details)
 }
@@ -107,6 +119,8 @@ mod tests {
             (Error::NotDurable("disk full".into()), Code::Unavailable),
             (Error::LimitReached { what: "pools", limit: 1, hint: "h" }, Code::ResourceExhausted),
             (Error::PermissionDenied("not yours".into()), Code::PermissionDenied),
+            (Error::CannotResume("lost".into()), Code::FailedPrecondition),
+            (Error::ResumeOutOfRange("gone".into()), Code::OutOfRange),
         ];
         for (err, code) in cases {
             assert_eq!(to_status(err, hint).code(), code);

@@ -22,6 +22,8 @@ const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
 const REPLAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("replays");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const EPOCH: &str = "epoch";
+/// The sequence number of the latest event released: watchers resume by it across a restart.
+const EVENTS: &str = "events";
 
 /// The file in the state directory.
 pub const FILE: &str = "ledger.redb";
@@ -51,6 +53,8 @@ struct Opened {
     /// commit of an opening writes it (rewriting its table in every commit cost a page copy per
     /// fsync).
     epoch_on_disk: Option<u64>,
+    /// The event sequence known to be on disk: written only by commits that move it.
+    events_on_disk: Option<u64>,
     /// Where each stored lease is (see `leases`). `None` until read from this opening of `db`.
     keys: Option<LeaseKeys>,
 }
@@ -86,7 +90,7 @@ impl Store {
         if moved > 0 {
             tracing::info!(leases = moved, "leases moved to the current store layout");
         }
-        let opened = Opened { db: Some(db), epoch_on_disk: None, keys: None };
+        let opened = Opened { db: Some(db), epoch_on_disk: None, events_on_disk: None, keys: None };
         Ok(Store { open: parking_lot::Mutex::new(opened), path })
     }
 
@@ -113,6 +117,7 @@ impl Store {
         let mut snapshot = Snapshot::default();
         if let Some(meta) = self.existing(txn.open_table(META))? {
             snapshot.epoch = meta.get(EPOCH).map_err(|e| self.error(e))?.map(|v| v.value());
+            snapshot.events = meta.get(EVENTS).map_err(|e| self.error(e))?.map_or(0, |v| v.value());
         }
         if let Some(pools) = self.existing(txn.open_table(POOLS))? {
             for entry in pools.iter().map_err(|e| self.error(e))? {
@@ -133,6 +138,7 @@ impl Store {
         snapshot.leases = leases;
         open.keys = Some(keys);
         open.epoch_on_disk = snapshot.epoch;
+        open.events_on_disk = Some(snapshot.events);
         Ok(snapshot)
     }
 
@@ -144,23 +150,29 @@ impl Store {
             None => open_checked(&self.path).map_err(|e| self.error(e))?,
         };
         let with_epoch = open.epoch_on_disk != Some(batch.epoch);
+        let with_events = open.events_on_disk != Some(batch.events);
         let keys = match open.keys.take() {
             Some(keys) => Ok(keys),
             None => LeaseKeys::read_keys(&db),
         };
         let result = keys
-            .and_then(|mut keys| Self::write(&db, batch, with_epoch, &mut keys).map(|()| keys))
+            .and_then(|mut keys| Self::write(&db, batch, with_epoch, with_events, &mut keys).map(|()| keys))
             .map_err(|e| self.error(e));
         // After a failure the database is dropped (closed) here, and reopened (and repaired if
         // need be) by the next commit, which writes the epoch again and reads the lease keys
         // back from what is on disk (this batch's new keys may not be).
         match result {
             Ok(keys) => {
-                *open = Opened { db: Some(db), epoch_on_disk: Some(batch.epoch), keys: Some(keys) };
+                *open = Opened {
+                    db: Some(db),
+                    epoch_on_disk: Some(batch.epoch),
+                    events_on_disk: Some(batch.events),
+                    keys: Some(keys),
+                };
                 Ok(())
             }
             Err(e) => {
-                *open = Opened { db: None, epoch_on_disk: None, keys: None };
+                *open = Opened { db: None, epoch_on_disk: None, events_on_disk: None, keys: None };
                 Err(e)
             }
         }
@@ -170,12 +182,19 @@ impl Store {
         db: &Database,
         batch: &Batch,
         with_epoch: bool,
+        with_events: bool,
         keys: &mut LeaseKeys,
     ) -> Result<(), Box<dyn std::error::Error>> {
         let txn = db.begin_write()?;
         {
-            if with_epoch {
-                txn.open_table(META)?.insert(EPOCH, batch.epoch)?;
+            if with_epoch || with_events {
+                let mut meta = txn.open_table(META)?;
+                if with_epoch {
+                    meta.insert(EPOCH, batch.epoch)?;
+                }
+                if with_events {
+                    meta.insert(EVENTS, batch.events)?;
+                }
             }
             // Only the tables with changes are opened: an untouched table costs nothing.
             if !batch.pools.is_empty() {
@@ -323,7 +342,7 @@ mod tests {
     }
 
     fn batch(leases: Vec<StoredLease>, gone: Vec<LeaseId>) -> Batch {
-        Batch { seq: 1, epoch: 7, pools: vec![], leases, gone, replays: vec![] }
+        Batch { seq: 1, epoch: 7, events: 0, pools: vec![], leases, gone, replays: vec![] }
     }
 
     #[test]

@@ -90,8 +90,15 @@ fn call() -> impl Strategy<Value = Call> {
         text().prop_map(Call::Free),
         text().prop_map(Call::FreeScope),
         keepalive.prop_map(Call::KeepAlive),
-        (prop::collection::vec(text(), 0..5), prop::collection::vec(any::<i32>(), 0..5))
-            .prop_map(|(pools, kinds)| Call::Watch(WatchEventsRequest { pools, kinds })),
+        (
+            prop::collection::vec(text(), 0..5),
+            prop::collection::vec(any::<i32>(), 0..5),
+            prop_oneof![Just(0u64), any::<u64>()],
+            prop_oneof![Just(0u64), any::<u64>()],
+        )
+            .prop_map(|(pools, kinds, resume_after_sequence, resume_epoch)| {
+                Call::Watch(WatchEventsRequest { pools, kinds, resume_after_sequence, resume_epoch })
+            }),
     ]
 }
 

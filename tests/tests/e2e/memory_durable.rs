@@ -1,6 +1,6 @@
 //! memory-service with `--state-dir`, killed with SIGKILL under concurrent load and restarted on
-//! the same directory: every acknowledged, unfreed lease is there and usable; nothing
-//! acknowledged as freed comes back; used bytes are the sum of the live leases; the pool refuses
+//! the same directory: every acknowledged, unfreed lease is there and usable, with at least the
+//! deadline its last acknowledged renewal gave it; nothing acknowledged as freed comes back; used bytes are the sum of the live leases; the pool refuses
 //! one byte more than it has left; a lease whose TTL ran out while the server was down is gone;
 //! the epoch is the same, so holders see no restart.
 
@@ -32,6 +32,8 @@ struct Told {
     unknown: HashMap<String, u64>,
     /// Free calls with no answer: lease id → size.
     unknown_free: HashMap<String, u64>,
+    /// The deadline of each lease's last acknowledged renewal.
+    renewed: HashMap<String, SystemTime>,
 }
 
 async fn connect(addr: &str) -> MemoryServiceClient<Channel> {
@@ -71,6 +73,29 @@ async fn load(mut client: MemoryServiceClient<Channel>, worker: usize, told: Arc
     }
 }
 
+/// Renews acknowledged leases, a few at a time (renewer `n` takes the `n`th sixteen), until the
+/// server dies; each acknowledged renewal's deadline is recorded. Rounds are 2 ms apart, so a
+/// renewal that was lost shows as a deadline at least that much older after the restart.
+async fn renew(mut client: MemoryServiceClient<Channel>, renewer: usize, told: Arc<Mutex<Told>>) {
+    for _ in 0..100_000 {
+        let leases: Vec<String> =
+            told.lock().expect("lock").live.keys().skip(renewer * 16).take(16).cloned().collect();
+        for lease_id in leases {
+            match client.renew_lease(RenewLeaseRequest { lease_id: lease_id.clone() }).await {
+                Ok(reply) => {
+                    let lease = reply.into_inner().lease.expect("lease");
+                    let deadline = lease.expire_time.expect("expiry").try_into().expect("timestamp");
+                    told.lock().expect("lock").renewed.insert(lease_id, deadline);
+                }
+                // Freed meanwhile by its worker.
+                Err(status) if status.code() == Code::NotFound => {}
+                Err(_) => return,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_durable_memory_service_comes_back_with_every_acknowledged_lease() {
     let dir = TempDir::new("memory-state");
@@ -92,6 +117,10 @@ async fn a_killed_durable_memory_service_comes_back_with_every_acknowledged_leas
     for worker in 0..8 {
         workers.push(tokio::spawn(load(connect(&addr).await, worker, told.clone())));
     }
+    let mut renewers = Vec::new();
+    for renewer in 0..4 {
+        renewers.push(tokio::spawn(renew(connect(&addr).await, renewer, told.clone())));
+    }
     // Kill under load: once a few hundred grants were acknowledged.
     let mut watcher = connect(&addr).await;
     loop {
@@ -104,6 +133,9 @@ async fn a_killed_durable_memory_service_comes_back_with_every_acknowledged_leas
     memory.kill();
     for worker in workers {
         worker.await.expect("worker");
+    }
+    for renewer in renewers {
+        renewer.await.expect("renewer");
     }
     // The short lease's deadline passes while the server is down.
     let deadline: SystemTime = short.expire_time.expect("expiry").try_into().expect("timestamp");
@@ -140,6 +172,29 @@ async fn a_killed_durable_memory_service_comes_back_with_every_acknowledged_leas
         }
         told.live.remove(&lease_id);
         told.freed.push(lease_id);
+    }
+    // Every acknowledged renewal was kept: freeing a renewed lease shows the deadline it had
+    // (a lost renewal would show an older one). Allow for the wall-clock conversions.
+    let renewed: Vec<_> = told.renewed.iter().filter(|(id, _)| told.live.contains_key(*id)).collect();
+    assert!(!renewed.is_empty(), "no renewal was acknowledged before the kill");
+    for (lease_id, &deadline) in renewed {
+        let freed =
+            client.free(FreeRequest { lease_id: lease_id.clone() }).await.expect("renewed lease kept");
+        let kept: SystemTime = freed
+            .into_inner()
+            .lease
+            .expect("lease")
+            .expire_time
+            .expect("expiry")
+            .try_into()
+            .expect("timestamp");
+        assert!(
+            kept + Duration::from_millis(1) >= deadline,
+            "lease {lease_id} came back with an older deadline than its acknowledged renewal: {:?} earlier",
+            deadline.duration_since(kept).unwrap_or_default()
+        );
+        told.live.remove(lease_id);
+        told.freed.push(lease_id.clone());
     }
     // Every acknowledged live lease is there and usable.
     for lease_id in told.live.keys() {

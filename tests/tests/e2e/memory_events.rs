@@ -80,8 +80,11 @@ async fn a_watcher_sees_every_kind_of_event_in_sequence() {
 async fn filters_pass_only_the_named_pools_and_kinds() {
     let server = MemoryServer::with_pools(&[("kv-cache", 100), ("activations", 100)]).await;
     let mut client = server.client().await;
-    let filter =
-        WatchEventsRequest { pools: vec!["activations".into()], kinds: vec![EventKind::Freed.into()] };
+    let filter = WatchEventsRequest {
+        pools: vec!["activations".into()],
+        kinds: vec![EventKind::Freed.into()],
+        ..Default::default()
+    };
     let mut watch = client.watch_events(filter).await.unwrap().into_inner();
 
     let kv = client.allocate(alloc(&[("kv-cache", 1)])).await.unwrap().into_inner().leases.remove(0);
@@ -92,10 +95,13 @@ async fn filters_pass_only_the_named_pools_and_kinds() {
     let event = next_event(&mut watch).await;
     assert_eq!((event.kind(), event.lease_id), (EventKind::Freed, act.lease_id));
 
-    let bad = client.watch_events(WatchEventsRequest { pools: vec![], kinds: vec![0] }).await.unwrap_err();
+    let bad = client
+        .watch_events(WatchEventsRequest { pools: vec![], kinds: vec![0], ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument, "UNSPECIFIED is not a filter");
     let bad = client
-        .watch_events(WatchEventsRequest { pools: vec!["No!".into()], kinds: vec![] })
+        .watch_events(WatchEventsRequest { pools: vec!["No!".into()], kinds: vec![], ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);

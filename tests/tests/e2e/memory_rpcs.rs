@@ -263,7 +263,7 @@ async fn errors_quote_huge_input_cut_short() {
     let err = client.get_pool_stats(GetPoolStatsRequest { name: huge.clone() }).await.unwrap_err();
     assert!(matches!(err.code(), Code::InvalidArgument | Code::NotFound), "{err:?}");
     short(&err);
-    let watch = WatchEventsRequest { pools: vec![huge.clone()], kinds: vec![] };
+    let watch = WatchEventsRequest { pools: vec![huge.clone()], kinds: vec![], ..Default::default() };
     let err = client.watch_events(watch).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     short(&err);

@@ -123,7 +123,11 @@ async fn an_unrenewed_lease_expires_and_its_bytes_return() {
     let server = MemoryServer::with_pools(&[("kv-cache", 100)]).await;
     let mut client = server.client().await;
     let mut events = client
-        .watch_events(WatchEventsRequest { pools: vec![], kinds: vec![EventKind::Expired.into()] })
+        .watch_events(WatchEventsRequest {
+            pools: vec![],
+            kinds: vec![EventKind::Expired.into()],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -222,6 +226,7 @@ async fn a_lease_named_twice_in_a_keep_alive_is_renewed_once_and_big_scopes_are_
     let filter = WatchEventsRequest {
         pools: vec![],
         kinds: vec![EventKind::Renewed.into(), EventKind::Allocated.into()],
+        ..Default::default()
     };
     let mut events = client.watch_events(filter).await.unwrap().into_inner();
 

@@ -20,7 +20,11 @@ async fn a_killed_runtime_leases_expire_within_their_ttl_and_the_pools_come_back
     let used = |pools: Vec<proto::memory::v1::PoolStats>| pools.iter().map(|p| p.used_bytes).sum::<u64>();
     let start = used(client.list_pools(ListPoolsRequest {}).await.expect("list").into_inner().pools);
     let mut expired = client
-        .watch_events(WatchEventsRequest { pools: vec![], kinds: vec![EventKind::Expired as i32] })
+        .watch_events(WatchEventsRequest {
+            pools: vec![],
+            kinds: vec![EventKind::Expired as i32],
+            ..Default::default()
+        })
         .await
         .expect("watch")
         .into_inner();

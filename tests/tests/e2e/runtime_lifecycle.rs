@@ -277,6 +277,7 @@ async fn memory_service_down_is_unavailable_fast_and_service_resumes_when_it_ret
         .watch_events(WatchEventsRequest {
             pools: vec!["uniforms".into()],
             kinds: vec![EventKind::Allocated.into()],
+            ..Default::default()
         })
         .await
         .unwrap()

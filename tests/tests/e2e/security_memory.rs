@@ -131,7 +131,11 @@ async fn events_show_other_holders_only_as_pool_figures() {
         async move {
             client
                 .watch_events(bearer(
-                    WatchEventsRequest { pools: vec![], kinds: vec![EventKind::Allocated as i32] },
+                    WatchEventsRequest {
+                        pools: vec![],
+                        kinds: vec![EventKind::Allocated as i32],
+                        ..Default::default()
+                    },
                     token,
                 ))
                 .await
