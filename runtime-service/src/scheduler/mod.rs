@@ -5,8 +5,9 @@
 //!
 //! Each step: running sequences first, in admission order, one token each (or the next chunk of a
 //! prompt still being prefilled), within a token budget; a sequence whose next token needs a block
-//! that is not free preempts the most recently admitted running sequence (possibly itself), which
-//! gives back every block and goes to the front of the queue to be recomputed. Then, if nobody was
+//! that is not free preempts a running sequence whose reader is behind (it would sit the next
+//! steps out anyway), else the most recently admitted (possibly itself); the victim gives back
+//! every block and goes to the front of the queue to be recomputed. Then, if nobody was
 //! preempted, waiting sequences are admitted first-come first-served while the budget, the batch
 //! size and the free blocks allow.
 
@@ -179,12 +180,16 @@ impl Scheduler {
         }
     }
 
-    /// Preempts the most recently admitted running sequence not yet in this step's batch (those
-    /// before `current`), preferring one whose reader is behind: it would sit out the next steps
-    /// anyway, holding blocks others can use.
-    fn preempt_last(&mut self, plan: &mut Plan, current: usize) -> Option<SeqId> {
+    /// Preempts a running sequence to free its blocks for the one at `current`; returns the victim
+    /// and the index it had in `running`. A sequence whose reader is behind goes first, wherever
+    /// it was admitted: it sits out the next steps anyway (it is skipped, so never in this step's
+    /// batch) while holding blocks others can use. Among those, and failing those, the most
+    /// recently admitted goes (vLLM's order), so the oldest sequences keep their progress; that is
+    /// one after `current` (not yet scheduled) or `current` itself, never one already in the batch.
+    fn preempt(&mut self, plan: &mut Plan, current: usize) -> Option<(SeqId, usize)> {
         let last = self.running.len().checked_sub(1)?;
-        let at = (current + 1..=last).rev().find(|&k| self.seqs[&self.running[k]].paused).unwrap_or(last);
+        debug_assert!(current <= last, "the sequence asking is running");
+        let at = (0..=last).rev().find(|&k| self.seqs[&self.running[k]].paused).unwrap_or(last);
         let victim = self.running.remove(at);
         if let Some(seq) = self.seqs.get_mut(&victim) {
             self.pool.release(seq.blocks.drain(..));
@@ -192,7 +197,7 @@ impl Scheduler {
         }
         self.waiting.push_front(victim);
         plan.preempted.push(victim);
-        Some(victim)
+        Some((victim, at))
     }
 
     /// Forms the next batch. Blocks for the batch are taken here; [`Scheduler::advance`] records
@@ -222,9 +227,14 @@ impl Scheduler {
             let mut preempted_self = false;
             while wanted > self.pool.free_blocks() {
                 plan.shortfall = plan.shortfall.max(wanted - self.pool.free_blocks());
-                if self.preempt_last(&mut plan, i) == Some(id) {
-                    preempted_self = true;
-                    break;
+                match self.preempt(&mut plan, i) {
+                    Some((victim, _)) if victim == id => {
+                        preempted_self = true;
+                        break;
+                    }
+                    // A paused sequence admitted earlier left: the current one moved up a place.
+                    Some((_, at)) if at < i => i -= 1,
+                    _ => {}
                 }
                 wanted = self.blocks_wanted(&self.seqs[&id], tokens);
             }

@@ -139,6 +139,24 @@ fn a_sequence_whose_reader_is_behind_is_preempted_first() {
 }
 
 #[test]
+fn a_paused_sequence_admitted_before_the_one_short_of_a_block_is_preempted_first() {
+    // Three one-block sequences in four blocks; the oldest's reader falls behind.
+    let mut s = scheduler(4, PAGED);
+    for id in 1..=3 {
+        s.add(SeqState::new(id, 4, 20));
+    }
+    step(&mut s);
+    s.get_mut(1).expect("running").paused = true;
+    // 2 takes the free block; 3 finds none. The paused 1 goes (it sits this step out holding a
+    // block), not 3 itself, though 1 was admitted before it.
+    let plan = step(&mut s);
+    assert_eq!(plan.preempted, vec![1], "the paused one, wherever it was admitted");
+    assert_eq!(plan.batch.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(s.waiting_ids().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(s.get(1).map(|q| (q.computed, q.blocks.len())), Some((0, 0)));
+}
+
+#[test]
 fn a_lone_sequence_that_cannot_grow_preempts_itself_and_waits() {
     let mut s = scheduler(1, PAGED);
     s.add(SeqState::new(1, 4, 8));
