@@ -151,7 +151,7 @@ impl Lane {
 
     /// Publishes how many free blocks the lane wants to its leaser: enough to admit the next
     /// waiting sequences whole and to grow the running ones for a few more tokens, plus the low
-    /// watermark; when starved, exactly the first waiting sequence's need.
+    /// watermark; when starved, exactly what the first waiting sequence needs to run to its end.
     pub(super) fn publish_demand(&mut self) {
         let starved = self.starved();
         let want = if self.scheduler.is_empty() {

@@ -155,6 +155,24 @@ impl Rig {
         });
     }
 
+    /// Plays a leaser on a pool others keep full: a starved lane's whole ask is granted (it
+    /// waits in memory-service's first-come first-served queue until others free enough), any
+    /// other ask is answered "no room".
+    fn contended(&self) {
+        let slabs = self.slabs.clone();
+        tokio::spawn(async move {
+            loop {
+                slabs.asked().await;
+                let missing = slabs.missing();
+                if !slabs.whole() {
+                    slabs.report_exhausted();
+                } else if missing > 0 {
+                    slabs.give(missing).await;
+                }
+            }
+        });
+    }
+
     fn used_blocks(&self) -> i64 {
         self.metrics.kv_blocks.with_label_values(&["m", "used"]).get()
     }
@@ -296,6 +314,24 @@ async fn preemption_recomputes_without_sending_a_token_twice() {
     assert!(preemptions > 0, "the pool was too small for all four at once");
     assert_eq!(rig.metrics.preemptions.get(), u64::from(preemptions));
     assert_eq!(rig.used_blocks(), 0);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_sequence_in_a_contended_pool_runs_to_completion_once_admitted() {
+    // Blocks of 4 tokens; a 2-token prompt and 64 tokens to generate: 17 blocks in all. Asking
+    // only for what it holds now would have it preempted (and recomputed from zero) every time it
+    // filled a block: 16 times, 600-odd tokens recomputed.
+    let rig = rig(SchedulerMode::Overlapped, 1.0, LIMITS);
+    rig.contended();
+    let mut seq = rig.submit("long", "two words", 64);
+    let (seen, outcome) = drain(&mut seq).await;
+    let report = outcome.expect("finished");
+    assert_eq!(seen.len(), 64);
+    assert_eq!(report.preemptions, 0, "never recomputed");
+    assert_eq!(report.steps, 64, "one prefill step and 63 decodes, nothing twice");
+    assert_eq!(report.peak_blocks, 17, "ceil((2 + 64) / 4)");
+    assert_eq!(rig.metrics.preemptions.get(), 0);
     rig.stop().await;
 }
 

@@ -103,6 +103,11 @@ impl LeaserEnd {
         lock(&self.demand).missing()
     }
 
+    /// Whether the device asks for a starved lane's whole need in one lease (see [`Link::set`]).
+    pub fn whole(&self) -> bool {
+        lock(&self.demand).whole
+    }
+
     /// Waits until the device asks for blocks.
     pub async fn asked(&self) {
         self.notify.notified().await;

@@ -37,11 +37,16 @@ impl Scheduler {
         running + waiting
     }
 
-    /// Blocks the first waiting sequence needs to run whole (what a starved lane asks for).
+    /// Blocks the first waiting sequence (that the next step could admit: not paused) needs to run
+    /// to completion: its prompt and every token it may generate. This is what a starved lane asks
+    /// for. Asking only for what it holds now would let it fill its last block, find memory-service
+    /// still full, preempt itself and start over from zero at every block boundary: quadratic work
+    /// for a long sequence in a contended pool. The whole need is known to fit: a generation larger
+    /// than the kv-cache pool is refused before it reaches the device.
     pub fn head_need(&self) -> u64 {
-        self.waiting
-            .front()
-            .map(|id| &self.seqs[id])
-            .map_or(0, |seq| self.blocks_wanted(seq, seq.pending_tokens().max(1)))
+        self.waiting.iter().map(|id| &self.seqs[id]).find(|seq| !seq.paused).map_or(0, |seq| {
+            let whole = self.pool.blocks_for(seq.prompt_tokens.saturating_add(seq.max_tokens));
+            whole.saturating_sub(seq.blocks.len() as u64)
+        })
     }
 }
