@@ -1,0 +1,204 @@
+//! The device loop on tokio's paused clock, driven through a rig: one device, one model lane, and
+//! a test playing its kv leaser. Step times are tested in [`timing`], KV blocks and slabs in
+//! [`blocks`].
+
+mod blocks;
+mod timing;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    sync::{Notify, mpsc, oneshot},
+    time::Instant,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::*;
+use crate::{
+    device::{Arch, DeviceSpec, Roofline, Work},
+    engine::{EngineKind, text::Sampling},
+    executor::{Executor, Ticket},
+    kv::{self, LeaserEnd},
+    scheduler::{KvReserve, Limits},
+};
+
+const GREEDY: Sampling = Sampling { temperature: 0.0, top_p: 1.0 };
+
+/// 1 MB of weights at 1 GB/s (1 ms) plus a 2 ms launch: a decode step costs just over 3 ms.
+fn arch() -> Arch {
+    Arch {
+        parameters: 1_000_000,
+        layers: 1,
+        hidden_size: 8,
+        attention_heads: 1,
+        kv_heads: 1,
+        head_dim: 8,
+        intermediate_size: 8,
+        dtype_bytes: 1,
+        context_length: 4096,
+    }
+}
+
+fn spec(cpu_ms: f64) -> DeviceSpec {
+    DeviceSpec {
+        name: "test".into(),
+        memory_bytes: 1 << 30,
+        bandwidth_bytes_per_s: 1e9,
+        flops_per_s: 1e12,
+        bandwidth_efficiency: 1.0,
+        flops_efficiency: 1.0,
+        launch_overhead_s: 2e-3,
+        cpu_per_step_s: cpu_ms / 1e3,
+        cpu_per_seq_s: 0.0,
+    }
+}
+
+struct Rig {
+    device: Device,
+    slabs: Arc<LeaserEnd>,
+    metrics: Metrics,
+    executor: Arc<Executor>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    roofline: Roofline,
+}
+
+fn rig(mode: SchedulerMode, cpu_ms: f64, limits: Limits) -> Rig {
+    let metrics = Metrics::new(&["m"]).expect("metrics");
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let wake = Arc::new(Notify::new());
+    let (link, slabs) = kv::link(wake.clone());
+    let roofline = Roofline::new(&spec(cpu_ms), &arch());
+    let lane = LaneSpec {
+        model: "m".into(),
+        roofline: roofline.clone(),
+        block_tokens: 4,
+        limits,
+        low_watermark: 0,
+        slab_blocks: 1024,
+    };
+    let settings =
+        DeviceSettings { mode, jitter: 0.0, jitter_seed: 1, kv_idle_release: Duration::from_secs(3600) };
+    let device = Device::spawn(
+        settings,
+        vec![(lane, link)],
+        64,
+        wake,
+        metrics.clone(),
+        Signals { shutdown: shutdown.clone(), memory: confirmed() },
+        &tracker,
+    );
+    Rig {
+        device,
+        slabs: Arc::new(slabs),
+        metrics,
+        executor: Executor::new(64, 64, shutdown.clone()),
+        shutdown,
+        tracker,
+        roofline,
+    }
+}
+
+const LIMITS: Limits = Limits { max_batch: 16, token_budget: 256, reserve: KvReserve::Paged };
+
+/// A sequence on the device, as its generation task sees it.
+struct Seq {
+    tokens: mpsc::Receiver<Emitted>,
+    outcome: oneshot::Receiver<Outcome>,
+    guard: SeqGuard,
+    _ticket: Ticket,
+}
+
+impl Rig {
+    fn submit(&self, name: &str, prompt: &str, max_tokens: u32) -> Seq {
+        let ticket = self.executor.register(name.into(), None).expect("unique id");
+        let (tokens_tx, tokens) = mpsc::channel(TOKEN_BUFFER);
+        let (outcome_tx, outcome) = oneshot::channel();
+        let engine = EngineKind::Webllm.engine();
+        let guard = self
+            .device
+            .submit(Submission {
+                lane: 0,
+                prompt_tokens: engine.count_prompt_tokens(prompt),
+                max_tokens,
+                decoder: Decoder::new(engine, prompt, 7, GREEDY),
+                tokens: tokens_tx,
+                outcome: outcome_tx,
+                abort: ticket.flight().cancelled().child_token(),
+                flight: ticket.flight().clone(),
+                span: tracing::Span::none(),
+            })
+            .expect("room in the inbox");
+        Seq { tokens, outcome, guard, _ticket: ticket }
+    }
+
+    /// Plays a leaser that never gets more memory: every ask is answered "no room".
+    fn no_more_memory(&self) {
+        let slabs = self.slabs.clone();
+        tokio::spawn(async move {
+            loop {
+                slabs.asked().await;
+                slabs.report_exhausted();
+            }
+        });
+    }
+
+    /// Plays a leaser with all the memory in the world: every ask is granted at once.
+    fn generous(&self) {
+        let slabs = self.slabs.clone();
+        tokio::spawn(async move {
+            loop {
+                slabs.asked().await;
+                let missing = slabs.missing();
+                if missing > 0 {
+                    slabs.give(missing).await;
+                }
+            }
+        });
+    }
+
+    /// Plays a leaser on a pool others keep full: a starved lane's whole ask is granted (it
+    /// waits in memory-service's first-come first-served queue until others free enough), any
+    /// other ask is answered "no room".
+    fn contended(&self) {
+        let slabs = self.slabs.clone();
+        tokio::spawn(async move {
+            loop {
+                slabs.asked().await;
+                let missing = slabs.missing();
+                if !slabs.whole() {
+                    slabs.report_exhausted();
+                } else if missing > 0 {
+                    slabs.give(missing).await;
+                }
+            }
+        });
+    }
+
+    fn used_blocks(&self) -> i64 {
+        self.metrics.kv_blocks.with_label_values(&["m", "used"]).get()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Reads a sequence to its end: the instants its tokens arrived, and its outcome.
+async fn drain(seq: &mut Seq) -> (Vec<(u32, Instant)>, Outcome) {
+    let mut seen = Vec::new();
+    while let Some(emitted) = seq.tokens.recv().await {
+        seen.push((emitted.index, Instant::now()));
+        seq.guard.drained();
+    }
+    let outcome = (&mut seq.outcome).await.expect("the device reports an outcome");
+    (seen, outcome)
+}
+
+/// A memory signal that always confirms (these tests have no memory-service).
+fn confirmed() -> tokio::sync::watch::Receiver<bool> {
+    tokio::sync::watch::channel(true).1
+}

@@ -1,0 +1,203 @@
+//! Step times on the paused clock: the roofline, the timeline (overlapped or sequential), one
+//! shared step per batch, chunked prefill and mixed steps.
+
+use super::*;
+
+/// The instant the timer fires for an exact instant: tokio's timer has 1 ms ticks.
+fn within_a_tick(actual: Instant, exact: Instant) -> bool {
+    actual >= exact && actual - exact < Duration::from_millis(1)
+}
+
+/// Emission instants the timeline predicts for one sequence: a prefill step then decodes.
+fn expected(
+    rig: &Rig,
+    mode: SchedulerMode,
+    cpu: Duration,
+    prompt: u32,
+    n: u32,
+    start: Instant,
+) -> Vec<Instant> {
+    let mut timeline = timeline::Timeline::new(mode);
+    let mut at = Vec::new();
+    let prefill = rig.roofline.step([Work { tokens: prompt, context: 0 }]).gpu;
+    let mut now = timeline.place(start, cpu, prefill).gpu_done;
+    at.push(now);
+    for i in 1..n {
+        let gpu = rig.roofline.step([Work { tokens: 1, context: prompt + i - 1 }]).gpu;
+        now = timeline.place(now, cpu, gpu).gpu_done;
+        at.push(now);
+    }
+    at
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_come_at_the_step_times_of_the_roofline_for_cpu_below_equal_and_above_gpu() {
+    // The decode step's GPU time is just over 3 ms; CPU costs below, equal-ish and above it.
+    for (mode, cpu_ms) in [
+        (SchedulerMode::Overlapped, 1.0),
+        (SchedulerMode::Overlapped, 3.0),
+        (SchedulerMode::Overlapped, 5.0),
+        (SchedulerMode::Sequential, 1.0),
+        (SchedulerMode::Sequential, 5.0),
+    ] {
+        let rig = rig(mode, cpu_ms, LIMITS);
+        rig.slabs.give(64).await;
+        let start = Instant::now();
+        let mut seq = rig.submit("a", "four words of prompt", 6);
+        let (seen, outcome) = drain(&mut seq).await;
+        let report = outcome.expect("finished");
+        let cpu = Duration::from_secs_f64(cpu_ms / 1e3);
+        let want = expected(&rig, mode, cpu, 4, 6, start);
+        assert_eq!(seen.len(), 6, "{mode:?} cpu {cpu_ms}");
+        for ((index, at), exact) in seen.iter().zip(&want) {
+            assert!(
+                within_a_tick(*at, *exact),
+                "{mode:?} cpu {cpu_ms} token {index}: {:?} vs {:?}",
+                *at - start,
+                *exact - start
+            );
+        }
+        assert_eq!((report.generated, report.steps, report.batch_sum), (6, 6, 6));
+        rig.stop().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn overlap_takes_max_per_step_where_sequential_takes_the_sum() {
+    let mut took = Vec::new();
+    for mode in [SchedulerMode::Overlapped, SchedulerMode::Sequential] {
+        let rig = rig(mode, 2.0, LIMITS);
+        rig.slabs.give(64).await;
+        let start = Instant::now();
+        let mut seq = rig.submit("a", "one", 50);
+        let (seen, _) = drain(&mut seq).await;
+        took.push(seen.last().expect("tokens").1 - start);
+        rig.stop().await;
+    }
+    // GPU ~3 ms, CPU 2 ms: overlapped ≈ 50 × 3, sequential ≈ 50 × 5.
+    let ratio = took[1].as_secs_f64() / took[0].as_secs_f64();
+    assert!((1.6..1.7).contains(&ratio), "sequential / overlapped = {ratio}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_shares_one_step_and_pays_the_weights_once() {
+    let rig = rig(SchedulerMode::Overlapped, 1.0, LIMITS);
+    rig.slabs.give(64).await;
+    let seqs: Vec<Seq> = (0..4).map(|i| rig.submit(&format!("s{i}"), "a short prompt", 10)).collect();
+    let start = Instant::now();
+    let readers: Vec<_> =
+        seqs.into_iter().map(|mut seq| tokio::spawn(async move { drain(&mut seq).await })).collect();
+    let mut ends = Vec::new();
+    for reader in readers {
+        let (seen, outcome) = reader.await.expect("reader");
+        let report = outcome.expect("finished");
+        assert_eq!(report.batch_sum, 4 * report.steps, "always in a batch of 4");
+        ends.push(seen.last().expect("tokens").1);
+    }
+    assert!(ends.iter().all(|&e| e == ends[0]), "the same steps for all four: {ends:?}");
+    // Four sequences finish in about the time one would: far less than four times as long.
+    let alone = expected(&rig, SchedulerMode::Overlapped, Duration::from_millis(1), 3, 10, start);
+    let one = *alone.last().expect("times") - start;
+    assert!(ends[0] - start < one + one / 10, "{:?} vs {one:?}", ends[0] - start);
+    assert_eq!(rig.used_blocks(), 0);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_of_three_steps_at_the_roofline_price_of_the_three() {
+    let rig = rig(SchedulerMode::Overlapped, 1.0, LIMITS);
+    rig.generous();
+    let start = Instant::now();
+    let prompts = ["two words", "three words here", "four words right here"];
+    let mut seqs: Vec<Seq> =
+        prompts.iter().enumerate().map(|(i, p)| rig.submit(&format!("s{i}"), p, 5)).collect();
+    // Step 1 prefills the three prompts together; every later step decodes all three.
+    let cpu = Duration::from_millis(1);
+    let mut timeline = timeline::Timeline::new(SchedulerMode::Overlapped);
+    let first = rig.roofline.step([2, 3, 4].map(|p| Work { tokens: p, context: 0 })).gpu;
+    let mut at = vec![timeline.place(start, cpu, first).gpu_done];
+    for k in 1..5 {
+        let gpu = rig.roofline.step([2, 3, 4].map(|p| Work { tokens: 1, context: p + k - 1 })).gpu;
+        at.push(timeline.place(*at.last().expect("a step"), cpu, gpu).gpu_done);
+    }
+    // Read all three at once: a token's arrival is its emission only if someone is reading.
+    let readers: Vec<_> =
+        seqs.drain(..).map(|mut seq| tokio::spawn(async move { drain(&mut seq).await })).collect();
+    for reader in readers {
+        let (seen, outcome) = reader.await.expect("reader");
+        assert_eq!(outcome.expect("finished").batch_sum, 15, "five steps of three");
+        for ((index, when), exact) in seen.iter().zip(&at) {
+            assert!(
+                within_a_tick(*when, *exact),
+                "token {index}: {:?} vs {:?}",
+                *when - start,
+                *exact - start
+            );
+        }
+    }
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prompt_longer_than_the_token_budget_is_prefilled_in_chunks() {
+    // A budget of 256 tokens per step: a 600-token prompt takes three steps (256, 256, 88).
+    let limits = Limits { token_budget: 256, ..LIMITS };
+    let rig = rig(SchedulerMode::Sequential, 1.0, limits);
+    rig.generous();
+    let start = Instant::now();
+    let prompt = vec!["word"; 600].join(" ");
+    let mut seq = rig.submit("long", &prompt, 2);
+    let (seen, outcome) = drain(&mut seq).await;
+    let cpu = Duration::from_millis(1);
+    let mut timeline = timeline::Timeline::new(SchedulerMode::Sequential);
+    let mut now = start;
+    for (tokens, context) in [(256, 0), (256, 256), (88, 512)] {
+        now = timeline.place(now, cpu, rig.roofline.step([Work { tokens, context }]).gpu).gpu_done;
+    }
+    assert!(
+        within_a_tick(seen[0].1, now),
+        "first token after three chunks: {:?} vs {:?}",
+        seen[0].1 - start,
+        now - start
+    );
+    let report = outcome.expect("finished");
+    assert_eq!((report.steps, report.generated), (4, 2), "three prefill chunks, one decode");
+    assert_eq!(report.peak_blocks, 151, "ceil(601 / 4) blocks, leased as the chunks went");
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prompt_arriving_mid_stream_shares_a_mixed_step_priced_as_both() {
+    // A budget large enough for a 2000-token prompt in one step: its 4 GFLOP (4 ms at 1 TFLOP/s)
+    // make the step compute-bound, so the mixed step is visibly longer than a decode.
+    let rig = rig(SchedulerMode::Overlapped, 1.0, Limits { token_budget: 4096, ..LIMITS });
+    rig.generous();
+    let mut first = rig.submit("a", "a short prompt", 12);
+    let (third, at_third) = oneshot::channel();
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut third = Some(third);
+        while let Some(emitted) = first.tokens.recv().await {
+            seen.push(Instant::now());
+            first.guard.drained();
+            if emitted.index == 2 {
+                let _ = third.take().map(|t| t.send(()));
+            }
+        }
+        seen
+    });
+    at_third.await.expect("three tokens");
+    let mut second = rig.submit("b", &vec!["word"; 2000].join(" "), 2);
+    let seen = reader.await.expect("reader");
+    drain(&mut second).await.1.expect("finished");
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1] - w[0]).collect();
+    let longest = gaps.iter().copied().max().expect("gaps");
+    // The first sequence's 4th token (context 3 + 3) rode in the step that prefilled the prompt.
+    let mixed = rig.roofline.step([Work { tokens: 1, context: 5 }, Work { tokens: 2000, context: 0 }]);
+    let decode = rig.roofline.step([Work { tokens: 1, context: 5 }]);
+    assert!(mixed.gpu > decode.gpu * 3 / 2 && !mixed.memory_bound);
+    assert!(longest.abs_diff(mixed.gpu) < Duration::from_millis(1), "{longest:?} vs {:?}", mixed.gpu);
+    let steps = |phase: &str| rig.metrics.step_seconds.with_label_values(&[phase]).get_sample_count();
+    assert_eq!(steps("mixed"), 1, "the prompt rode along with a decode");
+    rig.stop().await;
+}
