@@ -33,8 +33,8 @@ pub struct LaneSpec {
     pub limits: Limits,
     /// Free blocks kept ahead of need while the lane has sequences.
     pub low_watermark: u64,
-    /// Largest slab, blocks: a fully free slab is returned while more than this many blocks
-    /// above the low watermark are free.
+    /// Largest slab, blocks: while busy, a fully free slab is returned only if this many blocks
+    /// stay free beyond what the next steps want (their demand and the low watermark).
     pub slab_blocks: u64,
 }
 
@@ -159,7 +159,7 @@ impl Lane {
         } else if starved {
             self.scheduler.head_need()
         } else {
-            self.scheduler.demand(LOOKAHEAD_TOKENS) + self.spec.low_watermark
+            self.wanted_free()
         };
         let free = self.scheduler.pool().free_blocks();
         // The lease joins the trace of a sequence waiting for it (the queue's head, else a running
@@ -171,6 +171,11 @@ impl Lane {
             None
         };
         self.link.set(want, free, cause.map(|live| &live.span), starved);
+    }
+
+    /// Free blocks a busy lane wants: what its next steps need and the low watermark.
+    fn wanted_free(&self) -> u64 {
+        self.scheduler.demand(LOOKAHEAD_TOKENS) + self.spec.low_watermark
     }
 
     /// Whether more blocks may still come from memory-service.
@@ -190,9 +195,9 @@ impl Lane {
         }
     }
 
-    /// Returns slabs memory-service may give to others: one above the high watermark per step
-    /// while busy, all idle ones once the lane has been empty for `linger`. Dropping a lease frees
-    /// it in the background.
+    /// Returns slabs memory-service may give to others: while busy, one per step that leaves a
+    /// slab's worth of free blocks beyond what the next steps want; all idle ones once the lane has
+    /// been empty for `linger`. Dropping a lease frees it in the background.
     pub(super) fn return_slabs(&mut self, now: Instant, linger: Duration) -> usize {
         let pool = self.scheduler.pool();
         let victims: Vec<SlabId> = if self.starved() {
@@ -206,7 +211,12 @@ impl Lane {
             }
             pool.idle_slabs().map(|(id, _)| id).collect()
         } else if self.scheduler.waiting() == 0 {
-            let high = self.spec.low_watermark + self.spec.slab_blocks;
+            // Measured against the demand this lane publishes next (not the low watermark alone):
+            // a slab returned below it would be leased again at the next step, one Allocate and
+            // one Free per step for nothing. The extra slab's worth is the hysteresis between
+            // leasing (free below the demand) and returning, so small swings in demand do not
+            // flip between the two.
+            let high = self.wanted_free() + self.spec.slab_blocks;
             pool.idle_slabs()
                 .find(|&(_, blocks)| pool.free_blocks().saturating_sub(blocks) >= high)
                 .map(|(id, _)| id)

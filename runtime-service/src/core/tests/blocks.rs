@@ -44,6 +44,35 @@ async fn a_long_sequence_in_a_contended_pool_runs_to_completion_once_admitted() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_slab_is_not_returned_while_the_next_steps_want_its_blocks() {
+    // Eight sequences grow together, so load only rises until they all end in the same step:
+    // every block leased before then is wanted, and no slab should go back. With slabs of at most
+    // 2 blocks over no low watermark, a slab return that ignores the demand the next steps
+    // publish (a block per sequence for its next 4 tokens) frees one a step and leases it again
+    // the step after.
+    let rig = rig_with_slabs(SchedulerMode::Overlapped, 1.0, LIMITS, 0, 2);
+    let granted = rig.generous_counting();
+    // Prompts of 1 to 4 tokens: two sequences cross a block boundary at each step, so slabs of
+    // 2 blocks come and the newest is idle while the older ones serve the others.
+    let prompts = ["one", "two words", "three words here", "four words right here"];
+    let seqs: Vec<Seq> = (0..8).map(|i| rig.submit(&format!("s{i}"), prompts[i % 4], 40)).collect();
+    let readers: Vec<_> =
+        seqs.into_iter().map(|mut seq| tokio::spawn(async move { drain(&mut seq).await })).collect();
+    for reader in readers {
+        let (seen, outcome) = reader.await.expect("reader");
+        assert_eq!((seen.len(), outcome.expect("finished").preemptions), (40, 0));
+    }
+    // Wait for the device to publish its gauges after the last step.
+    while rig.used_blocks() > 0 {
+        tokio::task::yield_now().await;
+    }
+    let granted = granted.load(std::sync::atomic::Ordering::Relaxed);
+    let held = u64::try_from(rig.held_blocks()).expect("a count");
+    assert_eq!(granted, held, "{} blocks returned while still wanted", granted - held);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_sequence_waits_for_blocks_and_its_shortfall_is_asked_of_the_leaser() {
     let rig = rig(SchedulerMode::Overlapped, 1.0, LIMITS);
     let mut seq = rig.submit("a", "a prompt of six words here", 3);

@@ -64,6 +64,18 @@ struct Rig {
 }
 
 fn rig(mode: SchedulerMode, cpu_ms: f64, limits: Limits) -> Rig {
+    rig_with_slabs(mode, cpu_ms, limits, 0, 1024)
+}
+
+/// A rig whose lane keeps `low_watermark` free blocks ahead of need and returns a slab only with
+/// `slab_blocks` free beyond that.
+fn rig_with_slabs(
+    mode: SchedulerMode,
+    cpu_ms: f64,
+    limits: Limits,
+    low_watermark: u64,
+    slab_blocks: u64,
+) -> Rig {
     let metrics = Metrics::new(&["m"]).expect("metrics");
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -75,8 +87,8 @@ fn rig(mode: SchedulerMode, cpu_ms: f64, limits: Limits) -> Rig {
         roofline: roofline.clone(),
         block_tokens: 4,
         limits,
-        low_watermark: 0,
-        slab_blocks: 1024,
+        low_watermark,
+        slab_blocks,
     };
     let settings =
         DeviceSettings { mode, jitter: 0.0, jitter_seed: 1, kv_idle_release: Duration::from_secs(3600) };
@@ -174,6 +186,27 @@ impl Rig {
                 }
             }
         });
+    }
+
+    /// [`Rig::generous`], counting the blocks it grants.
+    fn generous_counting(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        let granted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (slabs, count) = (self.slabs.clone(), granted.clone());
+        tokio::spawn(async move {
+            loop {
+                slabs.asked().await;
+                let missing = slabs.missing();
+                if missing > 0 {
+                    count.fetch_add(missing, std::sync::atomic::Ordering::Relaxed);
+                    slabs.give(missing).await;
+                }
+            }
+        });
+        granted
+    }
+
+    fn held_blocks(&self) -> i64 {
+        self.metrics.kv_blocks.with_label_values(&["m", "total"]).get()
     }
 
     fn used_blocks(&self) -> i64 {
