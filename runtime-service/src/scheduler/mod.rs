@@ -144,7 +144,7 @@ impl Scheduler {
     /// Removes a sequence (finished, cancelled or failed) and frees its blocks at once.
     pub fn remove(&mut self, id: SeqId) -> Option<SeqState> {
         let mut seq = self.seqs.remove(&id)?;
-        self.pool.release(seq.blocks.drain(..));
+        release(&mut self.pool, &mut seq);
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);
         Some(seq)
@@ -193,7 +193,7 @@ impl Scheduler {
         let at = (0..=last).rev().find(|&k| self.seqs[&self.running[k]].paused).unwrap_or(last);
         let victim = self.running.remove(at);
         if let Some(seq) = self.seqs.get_mut(&victim) {
-            self.pool.release(seq.blocks.drain(..));
+            release(&mut self.pool, seq);
             seq.preempt();
         }
         self.waiting.push_front(victim);
@@ -322,4 +322,11 @@ impl Scheduler {
         }
         Ok(())
     }
+}
+
+/// Gives every block of `seq` back to `pool`. None is refused: a sequence's table holds only blocks
+/// of held slabs, since [`Scheduler::lose_slab`] strikes a lost slab's blocks from it.
+fn release(pool: &mut BlockPool, seq: &mut SeqState) {
+    let refused = pool.release(seq.blocks.drain(..));
+    debug_assert_eq!(refused, 0, "sequence {} held blocks of no slab", seq.id);
 }
