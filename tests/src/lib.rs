@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod certs;
+pub mod otlp;
 pub mod process;
 
 use std::{future::Future, net::SocketAddr, time::Duration};

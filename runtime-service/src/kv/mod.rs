@@ -37,7 +37,9 @@ struct Demand {
     /// Granted by the leaser, not yet absorbed by the device.
     inflight: u64,
     /// The span of a sequence waiting for the blocks: the lease joins its trace, so one trace
-    /// shows a generation waiting on memory-service.
+    /// shows a generation waiting on memory-service. Kept only while blocks are missing, and
+    /// taken by the leaser's next try: a span stays open while any clone of it lives, so a
+    /// clone left here would hold the generation's trace open until the next request.
     cause: Option<tracing::Span>,
     /// Why the last lease failed, if memory-service is unreachable: the device fails sequences
     /// that wait for blocks rather than hold them to their deadline. Cleared by a grant, and when
@@ -161,8 +163,9 @@ impl Link {
             demand.want_free = want_free;
             demand.free = free;
             demand.whole = whole;
-            demand.cause = cause.cloned();
-            demand.missing()
+            let missing = demand.missing();
+            demand.cause = if missing > 0 { cause.cloned() } else { None };
+            missing
         };
         if missing > 0 {
             self.notify.notify_one();
@@ -235,8 +238,8 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
     let mut backoff = RETRY_FIRST;
     loop {
         let (missing, cause, whole) = {
-            let demand = lock(&end.demand);
-            (demand.missing(), demand.cause.clone(), demand.whole)
+            let mut demand = lock(&end.demand);
+            (demand.missing(), demand.cause.take(), demand.whole)
         };
         if missing == 0 {
             if end.grants.is_closed() {
@@ -255,6 +258,8 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
             }
             _ => tracing::Span::none(),
         };
+        // Not kept through a retry's backoff: the lease span holds what it needs of it.
+        drop(cause);
         let result = async {
             if capped_in != Some(loader.renewer.epoch()) {
                 let capacity =

@@ -2,22 +2,16 @@
 //! runtime-service run as separate processes exporting to it, and a Generate carrying the test's
 //! own `traceparent` must come back as one trace with the right parents and attributes.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
-use e2e::{TEST_DEVICE, TEST_MODELS, TestServer, pb_duration, process::Process, wait_serving};
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
-    },
-    common::v1::{KeyValue, any_value::Value},
-    trace::v1::{Span, span::SpanKind},
+use e2e::{
+    TEST_DEVICE, TEST_MODELS,
+    otlp::{Collector, attr, hex, start},
+    pb_duration,
+    process::Process,
+    wait_serving,
 };
+use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use proto::{
     memory::v1::{
         AllocateRequest, AllocationItem, CreatePoolRequest, memory_service_client::MemoryServiceClient,
@@ -25,85 +19,7 @@ use proto::{
     runtime::v1::{GenerateRequest, runtime_service_client::RuntimeServiceClient},
 };
 use tokio_stream::StreamExt;
-use tonic::{Code, Request, Response, Status, transport::Channel};
-
-/// Spans received, with the service that sent them.
-type Received = Arc<Mutex<Vec<(String, Span)>>>;
-
-#[derive(Debug, Default)]
-struct Receiver(Received);
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let mut received = self.0.lock().map_err(|_| Status::internal("receiver poisoned"))?;
-        for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(string)
-                .unwrap_or_default();
-            // Every exporting process says which version it is and which instance.
-            let resource: Vec<&str> = resource_spans
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .map(|kv| kv.key.as_str())
-                .collect();
-            for key in ["service.version", "service.instance.id"] {
-                if !resource.contains(&key) {
-                    return Err(Status::invalid_argument(format!("{service}: resource has no {key}")));
-                }
-            }
-            for scope in resource_spans.scope_spans {
-                received.extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
-            }
-        }
-        Ok(Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-fn string(kv: &KeyValue) -> Option<String> {
-    match kv.value.as_ref()?.value.as_ref()? {
-        Value::StringValue(s) => Some(s.clone()),
-        Value::IntValue(i) => Some(i.to_string()),
-        other => Some(format!("{other:?}")),
-    }
-}
-
-fn attr(span: &Span, key: &str) -> Option<String> {
-    span.attributes.iter().find(|kv| kv.key == key).and_then(string)
-}
-
-/// A binary of this workspace, next to the test executable. The first call builds both service
-/// binaries with the cargo running this test (a no-op when they are current), so the test never
-/// runs stale ones.
-/// Starts `name` exporting traces to `otlp` (and nowhere else: an ambient OTEL_* variable must
-/// not redirect or mute it), with the serving glue's logs filtered out: tracing must not depend on
-/// the log filter.
-fn start(name: &str, args: &[&str], otlp: SocketAddr) -> Process {
-    let endpoint = format!("http://{otlp}");
-    let env = [
-        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", ""),
-        ("OTEL_TRACES_SAMPLER", ""),
-        ("OTEL_TRACES_SAMPLER_ARG", ""),
-        ("OTEL_SERVICE_NAME", ""),
-        ("OTEL_RESOURCE_ATTRIBUTES", ""),
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ("RUST_LOG", "warn,memory_service=info,runtime_service=info"),
-    ];
-    Process::start(name, args, &env, false)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use tonic::{Code, Request, transport::Channel};
 
 /// An ASCII waterfall of one trace: start offset, duration, service and span name by depth.
 fn waterfall<'a>(spans: &'a [(String, Span)]) -> String {
@@ -137,19 +53,7 @@ fn waterfall<'a>(spans: &'a [(String, Span)]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::print_stdout)] // the waterfall is the point of `--nocapture`
 async fn one_trace_spans_the_caller_both_services_and_memory_calls() {
-    let received = Received::default();
-    let sink = received.clone();
-    let otlp = TestServer::spawn("127.0.0.1:0".parse().unwrap(), |listener, _admin, stopped| {
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Receiver(sink)))
-            .serve_with_incoming_shutdown(
-                serving::transport::Transport::default().incoming(listener),
-                async {
-                    let _ = stopped.await;
-                },
-            )
-    })
-    .await;
+    let (otlp, received) = Collector::start().await;
 
     let dir = std::env::temp_dir().join(format!("tracing-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -343,4 +247,65 @@ async fn without_an_exporter_logs_still_carry_the_callers_trace_id() {
         !untraced.contains("trace_id="),
         "a span was built with nothing to export or continue: {untraced}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trace_of_the_last_generate_closes_while_the_device_is_idle() {
+    let (otlp, received) = Collector::start().await;
+    let dir = e2e::certs::TempDir::new("tracing-idle");
+    let models = dir.path().join("models.toml");
+    std::fs::write(&models, format!("{TEST_DEVICE}{TEST_MODELS}")).unwrap();
+    let memory =
+        start("memory-service", &["--pool", "kv-cache=64MiB,activations=64MiB,uniforms=64MiB"], otlp.addr);
+    let memory_url = format!("http://{}", memory.addr);
+    let runtime = start(
+        "runtime-service",
+        &["--memory-addr", &memory_url, "--config", models.to_str().unwrap()],
+        otlp.addr,
+    );
+    let channel = Channel::from_shared(format!("http://{}", runtime.addr)).unwrap().connect().await.unwrap();
+    wait_serving(channel.clone(), "runtime.v1.RuntimeService").await;
+
+    // One Generate, and nothing after it: the device falls idle.
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let mut request = Request::new(GenerateRequest {
+        model: "test-webllm".into(),
+        prompt: "The last request before an incident.".into(),
+        max_tokens: 8,
+        seed: 1,
+        ..GenerateRequest::default()
+    });
+    request
+        .metadata_mut()
+        .insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b8-01").parse().unwrap());
+    let mut stream = RuntimeServiceClient::new(channel).generate(request).await.unwrap().into_inner();
+    while let Some(item) = stream.next().await {
+        item.unwrap();
+    }
+    // Its root spans are exported while both services keep running (spans are batched every
+    // 100 ms here): a span held open by a leftover clone would never come.
+    let roots = ["runtime.v1.RuntimeService/Generate", "generate"];
+    let mut exported = Vec::new();
+    for _ in 0..200 {
+        exported = received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(service, s)| service == "runtime-service" && hex(&s.trace_id) == trace_id)
+            .map(|(_, s)| s.name.clone())
+            .collect();
+        if roots.iter().all(|root| exported.contains(&root.to_string())) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    runtime.stop();
+    memory.stop();
+    otlp.stop().await;
+    for root in roots {
+        assert!(
+            exported.contains(&root.to_string()),
+            "{root} was not exported within 10 s of the stream's end: {exported:?}"
+        );
+    }
 }
