@@ -20,7 +20,8 @@ pub enum Error {
     /// A generation with this request id is already in flight.
     #[error("a generation with request_id {0:?} is already in flight; use a new request_id")]
     DuplicateRequest(String),
-    /// Cancel named no generation in flight.
+    /// Cancel named no generation of the caller's in flight (another identity's is not named:
+    /// request ids are per identity).
     #[error("no generation with request_id {0:?} is in flight")]
     RequestNotFound(String),
     /// The admission queue is full: load is shed.
@@ -60,9 +61,6 @@ pub enum Error {
     /// the pair is misconfigured, not the caller's request.
     #[error("memory-service refused this runtime's settings: {0}")]
     MemoryRefused(String),
-    /// The caller is authenticated but may not do this.
-    #[error("permission denied: {0}")]
-    PermissionDenied(String),
     /// Cancelled by a Cancel call.
     #[error("generation cancelled by request")]
     Cancelled,
@@ -127,7 +125,6 @@ impl Error {
                     detail.clone(),
                 ),
             ),
-            Error::PermissionDenied(_) => (Code::PermissionDenied, ErrorDetails::new()),
             Error::Cancelled => (Code::Cancelled, ErrorDetails::new()),
             Error::DeadlineExceeded(_) => (Code::DeadlineExceeded, ErrorDetails::new()),
         };
@@ -153,7 +150,6 @@ mod tests {
             (Error::MemoryLost, Code::Unavailable),
             (Error::Cancelled, Code::Cancelled),
             (Error::MemoryRefused("ttl".into()), Code::FailedPrecondition),
-            (Error::PermissionDenied("not yours".into()), Code::PermissionDenied),
             (Error::DeadlineExceeded("ttft".into()), Code::DeadlineExceeded),
             (Error::ShuttingDown, Code::Unavailable),
         ];

@@ -1,6 +1,11 @@
 //! The seed's TaskExecutor: a bound on the generations admitted (a full batch plus a bounded
 //! queue; beyond it load is shed), and a registry of generations in flight so `Cancel` can reach
 //! them by request id. The device decides who runs; this decides who may wait for it.
+//!
+//! Request ids are namespaced per identity, as memory-service namespaces scopes and idempotency
+//! keys per holder: two identities may use the same id at once, and another identity's id is
+//! invisible (Cancel answers NOT_FOUND exactly as for an id nobody uses), so an id is neither an
+//! existence oracle nor something a tenant can take from another first.
 
 use std::{
     collections::HashMap,
@@ -20,9 +25,12 @@ pub struct Executor {
     admitted: AtomicUsize,
     limit: usize,
     queue_capacity: usize,
-    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    flights: Mutex<HashMap<Key, Arc<Flight>>>,
     shutdown: CancellationToken,
 }
+
+/// A request id within its identity's namespace (`None`: authentication off, one namespace).
+type Key = (Option<Arc<str>>, String);
 
 /// One generation in flight, as Cancel sees it.
 #[derive(Debug)]
@@ -30,8 +38,6 @@ pub struct Flight {
     cancel: CancellationToken,
     reason: OnceLock<Error>,
     queued: AtomicBool,
-    /// Who started it (authentication on).
-    owner: Option<Arc<str>>,
 }
 
 impl Flight {
@@ -61,7 +67,7 @@ impl Flight {
 #[derive(Debug)]
 pub struct Ticket {
     executor: Arc<Executor>,
-    id: String,
+    key: Key,
     flight: Arc<Flight>,
 }
 
@@ -75,8 +81,8 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut flights = self.executor.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if flights.get(&self.id).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
-            flights.remove(&self.id);
+        if flights.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, &self.flight)) {
+            flights.remove(&self.key);
         }
     }
 }
@@ -105,22 +111,21 @@ impl Executor {
         })
     }
 
-    /// Registers `id`; refuses an id already in flight.
-    /// `owner` is the identity that started it (authentication on), the only one besides an
-    /// admin that may cancel it.
+    /// Registers `id` in the namespace of `owner`, the identity that started it (`None` with
+    /// authentication off); refuses an id that identity already has in flight.
     pub fn register(self: &Arc<Self>, id: String, owner: Option<Arc<str>>) -> Result<Ticket, Error> {
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if flights.contains_key(&id) {
-            return Err(Error::DuplicateRequest(id));
+        let key = (owner, id);
+        if flights.contains_key(&key) {
+            return Err(Error::DuplicateRequest(key.1));
         }
         let flight = Arc::new(Flight {
             cancel: self.shutdown.child_token(),
             reason: OnceLock::new(),
             queued: AtomicBool::new(true),
-            owner,
         });
-        flights.insert(id.clone(), flight.clone());
-        Ok(Ticket { executor: self.clone(), id, flight })
+        flights.insert(key.clone(), flight.clone());
+        Ok(Ticket { executor: self.clone(), key, flight })
     }
 
     /// Admits a generation, or sheds it when the batch and the queue are full. Synchronous, so
@@ -140,22 +145,26 @@ impl Executor {
         self.admitted.load(Ordering::Acquire)
     }
 
-    /// Cancels generation `id`; returns whether it was still queued.
-    /// `caller` is the identity asking, `None` with authentication off; `admin` may cancel any.
+    /// Cancels generation `id` of `caller` (the identity asking, `None` with authentication
+    /// off); returns whether it was still queued. Another identity's generation is not found,
+    /// word for word as an id nobody uses. An `admin` stops every identity's generation with
+    /// this id (its own included); then "queued" means all of them were.
     pub fn cancel(&self, id: &str, caller: Option<&str>, admin: bool) -> Result<bool, Error> {
         let flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        let flight = flights.get(id).ok_or_else(|| Error::RequestNotFound(serving::echo::echo(id)))?;
-        if let Some(caller) = caller
-            && !admin
-            && flight.owner.as_deref() != Some(caller)
-        {
-            return Err(Error::PermissionDenied(format!(
-                "generation {:?} was started by another identity",
-                serving::echo::echo(id)
-            )));
+        let mut found = flights
+            .iter()
+            .filter(|((owner, key), _)| key == id && (admin || owner.as_deref() == caller))
+            .map(|(_, flight)| flight)
+            .peekable();
+        if found.peek().is_none() {
+            return Err(Error::RequestNotFound(serving::echo::echo(id)));
         }
-        flight.stop(Error::Cancelled);
-        Ok(flight.queued.load(Ordering::Acquire))
+        let mut queued = true;
+        for flight in found {
+            flight.stop(Error::Cancelled);
+            queued &= flight.queued.load(Ordering::Acquire);
+        }
+        Ok(queued)
     }
 }
 
@@ -183,9 +192,35 @@ mod tests {
         assert!(matches!(executor.cancel("gen-1", None, false), Err(Error::RequestNotFound(_))));
 
         // With identities, only the owner (or an admin) may cancel.
-        let _owned = executor.register("gen-2".into(), Some("alice".into())).expect("registered");
-        assert!(matches!(executor.cancel("gen-2", Some("bob"), false), Err(Error::PermissionDenied(_))));
-        assert!(executor.cancel("gen-2", Some("ops"), true).is_ok());
+        let owned = executor.register("gen-2".into(), Some("alice".into())).expect("registered");
+        assert_eq!(
+            executor.cancel("gen-2", Some("bob"), false),
+            executor.cancel("gen-2", Some("carol"), false),
+            "another identity's id is not found, like an unknown one"
+        );
         assert!(executor.cancel("gen-2", Some("alice"), false).is_ok());
+        assert!(owned.flight().cancelled().is_cancelled());
+    }
+
+    #[test]
+    fn request_ids_are_per_identity_and_an_admin_reaches_all() {
+        let executor = Executor::new(4, 4, CancellationToken::new());
+        let alice = executor.register("same".into(), Some("alice".into())).expect("alice's");
+        let bob = executor.register("same".into(), Some("bob".into())).expect("bob's, at the same time");
+        assert!(matches!(
+            executor.register("same".into(), Some("alice".into())),
+            Err(Error::DuplicateRequest(_))
+        ));
+        let mine = executor.register("same".into(), None).expect("the open namespace is a third one");
+        assert!(matches!(executor.cancel("same", Some("carol"), false), Err(Error::RequestNotFound(_))));
+        assert_eq!(executor.cancel("same", Some("bob"), false), Ok(true));
+        assert!(bob.flight().cancelled().is_cancelled());
+        assert!(!alice.flight().cancelled().is_cancelled(), "bob's Cancel reached alice");
+        assert!(!mine.flight().cancelled().is_cancelled());
+        alice.flight().mark_running();
+        assert_eq!(executor.cancel("same", Some("ops"), true), Ok(false), "alice's was running");
+        assert!(alice.flight().cancelled().is_cancelled());
+        drop(bob);
+        assert!(executor.register("same".into(), Some("bob".into())).is_ok(), "freed at the end");
     }
 }

@@ -90,7 +90,7 @@ async fn generations_belong_to_their_caller_and_the_runtime_presents_its_token()
 
     let theft =
         client.cancel(bearer(CancelRequest { request_id: "alice-1".into() }, "bob")).await.unwrap_err();
-    assert_eq!(theft.code(), Code::PermissionDenied, "{theft:?}");
+    assert_eq!(theft.code(), Code::NotFound, "{theft:?}");
     client.cancel(bearer(CancelRequest { request_id: "alice-1".into() }, "alice")).await.expect("own cancel");
     let ended = loop {
         match stream.message().await {
@@ -116,6 +116,82 @@ async fn generations_belong_to_their_caller_and_the_runtime_presents_its_token()
             }
         }
     }
+    runtime.stop().await;
+    memory.stop().await;
+}
+
+/// Reads `stream` to its end: the tokens it carried, and its error if it failed.
+async fn drain(
+    mut stream: tonic::Streaming<proto::runtime::v1::GenerateResponse>,
+) -> (u32, Result<(), tonic::Status>) {
+    let mut tokens = 0;
+    loop {
+        match stream.message().await {
+            Ok(Some(message)) => {
+                tokens += u32::from(matches!(message.item, Some(generate_response::Item::Token(_))))
+            }
+            Ok(None) => return (tokens, Ok(())),
+            Err(status) => return (tokens, Err(status)),
+        }
+    }
+}
+
+/// Request ids are per identity, as memory-service's scopes are per holder: two tenants use the
+/// same id at once, neither can take it from the other first, and Cancel of another's id is
+/// answered exactly like an id nobody uses (no existence oracle). An admin still reaches it.
+#[tokio::test]
+async fn request_ids_are_per_identity_and_another_identitys_id_is_not_found() {
+    let memory = MemoryServer::start(config_with_pools(MEMORY_POOLS)).await;
+    let dir = certs::TempDir::new("runtime-namespaces");
+    let tokens = certs::token_file(
+        &dir,
+        &[
+            ("alice", &["client"], Some("alice")),
+            ("bob", &["client"], Some("bob")),
+            ("ops", &["admin"], Some("ops")),
+        ],
+    );
+    let mut config = runtime_config(memory.addr);
+    config.security.auth_tokens = Some(tokens);
+    let runtime = RuntimeServer::start(config).await;
+    runtime.ready().await;
+    let mut client = runtime.client().await;
+    let start = |client: &mut proto::runtime::v1::runtime_service_client::RuntimeServiceClient<_>,
+                 id: &str,
+                 who: &str| {
+        let request = bearer(generate(500, id), who);
+        let mut client = client.clone();
+        async move { client.generate(request).await.map(tonic::Response::into_inner) }
+    };
+    let mut alice_shared = start(&mut client, "shared", "alice").await.expect("alice's");
+    let mut bob_shared = start(&mut client, "shared", "bob").await.expect("bob uses the same id at once");
+    let mut alice_only = start(&mut client, "alice-only", "alice").await.expect("alice's");
+    for stream in [&mut alice_shared, &mut bob_shared, &mut alice_only] {
+        stream.message().await.expect("a token").expect("running");
+    }
+    // Bob asks about alice's id, and about an id nobody uses: one answer, word for word.
+    let cancel = |id: &str, who: &str| {
+        let request = bearer(CancelRequest { request_id: id.into() }, who);
+        let mut client = client.clone();
+        async move { client.cancel(request).await.map(tonic::Response::into_inner) }
+    };
+    let theirs = cancel("alice-only", "bob").await.unwrap_err();
+    let nobodys = cancel("nobody-xx", "bob").await.unwrap_err();
+    assert_eq!(theirs.code(), Code::NotFound, "{theirs:?}");
+    assert_eq!(
+        (nobodys.code(), nobodys.message().replace("nobody-xx", "alice-only")),
+        (theirs.code(), theirs.message().into())
+    );
+    // Bob's Cancel of the shared id stops his generation, not alice's.
+    cancel("shared", "bob").await.expect("bob cancels his own");
+    let (_, ended) = drain(bob_shared).await;
+    assert_eq!(ended.unwrap_err().code(), Code::Cancelled);
+    // An admin reaches any identity's generation.
+    cancel("alice-only", "ops").await.expect("an admin cancels alice's");
+    assert_eq!(drain(alice_only).await.1.unwrap_err().code(), Code::Cancelled);
+    let (tokens, ended) = drain(alice_shared).await;
+    ended.expect("alice's generation with the shared id was not touched");
+    assert_eq!(tokens, 499, "all but the first token, read above");
     runtime.stop().await;
     memory.stop().await;
 }
