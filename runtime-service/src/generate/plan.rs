@@ -3,10 +3,9 @@
 use std::sync::Arc;
 
 use proto::runtime::v1 as pb;
-use rand::{TryRng, rngs::SysRng};
 
 use crate::{
-    engine::{mix, text::Sampling},
+    engine::text::Sampling,
     error::Error,
     models::{Model, Models},
 };
@@ -152,10 +151,5 @@ impl Violations {
 
 /// A fresh request id: 64 random bits in hex.
 fn new_request_id() -> String {
-    let bits = SysRng.try_next_u64().unwrap_or_else(|_| {
-        // No OS randomness: fall back to the clock, mixed; ids need uniqueness, not secrecy.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        mix(nanos.as_nanos() as u64)
-    });
-    format!("gen-{bits:016x}")
+    format!("gen-{:016x}", crate::memory::random_u64())
 }

@@ -3,12 +3,10 @@
 
 mod renewer;
 mod reservation;
+mod scope;
 mod standing;
 
-use std::{
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 use proto::memory::v1::{
     self as pb, AllocateRequest, AllocationItem, CanAllocateRequest, FreeScopeRequest,
@@ -21,6 +19,7 @@ use tracing::{Instrument, Span};
 pub use self::{
     renewer::{Lost, Renewer},
     reservation::Reservation,
+    scope::{random_u64, unique_scope},
     standing::{Loader, Standing},
 };
 use crate::error::Error;
@@ -29,19 +28,11 @@ use crate::error::Error;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Longest instance name: with a 64-character name (model key or request id) and the nonce, a
-/// scope stays within memory-service's 128-character limit.
+/// Longest instance name: it prefixes every scope, whole, within memory-service's
+/// 128-character limit (a long model key is shortened in the scope instead).
 pub const MAX_INSTANCE: usize = 48;
 /// Longest name inside a scope (request id, model key).
 pub const MAX_SCOPE_NAME: usize = 64;
-
-/// A scope no other attempt uses: `<instance>/<kind>/<name>/<nonce>`. Readable in memory-service
-/// events, and unique, so a background free of an abandoned attempt can never hit a later
-/// attempt's leases.
-pub fn unique_scope(instance: &str, kind: &str, name: &str) -> String {
-    static NONCE: AtomicU32 = AtomicU32::new(0);
-    format!("{instance}/{kind}/{name}/{:08x}", NONCE.fetch_add(1, Ordering::Relaxed))
-}
 
 /// A pool's capacity as memory-service reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,7 +31,7 @@ pub struct Loader {
 pub struct Standing {
     pool: &'static str,
     bytes: u64,
-    /// Scope kind and name: `<instance>/<kind>/<name>/<nonce>`.
+    /// Scope kind and name: `<instance>/<kind>/<name>/<boot>-<nonce>`.
     kind: &'static str,
     name: String,
     /// A tokio mutex so concurrent first users share one Allocate.

@@ -85,3 +85,72 @@ async fn a_killed_runtime_leases_expire_within_their_ttl_and_the_pools_come_back
     let after = latest.duration_since(killed).unwrap_or_default();
     assert!(after <= TTL + Duration::from_millis(250), "the last lease expired {after:?} after the kill");
 }
+
+/// The scopes of the memory-service ALLOCATED events `events` carries up to the marker lease
+/// allocated now (so every allocation before it has been seen).
+async fn scopes_allocated_until_now(
+    client: &mut proto::memory::v1::memory_service_client::MemoryServiceClient<Channel>,
+    events: &mut tonic::Streaming<proto::memory::v1::WatchEventsResponse>,
+    marker: &str,
+) -> Vec<String> {
+    let request =
+        proto::memory::v1::AllocateRequest { scope_id: marker.into(), ..e2e::alloc(&[("kv-cache", 1)]) };
+    client.allocate(request).await.expect("marker allocated");
+    let mut scopes = Vec::new();
+    loop {
+        let reply = events.message().await.expect("ok").expect("open");
+        if let Some(watch_events_response::Item::Event(event)) = reply.item {
+            if event.scope_id == marker {
+                return scopes;
+            }
+            scopes.push(event.scope_id);
+        }
+    }
+}
+
+/// A runtime killed and restarted under the same `--instance` (a pod name, as the README
+/// advises) while its previous life's leases still live: the new life takes its memory under
+/// scopes of its own. Scopes double as Allocate request ids; were they the same (a nonce that
+/// restarts at 0), memory-service would replay the old life's leases to the new one, which
+/// would then hold memory its predecessor's expiry takes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_restarted_under_the_same_instance_takes_new_scopes() {
+    // Room for both lives: the first one's leases live on for their TTL after the kill.
+    let pools = [("kv-cache", 1 << 40), ("activations", 1 << 40), ("uniforms", 1 << 40)];
+    let memory = MemoryServer::start(e2e::config_with_pools(&pools)).await;
+    let mut client = memory.client().await;
+    let mut events = client
+        .watch_events(WatchEventsRequest { pools: vec![], kinds: vec![EventKind::Allocated as i32] })
+        .await
+        .expect("watch")
+        .into_inner();
+    let memory_addr = format!("http://{}", memory.addr);
+    let life = || async {
+        let runtime = Process::start(
+            "runtime-service",
+            &["--memory-addr", &memory_addr, "--instance", "pod-0"],
+            &[("RUST_LOG", "warn,runtime_service=info")],
+            false,
+        );
+        let channel = Channel::from_shared(format!("http://{}", runtime.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        wait_serving(channel, "runtime.v1.RuntimeService").await;
+        runtime
+    };
+    let first = life().await;
+    let before = scopes_allocated_until_now(&mut client, &mut events, "marker-1").await;
+    first.kill();
+    let second = life().await;
+    let after = scopes_allocated_until_now(&mut client, &mut events, "marker-2").await;
+    second.kill();
+    assert!(before.iter().all(|s| s.starts_with("pod-0/")), "{before:?}");
+    assert_eq!(before.len(), after.len(), "the second life took its memory anew: {before:?} / {after:?}");
+    assert!(
+        before.iter().all(|s| !after.contains(s)),
+        "a scope of the first life reused: {before:?} / {after:?}"
+    );
+    memory.stop().await;
+}
