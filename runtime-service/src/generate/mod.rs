@@ -2,6 +2,7 @@
 //! streamed to the client under time limits. The sequence's KV blocks live on the device, which
 //! frees them the moment the sequence ends, whichever way it ends.
 
+mod limits;
 mod plan;
 mod stream;
 
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::Instrument;
 
+use self::limits::{END, Limits};
 pub use self::plan::{Plan, is_valid_request_id, request_id_rule};
 pub use self::stream::GenerateStream;
 use crate::{
@@ -26,9 +28,6 @@ use crate::{
     memory::Lost,
     state::Shared,
 };
-
-/// Why a stream cut at its end limit was cut.
-const END: &str = "the stream reached its deadline or lifetime limit";
 
 /// Attempts at loading a model's memory while memory-service is unreachable, 50 ms apart and
 /// doubling: a reconnect is waited out, an outage answered within half a second.
@@ -74,33 +73,6 @@ pub fn start(
     // Tracked: a drain waits for every generation to end and return its memory.
     shared.generations.spawn(task.run(admission, sink.outcome).instrument(span));
     Ok(stream)
-}
-
-/// The time limits of one call.
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    first_token: Instant,
-    idle: Duration,
-    end: Instant,
-}
-
-impl Limits {
-    fn new(config: &crate::config::Config, started: Instant, grpc_timeout: Option<Duration>) -> Self {
-        let lifetime = started + config.max_stream_lifetime;
-        let end = grpc_timeout.map_or(lifetime, |d| lifetime.min(started + d));
-        Limits { first_token: (started + config.ttft_timeout).min(end), idle: config.idle_timeout, end }
-    }
-
-    /// The deadline for the next token, and what to say if it passes.
-    fn next_token(&self, last: Option<Instant>) -> (Instant, &'static str) {
-        match last {
-            None => (self.first_token, "no first token within the time-to-first-token limit or deadline"),
-            Some(last) if last + self.idle < self.end => {
-                (last + self.idle, "no token within the idle-gap limit")
-            }
-            Some(_) => (self.end, END),
-        }
-    }
 }
 
 /// Counts a generation in `runtime_active_streams` while it lives.
@@ -342,6 +314,10 @@ impl Generation {
         let cancelled = flight.cancelled().cancelled();
         let lost = lost.cancelled();
         let closed = self.tx.closed();
+        // Whether memory-service confirms this runtime's leases; marked seen at each token, so
+        // a change means an outage touched the current gap (see `no_token`).
+        let mut memory = self.shared.renewer.healthy();
+        memory.mark_unchanged();
         // A watchdog, not a per-token timer: it fires at a possibly stale deadline, then re-arms
         // to the current one (which only moves later as tokens arrive).
         let watchdog = sleep_until(self.limits.next_token(None).0);
@@ -358,7 +334,7 @@ impl Generation {
                 () = &mut watchdog => {
                     let (until, why) = self.limits.next_token(timings.last_token);
                     if Instant::now() >= until {
-                        return Err(Error::DeadlineExceeded(why.into()).into());
+                        return Err(self.limits.no_token(until, why, &memory).into());
                     }
                     watchdog.as_mut().reset(until);
                     continue;
@@ -380,6 +356,7 @@ impl Generation {
                 on_device.guard.drained();
             }
             let now = Instant::now();
+            memory.mark_unchanged();
             match timings.last_token {
                 None => {
                     metrics.ttft.with_label_values(&[model]).observe((now - self.started).as_secs_f64());

@@ -156,3 +156,37 @@ async fn a_runtime_learns_the_kv_pool_of_a_restarted_memory_service() {
     runtime.stop().await;
     memory.stop();
 }
+
+/// memory-service gone for longer than the idle-gap limit under a streaming runtime: the device
+/// runs no step while its memory is in doubt, so the stream's idle limit runs out, and the
+/// cause it is told is the memory authority (UNAVAILABLE, with a retry hint), not a deadline of
+/// the client's or a stalled model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_outage_longer_than_the_idle_limit_ends_the_stream_unavailable() {
+    let memory = Process::start("memory-service", &["--pool", POOLS], LOG, false);
+    let addr: std::net::SocketAddr = memory.addr.parse().expect("address");
+    let mut config = runtime_config(addr);
+    // A short idle limit, so the outage outlasts it quickly; a token comes every few ms.
+    config.idle_timeout = Duration::from_secs(1);
+    config.retry_hint = Duration::from_millis(1234);
+    let runtime = RuntimeServer::start(config).await;
+    runtime.ready().await;
+    let mut client = runtime.client().await;
+    let mut stream = client.generate(long_generation("outage")).await.expect("accepted").into_inner();
+    stream.message().await.expect("ok").expect("a first token");
+    memory.kill();
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the generation completed without memory-service"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("memory-service"), "{}", ended.message());
+    use tonic_types::StatusExt;
+    let retry = ended.get_error_details().retry_info().and_then(|r| r.retry_delay);
+    assert_eq!(retry, Some(Duration::from_millis(1234)), "{ended:?}");
+    drop(stream);
+    runtime.stop().await;
+}

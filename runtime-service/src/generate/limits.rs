@@ -1,0 +1,84 @@
+//! The time limits of one Generate call (first token, idle gap, lifetime and the caller's
+//! deadline), and what a stream cut by one of them is told.
+
+use std::time::Duration;
+
+use tokio::{sync::watch, time::Instant};
+
+use crate::error::Error;
+
+/// Why a stream cut at its end limit was cut.
+pub(super) const END: &str = "the stream reached its deadline or lifetime limit";
+
+/// The time limits of one call.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    pub(super) first_token: Instant,
+    idle: Duration,
+    pub(super) end: Instant,
+}
+
+impl Limits {
+    /// The limits of a call started at `started`, with the caller's gRPC deadline if any.
+    pub(super) fn new(
+        config: &crate::config::Config,
+        started: Instant,
+        grpc_timeout: Option<Duration>,
+    ) -> Self {
+        let lifetime = started + config.max_stream_lifetime;
+        let end = grpc_timeout.map_or(lifetime, |d| lifetime.min(started + d));
+        Limits { first_token: (started + config.ttft_timeout).min(end), idle: config.idle_timeout, end }
+    }
+
+    /// The deadline for the next token, and what to say if it passes.
+    pub(super) fn next_token(&self, last: Option<Instant>) -> (Instant, &'static str) {
+        match last {
+            None => (self.first_token, "no first token within the time-to-first-token limit or deadline"),
+            Some(last) if last + self.idle < self.end => {
+                (last + self.idle, "no token within the idle-gap limit")
+            }
+            Some(_) => (self.end, END),
+        }
+    }
+
+    /// Why no token came by `until`, `why` being what the limit says. The device runs no step
+    /// while memory-service does not confirm its leases (`memory`, see `core::run`), so a limit
+    /// of ours (first token, idle gap) that runs out during, or right after, an outage was
+    /// cut short by the memory authority, not by the model or the client: UNAVAILABLE, with
+    /// a retry hint. The caller's own deadline, or the lifetime limit, stays DEADLINE_EXCEEDED.
+    pub(super) fn no_token(&self, until: Instant, why: &str, memory: &watch::Receiver<bool>) -> Error {
+        let outage = !*memory.borrow() || memory.has_changed().unwrap_or(false);
+        if until < self.end && outage {
+            return Error::MemoryUnavailable(format!(
+                "{why}: the device paused its steps because lease renewals with memory-service were failing \
+                 (its memory was in doubt); retry once memory-service is back"
+            ));
+        }
+        Error::DeadlineExceeded(why.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gap_during_a_memory_outage_is_unavailable_and_the_callers_deadline_stays_its_own() {
+        let config = crate::config::Config::default();
+        let started = Instant::now();
+        let limits = Limits::new(&config, started, Some(Duration::from_secs(60)));
+        let last = Some(started);
+        let (idle, why) = limits.next_token(last);
+        assert_eq!(why, "no token within the idle-gap limit");
+        let (health, memory) = watch::channel(true);
+        assert!(matches!(limits.no_token(idle, why, &memory), Error::DeadlineExceeded(_)));
+        health.send_replace(false);
+        let down = limits.no_token(idle, why, &memory);
+        assert!(matches!(&down, Error::MemoryUnavailable(m) if m.contains("idle-gap")), "{down:?}");
+        // Back by the time the limit ran out: the outage still took the gap.
+        health.send_replace(true);
+        assert!(matches!(limits.no_token(idle, why, &memory), Error::MemoryUnavailable(_)));
+        // The caller's deadline is the caller's, outage or not.
+        assert!(matches!(limits.no_token(limits.end, END, &memory), Error::DeadlineExceeded(_)));
+    }
+}
