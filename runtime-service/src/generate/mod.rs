@@ -407,7 +407,7 @@ impl Generation {
         let config = &self.shared.config;
         let overlapped = config.scheduler == SchedulerMode::Overlapped;
         let block_bytes = self.plan.model.spec.block_bytes(config.kv_block_tokens);
-        #[allow(deprecated)] // pipeline_depth is still filled for older clients
+        #[allow(deprecated)] // pipeline_mode and pipeline_depth are still filled for older clients
         pb::Summary {
             finish_reason: if report.stopped { pb::FinishReason::Stop } else { pb::FinishReason::Length }
                 .into(),

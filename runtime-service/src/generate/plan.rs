@@ -71,12 +71,9 @@ impl Plan {
         if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
             bad.add("top_p", format!("{top_p} is outside (0, 1]"));
         }
-        // Deprecated and ignored (the device's --scheduler decides), but a value no version ever
-        // defined is still a caller's mistake worth naming.
-        #[allow(deprecated)]
-        if pb::PipelineMode::try_from(req.pipeline_mode).is_err() {
-            bad.add("pipeline_mode", format!("{} is not a mode", req.pipeline_mode));
-        }
+        // pipeline_mode is deprecated and ignored (the device's --scheduler decides), so it is
+        // not validated either: refusing values this version does not know would make a
+        // request fail over a field that changes nothing, and enums must stay open to growth.
         if !is_valid_request_id(&req.request_id) {
             bad.add("request_id", request_id_rule());
         }

@@ -106,6 +106,21 @@ async fn a_generation_streams_tokens_then_a_summary_and_returns_its_memory() {
     memory.stop().await;
 }
 
+/// The deprecated request field is ignored whatever it says: a value this version does not
+/// know (a newer client's, as open enums allow) is served, not refused.
+#[tokio::test(start_paused = true)]
+async fn a_request_with_an_unknown_pipeline_mode_value_is_served() {
+    let (memory, runtime) = stack().await;
+    let mut client = runtime.client().await;
+    #[allow(deprecated)]
+    let unknown = GenerateRequest { pipeline_mode: 9, ..request("hi", 3, 0) };
+    let stream = client.generate(unknown).await.expect("not refused").into_inner();
+    let (texts, summary) = collect(stream).await.expect("served");
+    assert_eq!((texts.len(), summary.scheduler.as_str()), (3, "overlapped"));
+    runtime.stop().await;
+    memory.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_devices_scheduler_overlaps_or_not_and_never_changes_the_tokens() {
     let memory = MemoryServer::start(config_with_pools(POOLS)).await;
@@ -190,8 +205,6 @@ async fn bad_requests_are_refused_with_what_to_change() {
             "temperature",
         ),
         (GenerateRequest { top_p: 1.5, ..request("hi", 1, 0) }, Code::InvalidArgument, "top_p"),
-        #[allow(deprecated)]
-        (GenerateRequest { pipeline_mode: 9, ..request("hi", 1, 0) }, Code::InvalidArgument, "pipeline_mode"),
         (
             GenerateRequest { request_id: "a\nb".into(), ..request("hi", 1, 0) },
             Code::InvalidArgument,
