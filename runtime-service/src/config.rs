@@ -3,6 +3,9 @@
 //! file; tests build it directly.
 
 mod file;
+mod lease_ttl;
+
+pub use self::lease_ttl::MIN_LEASE_TTL;
 
 use std::time::Duration;
 
@@ -242,6 +245,7 @@ impl Config {
             ));
         }
         self.security.transport.validate().map_err(ConfigError::Invalid)?;
+        self.validate_lease_ttl()?;
         for (name, d) in [
             ("lease TTL", self.lease_ttl),
             ("memory timeout", self.memory_timeout),

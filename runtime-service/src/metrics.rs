@@ -48,6 +48,8 @@ pub struct Metrics {
     pub kv_slabs: IntGaugeVec,
     /// Sequences preempted (their KV dropped, to be recomputed).
     pub preemptions: IntCounter,
+    /// Steps held because they would have ended past the local lease timer.
+    pub fenced_steps: IntCounter,
 }
 
 fn seconds(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<HistogramVec> {
@@ -141,6 +143,10 @@ impl Metrics {
                 "runtime_preemptions_total",
                 "Sequences preempted for want of KV blocks (recomputed later).",
             )?,
+            fenced_steps: IntCounter::new(
+                "runtime_fenced_steps_total",
+                "Steps held because they would have ended after the memory leases are known to hold (the local lease timer ran out before a renewal).",
+            )?,
             registry,
         };
         // Every series a dashboard or alert reads exists from the start, at zero: a rate over a
@@ -183,6 +189,7 @@ impl Metrics {
         r.register(Box::new(metrics.kv_utilization.clone()))?;
         r.register(Box::new(metrics.kv_slabs.clone()))?;
         r.register(Box::new(metrics.preemptions.clone()))?;
+        r.register(Box::new(metrics.fenced_steps.clone()))?;
         Ok(metrics)
     }
 }

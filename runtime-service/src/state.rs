@@ -58,10 +58,10 @@ impl Shared {
         let memory = MemoryClient::new(
             &config.memory_addr,
             &config.instance,
-            config.memory_timeout,
+            config.memory_call_timeout(),
             &config.memory_auth,
         )?;
-        let renewer = Renewer::spawn(memory.clone(), config.lease_ttl / 3, shutdown.clone());
+        let renewer = Renewer::spawn(memory.clone(), config.lease_ttl, shutdown.clone());
         let executor = Executor::new(config.max_batch_size, config.queue_capacity, shutdown.clone());
         let tracker = TaskTracker::new();
         let loader = Loader {
@@ -112,7 +112,7 @@ impl Shared {
             inbox,
             wake,
             metrics.clone(),
-            crate::core::Signals { shutdown: shutdown.clone(), memory: renewer.healthy() },
+            crate::core::Signals { shutdown: shutdown.clone(), memory: renewer.fence() },
             &tracker,
         );
         let activations =

@@ -116,9 +116,9 @@ pub type Outcome = Result<Report, Error>;
 pub struct Signals {
     /// Cancelled at shutdown: the loop ends.
     pub shutdown: CancellationToken,
-    /// `true` while memory-service confirms the runtime's leases; no step runs while it is
-    /// `false` (the memory is in doubt).
-    pub memory: tokio::sync::watch::Receiver<bool>,
+    /// Until when memory-service's leases are known to hold (the renewer's local lease timer):
+    /// a step runs only if it ends by then; `None` while the memory is in doubt (no step runs).
+    pub memory: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
 }
 
 /// The handle the rest of the service holds on the device.

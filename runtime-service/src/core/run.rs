@@ -7,6 +7,7 @@ use tokio::{
     time::{Instant, sleep_until},
 };
 use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
 use super::{
     DeviceSettings, LaneSpec, Submission,
@@ -28,12 +29,12 @@ pub(super) struct DeviceLoop {
     next_id: u64,
     /// Accounting already exported to the metrics.
     exported: Busy,
-    /// `true` while memory-service confirms this runtime's leases (the keep-alive rounds
-    /// succeed). While it is `false` the device runs no step: its memory is in doubt (the
-    /// memory-service may have restarted and forgotten it), and using it could collide with
-    /// whoever a restarted memory-service grants it to. Steps resume once the leases are
-    /// confirmed; if they are lost instead, the generations using them end.
-    memory: watch::Receiver<bool>,
+    /// Until when memory-service's leases are known to hold: the renewer's local lease timer,
+    /// `None` while the keep-alive rounds fail. A step runs only if it ends by then: past it,
+    /// the memory may have expired at memory-service and been granted to someone else, and
+    /// using it could collide with them. Steps resume once the leases are confirmed again; if
+    /// they are lost instead, the generations using them end.
+    memory: watch::Receiver<Option<Instant>>,
 }
 
 impl DeviceLoop {
@@ -44,7 +45,7 @@ impl DeviceLoop {
         wake: Arc<Notify>,
         metrics: Metrics,
         shutdown: CancellationToken,
-        memory: watch::Receiver<bool>,
+        memory: watch::Receiver<Option<Instant>>,
     ) -> Self {
         DeviceLoop {
             memory,
@@ -73,9 +74,9 @@ impl DeviceLoop {
                 lane.absorb_grants();
                 lane.sweep();
             }
-            let memory_confirmed = *self.memory.borrow_and_update();
-            let picked = if memory_confirmed { self.pick() } else { None };
+            let fence = *self.memory.borrow_and_update();
             let now = Instant::now();
+            let picked = if fence.is_some_and(|until| now < until) { self.pick() } else { None };
             for lane in &mut self.lanes {
                 lane.return_slabs(now, self.settings.kv_idle_release);
                 lane.publish_demand();
@@ -89,7 +90,7 @@ impl DeviceLoop {
                 self.idle(inbox_open).await;
                 continue;
             };
-            if !self.step(li, &plan).await {
+            if !self.step(li, &plan, fence).await {
                 break;
             }
         }
@@ -141,8 +142,8 @@ impl DeviceLoop {
         None
     }
 
-    /// Runs `plan` on lane `li`; false if shutdown interrupted it.
-    async fn step(&mut self, li: usize, plan: &Plan) -> bool {
+    /// Runs `plan` on lane `li` if it ends before `fence`; false if shutdown interrupted it.
+    async fn step(&mut self, li: usize, plan: &Plan, fence: Option<Instant>) -> bool {
         let lane = &mut self.lanes[li];
         let cost = lane.price(plan);
         let jitter = self.settings.jitter;
@@ -151,7 +152,22 @@ impl DeviceLoop {
         } else {
             cost.gpu
         };
-        let slot = self.timeline.place(Instant::now(), cost.cpu, gpu);
+        let now = Instant::now();
+        let ends = self.timeline.clone().place(now, cost.cpu, gpu).gpu_done;
+        if fence.is_none_or(|until| ends > until) {
+            // It would run past what the leases are known to cover: not run. Its blocks stay
+            // with its sequences and nothing advanced, so the next schedule forms it again
+            // once a renewal moves the fence (or the leases are lost and its sequences end).
+            self.metrics.fenced_steps.inc();
+            debug!(?fence, "step held: it would end past the lease timer");
+            let mut memory = self.memory.clone();
+            tokio::select! {
+                changed = memory.changed() => if changed.is_err() { return false },
+                () = self.shutdown.cancelled() => return false,
+            }
+            return true;
+        }
+        let slot = self.timeline.place(now, cost.cpu, gpu);
         if slot.gpu_done > Instant::now() {
             tokio::select! {
                 () = sleep_until(slot.gpu_done) => {}

@@ -1,4 +1,11 @@
-//! One keep-alive stream per runtime renews every scope it holds (model uniforms, generations).
+//! One keep-alive stream per runtime renews every scope it holds (model uniforms, activations,
+//! kv-cache slabs), and keeps the local lease timer that fences the device.
+//!
+//! The fence is Chubby's client lease timer: a lease renewed by a call sent at `t` lives at
+//! memory-service until at least `t + ttl` (the server's deadline runs from when it received
+//! the call), so the runtime may use its memory until `t + ttl` less a margin, with no word
+//! from memory-service and whatever failure detection costs. The device runs a step only if it
+//! ends before the earliest such time over every scope it holds.
 
 use std::{
     collections::HashMap,
@@ -7,7 +14,10 @@ use std::{
 };
 
 use proto::memory::v1::{KeepAliveRequest, KeepAliveResponse};
-use tokio::sync::{mpsc, watch};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
@@ -29,7 +39,25 @@ struct Entry {
     /// Server epoch the leases were granted in.
     epoch: u64,
     lost: Lost,
+    /// When the call that last granted or renewed the leases was sent: they live at least
+    /// until this plus the TTL.
+    confirmed: Instant,
 }
+
+/// Until when the device may use the memory it holds: `None` while memory-service does not
+/// answer (the memory is in doubt, no step runs).
+pub type Fence = watch::Receiver<Option<Instant>>;
+
+/// How far before a lease's earliest possible expiry the fence closes: a tenth of the TTL,
+/// for clocks that run at slightly different rates on the two hosts and for the step that
+/// ends right at the fence.
+fn margin(ttl: Duration) -> Duration {
+    (ttl / 10).max(Duration::from_millis(1))
+}
+
+/// With no scope held, nothing is fenced: far enough ahead never to matter, near enough not to
+/// overflow an `Instant`.
+const UNFENCED: Duration = Duration::from_secs(86_400 * 365);
 
 /// Renews registered scopes every `interval` over one KeepAlive stream, and reports whether
 /// memory-service answered the last round. Scopes it finds dead are reported through their
@@ -44,6 +72,9 @@ pub struct Renewer {
     /// The server epoch as last learned: what this runtime knows of memory-service (its pools)
     /// is good only while it stays the same.
     seen: Arc<Mutex<Seen>>,
+    /// The local lease timer (see the module docs).
+    fence: Arc<watch::Sender<Option<Instant>>>,
+    ttl: Duration,
 }
 
 /// memory-service's epoch as this runtime learned it.
@@ -78,26 +109,52 @@ impl Seen {
 struct Ticket(u64);
 
 impl Renewer {
-    /// Starts the renewal task; it ends with `shutdown`.
-    pub fn spawn(client: MemoryClient, interval: Duration, shutdown: CancellationToken) -> Self {
+    /// Starts the renewal task, renewing leases of `ttl` every third of it; it ends with
+    /// `shutdown`.
+    pub fn spawn(client: MemoryClient, ttl: Duration, shutdown: CancellationToken) -> Self {
         let scopes = Arc::new(Mutex::new(HashMap::new()));
         let (health_tx, healthy) = watch::channel(true);
         let kick = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(run(client, interval, scopes.clone(), health_tx, kick.clone(), shutdown));
-        Renewer { scopes, healthy, kick, seen: Arc::default() }
+        let fence = Arc::new(watch::Sender::new(Some(Instant::now() + UNFENCED)));
+        let renewer = Renewer { scopes, healthy, kick, seen: Arc::default(), fence, ttl };
+        tokio::spawn(run(client, renewer.clone(), health_tx, shutdown));
+        renewer
     }
 
-    /// Starts renewing `scope`, whose leases were granted in `epoch`.
-    pub fn register(&self, scope: String, epoch: u64) -> Lost {
+    /// Starts renewing `scope`, whose leases were granted in `epoch` by a call sent at `sent`.
+    pub fn register(&self, scope: String, epoch: u64, sent: Instant) -> Lost {
         let lost = Lost::new();
-        lock(&self.scopes).insert(scope, Entry { epoch, lost: lost.clone() });
+        let mut scopes = lock(&self.scopes);
+        scopes.insert(scope, Entry { epoch, lost: lost.clone(), confirmed: sent });
+        self.publish_fence(&scopes);
+        drop(scopes);
         self.kick.notify_one();
         lost
     }
 
     /// Stops renewing `scope`.
     pub fn unregister(&self, scope: &str) {
-        lock(&self.scopes).remove(scope);
+        let mut scopes = lock(&self.scopes);
+        if scopes.remove(scope).is_some() {
+            self.publish_fence(&scopes);
+        }
+    }
+
+    /// The device's fence: until when it may use the memory it holds (see the module docs).
+    pub fn fence(&self) -> Fence {
+        self.fence.subscribe()
+    }
+
+    /// Publishes the fence for `scopes`: the earliest time one of their leases could expire,
+    /// less the margin; closed while memory-service does not answer.
+    fn publish_fence(&self, scopes: &HashMap<String, Entry>) {
+        let until = if !*self.healthy.borrow() {
+            None
+        } else {
+            let earliest = scopes.values().map(|e| e.confirmed).min();
+            Some(earliest.map_or_else(|| Instant::now() + UNFENCED, |at| at + self.ttl - margin(self.ttl)))
+        };
+        self.fence.send_if_modified(|fence| std::mem::replace(fence, until) != until);
     }
 
     /// Sends `call`, whose answer carries memory-service's epoch (read by `epoch_of`), and
@@ -137,6 +194,7 @@ impl Renewer {
             }
             alive
         });
+        self.publish_fence(&scopes);
     }
 
     /// memory-service's epoch as last learned (0 before the first answer).
@@ -163,12 +221,17 @@ type Stream = (mpsc::Sender<KeepAliveRequest>, Streaming<KeepAliveResponse>);
 
 async fn run(
     client: MemoryClient,
-    interval: Duration,
-    scopes: Arc<Mutex<HashMap<String, Entry>>>,
+    renewer: Renewer,
     health: watch::Sender<bool>,
-    kick: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
+    let (scopes, kick, interval) = (&renewer.scopes, &renewer.kick, renewer.ttl / 3);
+    // Health and fence move together: a change of one republishes the other.
+    let set_health = |ok: bool| {
+        if health.send_if_modified(|h| std::mem::replace(h, ok) != ok) {
+            renewer.publish_fence(&lock(scopes));
+        }
+    };
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stream: Option<Stream> = None;
@@ -193,23 +256,23 @@ async fn run(
         if lost {
             warn!("keep-alive stream to memory-service ended; renewing again shortly");
             stream = None;
-            health.send_if_modified(|h| std::mem::replace(h, false));
+            set_health(false);
             ticker.reset_after(RETRY.min(interval));
             continue;
         }
-        let snapshot: Vec<(String, u64)> = lock(&scopes).iter().map(|(s, e)| (s.clone(), e.epoch)).collect();
+        let snapshot: Vec<(String, u64)> = lock(scopes).iter().map(|(s, e)| (s.clone(), e.epoch)).collect();
         if snapshot.is_empty() {
             continue;
         }
         let ok = tokio::select! {
             () = shutdown.cancelled() => return,
-            ok = renew_all(&client, &mut stream, &snapshot, &scopes) => ok,
+            ok = renew_all(&client, &mut stream, &snapshot, &renewer) => ok,
         };
         if !ok {
             stream = None; // reconnect at the next round, sooner than a full interval
             ticker.reset_after(RETRY.min(interval));
         }
-        health.send_if_modified(|h| std::mem::replace(h, ok) != ok);
+        set_health(ok);
     }
 }
 
@@ -218,7 +281,7 @@ async fn renew_all(
     client: &MemoryClient,
     stream: &mut Option<Stream>,
     snapshot: &[(String, u64)],
-    scopes: &Mutex<HashMap<String, Entry>>,
+    renewer: &Renewer,
 ) -> bool {
     if stream.is_none() {
         let (tx, rx) = mpsc::channel(4);
@@ -248,6 +311,8 @@ async fn renew_all(
     for chunk in snapshot.chunks(SCOPES_PER_MESSAGE) {
         let request =
             KeepAliveRequest { lease_ids: vec![], scope_ids: chunk.iter().map(|(s, _)| s.clone()).collect() };
+        // Before the send: the renewal counts from no later than memory-service received it.
+        let sent = Instant::now();
         if tx.send(request).await.is_err() {
             return false;
         }
@@ -258,14 +323,17 @@ async fn renew_all(
                 return false;
             }
         };
-        let mut scopes = lock(scopes);
+        let mut scopes = lock(&renewer.scopes);
         for (scope, epoch) in chunk {
             let dead = reply.server_epoch != *epoch || reply.not_found.contains(scope);
             if dead && let Some(entry) = scopes.remove(scope) {
                 warn!(%scope, "memory leases lost");
                 entry.lost.cancel();
+            } else if let Some(entry) = scopes.get_mut(scope) {
+                entry.confirmed = entry.confirmed.max(sent);
             }
         }
+        renewer.publish_fence(&scopes);
         debug!(renewed = reply.renewed.len(), "renewed leases");
     }
     true

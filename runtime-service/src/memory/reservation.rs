@@ -37,6 +37,8 @@ impl Reservation {
         ask: &Ask,
     ) -> Result<Self, Error> {
         let mut pending = PendingScope { client, tracker, scope: Some(&ask.scope) };
+        // The leases live at least until the TTL from the moment the call was sent.
+        let sent = tokio::time::Instant::now();
         let epoch = match client.allocate(ask, &ask.scope).await {
             Ok(epoch) => epoch,
             // Definitive refusals: nothing was granted, nothing to free.
@@ -47,7 +49,7 @@ impl Reservation {
             Err(err) => return Err(err),
         };
         pending.scope = None;
-        let lost = renewer.register(ask.scope.clone(), epoch);
+        let lost = renewer.register(ask.scope.clone(), epoch, sent);
         Ok(Reservation {
             client: client.clone(),
             renewer: renewer.clone(),

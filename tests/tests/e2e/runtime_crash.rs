@@ -120,7 +120,11 @@ async fn a_runtime_restarted_under_the_same_instance_takes_new_scopes() {
     let memory = MemoryServer::start(e2e::config_with_pools(&pools)).await;
     let mut client = memory.client().await;
     let mut events = client
-        .watch_events(WatchEventsRequest { pools: vec![], kinds: vec![EventKind::Allocated as i32] })
+        .watch_events(WatchEventsRequest {
+            pools: vec![],
+            kinds: vec![EventKind::Allocated as i32],
+            ..Default::default()
+        })
         .await
         .expect("watch")
         .into_inner();

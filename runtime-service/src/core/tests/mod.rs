@@ -232,6 +232,6 @@ async fn drain(seq: &mut Seq) -> (Vec<(u32, Instant)>, Outcome) {
 }
 
 /// A memory signal that always confirms (these tests have no memory-service).
-fn confirmed() -> tokio::sync::watch::Receiver<bool> {
-    tokio::sync::watch::channel(true).1
+fn confirmed() -> tokio::sync::watch::Receiver<Option<Instant>> {
+    tokio::sync::watch::channel(Some(Instant::now() + std::time::Duration::from_secs(86_400 * 365))).1
 }
