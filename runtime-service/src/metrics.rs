@@ -50,6 +50,8 @@ pub struct Metrics {
     pub preemptions: IntCounter,
     /// Steps held because they would have ended past the local lease timer.
     pub fenced_steps: IntCounter,
+    /// The device's own memory: usable, and held by weights, activations and the kv-cache.
+    pub device_memory: IntGaugeVec,
 }
 
 fn seconds(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<HistogramVec> {
@@ -147,6 +149,13 @@ impl Metrics {
                 "runtime_fenced_steps_total",
                 "Steps held because they would have ended after the memory leases are known to hold (the local lease timer ran out before a renewal).",
             )?,
+            device_memory: IntGaugeVec::new(
+                Opts::new(
+                    "runtime_device_memory_bytes",
+                    "The simulated device's memory: usable (90% of it) and held by weights, activations and the kv-cache. Held never exceeds usable.",
+                ),
+                &["use"],
+            )?,
             registry,
         };
         // Every series a dashboard or alert reads exists from the start, at zero: a rate over a
@@ -190,6 +199,7 @@ impl Metrics {
         r.register(Box::new(metrics.kv_slabs.clone()))?;
         r.register(Box::new(metrics.preemptions.clone()))?;
         r.register(Box::new(metrics.fenced_steps.clone()))?;
+        r.register(Box::new(metrics.device_memory.clone()))?;
         Ok(metrics)
     }
 }

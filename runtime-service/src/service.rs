@@ -9,6 +9,7 @@ use crate::{
     device::{Roofline, Work},
     error::Error,
     generate::{self, GenerateStream},
+    memory::Use,
     state::Shared,
 };
 
@@ -81,6 +82,10 @@ impl RuntimeService for RuntimeApi {
             max_batch_size: config.max_batch_size as u32,
             max_batched_tokens: config.max_batched_tokens,
             kv_block_tokens: config.kv_block_tokens,
+            usable_memory_bytes: self.shared.device_memory.usable(),
+            weights_bytes: self.shared.device_memory.held(Use::Weights),
+            activations_bytes: self.shared.device_memory.held(Use::Activations),
+            kv_cache_bytes: self.shared.device_memory.held(Use::KvCache),
         };
         Ok(Response::new(pb::ListModelsResponse { models, device: Some(device) }))
     }

@@ -13,7 +13,7 @@ use crate::{
     error::Error,
     executor::Executor,
     kv::{self, SlabPlan},
-    memory::{Loader, MemoryClient, PoolCapacity, Renewer, Standing},
+    memory::{DeviceMemory, Loader, MemoryClient, PoolCapacity, Renewer, Standing},
     metrics::Metrics,
     models::{ACTIVATIONS, KV_CACHE, Models},
     scheduler::Limits,
@@ -50,6 +50,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Prometheus instruments.
     pub metrics: Metrics,
+    /// The simulated device's own memory: every lease is taken here first.
+    pub device_memory: DeviceMemory,
 }
 
 impl Shared {
@@ -62,6 +64,10 @@ impl Shared {
             &config.memory_auth,
         )?;
         let renewer = Renewer::spawn(memory.clone(), config.lease_ttl, shutdown.clone());
+        // 90% of the device, as vLLM's default gpu_memory_utilization.
+        let usable = config.device.memory_bytes / 100 * 90;
+        let device_memory =
+            DeviceMemory::new(&config.device.name, usable, Some(metrics.device_memory.clone()));
         let executor = Executor::new(config.max_batch_size, config.queue_capacity, shutdown.clone());
         let tracker = TaskTracker::new();
         let loader = Loader {
@@ -71,6 +77,7 @@ impl Shared {
             ttl: config.lease_ttl,
             max_wait: config.memory_wait,
             instance: config.instance.clone(),
+            device_memory: device_memory.clone(),
         };
         let wake = Arc::new(Notify::new());
         let limits = Limits {
@@ -131,6 +138,7 @@ impl Shared {
             shutdown,
             config,
             metrics,
+            device_memory,
         }))
     }
 
@@ -143,6 +151,7 @@ impl Shared {
             ttl: self.config.lease_ttl,
             max_wait: self.config.memory_wait,
             instance: self.config.instance.clone(),
+            device_memory: self.device_memory.clone(),
         }
     }
 

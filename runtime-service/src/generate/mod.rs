@@ -281,7 +281,8 @@ impl Generation {
     }
 
     /// A sequence whose prompt and completion need more KV blocks than memory-service's whole
-    /// kv-cache pool holds could never finish: refuse it now rather than preempt it forever.
+    /// kv-cache pool holds, or than the device has room for beside its weights and activations,
+    /// could never finish: refuse it now rather than preempt it forever.
     async fn check_fits(&self) -> Result<(), Error> {
         let config = &self.shared.config;
         let spec = &self.plan.model.spec;
@@ -296,6 +297,14 @@ impl Generation {
                 "{tokens} tokens of {} need {needed} bytes of kv-cache but the pool holds {capacity} bytes; \
                  lower max_tokens or shorten the prompt",
                 spec.key
+            )));
+        }
+        let room = self.shared.device_memory.kv_room();
+        if needed > room / block_bytes * block_bytes {
+            return Err(Error::Unservable(format!(
+                "{tokens} tokens of {} need {needed} bytes of kv-cache but the device {} has room for {room} \
+                 beside its weights and activations; lower max_tokens or shorten the prompt",
+                spec.key, config.device.name
             )));
         }
         Ok(())

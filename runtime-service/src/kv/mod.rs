@@ -264,7 +264,9 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
             if capped_in != Some(loader.renewer.epoch()) {
                 let capacity =
                     loader.renewer.learn_epoch(loader.client.pool_capacity(KV_CACHE), |c| c.epoch).await?;
-                lock(&end.demand).capacity = capacity.bytes / plan.block_bytes;
+                // The pool, or the device beside its weights and activations, whichever is less.
+                let room = capacity.bytes.min(loader.device_memory.kv_room());
+                lock(&end.demand).capacity = room / plan.block_bytes;
                 cap = plan.slab_blocks.min(capacity.bytes / plan.block_bytes / 16).max(1);
                 size = size.min(cap);
                 capped_in = Some(capacity.epoch);
@@ -288,9 +290,7 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
                 ttl: loader.ttl,
                 max_wait,
             };
-            Reservation::acquire(&loader.client, &loader.renewer, &loader.tracker, &ask)
-                .await
-                .map(|reservation| (blocks, reservation))
+            Reservation::acquire(&loader, &ask).await.map(|reservation| (blocks, reservation))
         }
         .instrument(span)
         .await;

@@ -1,6 +1,7 @@
 //! The memory-service client: every call bounded in time, every failure mapped to a domain error
 //! that keeps memory-service's gRPC code meaningful for the caller.
 
+mod budget;
 mod renewer;
 mod reservation;
 mod scope;
@@ -17,6 +18,7 @@ use tonic::{Code, Request, Status, transport::Channel};
 use tracing::{Instrument, Span};
 
 pub use self::{
+    budget::{DeviceMemory, Held, Use},
     renewer::{Lost, Renewer},
     reservation::Reservation,
     scope::{random_u64, unique_scope},

@@ -6,7 +6,10 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, warn};
 
-use super::{Ask, Lost, MemoryClient, Renewer};
+use super::{
+    Ask, Loader, Lost, MemoryClient, Renewer,
+    budget::{Held, Use},
+};
 use crate::error::Error;
 
 /// Attempts at freeing a scope from `Drop` before leaving it to lease expiry.
@@ -23,6 +26,8 @@ pub struct Reservation {
     scope: String,
     lost: Lost,
     released: bool,
+    /// The device memory it occupies, given back with it.
+    _device: Held,
 }
 
 impl Reservation {
@@ -30,12 +35,13 @@ impl Reservation {
     /// this attempt (see [`super::unique_scope`]): if the call is dropped, or fails in a way that
     /// leaves its outcome unknown (memory-service unreachable mid-call), the scope is freed in the
     /// background in case it was granted, and that free must not hit anyone else's leases.
-    pub async fn acquire(
-        client: &MemoryClient,
-        renewer: &Renewer,
-        tracker: &TaskTracker,
-        ask: &Ask,
-    ) -> Result<Self, Error> {
+    ///
+    /// The device's own memory is taken first: nothing is asked of memory-service that the
+    /// simulated device could not hold.
+    pub async fn acquire(loader: &Loader, ask: &Ask) -> Result<Self, Error> {
+        let (client, renewer, tracker) = (&loader.client, &loader.renewer, &loader.tracker);
+        let uses: Vec<_> = ask.items.iter().map(|&(pool, bytes)| (Use::of_pool(pool), bytes)).collect();
+        let device = loader.device_memory.take(&uses)?;
         let mut pending = PendingScope { client, tracker, scope: Some(&ask.scope) };
         // The leases live at least until the TTL from the moment the call was sent.
         let sent = tokio::time::Instant::now();
@@ -57,6 +63,7 @@ impl Reservation {
             scope: ask.scope.clone(),
             lost,
             released: false,
+            _device: device,
         })
     }
 

@@ -6,7 +6,7 @@ use std::{sync::Mutex, time::Duration};
 
 use tokio_util::task::TaskTracker;
 
-use super::{Ask, Lost, MemoryClient, Renewer, Reservation, unique_scope};
+use super::{Ask, DeviceMemory, Lost, MemoryClient, Renewer, Reservation, unique_scope};
 use crate::error::Error;
 
 /// What taking a standing lease needs from the rest of the service.
@@ -24,6 +24,8 @@ pub struct Loader {
     pub max_wait: Duration,
     /// This instance's name (scopes are per instance).
     pub instance: String,
+    /// The simulated device's own memory, taken before memory-service's.
+    pub device_memory: DeviceMemory,
 }
 
 /// One standing lease of `bytes` in `pool`.
@@ -89,8 +91,7 @@ impl Standing {
             ttl: loader.ttl,
             max_wait: loader.max_wait,
         };
-        let reservation =
-            Reservation::acquire(&loader.client, &loader.renewer, &loader.tracker, &ask).await?;
+        let reservation = Reservation::acquire(loader, &ask).await?;
         *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(reservation.lost().clone());
         *held = Some(reservation);
         tracing::info!(pool = self.pool, kind = self.kind, name = %self.name, bytes = self.bytes, "memory taken");

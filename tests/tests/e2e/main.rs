@@ -15,6 +15,7 @@ mod memory_time;
 mod metrics;
 mod runtime_crash;
 mod runtime_device;
+mod runtime_device_memory;
 mod runtime_fence;
 mod runtime_generate;
 mod runtime_kill;
