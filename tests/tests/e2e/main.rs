@@ -8,6 +8,7 @@ mod memory_abandoned;
 mod memory_disk_full;
 mod memory_durable;
 mod memory_events;
+mod memory_frozen_disk;
 mod memory_rpcs;
 mod memory_shutdown;
 mod memory_stress;
