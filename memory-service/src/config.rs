@@ -54,7 +54,8 @@ pub struct Config {
 /// runtime-service (which simulates the same device).
 pub const DEFAULT_DEVICE: &str = "h100-sxm";
 
-/// The three pools for device preset `name` (see [`DeviceSpec::pool_split`]).
+/// The three pools for device preset `name`, sized for what a bare runtime-service loads on that
+/// device (see [`DeviceSpec::pool_split`]).
 pub fn pools_for_device(name: &str) -> Result<Vec<PoolSpec>, ConfigError> {
     let device = DeviceSpec::preset(name).ok_or_else(|| {
         ConfigError::Invalid(format!(

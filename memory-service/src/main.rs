@@ -24,8 +24,10 @@ struct Args {
     /// TOML file with pools and limits (see deploy/memory-service.toml). Flags override it.
     #[arg(long, env = "MEMORY_CONFIG")]
     config: Option<PathBuf>,
-    /// Sizes the three pools for a device preset (h100-sxm, a100-40gb, l4, webgpu-laptop): 90% of
-    /// its memory, 45% kv-cache, 40% uniforms, 5% activations. Default: h100-sxm.
+    /// Sizes the three pools for a device preset (h100-sxm, a100-40gb, l4, webgpu-laptop) as a
+    /// bare runtime-service on it loads: of 90% of its memory, uniforms for the weights of the
+    /// default models that fit, activations for their step buffers, the rest (at least a
+    /// quarter) kv-cache. Default: h100-sxm.
     #[arg(long, env = "MEMORY_DEVICE")]
     device: Option<String>,
     /// Pools as NAME=SIZE (e.g. kv-cache=8GiB), comma-separated or repeated; replaces the

@@ -3,6 +3,7 @@
 //! file; tests build it directly.
 
 mod file;
+mod fit;
 mod lease_ttl;
 
 pub use self::lease_ttl::MIN_LEASE_TTL;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 pub use serving::config::ConfigError;
 
-pub use self::file::{defined_devices, find_device, parse_models, read_file};
+pub use self::file::{defined_devices, find_device, lists_models, parse_models, read_file};
 use crate::{
     core::SchedulerMode,
     device::{Arch, DeviceSpec},
@@ -22,8 +23,9 @@ use crate::{
 /// Largest token limit a model may set (prompt or completion).
 pub const MAX_TOKENS: u32 = 1 << 20;
 
-/// Models served when no config file names any.
-pub const DEFAULT_MODELS: &str = include_str!("../models.toml");
+/// Models served when no config file names any (those of them that fit the device): the list
+/// memory-service sizes its pools for, so it lives in `serving`.
+pub use serving::models::DEFAULT_MODELS;
 
 /// Device simulated when none is named.
 pub const DEFAULT_DEVICE: &str = "h100-sxm";
@@ -136,7 +138,7 @@ impl Default for Config {
             models: parse_models(DEFAULT_MODELS).unwrap_or_default(),
             scheduler: SchedulerMode::Overlapped,
             max_batch_size: 256,
-            max_batched_tokens: 2048,
+            max_batched_tokens: serving::models::DEFAULT_MAX_BATCHED_TOKENS,
             queue_capacity: 1024,
             kv_block_tokens: 16,
             kv_slab_blocks: 64,
@@ -168,10 +170,10 @@ impl ModelSpec {
 
 impl Config {
     /// Activation bytes the device reserves: one buffer per step for the largest batch of the
-    /// hungriest model, twice (double buffering: step N+1 is built while step N runs).
+    /// hungriest model, twice (double buffering: step N+1 is built while step N runs). The same
+    /// formula memory-service sizes its `activations` pool with.
     pub fn activation_bytes(&self) -> u64 {
-        let per_token = self.models.iter().map(|m| m.arch.activation_bytes_per_token()).max().unwrap_or(0);
-        per_token.saturating_mul(u64::from(self.max_batched_tokens)).saturating_mul(2)
+        serving::models::activation_bytes(self.models.iter().map(|m| &m.arch), self.max_batched_tokens)
     }
 
     /// Checks every value; the first problem found is reported.
@@ -201,6 +203,7 @@ impl Config {
         }
         self.device.validate().map_err(ConfigError::Invalid)?;
         self.validate_models()?;
+        self.validate_fit()?;
         if !(1..=4096).contains(&self.max_batch_size) {
             return invalid(format!("max batch size {} must be between 1 and 4096", self.max_batch_size));
         }
@@ -310,13 +313,13 @@ mod tests {
         for preset in Arch::PRESETS {
             assert!(names.contains(&preset), "{preset} is served by default");
         }
-        // A bare memory-service sizes its pools for the same device: the preloaded weights fit in
-        // `uniforms` with room for a model loaded on demand, and activations fit theirs.
+        // A bare memory-service sizes its pools for the same device: every default model's
+        // weights fit in `uniforms` (the preloaded ones and those loaded on demand), and
+        // activations fit theirs. Every preset is checked in `fit`'s tests.
         let pools = config.device.pool_split();
         let pool = |name: &str| pools.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).unwrap_or(0);
-        let preloaded: u64 = config.models.iter().filter(|m| m.preload).map(|m| m.arch.weight_bytes()).sum();
         let all: u64 = config.models.iter().map(|m| m.arch.weight_bytes()).sum();
-        assert!(preloaded <= pool("uniforms") && all <= pool("uniforms"), "{all} > {}", pool("uniforms"));
+        assert!(all <= pool("uniforms"), "{all} > {}", pool("uniforms"));
         assert!(config.activation_bytes() <= pool("activations"));
         assert!(pool("kv-cache") > 16 << 30, "a useful kv-cache");
     }

@@ -108,9 +108,11 @@ impl Args {
     fn into_config(self) -> Result<Config, String> {
         let mut config = Config::default();
         let mut defined = Vec::new();
+        let mut lists_models = false;
         if let Some(path) = &self.config {
             config = config::read_file(config, path).map_err(|e| e.to_string())?;
             defined = config::defined_devices(path).map_err(|e| e.to_string())?;
+            lists_models = config::lists_models(path).map_err(|e| e.to_string())?;
         }
         if let Some(name) = &self.device {
             config.device = config::find_device(name, &defined).map_err(|e| e.to_string())?;
@@ -142,6 +144,14 @@ impl Args {
             (None, None) => config.memory_auth.tls_identity,
             _ => return Err("--memory-tls-cert and --memory-tls-key go together".into()),
         };
+        // Once the device and the token budget are final: the embedded models are trimmed to what
+        // that device holds (the models memory-service --device sizes `uniforms` for); models a
+        // file lists are the operator's choice, checked by `validate` instead.
+        if !lists_models {
+            for (model, reason) in config.serve_fitting_defaults().map_err(|e| e.to_string())? {
+                tracing::warn!(%model, device = %config.device.name, %reason, "default model not served on this device");
+            }
+        }
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }

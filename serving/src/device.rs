@@ -1,6 +1,7 @@
 //! Device presets: the published numbers of real accelerators that both services size themselves
 //! from. runtime-service turns them into step times (its roofline); memory-service turns a device's
-//! memory into the three pools (`--device`), so a bare start of both fits together.
+//! memory into the three pools (`--device`) sized for what a bare runtime-service loads on it, so
+//! a bare start of both on the same device fits together.
 
 use serde::Deserialize;
 
@@ -45,13 +46,21 @@ impl DeviceSpec {
         presets().into_iter().map(|d| d.name).collect()
     }
 
-    /// The three pools memory-service holds for this device, as (name, bytes): 90% of its memory
-    /// (vLLM's default `gpu_memory_utilization`), 40% for weights (`uniforms`), 5% for
-    /// activations and 45% for the paged KV cache. The split fits the embedded models a bare
-    /// runtime-service preloads on `h100-sxm`; other mixes set pools explicitly.
+    /// The memory a serving engine may use on this device: all but a tenth (vLLM's default
+    /// `gpu_memory_utilization` of 0.9; the rest is the CUDA context, the allocator's
+    /// fragmentation and other processes). Every bound on a device's memory starts from it.
+    pub fn usable_bytes(&self) -> u64 {
+        self.memory_bytes - self.memory_bytes / 10
+    }
+
+    /// The three pools memory-service holds for this device, as (name, bytes), sized as vLLM
+    /// sizes a GPU's memory for what a bare runtime-service on the same device loads
+    /// ([`crate::models::fit_defaults`]): `uniforms` holds the weights of the default models that
+    /// fit, `activations` the runtime's double-buffered step buffers for them, and `kv-cache` the
+    /// rest of [`DeviceSpec::usable_bytes`] (at least a quarter of it).
     pub fn pool_split(&self) -> [(&'static str, u64); 3] {
-        let share = |percent: u64| self.memory_bytes / 100 * percent;
-        [("kv-cache", share(45)), ("activations", share(5)), ("uniforms", share(40))]
+        let fit = crate::models::fit_defaults(self);
+        [("kv-cache", fit.kv_bytes), ("activations", fit.activation_bytes), ("uniforms", fit.weight_bytes)]
     }
 
     /// Checks that every number is usable; the message names the field.
@@ -151,8 +160,32 @@ mod tests {
             let device = DeviceSpec::preset(&name).expect("listed preset");
             device.validate().expect("valid preset");
             let pooled: u64 = device.pool_split().iter().map(|(_, b)| b).sum();
-            assert_eq!(pooled, device.memory_bytes / 100 * 90, "{name}");
+            assert_eq!(pooled, device.usable_bytes(), "{name}");
         }
         assert!(DeviceSpec::preset("h200").is_none());
+    }
+
+    /// The split of each preset, in bytes: (kv-cache, activations, uniforms). Weights are the
+    /// default models that fit (see `models::fit`); activations are 45,056 bytes per token
+    /// (Llama-3.1-8B) or 24,576 (Llama-3.2-1B) × 2048 tokens × 2.
+    #[test]
+    fn each_preset_splits_into_weights_activations_and_the_rest_for_kv() {
+        let all_four = 16_060_522_496 + 2_471_628_800 + 7_642_159_104 + 327_650_304;
+        let expected = [
+            ("h100-sxm", 77_309_411_328, 184_549_376, all_four),
+            ("a100-40gb", 38_654_705_664, 184_549_376, all_four),
+            ("l4", 23_192_823_399, 184_549_376, 16_060_522_496 + 327_650_304),
+            ("webgpu-laptop", 7_730_941_133, 100_663_296, 2_471_628_800 + 327_650_304),
+        ];
+        for (name, usable, activations, uniforms) in expected {
+            let device = DeviceSpec::preset(name).expect("preset");
+            assert_eq!(device.usable_bytes(), usable, "{name}");
+            let kv = usable - activations - uniforms;
+            assert_eq!(
+                device.pool_split(),
+                [("kv-cache", kv), ("activations", activations), ("uniforms", uniforms)],
+                "{name}"
+            );
+        }
     }
 }

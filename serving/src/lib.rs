@@ -1,8 +1,10 @@
 //! Serving glue shared by memory-service and runtime-service: listeners, reflection and health,
-//! shutdown signals, gRPC deadlines, telemetry (logs, traces, metrics) and the config exit code.
+//! shutdown signals, gRPC deadlines, telemetry (logs, traces, metrics), the config exit code, and
+//! the device, model and default-model knowledge both size memory from.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod arch;
 pub mod auth;
 pub mod config;
 pub mod deadline;
@@ -11,6 +13,7 @@ pub mod echo;
 pub mod grpc;
 pub mod json_logs;
 pub mod launch;
+pub mod models;
 pub mod observe;
 pub mod propagation;
 mod reload;

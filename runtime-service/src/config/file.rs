@@ -66,22 +66,7 @@ struct FileModel {
 fn models_of(file: Vec<FileModel>) -> Result<Vec<ModelSpec>, ConfigError> {
     file.into_iter()
         .map(|m| {
-            let arch = match (m.arch, &m.preset) {
-                (Some(arch), None) => arch,
-                (None, preset) => {
-                    let name = preset.as_deref().unwrap_or(&m.key);
-                    Arch::preset(name).ok_or_else(|| {
-                        ConfigError::Invalid(format!(
-                            "model {:?}: no architecture preset {name:?}; use one of {} or give an [models.arch] table",
-                            m.key,
-                            Arch::PRESETS.join(", ")
-                        ))
-                    })?
-                }
-                (Some(_), Some(_)) => {
-                    return Err(ConfigError::Invalid(format!("model {:?}: give preset or arch, not both", m.key)));
-                }
-            };
+            let arch = Arch::for_model(&m.key, m.preset.as_deref(), m.arch).map_err(ConfigError::Invalid)?;
             // Defaults: the whole context for the prompt (capped), a quarter of it for the output.
             let context = arch.context_length;
             Ok(ModelSpec {
@@ -140,6 +125,13 @@ pub fn read_file(mut config: Config, path: &Path) -> Result<Config, ConfigError>
         config.security.transport = transport;
     }
     Ok(config)
+}
+
+/// Whether a config file lists `[[models]]` (then they replace the embedded defaults whole, and
+/// are never trimmed to fit the device).
+pub fn lists_models(path: &Path) -> Result<bool, ConfigError> {
+    let file: File = serving::config::read_toml(path)?;
+    Ok(!file.models.is_empty())
 }
 
 /// The devices a config file defines (for `--device` to name one of them).

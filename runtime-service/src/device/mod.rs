@@ -2,13 +2,10 @@
 //! scheduler step from them. Pure functions of plain numbers, so a reader can check any step
 //! time by hand (inference-sim's `docs/concepts/roofline.md` does the same).
 
-pub mod arch;
-
 use std::time::Duration;
 
-pub use serving::device::DeviceSpec;
-
-pub use self::arch::Arch;
+// Presets of devices and models live in `serving`: memory-service sizes its pools from them too.
+pub use serving::{arch, arch::Arch, device::DeviceSpec};
 
 /// One sequence's share of a step: `tokens` new tokens (1 for a decode, a chunk for a prefill)
 /// on top of `context` tokens already in its KV cache.

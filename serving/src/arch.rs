@@ -1,5 +1,6 @@
 //! Model architectures: the published shape of a transformer, from which its weight bytes, KV
 //! bytes per token, activation bytes and FLOPs follow. Nothing per-token is typed in by hand.
+//! They live here, not in runtime-service, because memory-service sizes its pools from them too.
 
 use serde::Deserialize;
 
@@ -82,6 +83,24 @@ impl Arch {
             _ => return None,
         };
         Some(arch)
+    }
+
+    /// The architecture of a model entry of a models file: its `arch` table, else its `preset`,
+    /// else the preset named like its `key`. Both services read models files through this.
+    pub fn for_model(key: &str, preset: Option<&str>, arch: Option<Arch>) -> Result<Arch, String> {
+        match (arch, preset) {
+            (Some(arch), None) => Ok(arch),
+            (None, preset) => {
+                let name = preset.unwrap_or(key);
+                Arch::preset(name).ok_or_else(|| {
+                    format!(
+                        "model {key:?}: no architecture preset {name:?}; use one of {} or give an [models.arch] table",
+                        Arch::PRESETS.join(", ")
+                    )
+                })
+            }
+            (Some(_), Some(_)) => Err(format!("model {key:?}: give preset or arch, not both")),
+        }
     }
 
     /// Names of the embedded presets.
