@@ -64,8 +64,7 @@ impl Shared {
             &config.memory_auth,
         )?;
         let renewer = Renewer::spawn(memory.clone(), config.lease_ttl, shutdown.clone());
-        // 90% of the device, as vLLM's default gpu_memory_utilization.
-        let usable = config.device.memory_bytes / 100 * 90;
+        let usable = config.device.usable_bytes();
         let device_memory =
             DeviceMemory::new(&config.device.name, usable, Some(metrics.device_memory.clone()));
         let executor = Executor::new(config.max_batch_size, config.queue_capacity, shutdown.clone());
