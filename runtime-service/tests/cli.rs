@@ -24,6 +24,7 @@ fn bad_configuration_is_refused_before_binding() {
         (&["--kv-reserve", "lazy"], "paged"),
         (&["--jitter", "1.5"], "jitter"),
         (&["--idle-timeout-ms", "1"], "idle timeout"),
+        (&["--lease-ttl-ms", "10"], "at least 100ms"),
         (&["--config", "/nonexistent/runtime.toml"], "cannot read"),
         (&["--instance", ""], "instance name"),
         (&["--grace-period-ms", "soon"], "invalid value"),
@@ -70,4 +71,15 @@ fn help_documents_the_environment_fallbacks() {
     {
         assert!(help.contains(var), "{var} missing from --help");
     }
+}
+
+/// The README's newcomer path: `cargo run -p runtime-service` must pick the service among the
+/// package's two binaries (the demo is the other).
+#[test]
+fn cargo_run_picks_the_service_binary() {
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).expect("manifest");
+    let package: toml::Table = toml::from_str(&manifest).expect("manifest parses");
+    let default_run = package.get("package").and_then(|p| p.get("default-run")).and_then(|d| d.as_str());
+    assert_eq!(default_run, Some("runtime-service"));
 }
