@@ -7,6 +7,12 @@ use serde::Deserialize;
 
 const GIB: u64 = 1 << 30;
 
+/// How many runtimes' activation buffers a bare memory-service's `activations` pool holds: one
+/// runtime's alone would leave nothing for a second engine's, a rolling update's new pod, or a
+/// client sharing the device (the example clients take a few MiB). Four still leave every
+/// preset's kv-cache above a quarter of its usable memory.
+pub const ACTIVATION_SLOTS: u64 = 4;
+
 /// One accelerator, as its datasheet and measured serving runs describe it.
 ///
 /// The achievable fractions are what inference engines actually reach, not the datasheet: vLLM
@@ -56,11 +62,13 @@ impl DeviceSpec {
     /// The three pools memory-service holds for this device, as (name, bytes), sized as vLLM
     /// sizes a GPU's memory for what a bare runtime-service on the same device loads
     /// ([`crate::models::fit_defaults`]): `uniforms` holds the weights of the default models that
-    /// fit, `activations` the runtime's double-buffered step buffers for them, and `kv-cache` the
-    /// rest of [`DeviceSpec::usable_bytes`] (at least a quarter of it).
+    /// fit, `activations` [`ACTIVATION_SLOTS`] times the runtime's double-buffered step buffers
+    /// for them, and `kv-cache` the rest of [`DeviceSpec::usable_bytes`].
     pub fn pool_split(&self) -> [(&'static str, u64); 3] {
         let fit = crate::models::fit_defaults(self);
-        [("kv-cache", fit.kv_bytes), ("activations", fit.activation_bytes), ("uniforms", fit.weight_bytes)]
+        let activations = fit.activation_bytes * ACTIVATION_SLOTS;
+        let kv = fit.usable_bytes - fit.weight_bytes - activations;
+        [("kv-cache", kv), ("activations", activations), ("uniforms", fit.weight_bytes)]
     }
 
     /// Checks that every number is usable; the message names the field.
@@ -166,8 +174,9 @@ mod tests {
     }
 
     /// The split of each preset, in bytes: (kv-cache, activations, uniforms). Weights are the
-    /// default models that fit (see `models::fit`); activations are 45,056 bytes per token
-    /// (Llama-3.1-8B) or 24,576 (Llama-3.2-1B) × 2048 tokens × 2.
+    /// default models that fit (see `models::fit`); one runtime's activations are 45,056 bytes
+    /// per token (Llama-3.1-8B) or 24,576 (Llama-3.2-1B) × 2048 tokens × 2, and the pool holds
+    /// [`ACTIVATION_SLOTS`] of them.
     #[test]
     fn each_preset_splits_into_weights_activations_and_the_rest_for_kv() {
         let all_four = 16_060_522_496 + 2_471_628_800 + 7_642_159_104 + 327_650_304;
@@ -180,7 +189,9 @@ mod tests {
         for (name, usable, activations, uniforms) in expected {
             let device = DeviceSpec::preset(name).expect("preset");
             assert_eq!(device.usable_bytes(), usable, "{name}");
+            let activations = activations * ACTIVATION_SLOTS;
             let kv = usable - activations - uniforms;
+            assert!(kv >= usable / 4, "{name}: the kv-cache keeps at least a quarter");
             assert_eq!(
                 device.pool_split(),
                 [("kv-cache", kv), ("activations", activations), ("uniforms", uniforms)],
