@@ -83,9 +83,14 @@ pub struct Batch {
     pub seq: u64,
     /// The server epoch (it never changes; the store writes it once).
     pub epoch: u64,
-    /// The sequence number of the latest event once this batch's events are released: numbering
-    /// goes on from it after a restart.
+    /// The sequence number of the latest event this batch carries (or of the latest released,
+    /// if none): numbering goes on from it after a restart, and its commit releases up to it.
     pub events: u64,
+    /// The events whose changes it carries, numbered: written with it, so a watcher can resume
+    /// from them after a restart.
+    pub event_records: Vec<Arc<super::Event>>,
+    /// How many of the latest events the store keeps (older ones are deleted as new ones come).
+    pub events_kept: u64,
     /// Pools whose capacity or counters changed.
     pub pools: Vec<StoredPool>,
     /// Leases granted or renewed, with their current values.
@@ -116,6 +121,8 @@ pub struct Snapshot {
     pub epoch: Option<u64>,
     /// The sequence number of the latest event released (0 for a store that has none).
     pub events: u64,
+    /// The latest events stored, oldest first.
+    pub event_tail: Vec<super::Event>,
     /// Pools.
     pub pools: Vec<StoredPool>,
     /// Leases.
@@ -253,13 +260,25 @@ impl Ledger {
                 (key, stored)
             })
             .collect();
-        let events = self.events.sequence_when_released();
-        Batch { seq: self.change_seq(), epoch: self.epoch, events, pools, leases, gone, replays }
+        let (event_records, events) = self.events.number_held();
+        Batch {
+            seq: self.change_seq(),
+            epoch: self.epoch,
+            events,
+            event_records,
+            events_kept: self.events.capacity() as u64,
+            pools,
+            leases,
+            gone,
+            replays,
+        }
     }
 
     /// Marks the keys of `batch` changed again (its commit failed), so the next batch writes
     /// their values as they are then.
     pub fn retake(&mut self, batch: &Batch) {
+        // Its events were not kept: their numbers go back (see `EventBus::unnumber`).
+        self.events.unnumber();
         for pool in &batch.pools {
             if let Some(&p) = self.pool_index.get(&pool.name) {
                 self.touch_pool(p);
@@ -300,7 +319,7 @@ impl Ledger {
             self.epoch = epoch;
         }
         // Same epoch, so the same numbering: watchers resume by (epoch, sequence).
-        self.events.continue_after(snapshot.events);
+        self.events.continue_after(snapshot.events, snapshot.event_tail);
         for pool in &snapshot.pools {
             // Restored pools are not new: bypass the pool bound, which may have been lowered.
             let id = self.pools.len();

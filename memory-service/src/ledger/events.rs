@@ -74,14 +74,17 @@ pub struct Change<'a> {
 /// learns how many) instead of holding the publisher, which runs under the ledger lock and must
 /// never wait.
 ///
-/// With a store, an event is held back until the commit that carries its change is on disk
-/// ([`EventBus::release`]), as etcd emits only committed revisions: a watcher never sees a grant
-/// or a `pool_used` that a crash could take back. Sequence numbers are given at release, so they
-/// stay gapless in the order watchers see them, and the store keeps the latest one so numbering
-/// goes on after a restart.
+/// With a store, an event is held back until the commit that carries its change is on disk, as
+/// etcd emits only committed revisions: a watcher never sees a grant or a `pool_used` that a
+/// crash could take back. Held events are numbered when a batch takes them
+/// ([`EventBus::number_held`]), written with that batch, and released once it is on disk
+/// ([`EventBus::release`]); a batch that fails gives its numbers back ([`EventBus::unnumber`]).
+/// So the numbers watchers see are gapless, the store keeps the latest events, and after a
+/// restart numbering goes on and a watcher resumes from the stored tail.
 #[derive(Debug)]
 pub struct EventBus {
     sender: broadcast::Sender<Arc<Event>>,
+    /// The latest sequence number released to watchers.
     last_sequence: u64,
     /// The latest events, oldest first, at most `capacity`: what a resuming watcher can replay.
     retained: VecDeque<Arc<Event>>,
@@ -96,8 +99,10 @@ struct Held {
     /// The ledger's change counter (see `Ledger::track_changes`): an event is a change of its
     /// own, numbered after the state change it reports.
     changes: Arc<AtomicU64>,
-    /// (change number, event without its sequence), in change order.
-    pending: VecDeque<(u64, Event)>,
+    /// (change number, event), in change order; `event.sequence` is 0 until a batch numbers it.
+    pending: VecDeque<(u64, Arc<Event>)>,
+    /// The latest sequence number given to a held event (at least `last_sequence`).
+    numbered: u64,
 }
 
 /// What a new watcher starts with: the retained events it asked to replay, and a receiver of
@@ -125,18 +130,49 @@ impl EventBus {
     /// Holds every event until [`EventBus::release`] says its change (numbered by `changes`)
     /// is durable.
     pub fn hold_until_durable(&mut self, changes: Arc<AtomicU64>) {
-        self.held = Some(Held { changes, pending: VecDeque::new() });
+        self.held = Some(Held { changes, pending: VecDeque::new(), numbered: self.last_sequence });
     }
 
-    /// Numbering goes on after `sequence` (a restore).
-    pub fn continue_after(&mut self, sequence: u64) {
-        self.last_sequence = self.last_sequence.max(sequence);
+    /// Numbering goes on after `sequence`, and `tail` (the stored latest events, oldest first)
+    /// is retained for watchers that resume: a restore.
+    pub fn continue_after(&mut self, sequence: u64, tail: Vec<Event>) {
+        let last = tail.last().map_or(0, |e| e.sequence);
+        self.last_sequence = self.last_sequence.max(sequence).max(last);
+        let skip = tail.len().saturating_sub(self.capacity);
+        self.retained = tail.into_iter().skip(skip).map(Arc::new).collect();
+        if let Some(held) = &mut self.held {
+            held.numbered = held.numbered.max(self.last_sequence);
+        }
     }
 
-    /// The sequence the latest event will have once every held event is released: what a
-    /// commit of every change so far stores.
-    pub fn sequence_when_released(&self) -> u64 {
-        self.last_sequence + self.held.as_ref().map_or(0, |held| held.pending.len() as u64)
+    /// How many events are retained, and so kept by the store.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Numbers every held event not numbered yet, and returns every numbered held event (the
+    /// ones a failed batch carried too) and the latest number: what a batch writes, and what
+    /// its commit releases.
+    pub fn number_held(&mut self) -> (Vec<Arc<Event>>, u64) {
+        let Some(held) = &mut self.held else { return (Vec::new(), self.last_sequence) };
+        for (_, event) in held.pending.iter_mut() {
+            if event.sequence == 0 {
+                held.numbered += 1;
+                Arc::make_mut(event).sequence = held.numbered;
+            }
+        }
+        (held.pending.iter().map(|(_, e)| e.clone()).collect(), held.numbered)
+    }
+
+    /// A batch's commit failed: its events' numbers are given back, so an event withdrawn
+    /// meanwhile leaves no gap.
+    pub fn unnumber(&mut self) {
+        if let Some(held) = &mut self.held {
+            for (_, event) in held.pending.iter_mut() {
+                Arc::make_mut(event).sequence = 0;
+            }
+            held.numbered = self.last_sequence;
+        }
     }
 
     /// A new receiver, seeing events released from now on, and the retained events after
@@ -174,39 +210,45 @@ impl EventBus {
                 // Only ever written under the ledger's lock (see `Ledger::bump`).
                 let seq = held.changes.load(Ordering::Relaxed) + 1;
                 held.changes.store(seq, Ordering::Release);
-                held.pending.push_back((seq, event));
+                held.pending.push_back((seq, Arc::new(event)));
             }
-            None => self.send(event),
+            None => {
+                let mut event = event;
+                self.last_sequence += 1;
+                event.sequence = self.last_sequence;
+                self.send(Arc::new(event));
+            }
         }
     }
 
-    /// Sends every held event whose change is in a commit that covered change `through`.
+    /// Sends every held event numbered up to `through`: a batch carrying them is on disk.
     pub fn release(&mut self, through: u64) {
         while let Some(held) = &mut self.held
-            && held.pending.front().is_some_and(|(seq, _)| *seq <= through)
+            && held.pending.front().is_some_and(|(_, e)| e.sequence != 0 && e.sequence <= through)
         {
             let Some((_, event)) = held.pending.pop_front() else { break };
+            self.last_sequence = event.sequence;
             self.send(event);
         }
     }
 
-    /// Drops the held events of `lease` if its grant was never released (its commit failed,
-    /// or its caller left before it): watchers never hear of a lease that was not kept.
-    /// Returns whether they were dropped.
+    /// Drops the held events of `lease` if its grant was never numbered into a batch (its
+    /// commit failed, or its caller left before a batch took it): watchers never hear of a
+    /// lease that was not kept. A grant a batch already carries stays: if that batch is on
+    /// disk, so was the grant. Returns whether they were dropped.
     pub fn withdraw(&mut self, lease: LeaseId) -> bool {
         let Some(held) = &mut self.held else { return false };
-        let unreleased =
-            held.pending.iter().any(|(_, e)| e.lease == Some(lease) && e.kind == EventKind::Allocated);
-        if unreleased {
+        let unnumbered = held
+            .pending
+            .iter()
+            .any(|(_, e)| e.lease == Some(lease) && e.kind == EventKind::Allocated && e.sequence == 0);
+        if unnumbered {
             held.pending.retain(|(_, e)| e.lease != Some(lease));
         }
-        unreleased
+        unnumbered
     }
 
-    fn send(&mut self, mut event: Event) {
-        self.last_sequence += 1;
-        event.sequence = self.last_sequence;
-        let event = Arc::new(event);
+    fn send(&mut self, event: Arc<Event>) {
         if self.retained.len() == self.capacity {
             self.retained.pop_front();
         }

@@ -140,7 +140,8 @@ impl Ledger {
         self.events.subscribe(after)
     }
 
-    /// Releases to watchers the events of every change up to `through`, now durable.
+    /// Releases to watchers the held events numbered up to `through`: the batch that carried
+    /// them is on disk.
     pub fn release_events(&mut self, through: u64) {
         self.events.release(through);
     }

@@ -16,6 +16,7 @@ use super::*;
 pub(super) struct FakeStore {
     epoch: Option<u64>,
     events: u64,
+    event_tail: Vec<Event>,
     pools: HashMap<Arc<str>, StoredPool>,
     leases: HashMap<LeaseId, StoredLease>,
     replays: HashMap<Arc<str>, StoredReplay>,
@@ -25,6 +26,13 @@ impl FakeStore {
     pub(super) fn apply(&mut self, batch: Batch) {
         self.epoch = Some(batch.epoch);
         self.events = batch.events;
+        // The store keeps the latest `events_kept` events.
+        self.event_tail.extend(batch.event_records.iter().map(|e| (**e).clone()));
+        self.event_tail.sort_by_key(|e| e.sequence);
+        self.event_tail.dedup_by_key(|e| e.sequence);
+        let keep = (batch.events_kept as usize).max(1);
+        let skip = self.event_tail.len().saturating_sub(keep);
+        self.event_tail.drain(..skip);
         for pool in batch.pools {
             self.pools.insert(pool.name.clone(), pool);
         }
@@ -48,6 +56,7 @@ impl FakeStore {
         Snapshot {
             epoch: self.epoch,
             events: self.events,
+            event_tail: self.event_tail.clone(),
             pools,
             leases: {
                 let mut leases: Vec<_> = self.leases.values().cloned().collect();

@@ -27,7 +27,7 @@ fn events_wait_for_the_commit_of_their_change_and_are_numbered_in_release_order(
     assert_eq!(batch.events, 2);
     // A renewal after the batch was taken is not covered by its commit.
     ledger.renew(lease, t0 + Duration::from_millis(1)).unwrap();
-    ledger.release_events(batch.seq);
+    ledger.release_events(batch.events);
     let first = rx.try_recv().unwrap();
     let second = rx.try_recv().unwrap();
     assert_eq!(
@@ -36,7 +36,7 @@ fn events_wait_for_the_commit_of_their_change_and_are_numbered_in_release_order(
     );
     assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Empty, "the renewal is not committed");
     let batch = ledger.take_batch(t0, SystemTime::now());
-    ledger.release_events(batch.seq);
+    ledger.release_events(batch.events);
     assert_eq!((rx.try_recv().unwrap().sequence, batch.events), (3, 3));
 }
 
@@ -45,7 +45,7 @@ fn a_withdrawn_grant_whose_commit_failed_never_reaches_a_watcher() {
     let t0 = Instant::now();
     let mut ledger = tracked_ledger();
     let created = ledger.take_batch(t0, SystemTime::now());
-    ledger.release_events(created.seq);
+    ledger.release_events(created.events);
     let (_, mut rx) = ledger.subscribe(None).expect("live");
     let lease = grant(&mut ledger, Duration::from_secs(60), t0);
     let failed = ledger.take_batch(t0, SystemTime::now());
@@ -54,7 +54,7 @@ fn a_withdrawn_grant_whose_commit_failed_never_reaches_a_watcher() {
     assert_eq!(ledger.withdraw(&[lease], t0), 1);
     let kept = grant(&mut ledger, Duration::from_secs(60), t0);
     let batch = ledger.take_batch(t0, SystemTime::now());
-    ledger.release_events(batch.seq);
+    ledger.release_events(batch.events);
     let event = rx.try_recv().unwrap();
     assert_eq!((event.kind, event.lease, event.sequence), (EventKind::Allocated, Some(kept), 2));
     assert_eq!(event.pool_used, 10, "the withdrawn grant's bytes are not in use");
@@ -69,7 +69,7 @@ fn numbering_goes_on_after_a_restore_and_a_watcher_resumes_with_the_restores_exp
     let short = grant(&mut ledger, Duration::from_secs(1), t0);
     let mut store = FakeStore::default();
     let batch = ledger.take_batch(t0, wall0);
-    ledger.release_events(batch.seq);
+    ledger.release_events(batch.events);
     store.apply(batch);
     // What a watcher saw last before the crash.
     let (seen, _) = ledger.subscribe(Some(0)).expect("from the start");
@@ -84,15 +84,19 @@ fn numbering_goes_on_after_a_restore_and_a_watcher_resumes_with_the_restores_exp
     // Its EXPIRED is held until the restore's changes are committed, then retained for
     // watchers that resume.
     assert_eq!(restored.subscribe(Some(last_seen)).expect("resumable").0.len(), 0);
+    assert_eq!(restored.subscribe(Some(0)).expect("the stored tail").0.len(), 2);
     let batch = restored.take_batch(t1, wall1);
     assert_eq!(batch.events, 3);
-    restored.release_events(batch.seq);
+    restored.release_events(batch.events);
     let (replay, _) = restored.subscribe(Some(last_seen)).expect("resumable");
     assert_eq!(kinds(&replay), [(3, EventKind::Expired)]);
     assert_eq!(replay[0].lease, Some(short));
-    // Asking for more than there is, or for what is no longer retained, is refused.
+    // The stored tail came back too: a watcher further behind replays the previous life's
+    // events first.
+    let (replay, _) = restored.subscribe(Some(1)).expect("resumable from the stored tail");
+    assert_eq!(kinds(&replay), [(2, EventKind::Allocated), (3, EventKind::Expired)]);
+    // Asking for more than there is is refused.
     assert_eq!(restored.subscribe(Some(4)).unwrap_err(), ResumeGap::Ahead { latest: 3 });
-    assert_eq!(restored.subscribe(Some(1)).unwrap_err(), ResumeGap::Gone { oldest: 3, latest: 3 });
 }
 
 #[test]
@@ -108,4 +112,40 @@ fn a_resuming_watcher_gets_the_retained_events_after_its_sequence_and_only_those
     assert_eq!(replay.iter().map(|e| e.sequence).collect::<Vec<_>>(), [16, 17, 18, 19, 20, 21]);
     assert_eq!(ledger.subscribe(Some(21)).expect("up to date").0.len(), 0);
     assert_eq!(ledger.subscribe(Some(3)).unwrap_err(), ResumeGap::Gone { oldest: 6, latest: 21 });
+}
+
+#[test]
+fn a_grant_withdrawn_while_its_batch_is_being_written_keeps_its_number() {
+    let t0 = Instant::now();
+    let mut ledger = tracked_ledger();
+    let created = ledger.take_batch(t0, SystemTime::now());
+    ledger.release_events(created.events);
+    let (_, mut rx) = ledger.subscribe(None).expect("live");
+    let lease = grant(&mut ledger, Duration::from_secs(60), t0);
+    // The batch carrying the grant is being written when its caller leaves.
+    let in_flight = ledger.take_batch(t0, SystemTime::now());
+    assert_eq!(in_flight.events, 2);
+    assert_eq!(ledger.withdraw(&[lease], t0), 1);
+    // That batch is on disk: the grant was kept, then freed. Both are events, gapless.
+    ledger.release_events(in_flight.events);
+    let next = ledger.take_batch(t0, SystemTime::now());
+    ledger.release_events(next.events);
+    let seen: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).map(|e| (e.sequence, e.kind)).collect();
+    assert_eq!(seen, [(2, EventKind::Allocated), (3, EventKind::Freed)]);
+    assert_eq!(next.events, 3);
+}
+
+#[test]
+fn a_batch_carries_its_events_for_the_store_and_a_failed_one_gives_their_numbers_back() {
+    let t0 = Instant::now();
+    let mut ledger = tracked_ledger();
+    grant(&mut ledger, Duration::from_secs(60), t0);
+    let failed = ledger.take_batch(t0, SystemTime::now());
+    assert_eq!(failed.event_records.iter().map(|e| e.sequence).collect::<Vec<_>>(), [1, 2]);
+    ledger.retake(&failed);
+    grant(&mut ledger, Duration::from_secs(60), t0);
+    // The retry carries the failed batch's events again, under the same numbers, and the new one.
+    let retry = ledger.take_batch(t0, SystemTime::now());
+    assert_eq!(retry.event_records.iter().map(|e| e.sequence).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!((retry.events, retry.events_kept), (3, 16));
 }

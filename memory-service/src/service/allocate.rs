@@ -175,9 +175,8 @@ impl Drop for WaitGuard<'_> {
         if ledger.abandon_wait(self.ticket, now, now - self.started, false).is_none() {
             // Granted while the caller was leaving: nobody will use these leases.
             if let Ok(Ok(grant)) = receiver.try_recv() {
-                for lease in grant.leases {
-                    let _ = ledger.free(lease.id, now);
-                }
+                let leases: Vec<_> = grant.leases.iter().map(|l| l.id).collect();
+                ledger.withdraw(&leases, now);
             }
         }
     }

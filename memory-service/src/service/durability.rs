@@ -283,7 +283,7 @@ fn commit(shared: &Arc<Shared>, store: &Store) {
                 info!("the state store accepts writes again; changes are allowed");
             }
             // Watchers hear of what is on disk, and of nothing else.
-            shared.ledger().release_events(batch.seq);
+            shared.ledger().release_events(batch.events);
             let covered = {
                 let mut progress = durability.progress.lock();
                 progress.durable = progress.durable.max(batch.seq);

@@ -15,6 +15,10 @@ use crate::{
     metrics::Metrics,
 };
 
+/// Longest a read waits for the changes it saw to be on disk (see [`Shared::settled`]): a
+/// healthy commit takes milliseconds, so only a stalled disk reaches it.
+pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// State shared by every handler and background task.
 #[derive(Debug)]
 pub struct Shared {
@@ -153,9 +157,11 @@ impl Shared {
     /// back (etcd's reads are of committed revisions alike); it costs a commit only when
     /// changes are in flight. A failing store cannot settle it: the read then reports memory as
     /// it is, which differs from the disk only by leases that expired or were taken back (every
-    /// other change is refused meanwhile), so an operator can still read the books.
+    /// other change is refused meanwhile), so an operator can still read the books. Nor can a
+    /// stalled one: a read waits at most [`SETTLE_LIMIT`], then answers the same way, rather
+    /// than hang with the disk.
     pub async fn settled(&self) {
-        let _ = self.durable().await;
+        let _ = tokio::time::timeout(SETTLE_LIMIT, self.durable()).await;
     }
 
     /// The shutdown token.

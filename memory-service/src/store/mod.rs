@@ -14,13 +14,15 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableErro
 
 use self::{
     leases::{LEASES, LeaseKeys},
-    records::{PoolRecord, ReplayRecord},
+    records::{EventRecord, PoolRecord, ReplayRecord},
 };
 use crate::ledger::{Batch, Snapshot};
 
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
 const REPLAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("replays");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The latest events, by sequence number: watchers resume from them after a restart.
+const EVENT_TAIL: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const EPOCH: &str = "epoch";
 /// The sequence number of the latest event released: watchers resume by it across a restart.
 const EVENTS: &str = "events";
@@ -133,6 +135,14 @@ impl Store {
                 snapshot.replays.push(record.into_stored(key.value()));
             }
         }
+        if let Some(events) = self.existing(txn.open_table(EVENT_TAIL))? {
+            for entry in events.iter().map_err(|e| self.error(e))? {
+                let (sequence, value) = entry.map_err(|e| self.error(e))?;
+                let record = EventRecord::decode(value.value()).map_err(|e| self.error(e))?;
+                // An event of a kind a later version added is skipped, not an error.
+                snapshot.event_tail.extend(record.into_event(sequence.value()));
+            }
+        }
         drop(txn);
         let (keys, leases) = LeaseKeys::read(db).map_err(|e| self.error(e))?;
         snapshot.leases = leases;
@@ -206,6 +216,18 @@ impl Store {
             }
             if !batch.leases.is_empty() || !batch.gone.is_empty() {
                 keys.write(&mut txn.open_table(LEASES)?, &batch.leases, &batch.gone)?;
+            }
+            if !batch.event_records.is_empty() {
+                let mut events = txn.open_table(EVENT_TAIL)?;
+                for event in &batch.event_records {
+                    let record = EventRecord::from_event(event).encode_to_vec();
+                    events.insert(event.sequence, record.as_slice())?;
+                    // Keep the latest `events_kept`: each new one retires the one that many
+                    // before it, so the table never grows past the ring it backs.
+                    if let Some(old) = event.sequence.checked_sub(batch.events_kept.max(1)) {
+                        events.remove(old)?;
+                    }
+                }
             }
             if !batch.replays.is_empty() {
                 let mut replays = txn.open_table(REPLAYS)?;
@@ -342,7 +364,7 @@ mod tests {
     }
 
     fn batch(leases: Vec<StoredLease>, gone: Vec<LeaseId>) -> Batch {
-        Batch { seq: 1, epoch: 7, events: 0, pools: vec![], leases, gone, replays: vec![] }
+        Batch { seq: 1, epoch: 7, pools: vec![], leases, gone, ..Batch::default() }
     }
 
     #[test]

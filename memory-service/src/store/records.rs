@@ -6,7 +6,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use crate::ledger::{Counters, LeaseId, StoredLease, StoredPool, StoredReplay};
+use crate::ledger::{Counters, Event, EventKind, LeaseId, StoredLease, StoredPool, StoredReplay};
 
 /// A pool: capacity, peak and counters.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -78,6 +78,74 @@ pub struct ReplayRecord {
     /// Lease ids, 16 big-endian bytes each.
     #[prost(bytes = "vec", repeated, tag = "4")]
     pub leases: Vec<Vec<u8>>,
+}
+
+/// An event; its sequence number is the table key.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EventRecord {
+    /// Wall-clock time, nanoseconds since the Unix epoch.
+    #[prost(uint64, tag = "1")]
+    pub time_unix_ns: u64,
+    /// The kind, as `memory.v1.EventKind` numbers it.
+    #[prost(uint32, tag = "2")]
+    pub kind: u32,
+    #[prost(string, tag = "3")]
+    pub pool: String,
+    /// The lease id, 16 big-endian bytes, or empty.
+    #[prost(bytes = "vec", tag = "4")]
+    pub lease: Vec<u8>,
+    #[prost(uint64, tag = "5")]
+    pub size: u64,
+    #[prost(string, optional, tag = "6")]
+    pub holder: Option<String>,
+    #[prost(string, optional, tag = "7")]
+    pub scope: Option<String>,
+    #[prost(uint64, tag = "8")]
+    pub pool_used: u64,
+}
+
+/// Event kinds by their `memory.v1.EventKind` numbers, stable on disk.
+const KINDS: [(EventKind, u32); 7] = [
+    (EventKind::Allocated, 1),
+    (EventKind::Freed, 2),
+    (EventKind::Expired, 3),
+    (EventKind::PoolCreated, 4),
+    (EventKind::WaitTimedOut, 5),
+    (EventKind::Renewed, 6),
+    (EventKind::Rejected, 7),
+];
+
+impl EventRecord {
+    pub fn from_event(e: &Event) -> Self {
+        EventRecord {
+            time_unix_ns: e.time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+            kind: KINDS.iter().find(|(k, _)| *k == e.kind).map_or(0, |(_, n)| *n),
+            pool: e.pool.to_string(),
+            lease: e.lease.map(|id| id.raw().to_be_bytes().to_vec()).unwrap_or_default(),
+            size: e.size,
+            holder: e.holder.as_deref().map(str::to_owned),
+            scope: e.scope.as_deref().map(str::to_owned),
+            pool_used: e.pool_used,
+        }
+    }
+
+    /// The event numbered `sequence`, or `None` for a kind this version does not know.
+    pub fn into_event(self, sequence: u64) -> Option<Event> {
+        let kind = KINDS.iter().find(|(_, n)| *n == self.kind)?.0;
+        Some(Event {
+            sequence,
+            time: UNIX_EPOCH + Duration::from_nanos(self.time_unix_ns),
+            kind,
+            pool: Arc::from(self.pool),
+            lease: <[u8; 16]>::try_from(self.lease.as_slice())
+                .ok()
+                .map(|b| LeaseId::from_raw(u128::from_be_bytes(b))),
+            size: self.size,
+            holder: self.holder.map(Arc::from),
+            scope: self.scope.map(Arc::from),
+            pool_used: self.pool_used,
+        })
+    }
 }
 
 fn unix_ms(at: SystemTime) -> u64 {

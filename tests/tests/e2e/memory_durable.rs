@@ -232,3 +232,60 @@ async fn a_killed_durable_memory_service_comes_back_with_every_acknowledged_leas
     client.allocate(exact).await.expect("exactly what is left");
     memory.stop();
 }
+
+/// A watcher that misses the last events of a durable server's life (it disconnected, then the
+/// server restarted gracefully) resumes by (epoch, sequence) in the next life and gets them from
+/// the stored tail, in order, then the new life's events, numbered on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_resumes_across_a_graceful_restart_from_the_stored_events() {
+    use e2e::{MemoryServer, config_with_pools};
+    use proto::memory::v1::{EventKind, WatchEventsRequest, watch_events_response::Item};
+    use tokio_stream::StreamExt;
+
+    let dir = TempDir::new("memory-resume");
+    let config = || {
+        let mut config = config_with_pools(&[("kv-cache", 1 << 20)]);
+        config.state_dir = Some(dir.path().to_path_buf());
+        config
+    };
+    let memory = MemoryServer::start(config()).await;
+    let addr = memory.addr;
+    let mut client = memory.client().await;
+    let epoch = client.list_pools(ListPoolsRequest {}).await.expect("list").into_inner().server_epoch;
+    let mut watch = client.watch_events(WatchEventsRequest::default()).await.expect("watch").into_inner();
+    client.allocate(alloc(&[("kv-cache", 1)])).await.expect("granted");
+    let seen = match watch.next().await.expect("open").expect("event").item {
+        Some(Item::Event(event)) => event,
+        other => panic!("expected an event, got {other:?}"),
+    };
+    assert_eq!(seen.kind(), EventKind::Allocated);
+    drop(watch);
+    // Missed by the watcher: two more grants, then a graceful restart.
+    let mut missed = Vec::new();
+    for _ in 0..2 {
+        let reply = client.allocate(alloc(&[("kv-cache", 1)])).await.expect("granted").into_inner();
+        missed.push(reply.leases[0].lease_id.clone());
+    }
+    memory.stop().await;
+    let memory = MemoryServer::start_at(addr, config()).await;
+    let mut client = memory.client().await;
+    let resume = WatchEventsRequest {
+        resume_after_sequence: seen.sequence,
+        resume_epoch: epoch,
+        ..Default::default()
+    };
+    let mut watch = client.watch_events(resume).await.expect("resumable after the restart").into_inner();
+    client.allocate(alloc(&[("kv-cache", 1)])).await.expect("granted");
+    let mut replayed = Vec::new();
+    while replayed.len() < 3 {
+        match watch.next().await.expect("open").expect("event").item {
+            Some(Item::Event(event)) => replayed.push(event),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+    let sequences: Vec<_> = replayed.iter().map(|e| e.sequence).collect();
+    assert_eq!(sequences, [seen.sequence + 1, seen.sequence + 2, seen.sequence + 3], "gapless, numbered on");
+    let leases: Vec<_> = replayed[..2].iter().map(|e| e.lease_id.clone()).collect();
+    assert_eq!(leases, missed, "the previous life's last events, from the store");
+    memory.stop().await;
+}
