@@ -46,8 +46,16 @@ impl Limits {
     /// of ours (first token, idle gap) that runs out during, or right after, an outage was
     /// cut short by the memory authority, not by the model or the client: UNAVAILABLE, with
     /// a retry hint. The caller's own deadline, or the lifetime limit, stays DEADLINE_EXCEEDED.
-    pub(super) fn no_token(&self, until: Instant, why: &str, memory: &watch::Receiver<bool>) -> Error {
-        let outage = !*memory.borrow() || memory.has_changed().unwrap_or(false);
+    pub(super) fn no_token(
+        &self,
+        until: Instant,
+        why: &str,
+        memory: &watch::Receiver<bool>,
+        fenced: bool,
+    ) -> Error {
+        // Also an outage: renewals still answer but too late, so the local lease timer holds
+        // the device's steps (`fenced`) though health has not turned yet.
+        let outage = !*memory.borrow() || memory.has_changed().unwrap_or(false) || fenced;
         if until < self.end && outage {
             return Error::MemoryUnavailable(format!(
                 "{why}: the device paused its steps because lease renewals with memory-service were failing \
@@ -71,14 +79,17 @@ mod tests {
         let (idle, why) = limits.next_token(last);
         assert_eq!(why, "no token within the idle-gap limit");
         let (health, memory) = watch::channel(true);
-        assert!(matches!(limits.no_token(idle, why, &memory), Error::DeadlineExceeded(_)));
+        assert!(matches!(limits.no_token(idle, why, &memory, false), Error::DeadlineExceeded(_)));
         health.send_replace(false);
-        let down = limits.no_token(idle, why, &memory);
+        let down = limits.no_token(idle, why, &memory, false);
         assert!(matches!(&down, Error::MemoryUnavailable(m) if m.contains("idle-gap")), "{down:?}");
         // Back by the time the limit ran out: the outage still took the gap.
         health.send_replace(true);
-        assert!(matches!(limits.no_token(idle, why, &memory), Error::MemoryUnavailable(_)));
+        assert!(matches!(limits.no_token(idle, why, &memory, false), Error::MemoryUnavailable(_)));
         // The caller's deadline is the caller's, outage or not.
-        assert!(matches!(limits.no_token(limits.end, END, &memory), Error::DeadlineExceeded(_)));
+        assert!(matches!(limits.no_token(limits.end, END, &memory, true), Error::DeadlineExceeded(_)));
+        // Healthy, but the lease timer ran out (renewals answered too late): an outage too.
+        let (_, memory) = watch::channel(true);
+        assert!(matches!(limits.no_token(idle, why, &memory, true), Error::MemoryUnavailable(_)));
     }
 }

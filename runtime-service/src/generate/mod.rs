@@ -343,7 +343,8 @@ impl Generation {
                 () = &mut watchdog => {
                     let (until, why) = self.limits.next_token(timings.last_token);
                     if Instant::now() >= until {
-                        return Err(self.limits.no_token(until, why, &memory).into());
+                        let fenced = self.shared.renewer.is_fenced(Instant::now());
+                        return Err(self.limits.no_token(until, why, &memory, fenced).into());
                     }
                     watchdog.as_mut().reset(until);
                     continue;

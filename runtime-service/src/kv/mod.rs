@@ -235,6 +235,7 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
     let mut size = cap;
     // The server epoch the pool's capacity (and so `cap`) was read in: read again in a new one.
     let mut capped_in = None;
+    let mut pool_bytes = 0;
     let mut backoff = RETRY_FIRST;
     loop {
         let (missing, cause, whole) = {
@@ -264,13 +265,25 @@ async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
             if capped_in != Some(loader.renewer.epoch()) {
                 let capacity =
                     loader.renewer.learn_epoch(loader.client.pool_capacity(KV_CACHE), |c| c.epoch).await?;
-                // The pool, or the device beside its weights and activations, whichever is less.
-                let room = capacity.bytes.min(loader.device_memory.kv_room());
-                lock(&end.demand).capacity = room / plan.block_bytes;
+                pool_bytes = capacity.bytes;
                 cap = plan.slab_blocks.min(capacity.bytes / plan.block_bytes / 16).max(1);
                 size = size.min(cap);
                 capped_in = Some(capacity.epoch);
             }
+            // The device's own memory bounds the kv-cache too (weights load and leave): the pool,
+            // or the device beside its weights and activations, whichever is less. A full device
+            // is no room, as a full pool is: smaller slabs, then preemption, never a failure.
+            let device = &loader.device_memory;
+            lock(&end.demand).capacity = pool_bytes.min(device.kv_room()) / plan.block_bytes;
+            let free = device.free() / plan.block_bytes;
+            if free == 0 || (whole && missing > free) {
+                return Err(Error::MemoryExhausted {
+                    detail: format!("the device {} has no room for more kv-cache", device.name()),
+                    attempts: 1,
+                    waited: Duration::ZERO,
+                });
+            }
+            size = size.min(free);
             // A lane that holds nothing and cannot start its first sequence asks for that
             // sequence's whole need in one call and waits for it server-side (first come, first
             // served): taking it piece by piece would hold some while waiting for the rest, and

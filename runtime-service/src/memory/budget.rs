@@ -112,6 +112,16 @@ impl DeviceMemory {
         self.lock()[used as usize]
     }
 
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.inner.device
+    }
+
+    /// Usable bytes nothing holds now.
+    pub fn free(&self) -> u64 {
+        self.inner.usable.saturating_sub(self.lock().iter().sum())
+    }
+
     /// The most the kv-cache could ever hold: what weights and activations leave.
     pub fn kv_room(&self) -> u64 {
         let held = self.lock();

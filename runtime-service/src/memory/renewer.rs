@@ -140,6 +140,12 @@ impl Renewer {
         }
     }
 
+    /// Whether the device may run no step at `now`: the local lease timer ran out, or
+    /// memory-service does not answer.
+    pub fn is_fenced(&self, now: Instant) -> bool {
+        self.fence.borrow().is_none_or(|until| until <= now)
+    }
+
     /// The device's fence: until when it may use the memory it holds (see the module docs).
     pub fn fence(&self) -> Fence {
         self.fence.subscribe()
