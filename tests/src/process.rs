@@ -123,6 +123,22 @@ impl Process {
         assert!(exit.success(), "{exit}");
     }
 
+    /// A channel to its gRPC port.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// A channel to its gRPC port once its health reports `service` SERVING (event-driven).
+    pub async fn serving(&self, service: &str) -> tonic::transport::Channel {
+        let channel = self.channel().await;
+        crate::wait_serving(channel.clone(), service).await;
+        channel
+    }
+
     /// Its process id (to read its resident memory from /proc).
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -10,6 +10,15 @@ use super::{
     *,
 };
 
+/// A tracked ledger whose pool creation is committed, and a watcher from then on.
+fn watched_after_creation(t0: Instant) -> (Ledger, tokio::sync::broadcast::Receiver<Arc<Event>>) {
+    let mut ledger = tracked_ledger();
+    let created = ledger.take_batch(t0, SystemTime::now());
+    ledger.release_events(created.events);
+    let (_, rx) = ledger.subscribe(None).expect("live");
+    (ledger, rx)
+}
+
 fn kinds(events: &[Arc<Event>]) -> Vec<(u64, EventKind)> {
     events.iter().map(|e| (e.sequence, e.kind)).collect()
 }
@@ -43,10 +52,7 @@ fn events_wait_for_the_commit_of_their_change_and_are_numbered_in_release_order(
 #[test]
 fn a_withdrawn_grant_whose_commit_failed_never_reaches_a_watcher() {
     let t0 = Instant::now();
-    let mut ledger = tracked_ledger();
-    let created = ledger.take_batch(t0, SystemTime::now());
-    ledger.release_events(created.events);
-    let (_, mut rx) = ledger.subscribe(None).expect("live");
+    let (mut ledger, mut rx) = watched_after_creation(t0);
     let lease = grant(&mut ledger, Duration::from_secs(60), t0);
     let failed = ledger.take_batch(t0, SystemTime::now());
     ledger.retake(&failed);
@@ -117,10 +123,7 @@ fn a_resuming_watcher_gets_the_retained_events_after_its_sequence_and_only_those
 #[test]
 fn a_grant_withdrawn_while_its_batch_is_being_written_keeps_its_number() {
     let t0 = Instant::now();
-    let mut ledger = tracked_ledger();
-    let created = ledger.take_batch(t0, SystemTime::now());
-    ledger.release_events(created.events);
-    let (_, mut rx) = ledger.subscribe(None).expect("live");
+    let (mut ledger, mut rx) = watched_after_creation(t0);
     let lease = grant(&mut ledger, Duration::from_secs(60), t0);
     // The batch carrying the grant is being written when its caller leaves.
     let in_flight = ledger.take_batch(t0, SystemTime::now());

@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use e2e::{process::Process, sample, wait_serving};
+use e2e::{process::Process, sample};
 use proto::runtime::v1::{
     GenerateRequest, Summary, generate_response::Item, runtime_service_client::RuntimeServiceClient,
 };
@@ -49,12 +49,7 @@ pub async fn runtime(memory: &Process, args: &[&str]) -> (Process, RuntimeServic
     let mut all = vec!["--memory-addr", url.as_str()];
     all.extend_from_slice(args);
     let process = Process::start("runtime-service", &all, ENV, true);
-    let channel = Channel::from_shared(format!("http://{}", process.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect runtime");
-    wait_serving(channel.clone(), "runtime.v1.RuntimeService").await;
+    let channel = process.serving("runtime.v1.RuntimeService").await;
     (process, RuntimeServiceClient::new(channel))
 }
 

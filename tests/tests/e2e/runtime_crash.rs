@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use e2e::{MemoryServer, process::Process, wait_serving};
+use e2e::{MemoryServer, process::Process};
 use proto::{
     memory::v1::{EventKind, ListPoolsRequest, WatchEventsRequest, watch_events_response},
     runtime::v1::{GenerateRequest, generate_response, runtime_service_client::RuntimeServiceClient},
@@ -37,12 +37,7 @@ async fn a_killed_runtime_leases_expire_within_their_ttl_and_the_pools_come_back
         &[("RUST_LOG", "warn,runtime_service=info")],
         false,
     );
-    let channel = Channel::from_shared(format!("http://{}", runtime.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    wait_serving(channel.clone(), "runtime.v1.RuntimeService").await;
+    let channel = runtime.serving("runtime.v1.RuntimeService").await;
     let mut generator = RuntimeServiceClient::new(channel);
     let request = GenerateRequest {
         model: "distilgpt2".into(),
@@ -136,12 +131,7 @@ async fn a_runtime_restarted_under_the_same_instance_takes_new_scopes() {
             &[("RUST_LOG", "warn,runtime_service=info")],
             false,
         );
-        let channel = Channel::from_shared(format!("http://{}", runtime.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        wait_serving(channel, "runtime.v1.RuntimeService").await;
+        runtime.serving("runtime.v1.RuntimeService").await;
         runtime
     };
     let first = life().await;

@@ -5,10 +5,9 @@
 
 use std::{process::Command, time::Duration};
 
-use e2e::{process::Process, wait_serving};
+use e2e::process::Process;
 use proto::runtime::v1::{GenerateRequest, generate_response, runtime_service_client::RuntimeServiceClient};
 use tokio::time::Instant;
-use tonic::transport::Channel;
 
 const TTL: Duration = Duration::from_millis(2000);
 
@@ -31,12 +30,7 @@ async fn a_hung_memory_service_stops_the_device_before_its_leases_could_expire()
         &log,
         false,
     );
-    let channel = Channel::from_shared(format!("http://{}", runtime.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    wait_serving(channel.clone(), "runtime.v1.RuntimeService").await;
+    let channel = runtime.serving("runtime.v1.RuntimeService").await;
     let request = GenerateRequest {
         model: "llama-3.1-8b".into(),
         prompt: "Tell a long story.".into(),
@@ -74,10 +68,10 @@ async fn a_hung_memory_service_stops_the_device_before_its_leases_could_expire()
     runtime.kill();
     memory.kill();
     // The lease timer closes a tenth of the TTL early; delivery adds a little to each token's
-    // step, and 50 ms covers it on a loaded machine.
+    // step, and 100 ms (still short of the TTL) covers it on a loaded machine.
     let last_token = last_token.unwrap_or_default();
     assert!(
-        last_token < TTL * 9 / 10 + Duration::from_millis(50),
+        last_token < TTL * 9 / 10 + Duration::from_millis(100),
         "a token arrived {last_token:?} after memory-service hung, past the {TTL:?} its leases were sure to hold"
     );
 }

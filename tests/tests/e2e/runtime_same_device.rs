@@ -14,7 +14,6 @@ use e2e::{
     wait_serving,
 };
 use serving::device::DeviceSpec;
-use tonic::transport::Channel;
 
 const LOG: &[(&str, &str)] = &[("RUST_LOG", "warn,memory_service=info,runtime_service=info")];
 
@@ -29,11 +28,7 @@ async fn both_binaries_on_the_same_device_become_serving_for_every_preset() {
         let memory_addr = format!("http://{}", memory.addr);
         let args = ["--device", device.as_str(), "--memory-addr", memory_addr.as_str()];
         let runtime = Process::start("runtime-service", &args, LOG, false);
-        let channel = Channel::from_shared(format!("http://{}", runtime.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
+        let channel = runtime.channel().await;
         let serving =
             tokio::time::timeout(READY_WITHIN, wait_serving(channel, "runtime.v1.RuntimeService")).await;
         let logs = runtime.logs.lock().map(|l| l.join("\n")).unwrap_or_default();
