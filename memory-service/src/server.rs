@@ -66,7 +66,7 @@ pub async fn run(
     let snapshot_of = shared.clone();
     let snapshot: serving::admin::Snapshot = Arc::new(move || crate::metrics::snapshot(&snapshot_of));
     serving::admin::spawn(admin, &metrics.registry, snapshot, &health, &token);
-    serving::grpc::set_health::<MemoryServiceServer<MemoryApi>>(&health, true).await;
+    serving::grpc::set_health(&health, true).await;
     let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let incoming = serving::tls::accept(listener, security.tls, &transport, config_reload, token.clone());
 
@@ -92,7 +92,7 @@ pub async fn run(
 
     info!(grace = ?grace, "draining");
     // Not serving first, so load balancers and probes stop sending new work while we drain.
-    serving::grpc::set_health::<MemoryServiceServer<MemoryApi>>(&health, false).await;
+    serving::grpc::set_health(&health, false).await;
     token.cancel();
     shared.ledger().close_waiters();
     let result = match tokio::time::timeout(grace, &mut server).await {

@@ -2,6 +2,7 @@
 //! address and the stream limits. `main.rs` builds it from flags, environment and an optional TOML
 //! file; tests build it directly.
 
+mod engine_model;
 mod file;
 mod fit;
 mod lease_ttl;
@@ -58,6 +59,9 @@ pub struct Config {
     pub device: DeviceSpec,
     /// Models.
     pub models: Vec<ModelSpec>,
+    /// Key of the model the engine dialect (`vllm.grpc.engine.VllmEngine`, which names no
+    /// model) serves; `None`: the first preloaded model, else the first.
+    pub engine_model: Option<String>,
     /// Overlapped or sequential CPU/GPU scheduling, for the whole device.
     pub scheduler: SchedulerMode,
     /// Sequences in one step at most (vLLM's `max_num_seqs`).
@@ -136,6 +140,7 @@ impl Default for Config {
             instance: "runtime-service".into(),
             device: DeviceSpec::preset(DEFAULT_DEVICE).unwrap_or_else(|| unreachable!("embedded preset")),
             models: parse_models(DEFAULT_MODELS).unwrap_or_default(),
+            engine_model: None,
             scheduler: SchedulerMode::Overlapped,
             max_batch_size: 256,
             max_batched_tokens: serving::models::DEFAULT_MAX_BATCHED_TOKENS,
@@ -295,7 +300,7 @@ impl Config {
                 ));
             }
         }
-        Ok(())
+        self.validate_engine_model()
     }
 }
 

@@ -38,6 +38,17 @@ pub struct Flight {
     cancel: CancellationToken,
     reason: OnceLock<Error>,
     queued: AtomicBool,
+    /// Cancelled when the flight is dropped. Its holders are the generation's task (through
+    /// its ticket and the registry) and, while the sequence is on the device, the device's
+    /// record of it, which it drops right after freeing the sequence's blocks: so once this
+    /// fires, the blocks are back. Abort waits on it.
+    released: CancellationToken,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.released.cancel();
+    }
 }
 
 impl Flight {
@@ -123,6 +134,7 @@ impl Executor {
             cancel: self.shutdown.child_token(),
             reason: OnceLock::new(),
             queued: AtomicBool::new(true),
+            released: CancellationToken::new(),
         });
         flights.insert(key.clone(), flight.clone());
         Ok(Ticket { executor: self.clone(), key, flight })
@@ -143,6 +155,29 @@ impl Executor {
     /// Generations admitted and not yet ended.
     pub fn admitted(&self) -> usize {
         self.admitted.load(Ordering::Acquire)
+    }
+
+    /// Stops every generation of `caller` (or anyone's, for an `admin`) named in `ids`, as
+    /// Cancel does, and returns tokens cancelled once each one's resources are back (see
+    /// `Flight::released`). Ids with no generation in flight are skipped: vLLM's Abort ignores
+    /// them too, since a request may end between a gateway's decision to abort and the call.
+    pub fn abort<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a str>,
+        caller: Option<&str>,
+        admin: bool,
+    ) -> Vec<CancellationToken> {
+        let flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        let mut released = Vec::new();
+        for id in ids {
+            let found =
+                flights.iter().filter(|((owner, key), _)| key == id && (admin || owner.as_deref() == caller));
+            for (_, flight) in found {
+                flight.stop(Error::Cancelled);
+                released.push(flight.released.clone());
+            }
+        }
+        released
     }
 
     /// Cancels generation `id` of `caller` (the identity asking, `None` with authentication

@@ -5,13 +5,14 @@
 //! [`device`] prices steps with a roofline of real GPUs and models, [`scheduler`] forms batches
 //! and preempts over paged KV blocks, [`core`] runs the device loop, [`kv`] leases KV slabs,
 //! [`engine`] tokenizes and samples, [`executor`] admits and cancels generations, [`memory`]
-//! talks to memory-service, [`generate`] runs one call end to end, and [`server::run`] serves it
-//! all.
+//! talks to memory-service, [`generate`] runs one call end to end, [`dialect`] serves the same
+//! core as vLLM's gRPC engine protocol, and [`server::run`] serves it all.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod core;
 pub mod device;
+pub mod dialect;
 pub mod engine;
 pub mod error;
 pub mod executor;

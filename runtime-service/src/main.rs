@@ -38,6 +38,10 @@ struct Args {
     /// defined under [[devices]] in the config file.
     #[arg(long, env = "RUNTIME_DEVICE")]
     device: Option<String>,
+    /// Model served over the engine dialect (vllm.grpc.engine.VllmEngine, whose requests name no
+    /// model): a configured model key. Default: the first preloaded model.
+    #[arg(long, env = "RUNTIME_ENGINE_MODEL")]
+    engine_model: Option<String>,
     /// CPU/GPU scheduling of the device: "overlapped" (the CPU prepares step N+1 while the GPU
     /// computes step N) or "sequential".
     #[arg(long, env = "RUNTIME_SCHEDULER")]
@@ -123,6 +127,7 @@ impl Args {
             .unwrap_or_else(|| format!("runtime-{:08x}", SysRng.try_next_u64().unwrap_or_default() as u32));
         let ms = Duration::from_millis;
         config.scheduler = self.scheduler.unwrap_or(config.scheduler);
+        config.engine_model = self.engine_model.or(config.engine_model);
         config.max_batch_size = self.max_batch_size.unwrap_or(config.max_batch_size);
         config.max_batched_tokens = self.max_batched_tokens.unwrap_or(config.max_batched_tokens);
         config.queue_capacity = self.queue_capacity.unwrap_or(config.queue_capacity);

@@ -2,15 +2,20 @@
 
 use std::{future::Future, sync::Arc};
 
-use proto::runtime::v1::runtime_service_server::RuntimeServiceServer;
+use proto::{
+    runtime::v1::runtime_service_server::RuntimeServiceServer,
+    vllm::grpc::engine::vllm_engine_server::VllmEngineServer,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use tracing::{info, warn};
 
 pub use serving::config::ServeError;
 
 use crate::{
     config::{Config, ConfigError},
+    dialect::EngineApi,
     metrics::Metrics,
     service::{RuntimeApi, RuntimePolicy},
     state::Shared,
@@ -20,7 +25,8 @@ use crate::{
 /// Extra time after the grace period for returning the models' memory and closing connections.
 const UNLOAD_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Serves `runtime.v1.RuntimeService`, health and reflection on `listener` until `shutdown`
+/// Serves `runtime.v1.RuntimeService`, its engine dialect `vllm.grpc.engine.VllmEngine` (for
+/// the model `config.engine_model()`), health and reflection on `listener` until `shutdown`
 /// resolves. Health is NOT_SERVING until memory-service answers, the device's activations are
 /// leased and the preload models are loaded. When `shutdown` resolves, the drain: health turns
 /// NOT_SERVING, new generations are refused with UNAVAILABLE, running ones get
@@ -43,26 +49,39 @@ pub async fn run(
     let config_reload = config.security.tls_reload;
     let shared = Shared::new(config, token.clone(), metrics.clone())
         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let engine_model = shared
+        .config
+        .engine_model()
+        .and_then(|spec| shared.models.get(&spec.key).ok())
+        .cloned()
+        .ok_or_else(|| ConfigError::Invalid("no model for the engine dialect".into()))?;
 
-    let (health, router) = serving::grpc::base::<RuntimeServiceServer<RuntimeApi>>(
+    // Two front doors onto one device: reflection lists both, health covers both.
+    let (health, router) = serving::grpc::base_for(
+        &[
+            <RuntimeServiceServer<RuntimeApi> as NamedService>::NAME,
+            <VllmEngineServer<EngineApi> as NamedService>::NAME,
+        ],
+        &[proto::RUNTIME_DESCRIPTOR_SET, proto::VLLM_ENGINE_DESCRIPTOR_SET],
         metrics.grpc.clone(),
-        proto::RUNTIME_DESCRIPTOR_SET,
         &transport,
         security.auth,
     )?;
     // Every runtime metric is a registered instrument; nothing extra to render per scrape.
     let snapshot: serving::admin::Snapshot = Arc::new(String::new);
     serving::admin::spawn(admin, &metrics.registry, snapshot, &health, &token);
-    serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, false).await;
+    serving::grpc::set_health(&health, false).await;
     let supervisor = tokio::spawn(supervisor::run(shared.clone(), health.clone()));
 
     let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let incoming = serving::tls::accept(listener, security.tls, &transport, config_reload, token.clone());
+    let engine = EngineApi::new(shared.clone(), engine_model, health.ready());
     let server = router
         .add_service(
             RuntimeServiceServer::new(RuntimeApi::new(shared.clone()))
                 .max_decoding_message_size(transport.max_message_bytes),
         )
+        .add_service(VllmEngineServer::new(engine).max_decoding_message_size(transport.max_message_bytes))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     tokio::pin!(server);
     info!(%addr, memory = %shared.config.memory_addr, instance = %shared.config.instance, "runtime-service listening");
@@ -113,7 +132,7 @@ async fn drain(
 ) {
     info!(grace = ?grace, running = shared.executor.admitted(), "draining: new generations refused, running ones finish");
     supervisor.abort();
-    serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(health, false).await;
+    serving::grpc::set_health(health, false).await;
     shared.draining.cancel();
     shared.generations.close();
     if tokio::time::timeout(grace, shared.generations.wait()).await.is_err() {

@@ -54,16 +54,19 @@ impl RuntimeService for RuntimeApi {
         }
         let timeout = serving::deadline::grpc_timeout(request.metadata());
         let owner = serving::auth::Caller::of(&request).map(|c| c.identity);
-        generate::start(&self.shared, request.into_inner(), timeout, owner).map(Response::new).map_err(|e| {
-            // Refused before it started: load shed (a capacity signal) is counted apart from the
-            // caller's mistakes (invalid, unknown model, duplicate id).
-            let outcome = match e {
-                Error::Overloaded { .. } | Error::ShuttingDown => "shed",
-                _ => "invalid",
-            };
-            self.shared.metrics.requests.with_label_values(&[&model, outcome]).inc();
-            self.status(e)
-        })
+        generate::Plan::new(&self.shared.models, request.into_inner())
+            .and_then(|plan| generate::start(&self.shared, plan, timeout, owner))
+            .map(Response::new)
+            .map_err(|e| {
+                // Refused before it started: load shed (a capacity signal) is counted apart from the
+                // caller's mistakes (invalid, unknown model, duplicate id).
+                let outcome = match e {
+                    Error::Overloaded { .. } | Error::ShuttingDown => "shed",
+                    _ => "invalid",
+                };
+                self.shared.metrics.requests.with_label_values(&[&model, outcome]).inc();
+                self.status(e)
+            })
     }
 
     async fn list_models(
@@ -136,8 +139,9 @@ fn model_info(config: &crate::Config, model: &crate::models::Model) -> pb::Model
     }
 }
 
-/// The roles of `runtime.v1.RuntimeService`'s methods: `client` generates, lists models and
-/// cancels its own generations; `admin` may also cancel anyone's.
+/// The roles of `runtime.v1.RuntimeService`'s and `vllm.grpc.engine.VllmEngine`'s methods:
+/// `client` generates, lists models and cancels (aborts) its own generations; `admin` may also
+/// cancel anyone's.
 #[derive(Debug, Clone, Copy)]
 pub struct RuntimePolicy;
 
@@ -147,6 +151,9 @@ impl serving::auth::Policy for RuntimePolicy {
     }
 
     fn required(&self, path: &str) -> Option<&'static [&'static str]> {
-        Some(if path.starts_with("/runtime.v1.RuntimeService/") { &["admin", "client"] } else { &[] })
+        // The engine dialect is the same door by other words: the same roles.
+        let generation = path.starts_with("/runtime.v1.RuntimeService/")
+            || path.starts_with("/vllm.grpc.engine.VllmEngine/");
+        Some(if generation { &["admin", "client"] } else { &[] })
     }
 }

@@ -4,12 +4,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use proto::runtime::v1::runtime_service_server::RuntimeServiceServer;
 use serving::grpc::Health as HealthReporter;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::{error::Error, service::RuntimeApi, state::Shared};
+use crate::{error::Error, state::Shared};
 
 /// Runs until shutdown. If the device loop ends before shutdown (it failed), nothing can be
 /// served any more: health stays NOT_SERVING so Kubernetes restarts the pod.
@@ -19,7 +18,7 @@ pub(crate) async fn run(shared: Arc<Shared>, health: HealthReporter) {
         () = shared.device.stopped().cancelled() => {
             if !shared.shutdown.is_cancelled() {
                 error!("the device loop stopped unexpectedly; runtime-service can no longer serve");
-                serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(&health, false).await;
+                serving::grpc::set_health(&health, false).await;
             }
         }
     }
@@ -30,12 +29,12 @@ async fn supervise(shared: &Shared, health: &HealthReporter) {
         if !become_ready(shared).await {
             return;
         }
-        serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(health, true).await;
+        serving::grpc::set_health(health, true).await;
         info!("ready: memory-service reachable, activations leased, preload models loaded");
         if !stay_ready(shared).await {
             return;
         }
-        serving::grpc::set_health::<RuntimeServiceServer<RuntimeApi>>(health, false).await;
+        serving::grpc::set_health(health, false).await;
         warn!("not ready: memory-service unreachable or model memory lost; recovering");
     }
 }

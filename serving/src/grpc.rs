@@ -31,14 +31,14 @@ pub async fn bind(
     Ok((listener, admin))
 }
 
-/// Reflection servers listing `service` (the server's own API), health and reflection, over
-/// `descriptor_set` plus health's descriptor and google.rpc's `status.proto` and
+/// Reflection servers listing `services` (the server's own APIs), health and reflection, over
+/// `descriptor_sets` plus health's descriptor and google.rpc's `status.proto` and
 /// `error_details.proto`, so grpcurl and `buf curl` decode the rich error details every error
 /// carries. Both versions are served: grpcurl and `buf curl` ask v1, while Python's
 /// grpcio-reflection client speaks only v1alpha.
 pub fn reflection(
-    service: &str,
-    descriptor_set: &[u8],
+    services: &[&str],
+    descriptor_sets: &[&[u8]],
 ) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
@@ -51,11 +51,16 @@ pub fn reflection(
     ReflectionError,
 > {
     let builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(descriptor_set)
+        let mut builder = tonic_reflection::server::Builder::configure();
+        for set in descriptor_sets {
+            builder = builder.register_encoded_file_descriptor_set(set);
+        }
+        for service in services {
+            builder = builder.with_service_name(*service);
+        }
+        builder
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(service)
             .with_service_name(HEALTH)
             .with_service_name(REFLECTION_V1)
             .with_service_name(REFLECTION_V1ALPHA)
@@ -76,6 +81,9 @@ pub type BaseRouter = Router<Stack<AuthLayer, Stack<OversizeLayer, Stack<Observe
 pub struct Health {
     reporter: HealthReporter,
     ready: Arc<AtomicBool>,
+    /// The services health reports on, besides the server as a whole: a server with two front
+    /// doors to one core (runtime-service) turns both SERVING or NOT_SERVING together.
+    services: Arc<[&'static str]>,
 }
 
 impl Health {
@@ -96,14 +104,27 @@ pub fn base<S: NamedService>(
     transport: &Transport,
     auth: AuthLayer,
 ) -> Result<(Health, BaseRouter), ReflectionError> {
+    base_for(&[S::NAME], &[descriptor_set], metrics, transport, auth)
+}
+
+/// [`base`] for a server with several services of its own (`services`, described by
+/// `descriptor_sets`): reflection lists them all and health covers them all.
+pub fn base_for(
+    services: &[&'static str],
+    descriptor_sets: &[&[u8]],
+    metrics: GrpcMetrics,
+    transport: &Transport,
+    auth: AuthLayer,
+) -> Result<(Health, BaseRouter), ReflectionError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let (reflection_v1, reflection_v1alpha) = reflection(S::NAME, descriptor_set)?;
-    let types = crate::observe::method_types(&[
-        descriptor_set,
+    let (reflection_v1, reflection_v1alpha) = reflection(services, descriptor_sets)?;
+    let mut sets = descriptor_sets.to_vec();
+    sets.extend([
         tonic_health::pb::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ]);
+    let types = crate::observe::method_types(&sets);
     let router = transport
         .server()
         .layer(ObserveLayer::new(metrics, types))
@@ -112,14 +133,19 @@ pub fn base<S: NamedService>(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    Ok((Health { reporter: health, ready: Arc::new(AtomicBool::new(false)) }, router))
+    let health =
+        Health { reporter: health, ready: Arc::new(AtomicBool::new(false)), services: services.into() };
+    Ok((health, router))
 }
 
-/// Sets the health of service `S` and of the server as a whole (`""`, what liveness probes ask).
-pub async fn set_health<S: NamedService>(health: &Health, serving: bool) {
+/// Sets the health of the server's services and of the server as a whole (`""`, what liveness
+/// probes ask).
+pub async fn set_health(health: &Health, serving: bool) {
     let status =
         if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
     health.ready.store(serving, Ordering::Relaxed);
-    health.reporter.set_service_status(S::NAME, status).await;
+    for service in health.services.iter() {
+        health.reporter.set_service_status(*service, status).await;
+    }
     health.reporter.set_service_status("", status).await;
 }

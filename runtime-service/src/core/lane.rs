@@ -274,8 +274,12 @@ impl Lane {
             // sends, so this cannot fail for want of room; a closed channel is swept next step.
             let _ = live.tokens.try_send(Emitted { index, token, gpu_time: gpu });
             tokens += 1;
+            // Length first, as vLLM's check_stop: a stop token that is also the last allowed
+            // token ends the sequence on length.
             if done {
                 self.end(id, Ok(false));
+            } else if live.decoder.stopped_by_token() {
+                self.end(id, Ok(true));
             }
         }
         tokens

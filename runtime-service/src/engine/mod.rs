@@ -57,6 +57,17 @@ pub trait Engine: Send + Sync + fmt::Debug {
     fn split(&self, id: u32, text: String, out: &mut VecDeque<TokenOut>);
     /// Number of tokens `prompt` costs.
     fn count_prompt_tokens(&self, prompt: &str) -> u32;
+    /// Ids the engine knows: its words (and pieces), then its two special tokens (see
+    /// [`special_ids`]).
+    fn vocab_size(&self) -> u32;
+}
+
+/// The (begin, end) of sequence ids: the last two of the vocabulary. Prompts may carry them;
+/// the model's end of sequence is a step that samples the end (see [`Stops`]), not a streamed
+/// token, so completions never contain it.
+pub fn special_ids(engine: &dyn Engine) -> (u32, u32) {
+    let size = engine.vocab_size();
+    (size - 2, size - 1)
 }
 
 /// WebLLM-like engine: one token per word or punctuation mark.
@@ -75,6 +86,10 @@ impl Engine for WebLlm {
     fn count_prompt_tokens(&self, prompt: &str) -> u32 {
         words_and_marks(prompt).count() as u32
     }
+
+    fn vocab_size(&self) -> u32 {
+        text::vocabulary().count() as u32 + 2
+    }
 }
 
 /// Transformers.js-like engine: sub-word tokens (words longer than five characters split after
@@ -84,6 +99,8 @@ pub struct TransformersJs;
 
 /// Piece ids live above the word vocabulary.
 const PIECE_BASE: u32 = 1 << 16;
+/// Distinct piece ids.
+const PIECES: u32 = 30_000;
 
 impl Engine for TransformersJs {
     fn kind(&self) -> EngineKind {
@@ -99,13 +116,17 @@ impl Engine for TransformersJs {
         let lead = usize::from(text.starts_with(' '));
         let cut = text.char_indices().nth(lead + 5).map_or(text.len(), |(i, _)| i);
         let (head, tail) = text.split_at(cut);
-        let piece_id = |s: &str| PIECE_BASE + (fnv1a(s.as_bytes()) % 30_000) as u32;
+        let piece_id = |s: &str| PIECE_BASE + (fnv1a(s.as_bytes()) % u64::from(PIECES)) as u32;
         out.push_back(TokenOut { id: piece_id(head), text: head.to_owned() });
         out.push_back(TokenOut { id: piece_id(tail), text: tail.to_owned() });
     }
 
     fn count_prompt_tokens(&self, prompt: &str) -> u32 {
         words_and_marks(prompt).map(|w| if w.chars().count() > 5 { 2 } else { 1 }).sum()
+    }
+
+    fn vocab_size(&self) -> u32 {
+        PIECE_BASE + PIECES + 2
     }
 }
 
@@ -119,33 +140,80 @@ fn words_and_marks(text: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+/// When a sequence may end before max_tokens, as vLLM's `check_stop` decides it.
+///
+/// The simulated model's end of sequence is a step that samples "end" instead of a word (see
+/// [`LanguageModel::next_word`]): the step is paid for, but no token is streamed or counted,
+/// as a detokenizer hides an EOS token. Greedy decoding never ends early.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stops {
+    /// No end (of sequence or by stop token) before this many tokens: the model's end is
+    /// skipped, as vLLM masks EOS and stop tokens below `min_tokens`.
+    pub min_tokens: u32,
+    /// Never end at the model's end of sequence: run to max_tokens (or a stop token).
+    pub ignore_eos: bool,
+    /// Tokens that end the sequence once emitted (they are part of the output, as in vLLM).
+    pub stop_token_ids: Vec<u32>,
+}
+
 /// Produces the tokens of one generation: words from the language model, split by the engine.
 #[derive(Debug)]
 pub struct Decoder {
     engine: &'static dyn Engine,
     model: LanguageModel,
     pending: VecDeque<TokenOut>,
+    stops: Stops,
+    emitted: u32,
+    stopped_by_token: bool,
 }
 
 impl Decoder {
-    /// A decoder for `prompt` under `seed` and `sampling`.
+    /// A decoder for `prompt` under `seed` and `sampling`, ending where the model ends.
     pub fn new(engine: &'static dyn Engine, prompt: &str, seed: u64, sampling: Sampling) -> Self {
+        Self::primed(engine, fnv1a(prompt.as_bytes()), seed, sampling, Stops::default())
+    }
+
+    /// A decoder for a prompt hashed to `prompt_hash` (its text or its token ids: the same
+    /// prompt always yields the same completion), under `seed`, `sampling` and `stops`.
+    pub fn primed(
+        engine: &'static dyn Engine,
+        prompt_hash: u64,
+        seed: u64,
+        sampling: Sampling,
+        stops: Stops,
+    ) -> Self {
         Decoder {
             engine,
-            model: LanguageModel::new(fnv1a(prompt.as_bytes()), seed, sampling),
+            model: LanguageModel::new(prompt_hash, seed, sampling),
             pending: VecDeque::new(),
+            stops,
+            emitted: 0,
+            stopped_by_token: false,
         }
     }
 
     /// The next token, or `None` at the end of the sequence.
     pub fn next_token(&mut self) -> Option<TokenOut> {
-        if self.pending.is_empty() {
+        if self.stopped_by_token {
+            return None;
+        }
+        while self.pending.is_empty() {
             match self.model.next_word() {
                 Word::Word { id, text } => self.engine.split(id, text, &mut self.pending),
+                Word::End if self.stops.ignore_eos || self.emitted < self.stops.min_tokens => {}
                 Word::End => return None,
             }
         }
-        self.pending.pop_front()
+        let token = self.pending.pop_front()?;
+        self.emitted += 1;
+        self.stopped_by_token =
+            self.emitted >= self.stops.min_tokens && self.stops.stop_token_ids.contains(&token.id);
+        Some(token)
+    }
+
+    /// Whether the last token was a stop token: the sequence ends with it.
+    pub fn stopped_by_token(&self) -> bool {
+        self.stopped_by_token
     }
 }
 
@@ -153,7 +221,7 @@ impl Decoder {
 mod tests {
     use super::*;
 
-    const WARM: Sampling = Sampling { temperature: 0.7, top_p: 0.9 };
+    const WARM: Sampling = Sampling { temperature: 0.7, top_p: 0.9, top_k: 0 };
 
     fn tokens(kind: EngineKind, seed: u64, n: usize) -> Vec<TokenOut> {
         let mut decoder = Decoder::new(kind.engine(), "Explain pipelining.", seed, WARM);
@@ -174,6 +242,31 @@ mod tests {
         assert_eq!(WebLlm.count_prompt_tokens("Hello, pipelined world!"), 5);
         assert_eq!(TransformersJs.count_prompt_tokens("Hello, pipelined world!"), 6);
         assert_eq!(WebLlm.count_prompt_tokens("   "), 0);
+    }
+
+    /// Tokens until the end, at most `n`, and whether the model ended them.
+    fn run(stops: Stops, seed: u64, n: usize) -> (Vec<u32>, bool) {
+        let hot = Sampling { temperature: 1.0, top_p: 1.0, top_k: 0 };
+        let mut decoder = Decoder::primed(&WebLlm, 11, seed, hot, stops);
+        let ids: Vec<u32> = std::iter::from_fn(|| decoder.next_token()).take(n).map(|t| t.id).collect();
+        let ended = ids.len() < n;
+        (ids, ended)
+    }
+
+    #[test]
+    fn ignore_eos_and_min_tokens_skip_the_end_and_stop_tokens_end_with_themselves() {
+        let (free, ended) = run(Stops::default(), 3, 2000);
+        assert!(ended, "a hot model ends within 2000 tokens");
+        let ignoring = Stops { ignore_eos: true, ..Stops::default() };
+        let (all, ended) = run(ignoring, 3, 2000);
+        assert!(!ended && all.starts_with(&free), "the same tokens, past the end");
+        let min = Stops { min_tokens: free.len() as u32 + 5, ..Stops::default() };
+        assert!(run(min, 3, 2000).0.len() >= free.len() + 5);
+        let period = text::vocabulary().position(|w| w == ".").expect("a period") as u32;
+        let stops = Stops { stop_token_ids: vec![period], ignore_eos: true, ..Stops::default() };
+        let (ids, ended) = run(stops, 3, 2000);
+        assert!(ended && ids.last() == Some(&period), "{ids:?}");
+        assert_eq!(ids.iter().filter(|&&id| id == period).count(), 1);
     }
 
     #[test]

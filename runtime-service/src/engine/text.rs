@@ -122,6 +122,8 @@ pub struct Sampling {
     pub temperature: f64,
     /// Nucleus size in (0, 1].
     pub top_p: f64,
+    /// Only the k most likely choices are drawn from; 0 keeps them all.
+    pub top_k: u32,
 }
 
 /// A produced word, or the end of the sequence.
@@ -238,7 +240,12 @@ impl LanguageModel {
         probs.sort_by(|a, b| b.1.total_cmp(&a.1));
         let mut kept_len = 0;
         let mut cumulative = 0.0;
-        for p in probs.iter_mut() {
+        // Top-k before top-p, as vLLM applies them; a k of 0 (or beyond the choices) keeps all.
+        let top_k = match self.sampling.top_k {
+            0 => probs.len(),
+            k => probs.len().min(k as usize),
+        };
+        for p in probs.iter_mut().take(top_k) {
             p.1 /= total;
             kept_len += 1;
             cumulative += p.1;
@@ -277,7 +284,7 @@ mod tests {
 
     #[test]
     fn same_inputs_same_words_and_the_text_reads_like_sentences() {
-        let warm = Sampling { temperature: 0.8, top_p: 0.95 };
+        let warm = Sampling { temperature: 0.8, top_p: 0.95, top_k: 0 };
         let text = sentence(1, warm, 40);
         assert_eq!(text, sentence(1, warm, 40));
         assert_ne!(text, sentence(2, warm, 40), "the seed matters");
@@ -288,16 +295,23 @@ mod tests {
 
     #[test]
     fn greedy_decoding_ignores_the_seed_and_never_stops() {
-        let greedy = Sampling { temperature: 0.0, top_p: 1.0 };
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0 };
         assert_eq!(sentence(1, greedy, 200), sentence(99, greedy, 200));
         let mut model = LanguageModel::new(7, 1, greedy);
         assert!((0..500).all(|_| model.next_word() != Word::End));
     }
 
     #[test]
+    fn top_k_one_is_greedy_whatever_the_temperature() {
+        let greedy = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0 };
+        let hot_k1 = Sampling { temperature: 2.0, top_p: 1.0, top_k: 1 };
+        assert_eq!(sentence(1, greedy, 60), sentence(5, hot_k1, 60));
+    }
+
+    #[test]
     fn ids_index_the_vocabulary() {
         let vocab: Vec<_> = vocabulary().collect();
-        let mut model = LanguageModel::new(3, 3, Sampling { temperature: 1.0, top_p: 1.0 });
+        let mut model = LanguageModel::new(3, 3, Sampling { temperature: 1.0, top_p: 1.0, top_k: 0 });
         for _ in 0..200 {
             if let Word::Word { id, text } = model.next_word() {
                 assert_eq!(vocab[id as usize].to_lowercase(), text.trim().to_lowercase());

@@ -18,7 +18,9 @@ use tonic::Status;
 use tracing::Instrument;
 
 use self::limits::{END, Limits};
-pub use self::plan::{Plan, is_valid_request_id, request_id_rule};
+pub use self::plan::{
+    MAX_PROMPT_BYTES, Plan, Violations, is_valid_request_id, new_request_id, request_id_rule,
+};
 pub use self::stream::GenerateStream;
 use crate::{
     core::{Emitted, Outcome, Report, SchedulerMode, SeqGuard, Submission, TOKEN_BUFFER},
@@ -40,16 +42,15 @@ const STALLED_READER: &str = "the client did not read the stream within the idle
 /// Tokens buffered between the generation and the client's HTTP/2 stream.
 const STREAM_BUFFER: usize = 16;
 
-/// Validates and admits `request`, then streams it from a tracked task. Validation, a duplicate
+/// Admits `plan` (validated by its front door), then streams it from a tracked task. A duplicate
 /// request id and load shedding are answered here, as the call's own status.
 pub fn start(
     shared: &Arc<Shared>,
-    request: pb::GenerateRequest,
+    plan: Plan,
     grpc_timeout: Option<Duration>,
     owner: Option<Arc<str>>,
 ) -> Result<GenerateStream, Error> {
     let started = Instant::now();
-    let plan = Plan::new(&shared.models, request)?;
     let ticket = shared.executor.register(plan.request_id.clone(), owner)?;
     let admission = shared.executor.admit()?;
     let (sink, stream) = stream::channel(STREAM_BUFFER);
@@ -269,7 +270,13 @@ impl Generation {
             lane: plan.model.lane,
             prompt_tokens: plan.prompt_tokens,
             max_tokens: plan.max_tokens,
-            decoder: Decoder::new(plan.model.engine, &plan.prompt, plan.seed, plan.sampling),
+            decoder: Decoder::primed(
+                plan.model.engine,
+                plan.prompt_hash,
+                plan.seed,
+                plan.sampling,
+                plan.stops.clone(),
+            ),
             tokens: tokens_tx,
             outcome: outcome_tx,
             abort: flight.cancelled().child_token(),

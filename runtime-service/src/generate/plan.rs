@@ -5,7 +5,7 @@ use std::sync::Arc;
 use proto::runtime::v1 as pb;
 
 use crate::{
-    engine::text::Sampling,
+    engine::{Stops, fnv1a, text::Sampling},
     error::Error,
     models::{Model, Models},
 };
@@ -31,8 +31,8 @@ pub fn request_id_rule() -> String {
 pub struct Plan {
     /// The model.
     pub model: Arc<Model>,
-    /// The prompt.
-    pub prompt: String,
+    /// Hash of the prompt (its text or its token ids): primes the simulated model.
+    pub prompt_hash: u64,
     /// Its length in the model's tokens.
     pub prompt_tokens: u32,
     /// Tokens to generate at most.
@@ -41,6 +41,8 @@ pub struct Plan {
     pub seed: u64,
     /// Sampling knobs.
     pub sampling: Sampling,
+    /// When the sequence may end before max_tokens.
+    pub stops: Stops,
     /// Given or assigned request id.
     pub request_id: String,
 }
@@ -87,31 +89,7 @@ impl Plan {
         if prompt_tokens == 0 && req.prompt.len() <= MAX_PROMPT_BYTES {
             bad.add("prompt", "is empty; give at least one word");
         }
-        if prompt_tokens > spec.max_prompt_tokens {
-            bad.add(
-                "prompt",
-                format!(
-                    "is {prompt_tokens} tokens; model {} accepts at most {}",
-                    spec.key, spec.max_prompt_tokens
-                ),
-            );
-        }
-        if req.max_tokens > spec.max_tokens_limit {
-            bad.add(
-                "max_tokens",
-                format!("{} is outside 1..={} for model {}", req.max_tokens, spec.max_tokens_limit, spec.key),
-            );
-        }
-        let context = spec.arch.context_length;
-        if u64::from(prompt_tokens) + u64::from(req.max_tokens) > u64::from(context) {
-            bad.add(
-                "max_tokens",
-                format!(
-                    "{prompt_tokens} prompt tokens + {} exceed model {}'s context of {context} tokens",
-                    req.max_tokens, spec.key
-                ),
-            );
-        }
+        bad.check_lengths(spec, ("prompt", prompt_tokens), ("max_tokens", req.max_tokens));
         if !bad.is_empty() {
             return Err(bad.into_error());
         }
@@ -120,33 +98,73 @@ impl Plan {
             prompt_tokens,
             max_tokens: req.max_tokens,
             seed: req.seed,
-            sampling: Sampling { temperature, top_p },
+            sampling: Sampling { temperature, top_p, top_k: 0 },
+            stops: Stops::default(),
             request_id,
-            prompt: req.prompt,
+            prompt_hash: fnv1a(req.prompt.as_bytes()),
             model,
         })
     }
 }
 
-/// The violations found so far.
+/// The violations found so far: every front door lists them all at once.
 #[derive(Debug, Default)]
-struct Violations(Vec<(&'static str, String)>);
+pub struct Violations(Vec<(&'static str, String)>);
 
 impl Violations {
-    fn add(&mut self, field: &'static str, reason: impl Into<String>) {
+    /// Adds one: the field (its path in the request) and what to change.
+    pub fn add(&mut self, field: &'static str, reason: impl Into<String>) {
         self.0.push((field, reason.into()));
     }
 
-    fn is_empty(&self) -> bool {
+    /// Whether none was found.
+    pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    fn into_error(self) -> Error {
+    /// INVALID_ARGUMENT listing them.
+    pub fn into_error(self) -> Error {
         Error::InvalidArgument(self.0)
+    }
+
+    /// The model's limits on a prompt of `prompt.1` tokens and a completion of `max.1` tokens,
+    /// violations named after the fields `prompt.0` and `max.0`: one rule for both doors.
+    pub fn check_lengths(
+        &mut self,
+        spec: &crate::config::ModelSpec,
+        prompt: (&'static str, u32),
+        max: (&'static str, u32),
+    ) {
+        let ((prompt_field, prompt_tokens), (max_field, max_tokens)) = (prompt, max);
+        if prompt_tokens > spec.max_prompt_tokens {
+            self.add(
+                prompt_field,
+                format!(
+                    "is {prompt_tokens} tokens; model {} accepts at most {}",
+                    spec.key, spec.max_prompt_tokens
+                ),
+            );
+        }
+        if max_tokens > spec.max_tokens_limit {
+            self.add(
+                max_field,
+                format!("{max_tokens} is outside 1..={} for model {}", spec.max_tokens_limit, spec.key),
+            );
+        }
+        let context = spec.arch.context_length;
+        if u64::from(prompt_tokens) + u64::from(max_tokens) > u64::from(context) {
+            self.add(
+                max_field,
+                format!(
+                    "{prompt_tokens} prompt tokens + {max_tokens} exceed model {}'s context of {context} tokens",
+                    spec.key
+                ),
+            );
+        }
     }
 }
 
 /// A fresh request id: 64 random bits in hex.
-fn new_request_id() -> String {
+pub fn new_request_id() -> String {
     format!("gen-{:016x}", crate::memory::random_u64())
 }

@@ -1,6 +1,7 @@
 //! The end-to-end tests, one module per area, in one test binary: each binary links the whole
 //! stack, and some two dozen of them took minutes to link and gigabytes of disk.
 
+mod engine_dialect;
 mod exhaustion;
 mod fuzz_memory;
 mod fuzz_runtime;

@@ -263,7 +263,7 @@ async fn a_generation_larger_than_the_kv_pool_fails_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn reflection_lists_only_the_runtime_api_and_resolves_error_details() {
+async fn reflection_lists_the_runtime_api_and_its_engine_dialect_and_resolves_error_details() {
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
@@ -275,7 +275,8 @@ async fn reflection_lists_only_the_runtime_api_and_resolves_error_details() {
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
-            "runtime.v1.RuntimeService"
+            "runtime.v1.RuntimeService",
+            "vllm.grpc.engine.VllmEngine"
         ]
     );
     let mut reflection = ServerReflectionClient::new(runtime.channel().await);

@@ -22,7 +22,7 @@ use crate::{
     scheduler::{KvReserve, Limits},
 };
 
-const GREEDY: Sampling = Sampling { temperature: 0.0, top_p: 1.0 };
+const GREEDY: Sampling = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0 };
 
 /// 1 MB of weights at 1 GB/s (1 ms) plus a 2 ms launch: a decode step costs just over 3 ms.
 fn arch() -> Arch {
