@@ -171,6 +171,11 @@ impl ModelSpec {
     pub fn block_bytes(&self, block_tokens: u32) -> u64 {
         self.arch.kv_bytes_per_token() * u64::from(block_tokens)
     }
+
+    /// Longest sequence served, prompt and completion (vLLM's `max_model_len`).
+    pub fn max_model_len(&self) -> u32 {
+        self.max_prompt_tokens.saturating_add(self.max_tokens_limit).min(self.arch.context_length)
+    }
 }
 
 impl Config {

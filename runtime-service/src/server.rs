@@ -43,7 +43,8 @@ pub async fn run(
     let grace = config.grace_period;
     let token = CancellationToken::new();
     let keys: Vec<&str> = config.models.iter().map(|m| m.key.as_str()).collect();
-    let metrics = Metrics::new(&keys)?;
+    let max_model_len = config.models.iter().map(|m| m.max_model_len()).max().unwrap_or(1);
+    let metrics = Metrics::new(&keys, max_model_len)?;
     let security = config.security.prepare("runtime-service", Box::new(RuntimePolicy))?;
     let transport = config.security.transport;
     let config_reload = config.security.tls_reload;

@@ -30,7 +30,7 @@ impl Config {
         let standing = m.arch.weight_bytes().saturating_add(self.activation_bytes());
         let kv_tokens =
             self.device.usable_bytes().saturating_sub(standing) / m.arch.kv_bytes_per_token().max(1);
-        let longest = m.max_prompt_tokens.saturating_add(m.max_tokens_limit).min(m.arch.context_length);
+        let longest = m.max_model_len();
         let per_seq = kv_tokens / self.max_batch_size.max(1) as u64;
         let context = u64::from(longest).min(per_seq) as u32;
         let decodes = roofline

@@ -17,6 +17,7 @@ use crate::{
     executor::Flight,
     kv::{Grant, Link},
     memory::Reservation,
+    metrics::vllm::{Finish, ModelSeries, RequestStats},
     scheduler::{Limits, Plan, Scheduler, SeqId, SeqState, SlabId},
 };
 
@@ -51,8 +52,8 @@ struct Live {
     abort: CancellationToken,
     flight: Arc<Flight>,
     span: tracing::Span,
-    arrived: Instant,
-    queue_time: Option<Duration>,
+    /// Its moments, for vLLM's series.
+    stats: RequestStats,
     cpu_busy: Duration,
     gpu_busy: Duration,
     gpu_waiting_for_cpu: Duration,
@@ -68,10 +69,13 @@ pub(super) struct Lane {
     link: Link,
     /// When the lane last became empty (its idle slabs go after a linger).
     pub(super) idle_since: Option<Instant>,
+    /// Its model's `vllm:*` series: every sequence is counted here as it leaves the device,
+    /// whichever front door submitted it.
+    pub(super) vllm: ModelSeries,
 }
 
 impl Lane {
-    pub(super) fn new(spec: LaneSpec, link: Link) -> Self {
+    pub(super) fn new(spec: LaneSpec, link: Link, vllm: ModelSeries) -> Self {
         Lane {
             scheduler: Scheduler::new(spec.block_tokens, spec.limits),
             spec,
@@ -79,6 +83,7 @@ impl Lane {
             slabs: HashMap::new(),
             link,
             idle_since: None,
+            vllm,
         }
     }
 
@@ -94,8 +99,7 @@ impl Lane {
                 abort: submission.abort,
                 flight: submission.flight,
                 span: submission.span,
-                arrived: now,
-                queue_time: None,
+                stats: RequestStats::new(submission.received, now, submission.prompt_tokens),
                 cpu_busy: Duration::ZERO,
                 gpu_busy: Duration::ZERO,
                 gpu_waiting_for_cpu: Duration::ZERO,
@@ -118,8 +122,8 @@ impl Lane {
         for id in ids {
             let Some(live) = self.live.get(&id) else { continue };
             if live.abort.is_cancelled() || live.tokens.is_closed() {
-                self.scheduler.remove(id);
-                self.live.remove(&id);
+                // Its task knows why (and may be gone): no outcome to send.
+                self.retire(id, Finish::Abort);
                 continue;
             }
             // Room for the step's token, so a scheduled sequence never blocks the loop.
@@ -249,8 +253,7 @@ impl Lane {
     pub(super) fn complete(&mut self, plan: &Plan, slot: Slot, cpu: Duration, gpu: Duration) -> u32 {
         for &(id, _) in &plan.batch {
             if let Some(live) = self.live.get_mut(&id) {
-                if live.queue_time.is_none() {
-                    live.queue_time = Some(slot.gpu_start.saturating_duration_since(live.arrived));
+                if live.stats.schedule(slot.gpu_start) {
                     live.flight.mark_running();
                 }
                 live.cpu_busy += cpu;
@@ -259,6 +262,8 @@ impl Lane {
             }
         }
         let mut tokens = 0;
+        // When the tokens are out: what a client sees (late if the host fell behind).
+        let now = Instant::now();
         for id in self.scheduler.advance(plan) {
             let (Some(live), Some(seq)) = (self.live.get_mut(&id), self.scheduler.get_mut(id)) else {
                 continue;
@@ -273,6 +278,7 @@ impl Lane {
             // Room was checked before the step (the sequence was not paused) and only this loop
             // sends, so this cannot fail for want of room; a closed channel is swept next step.
             let _ = live.tokens.try_send(Emitted { index, token, gpu_time: gpu });
+            self.vllm.token(&mut live.stats, now);
             tokens += 1;
             // Length first, as vLLM's check_stop: a stop token that is also the last allowed
             // token ends the sequence on length.
@@ -288,8 +294,7 @@ impl Lane {
     /// Ends sequence `id`: frees its blocks at once, then tells its task (`Ok(stopped)` or why it
     /// failed).
     pub(super) fn end(&mut self, id: SeqId, outcome: Result<bool, Error>) {
-        let seq = self.scheduler.remove(id);
-        let Some(live) = self.live.remove(&id) else { return };
+        let (seq, Some(live)) = self.retire(id, Finish::of(&outcome)) else { return };
         let outcome = match outcome {
             Err(err) => Err(err),
             Ok(stopped) => {
@@ -301,7 +306,7 @@ impl Lane {
                     peak_blocks: seq.peak_blocks,
                     steps: seq.steps,
                     batch_sum: seq.batch_sum,
-                    queue_time: live.queue_time.unwrap_or_default(),
+                    queue_time: live.stats.queue_time().unwrap_or_default(),
                     cpu_busy: live.cpu_busy,
                     gpu_busy: live.gpu_busy,
                     gpu_waiting_for_cpu: live.gpu_waiting_for_cpu,
@@ -311,6 +316,17 @@ impl Lane {
         // The token sender goes first, so the task reads every token before the outcome.
         drop(live.tokens);
         let _ = live.outcome.send(outcome);
+    }
+
+    /// Takes sequence `id` off the device, its blocks freed, and counts it as finished for
+    /// `reason`: the one way out, so each sequence is counted once, by any exit.
+    fn retire(&mut self, id: SeqId, reason: Finish) -> (Option<SeqState>, Option<Live>) {
+        let seq = self.scheduler.remove(id);
+        let live = self.live.remove(&id);
+        if let Some(live) = &live {
+            self.vllm.finished(&live.stats, reason, Instant::now());
+        }
+        (seq, live)
     }
 
     /// Ends every sequence with `err` (shutdown).

@@ -54,6 +54,9 @@ pub struct DeviceSettings {
 pub struct Submission {
     /// Index of the model's lane.
     pub lane: usize,
+    /// When its front door received the call: time to first token and end-to-end latency count
+    /// from here (vLLM's arrival time), so every front door is measured alike.
+    pub received: tokio::time::Instant,
     /// Prompt length, tokens.
     pub prompt_tokens: u32,
     /// Completion tokens at most.

@@ -52,7 +52,13 @@ impl DeviceLoop {
             timeline: Timeline::new(settings.mode),
             jitter: SplitMix64::new(settings.jitter_seed),
             settings,
-            lanes: lanes.into_iter().map(|(spec, link)| Lane::new(spec, link)).collect(),
+            lanes: lanes
+                .into_iter()
+                .map(|(spec, link)| {
+                    let vllm = metrics.vllm.model(&spec.model);
+                    Lane::new(spec, link, vllm)
+                })
+                .collect(),
             inbox,
             wake,
             metrics,
@@ -130,6 +136,7 @@ impl DeviceLoop {
             }
             let plan = lane.scheduler.schedule(lane.can_grow());
             self.metrics.preemptions.inc_by(plan.preempted.len() as u64);
+            lane.vllm.preempted(plan.preempted.len());
             // Demand first: new demand after a quiet spell clears a stale failure.
             lane.publish_demand();
             lane.fail_if_unreachable();
@@ -218,7 +225,7 @@ impl DeviceLoop {
 
     fn export_gauges(&mut self) {
         let m = &self.metrics;
-        for lane in &self.lanes {
+        for lane in &mut self.lanes {
             let (used, total, slabs) = lane.kv();
             let model = lane.spec.model.as_str();
             m.running.with_label_values(&[model]).set(lane.scheduler.running() as i64);
@@ -233,6 +240,9 @@ impl DeviceLoop {
             let utilization = if capacity == 0 { 0.0 } else { used as f64 / capacity as f64 };
             m.kv_utilization.with_label_values(&[model]).set(utilization);
             m.kv_slabs.with_label_values(&[model]).set(slabs as i64);
+            // vLLM's names for the same readings, at the same moment.
+            lane.vllm.load(lane.scheduler.running(), lane.scheduler.waiting(), utilization);
+            lane.vllm.cache_config(lane.spec.block_tokens, capacity);
         }
         let busy = self.timeline.busy();
         let delta = |now: Duration, before: Duration| now.saturating_sub(before).as_secs_f64();

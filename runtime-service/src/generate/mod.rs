@@ -268,6 +268,7 @@ impl Generation {
         let plan = &self.plan;
         let submission = Submission {
             lane: plan.model.lane,
+            received: self.started,
             prompt_tokens: plan.prompt_tokens,
             max_tokens: plan.max_tokens,
             decoder: Decoder::primed(

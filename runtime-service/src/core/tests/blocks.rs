@@ -22,6 +22,13 @@ async fn preemption_recomputes_without_sending_a_token_twice() {
     assert!(preemptions > 0, "the pool was too small for all four at once");
     assert_eq!(rig.metrics.preemptions.get(), u64::from(preemptions));
     assert_eq!(rig.used_blocks(), 0);
+    // vLLM's names count the same, each recomputed sequence finishing once.
+    assert_eq!(rig.vllm("vllm:num_preemptions_total", ""), f64::from(preemptions));
+    assert_eq!(rig.vllm("vllm:request_success_total", r#"finished_reason="length""#), 4.0);
+    assert_eq!(rig.vllm("vllm:generation_tokens_total", ""), 36.0, "each token once");
+    assert_eq!(rig.vllm("vllm:request_generation_tokens_sum", ""), 36.0);
+    assert_eq!(rig.vllm("vllm:num_requests_running", ""), 0.0);
+    assert_eq!(rig.vllm("vllm:kv_cache_usage_perc", ""), 0.0);
     rig.stop().await;
 }
 
@@ -116,6 +123,10 @@ async fn cancel_and_hang_up_return_blocks_and_shutdown_fails_the_rest() {
     tracker.wait().await;
     while survivor.tokens.recv().await.is_some() {}
     assert!(matches!((&mut survivor.outcome).await, Ok(Err(crate::error::Error::ShuttingDown))));
+    // Cancelled, hung up and cut by the shutdown: each counted once, as an abort.
+    assert_eq!(rig.vllm("vllm:request_success_total", r#"finished_reason="abort""#), 3.0);
+    assert_eq!(rig.vllm("vllm:e2e_request_latency_seconds_count", ""), 3.0);
+    assert_eq!(rig.vllm("vllm:num_requests_running", ""), 0.0);
 }
 
 #[tokio::test(start_paused = true)]

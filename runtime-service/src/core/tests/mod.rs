@@ -76,7 +76,7 @@ fn rig_with_slabs(
     low_watermark: u64,
     slab_blocks: u64,
 ) -> Rig {
-    let metrics = Metrics::new(&["m"]).expect("metrics");
+    let metrics = Metrics::new(&["m"], 1024).expect("metrics");
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let wake = Arc::new(Notify::new());
@@ -132,6 +132,7 @@ impl Rig {
             .device
             .submit(Submission {
                 lane: 0,
+                received: Instant::now(),
                 prompt_tokens: engine.count_prompt_tokens(prompt),
                 max_tokens,
                 decoder: Decoder::new(engine, prompt, 7, GREEDY),
@@ -211,6 +212,18 @@ impl Rig {
 
     fn used_blocks(&self) -> i64 {
         self.metrics.kv_blocks.with_label_values(&["m", "used"]).get()
+    }
+
+    /// A sample of model `m`'s `vllm:*` series whose labels contain `labels`, read from the
+    /// rendered registry as a scraper reads it.
+    fn vllm(&self, name: &str, labels: &str) -> f64 {
+        use prometheus::Encoder;
+        let mut text = Vec::new();
+        prometheus::TextEncoder::new().encode(&self.metrics.registry.gather(), &mut text).expect("encodes");
+        let text = String::from_utf8(text).expect("utf-8");
+        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels));
+        let value = line.and_then(|l| l.rsplit_once(' ')).map(|(_, v)| v.parse().expect("a number"));
+        value.unwrap_or_else(|| panic!("no {name} with {labels}:\n{text}"))
     }
 
     async fn stop(self) {

@@ -1,6 +1,9 @@
 //! runtime-service's Prometheus metrics: the generation path (TTFT, inter-token gaps, outcomes)
 //! and the device (batches, KV blocks, slabs, preemptions, step times, CPU/GPU busy and stall).
 //! Queue depth and KV utilisation are what gateway schedulers read to route requests.
+//! The same values are also exported under vLLM's names ([`vllm`]).
+
+pub mod vllm;
 
 use prometheus::{
     CounterVec, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -52,6 +55,8 @@ pub struct Metrics {
     pub fenced_steps: IntCounter,
     /// The device's own memory: usable, and held by weights, activations and the kv-cache.
     pub device_memory: IntGaugeVec,
+    /// vLLM's series, for what routers, autoscalers and dashboards built for vLLM read.
+    pub vllm: vllm::Vllm,
 }
 
 fn seconds(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<HistogramVec> {
@@ -60,7 +65,8 @@ fn seconds(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<Hist
 
 impl Metrics {
     /// A registry with every instrument registered, and every series of `models` at zero.
-    pub fn new(models: &[&str]) -> prometheus::Result<Self> {
+    /// `max_model_len` is the longest sequence any model serves (vLLM's token-count buckets).
+    pub fn new(models: &[&str], max_model_len: u32) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let grpc = GrpcMetrics::register(&registry, "runtime-service")?;
         let latency =
@@ -156,6 +162,7 @@ impl Metrics {
                 ),
                 &["use"],
             )?,
+            vllm: vllm::Vllm::register(&registry, max_model_len)?,
             registry,
         };
         // Every series a dashboard or alert reads exists from the start, at zero: a rate over a
@@ -172,6 +179,7 @@ impl Metrics {
             metrics.tokens.with_label_values(&[model]);
             metrics.running.with_label_values(&[model]);
             metrics.waiting.with_label_values(&[model]);
+            metrics.vllm.model(model);
         }
         for (stage, state) in
             [("cpu", "busy"), ("gpu", "busy"), ("gpu", "waiting_for_cpu"), ("cpu", "waiting_for_gpu")]
