@@ -15,6 +15,7 @@ mod memory_shutdown;
 mod memory_stress;
 mod memory_time;
 mod metrics;
+mod metrics_vllm;
 mod runtime_crash;
 mod runtime_device;
 mod runtime_device_memory;
