@@ -88,9 +88,8 @@ async fn vllm_series_rise_under_load_and_fall_to_zero_when_it_stops() {
     assert!(vllm(&page, "vllm:generation_tokens_total", &[]) > 0.0);
 
     // One queued generation is cancelled: it leaves the device as an abort.
-    let cancelled = streams.pop().expect("the last one");
+    let mut cancelled = streams.pop().expect("the last one");
     client.cancel(CancelRequest { request_id: format!("load-{GENERATIONS}") }).await.expect("in flight");
-    let mut cancelled = cancelled;
     let status = loop {
         match cancelled.next().await.expect("ends with a status") {
             Ok(_) => continue,

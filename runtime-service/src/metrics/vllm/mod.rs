@@ -3,13 +3,15 @@
 //!
 //! Names, types, label names, help texts and buckets are vLLM's: `vllm/v1/metrics/loggers.py`,
 //! `PrometheusStatLogger`, as of vLLM 0.12 (the release that keeps the 0.11 rename to
-//! `vllm:inter_token_latency_seconds` and hides `vllm:time_per_output_token_seconds`). Two
-//! differences are forced by the client library, not chosen: vLLM registers counters without
+//! `vllm:inter_token_latency_seconds` and hides `vllm:time_per_output_token_seconds`). The
+//! subset is what the Gateway API Inference Extension's model-server protocol
+//! (`docs/proposals/003-model-server-protocol`) has routers scrape, plus the request counters and
+//! histograms dashboards read. Two differences, neither chosen: vLLM registers counters without
 //! `_total` and Python's client appends it, the Rust client does not, so the names here carry it;
-//! and one set of token-count buckets serves every model (vLLM runs one model per process). One
-//! device is one vLLM engine core, so every series has `engine="0"` beside `model_name`, as
-//! vLLM's have. Names with ':' are legal Prometheus names (the recording-rule style) and this
-//! crate accepts them (a unit test below registers them).
+//! and several models share each family here, so one set of token-count buckets serves them all
+//! (vLLM runs one model per process). One device is one vLLM engine core, so every series has
+//! `engine="0"` beside `model_name`, as vLLM's have. Names with ':' are legal Prometheus names
+//! (the recording-rule style) and this crate accepts them (the tests register them).
 //!
 //! Per-request values are recorded where a sequence leaves the device, not in a front door, so
 //! every front door submitting to the device is counted once.

@@ -76,11 +76,6 @@ impl RequestStats {
 }
 
 impl ModelSeries {
-    /// The model these series are labelled with.
-    pub fn model(&self) -> &str {
-        &self.model
-    }
-
     /// The scheduler's state now: sequences running and waiting, and KV blocks used over what
     /// this runtime could hold. Set after every change, so all three fall to zero with the load.
     pub fn load(&self, running: usize, waiting: usize, kv_usage: f64) {
