@@ -26,6 +26,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 mod supervisor;
+pub mod tokenizer;
 
 pub use config::Config;
 pub use server::run;

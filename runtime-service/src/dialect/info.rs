@@ -9,15 +9,21 @@ use std::{
 use proto::vllm::grpc::engine as vllm;
 use tokio::time::Instant;
 
-use crate::{engine::special_ids, metrics::Metrics, models::Model, state::Shared};
+use crate::{
+    metrics::Metrics,
+    models::Model,
+    state::Shared,
+    tokenizer::{self, Bundle},
+};
 
 /// What vLLM calls its server type in GetServerInfo.
 pub const SERVER_TYPE: &str = "vllm-grpc";
 
-/// GetModelInfo: the served model's limits and vocabulary.
-pub fn model_info(model: &Model) -> vllm::GetModelInfoResponse {
+/// GetModelInfo: the served model's limits and vocabulary; the special ids are the ones its
+/// GetTokenizer bundle declares, so the gateway's tokenizer and this answer agree.
+pub fn model_info(model: &Model, bundle: &Bundle) -> vllm::GetModelInfoResponse {
     let spec = &model.spec;
-    let (bos, eos) = special_ids(model.engine);
+    let (bos, eos) = (bundle.bos, bundle.eos);
     vllm::GetModelInfoResponse {
         model_path: spec.key.clone(),
         is_generation: true,
@@ -27,20 +33,13 @@ pub fn model_info(model: &Model) -> vllm::GetModelInfoResponse {
         served_model_name: spec.key.clone(),
         tokenizer_path: String::new(),
         model_type: "simulated".into(),
-        architectures: vec![format!("Simulated{}ForCausalLM", engine_title(model))],
+        architectures: vec![format!("Simulated{}ForCausalLM", tokenizer::title(model.engine))],
         eos_token_ids: vec![eos as i32],
         // The end token pads, as in Llama's tokenizers, which have no pad token of their own.
         pad_token_id: eos as i32,
         bos_token_id: bos as i32,
         max_req_input_len: spec.max_prompt_tokens as i32,
         default_sampling_params_json: String::new(),
-    }
-}
-
-fn engine_title(model: &Model) -> &'static str {
-    match model.engine.kind() {
-        crate::engine::EngineKind::Webllm => "WebLlm",
-        crate::engine::EngineKind::TransformersJs => "TransformersJs",
     }
 }
 

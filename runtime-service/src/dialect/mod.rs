@@ -24,7 +24,13 @@ use tonic::{Request, Response, Status};
 
 pub use self::info::SERVER_TYPE;
 use self::{info::Throughput, reply::Reply};
-use crate::{error::Error, generate, models::Model, state::Shared};
+use crate::{
+    error::Error,
+    generate,
+    models::Model,
+    state::Shared,
+    tokenizer::{Bundle, zip},
+};
 
 /// The `VllmEngine` implementation, serving one model (`--engine-model`): the protocol names
 /// none.
@@ -38,12 +44,20 @@ pub struct EngineApi {
     /// Unix time of the last Generate, as f64 bits.
     last_receive: AtomicU64,
     throughput: Throughput,
+    /// The model's tokenizer bundle, and its zip as GetTokenizer serves it: built once, so
+    /// every call (and every gateway) gets the same bytes and the same SHA-256.
+    bundle: Bundle,
+    zip: Vec<u8>,
 }
 
 impl EngineApi {
     /// Serves `model` over `shared`; `ready` is the server's health.
     pub fn new(shared: Arc<Shared>, model: Arc<Model>, ready: Arc<AtomicBool>) -> Self {
+        let bundle = Bundle::generate(model.engine, &model.spec.key, model.spec.arch.context_length);
+        let zip = bundle.zip();
         EngineApi {
+            bundle,
+            zip,
             shared,
             model,
             ready,
@@ -149,7 +163,7 @@ impl VllmEngine for EngineApi {
         &self,
         _: Request<vllm::GetModelInfoRequest>,
     ) -> Result<Response<vllm::GetModelInfoResponse>, Status> {
-        Ok(Response::new(info::model_info(&self.model)))
+        Ok(Response::new(info::model_info(&self.model, &self.bundle)))
     }
 
     async fn get_server_info(
@@ -177,9 +191,13 @@ impl VllmEngine for EngineApi {
         &self,
         _: Request<smg::GetTokenizerRequest>,
     ) -> Result<Response<Self::GetTokenizerStream>, Status> {
-        Err(Status::unimplemented(
-            "GetTokenizer: the tokenizer bundle is not served yet; give the gateway a local tokenizer",
-        ))
+        let chunks = zip::chunks(&self.zip, zip::CHUNK);
+        let (tx, rx) = tokio::sync::mpsc::channel(chunks.len().max(1));
+        for (data, sha256) in chunks {
+            // The channel holds every chunk: sending cannot wait or fail while `rx` lives.
+            let _ = tx.try_send(Ok(smg::GetTokenizerChunk { data, sha256 }));
+        }
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn subscribe_kv_events(

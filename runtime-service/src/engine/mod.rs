@@ -57,8 +57,8 @@ pub trait Engine: Send + Sync + fmt::Debug {
     fn split(&self, id: u32, text: String, out: &mut VecDeque<TokenOut>);
     /// Number of tokens `prompt` costs.
     fn count_prompt_tokens(&self, prompt: &str) -> u32;
-    /// Ids the engine knows: its words (and pieces), then its two special tokens (see
-    /// [`special_ids`]).
+    /// Ids the engine knows: its words, capitalised words (and pieces), then its three special
+    /// tokens: unknown, begin and end (see [`unknown_id`] and [`special_ids`]).
     fn vocab_size(&self) -> u32;
 }
 
@@ -68,6 +68,11 @@ pub trait Engine: Send + Sync + fmt::Debug {
 pub fn special_ids(engine: &dyn Engine) -> (u32, u32) {
     let size = engine.vocab_size();
     (size - 2, size - 1)
+}
+
+/// The id a tokenizer gives a word it does not know: just below the begin and end ids.
+pub fn unknown_id(engine: &dyn Engine) -> u32 {
+    engine.vocab_size() - 3
 }
 
 /// WebLLM-like engine: one token per word or punctuation mark.
@@ -88,7 +93,7 @@ impl Engine for WebLlm {
     }
 
     fn vocab_size(&self) -> u32 {
-        text::vocabulary().count() as u32 + 2
+        2 * text::words_len() + 3
     }
 }
 
@@ -98,7 +103,7 @@ impl Engine for WebLlm {
 pub struct TransformersJs;
 
 /// Piece ids live above the word vocabulary.
-const PIECE_BASE: u32 = 1 << 16;
+pub const PIECE_BASE: u32 = 1 << 16;
 /// Distinct piece ids.
 const PIECES: u32 = 30_000;
 
@@ -126,7 +131,7 @@ impl Engine for TransformersJs {
     }
 
     fn vocab_size(&self) -> u32 {
-        PIECE_BASE + PIECES + 2
+        PIECE_BASE + PIECES + 3
     }
 }
 

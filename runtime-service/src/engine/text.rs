@@ -105,6 +105,20 @@ pub fn vocabulary() -> impl Iterator<Item = &'static str> {
     [DET, ADJ, NOUN, VERB, ADV, PREP, PRON, CONJ, &["."]].into_iter().flatten().copied()
 }
 
+/// Words in [`vocabulary`]. Ids from here to twice this are the same words capitalised, as a
+/// sentence starts with them: a tokenizer must tell "The" from "the" for its decode of the ids
+/// to give back the streamed text.
+pub fn words_len() -> u32 {
+    static LEN: std::sync::LazyLock<u32> = std::sync::LazyLock::new(|| vocabulary().count() as u32);
+    *LEN
+}
+
+/// `word` with its first letter upper-cased, as it starts a sentence.
+pub fn capitalised(word: &str) -> String {
+    let mut chars = word.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
+}
+
 /// Id of `word` in [`vocabulary`].
 fn word_id(class: Class, index: usize) -> u32 {
     let offset: usize = [DET, ADJ, NOUN, VERB, ADV, PREP, PRON, CONJ]
@@ -201,15 +215,15 @@ impl LanguageModel {
         if class != Class::Stop && !self.first {
             text.push(' ');
         }
-        if self.sentence_start {
-            let mut chars = word.chars();
-            if let Some(c) = chars.next() {
-                text.extend(c.to_uppercase());
-                text.push_str(chars.as_str());
-            }
+        // The context above hashes the word's own id, so capitalising changes the id streamed,
+        // never the words chosen.
+        let id = if self.sentence_start && class != Class::Stop {
+            text.push_str(&capitalised(word));
+            id + words_len()
         } else {
             text.push_str(word);
-        }
+            id
+        };
         self.sentence_start = false;
         self.first = false;
         Word::Word { id, text }
@@ -314,7 +328,9 @@ mod tests {
         let mut model = LanguageModel::new(3, 3, Sampling { temperature: 1.0, top_p: 1.0, top_k: 0 });
         for _ in 0..200 {
             if let Word::Word { id, text } = model.next_word() {
-                assert_eq!(vocab[id as usize].to_lowercase(), text.trim().to_lowercase());
+                let word = vocab[(id % words_len()) as usize];
+                let word = if id >= words_len() { capitalised(word) } else { word.to_owned() };
+                assert_eq!(word, text.trim());
             }
         }
     }

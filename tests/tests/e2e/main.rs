@@ -2,6 +2,7 @@
 //! stack, and some two dozen of them took minutes to link and gigabytes of disk.
 
 mod engine_dialect;
+mod engine_tokenizer;
 mod exhaustion;
 mod fuzz_memory;
 mod fuzz_runtime;

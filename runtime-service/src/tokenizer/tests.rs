@@ -1,0 +1,86 @@
+use std::collections::BTreeSet;
+
+use tokenizers::Tokenizer;
+
+use super::*;
+use crate::engine::{Decoder, EngineKind, Stops, text::Sampling};
+
+const KINDS: [EngineKind; 2] = [EngineKind::Webllm, EngineKind::TransformersJs];
+
+fn load(kind: EngineKind) -> Tokenizer {
+    let bundle = Bundle::generate(kind.engine(), "test", 4096);
+    Tokenizer::from_bytes(bundle.tokenizer_json().as_bytes()).expect("tokenizer.json loads")
+}
+
+/// The ids and the text the engine streams for `prompt` under `seed`, `n` tokens at most.
+fn stream(kind: EngineKind, prompt: &str, seed: u64, n: usize) -> (Vec<u32>, String) {
+    let hot = Sampling { temperature: 1.0, top_p: 1.0, top_k: 0 };
+    let stops = Stops { ignore_eos: true, ..Stops::default() };
+    let mut decoder =
+        Decoder::primed(kind.engine(), crate::engine::fnv1a(prompt.as_bytes()), seed, hot, stops);
+    std::iter::from_fn(|| decoder.next_token()).take(n).map(|t| (t.id, t.text)).unzip()
+}
+
+#[test]
+fn every_id_has_one_spelling_and_every_spelling_one_id() {
+    for kind in KINDS {
+        let vocab = vocabulary(kind.engine());
+        let spellings: BTreeSet<&String> = vocab.values().collect();
+        assert_eq!(spellings.len(), vocab.len(), "{kind:?}");
+        assert!(vocab.keys().all(|&id| id < kind.engine().vocab_size()), "{kind:?}");
+    }
+}
+
+#[test]
+fn decoding_the_streamed_ids_gives_the_streamed_text() {
+    for kind in KINDS {
+        let tokenizer = load(kind);
+        for seed in 0..40 {
+            let (ids, text) = stream(kind, &format!("prompt {seed}"), seed, 120);
+            let decoded = tokenizer.decode(&ids, true).expect("decodes");
+            assert_eq!(decoded, text, "{kind:?} seed {seed}");
+        }
+    }
+}
+
+#[test]
+fn encoding_counts_prompts_as_the_engine_does_and_decodes_back() {
+    let prompts = ["Hello, pipelined world!", "Explain pipelining.", "a b c", "What is a KV cache?"];
+    for kind in KINDS {
+        let tokenizer = load(kind);
+        let engine = kind.engine();
+        let generated: Vec<String> = (0..20).map(|seed| stream(kind, "p", seed, 80).1).collect();
+        for prompt in prompts.iter().copied().chain(generated.iter().map(String::as_str)) {
+            let encoding = tokenizer.encode(prompt, false).expect("encodes");
+            assert_eq!(encoding.len() as u32, engine.count_prompt_tokens(prompt), "{kind:?}: {prompt}");
+        }
+        for text in &generated {
+            let ids = tokenizer.encode(text.as_str(), false).expect("encodes").get_ids().to_vec();
+            assert_eq!(&tokenizer.decode(&ids, true).expect("decodes"), text, "{kind:?}");
+        }
+    }
+    // Whole words: the text's ids are the very ids the engine streamed.
+    let tokenizer = load(EngineKind::Webllm);
+    let (ids, text) = stream(EngineKind::Webllm, "q", 3, 60);
+    assert_eq!(tokenizer.encode(text.as_str(), false).expect("encodes").get_ids(), ids.as_slice());
+}
+
+#[test]
+fn special_tokens_are_the_engine_ids_and_the_zip_holds_the_three_files() {
+    for kind in KINDS {
+        let engine = kind.engine();
+        let tokenizer = load(kind);
+        let (bos, eos) = special_ids(engine);
+        assert_eq!(tokenizer.token_to_id("<s>"), Some(bos));
+        assert_eq!(tokenizer.token_to_id("</s>"), Some(eos));
+        assert_eq!(tokenizer.token_to_id("<unk>"), Some(unknown_id(engine)));
+        let bundle = Bundle::generate(engine, "test", 4096);
+        let zip = bundle.zip();
+        for (name, body) in &bundle.files {
+            let entry = format!("{name}{body}");
+            let stored = zip.windows(entry.len()).any(|w| w == entry.as_bytes());
+            assert!(stored, "{name} is stored as is, after its name");
+        }
+        assert_eq!(&zip[zip.len() - 22..zip.len() - 18], &0x0605_4b50u32.to_le_bytes());
+    }
+}
