@@ -46,6 +46,9 @@ pub struct ModelSpec {
     pub max_tokens_limit: u32,
     /// Largest prompt, in tokens.
     pub max_prompt_tokens: u32,
+    /// A Hugging Face `tokenizer.json` of the user's (`[[models]] tokenizer = "..."`) to serve
+    /// over GetTokenizer and count prompts with, instead of the one generated from the engine.
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 /// Everything runtime-service needs, checked by [`Config::validate`] before any port is bound.
@@ -297,6 +300,11 @@ impl Config {
                     "model {:?}: token limits must be between 1 and {MAX_TOKENS}",
                     m.key
                 ));
+            }
+            // A tokenizer that does not load would only fail at the first request: refuse it now.
+            if m.tokenizer.is_some() {
+                crate::tokenizer::Bundle::for_model(m)
+                    .map_err(|e| ConfigError::Invalid(format!("model {:?}: {e}", m.key)))?;
             }
             if m.max_prompt_tokens > m.arch.context_length || m.max_tokens_limit > m.arch.context_length {
                 return invalid(format!(

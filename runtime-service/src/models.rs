@@ -8,6 +8,7 @@ use crate::{
     engine::Engine,
     error::Error,
     memory::{Loader, Lost, Standing},
+    tokenizer::Bundle,
 };
 
 /// Pool names in memory-service.
@@ -24,6 +25,8 @@ pub struct Model {
     pub spec: ModelSpec,
     /// Its tokenizer.
     pub engine: &'static dyn Engine,
+    /// Its tokenizer bundle: what GetTokenizer serves and what prompts are counted with.
+    pub bundle: Bundle,
     /// Index of its lane on the device.
     pub lane: usize,
     /// Its weights, held while loaded.
@@ -31,6 +34,11 @@ pub struct Model {
 }
 
 impl Model {
+    /// Tokens `prompt` costs, as the model's tokenizer (the one a gateway fetches) counts them.
+    pub fn count_prompt_tokens(&self, prompt: &str) -> u32 {
+        self.bundle.count(prompt).unwrap_or_else(|| self.engine.count_prompt_tokens(prompt))
+    }
+
     /// Whether the model's weights are leased and alive.
     pub fn is_loaded(&self) -> bool {
         self.weights.is_held()
@@ -66,7 +74,14 @@ impl Models {
             .iter()
             .enumerate()
             .map(|(lane, spec)| {
+                // Config::validate loaded a user's tokenizer already; should the file change
+                // under us, the engine's own keeps the model served.
+                let bundle = Bundle::for_model(spec).unwrap_or_else(|e| {
+                    tracing::warn!(model = %spec.key, "{e}; serving the engine's own tokenizer");
+                    Bundle::generate(spec.engine.engine(), &spec.key, spec.arch.context_length)
+                });
                 let model = Model {
+                    bundle,
                     spec: spec.clone(),
                     engine: spec.engine.engine(),
                     lane,

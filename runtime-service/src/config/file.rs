@@ -61,6 +61,8 @@ struct FileModel {
     arch: Option<Arch>,
     max_tokens_limit: Option<u32>,
     max_prompt_tokens: Option<u32>,
+    /// The user's own `tokenizer.json`.
+    tokenizer: Option<std::path::PathBuf>,
 }
 
 fn models_of(file: Vec<FileModel>) -> Result<Vec<ModelSpec>, ConfigError> {
@@ -76,6 +78,7 @@ fn models_of(file: Vec<FileModel>) -> Result<Vec<ModelSpec>, ConfigError> {
                 max_tokens_limit: m.max_tokens_limit.unwrap_or((context / 4).clamp(1, 4096)),
                 max_prompt_tokens: m.max_prompt_tokens.unwrap_or(context.min(8192)),
                 arch,
+                tokenizer: m.tokenizer,
             })
         })
         .collect()

@@ -9,21 +9,16 @@ use std::{
 use proto::vllm::grpc::engine as vllm;
 use tokio::time::Instant;
 
-use crate::{
-    metrics::Metrics,
-    models::Model,
-    state::Shared,
-    tokenizer::{self, Bundle},
-};
+use crate::{metrics::Metrics, models::Model, state::Shared, tokenizer};
 
 /// What vLLM calls its server type in GetServerInfo.
 pub const SERVER_TYPE: &str = "vllm-grpc";
 
 /// GetModelInfo: the served model's limits and vocabulary; the special ids are the ones its
 /// GetTokenizer bundle declares, so the gateway's tokenizer and this answer agree.
-pub fn model_info(model: &Model, bundle: &Bundle) -> vllm::GetModelInfoResponse {
+pub fn model_info(model: &Model) -> vllm::GetModelInfoResponse {
     let spec = &model.spec;
-    let (bos, eos) = (bundle.bos, bundle.eos);
+    let (bos, eos) = (model.bundle.bos, model.bundle.eos);
     vllm::GetModelInfoResponse {
         model_path: spec.key.clone(),
         is_generation: true,

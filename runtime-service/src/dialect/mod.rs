@@ -24,13 +24,7 @@ use tonic::{Request, Response, Status};
 
 pub use self::info::SERVER_TYPE;
 use self::{info::Throughput, reply::Reply};
-use crate::{
-    error::Error,
-    generate,
-    models::Model,
-    state::Shared,
-    tokenizer::{Bundle, zip},
-};
+use crate::{error::Error, generate, models::Model, state::Shared, tokenizer::zip};
 
 /// The `VllmEngine` implementation, serving one model (`--engine-model`): the protocol names
 /// none.
@@ -44,20 +38,16 @@ pub struct EngineApi {
     /// Unix time of the last Generate, as f64 bits.
     last_receive: AtomicU64,
     throughput: Throughput,
-    /// The model's tokenizer bundle, and its zip as GetTokenizer serves it: built once, so
-    /// every call (and every gateway) gets the same bytes and the same SHA-256.
-    bundle: Bundle,
+    /// The model's tokenizer bundle as GetTokenizer serves it: zipped once, so every call (and
+    /// every gateway) gets the same bytes and the same SHA-256.
     zip: Vec<u8>,
 }
 
 impl EngineApi {
     /// Serves `model` over `shared`; `ready` is the server's health.
     pub fn new(shared: Arc<Shared>, model: Arc<Model>, ready: Arc<AtomicBool>) -> Self {
-        let bundle = Bundle::generate(model.engine, &model.spec.key, model.spec.arch.context_length);
-        let zip = bundle.zip();
         EngineApi {
-            bundle,
-            zip,
+            zip: model.bundle.zip(),
             shared,
             model,
             ready,
@@ -163,7 +153,7 @@ impl VllmEngine for EngineApi {
         &self,
         _: Request<vllm::GetModelInfoRequest>,
     ) -> Result<Response<vllm::GetModelInfoResponse>, Status> {
-        Ok(Response::new(info::model_info(&self.model, &self.bundle)))
+        Ok(Response::new(info::model_info(&self.model)))
     }
 
     async fn get_server_info(

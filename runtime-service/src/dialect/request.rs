@@ -40,7 +40,7 @@ pub fn translate(model: &Arc<Model>, req: vllm::GenerateRequest) -> Result<Trans
             if text.len() > MAX_PROMPT_BYTES {
                 bad.add("text", format!("is {} bytes; the limit is {MAX_PROMPT_BYTES} bytes", text.len()));
             }
-            let tokens = model.engine.count_prompt_tokens(text);
+            let tokens = model.count_prompt_tokens(text);
             if tokens == 0 {
                 bad.add("text", "has no tokens; give at least one word");
             }

@@ -85,7 +85,7 @@ impl Plan {
             Err(err) => return Err(err),
         };
         let spec = &model.spec;
-        let prompt_tokens = model.engine.count_prompt_tokens(&req.prompt);
+        let prompt_tokens = model.count_prompt_tokens(&req.prompt);
         if prompt_tokens == 0 && req.prompt.len() <= MAX_PROMPT_BYTES {
             bad.add("prompt", "is empty; give at least one word");
         }

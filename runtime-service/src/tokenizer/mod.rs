@@ -13,8 +13,12 @@ pub mod zip;
 use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::{Value, json};
+use tokenizers::Tokenizer;
 
-use crate::engine::{Engine, PIECE_BASE, special_ids, text, unknown_id};
+use crate::{
+    config::ModelSpec,
+    engine::{Engine, PIECE_BASE, special_ids, text, unknown_id},
+};
 
 /// SentencePiece's space marker: a token's leading space, as Llama's tokenizers spell it.
 const SPACE: char = '\u{2581}';
@@ -34,6 +38,8 @@ pub struct Bundle {
     pub bos: u32,
     /// End of sequence id (also the pad id: Llama's tokenizers have no pad of their own).
     pub eos: u32,
+    /// `tokenizer.json` loaded, to count prompts with the very file the gateway gets.
+    tokenizer: Option<Tokenizer>,
 }
 
 impl Bundle {
@@ -73,7 +79,52 @@ impl Bundle {
             ],
             bos,
             eos,
+            tokenizer: None,
         }
+        .loaded()
+    }
+
+    /// The bundle of `spec`: its own `tokenizer.json` if it names one (with the
+    /// `tokenizer_config.json` and `config.json` next to it, generated ones where absent),
+    /// else the engine's.
+    pub fn for_model(spec: &ModelSpec) -> Result<Self, String> {
+        let generated = Self::generate(spec.engine.engine(), &spec.key, spec.arch.context_length);
+        let Some(path) = &spec.tokenizer else { return Ok(generated) };
+        let read =
+            |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+        let json = read(path)?;
+        let tokenizer = Tokenizer::from_bytes(json.as_bytes())
+            .map_err(|e| format!("{} is not a tokenizer.json: {e}", path.display()))?;
+        let mut files = vec![("tokenizer.json", json)];
+        for (name, body) in generated.files.into_iter().skip(1) {
+            let beside = path.with_file_name(name);
+            files.push((name, if beside.is_file() { read(&beside)? } else { body }));
+        }
+        // Special tokens as the config beside it names them, else Llama's spelling, else the
+        // engine's ids (which the user's vocabulary may not know).
+        let config: Value = serde_json::from_str(&files[1].1).unwrap_or(Value::Null);
+        let id = |key: &str, default: &str, fallback: u32| {
+            let name = match &config[key] {
+                Value::String(s) => s.as_str(),
+                other => other["content"].as_str().unwrap_or(default),
+            };
+            tokenizer.token_to_id(name).unwrap_or(fallback)
+        };
+        let (bos, eos) = (id("bos_token", BOS, generated.bos), id("eos_token", EOS, generated.eos));
+        Ok(Bundle { files, bos, eos, tokenizer: Some(tokenizer) })
+    }
+
+    /// With `tokenizer.json` loaded (it always loads for a generated bundle: see the tests).
+    fn loaded(mut self) -> Self {
+        self.tokenizer = Tokenizer::from_bytes(self.tokenizer_json().as_bytes()).ok();
+        self
+    }
+
+    /// Tokens in `text` by this bundle's tokenizer (no special tokens added, as prompts are
+    /// counted); `None` if it could not encode.
+    pub fn count(&self, text: &str) -> Option<u32> {
+        let encoding = self.tokenizer.as_ref()?.encode(text, false).ok()?;
+        u32::try_from(encoding.len()).ok()
     }
 
     /// The files as a zip archive.
@@ -163,7 +214,12 @@ fn tokenizer_json(engine: &dyn Engine) -> Value {
         "truncation": null,
         "padding": null,
         "added_tokens": [special(unknown_id(engine), UNK), special(bos, BOS), special(eos, EOS)],
-        "normalizer": null,
+        // The engine counts words between runs of whitespace: runs become one space, and the
+        // ends are trimmed, so "   " has no token and "a  b" two.
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Strip", "strip_left": true, "strip_right": true},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+        ]},
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre},
         "post_processor": null,
         "decoder": {"type": "Sequence", "decoders": [

@@ -45,7 +45,8 @@ fn decoding_the_streamed_ids_gives_the_streamed_text() {
 
 #[test]
 fn encoding_counts_prompts_as_the_engine_does_and_decodes_back() {
-    let prompts = ["Hello, pipelined world!", "Explain pipelining.", "a b c", "What is a KV cache?"];
+    let prompts =
+        ["Hello, pipelined world!", "Explain pipelining.", " a  b\tc\n", "   ", "", "What is a KV cache?"];
     for kind in KINDS {
         let tokenizer = load(kind);
         let engine = kind.engine();
@@ -83,4 +84,30 @@ fn special_tokens_are_the_engine_ids_and_the_zip_holds_the_three_files() {
         }
         assert_eq!(&zip[zip.len() - 22..zip.len() - 18], &0x0605_4b50u32.to_le_bytes());
     }
+}
+
+#[test]
+fn a_users_tokenizer_is_served_with_its_own_special_ids_and_a_bad_one_is_refused() {
+    let dir = std::env::temp_dir().join(format!("rt-tokenizer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("tokenizer.json");
+    let own = Bundle::generate(EngineKind::TransformersJs.engine(), "theirs", 4096);
+    std::fs::write(&path, own.tokenizer_json()).expect("written");
+    // Their config names <unk> as the end token: the ids follow the files, not the engine.
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": {"content": "<unk>"}}"#)
+        .expect("written");
+    let toml = format!(
+        "[[models]]\nkey = \"m\"\nengine = \"webllm\"\npreset = \"llama-3.1-8b\"\ntokenizer = {:?}\n",
+        path.display().to_string()
+    );
+    let spec = &crate::config::parse_models(&toml).expect("parses")[0];
+    let bundle = Bundle::for_model(spec).expect("loads");
+    assert_eq!(bundle.tokenizer_json(), own.tokenizer_json());
+    assert_eq!((bundle.bos, bundle.eos), (own.bos, unknown_id(EngineKind::TransformersJs.engine())));
+    assert_eq!(bundle.files[1].1, r#"{"eos_token": {"content": "<unk>"}}"#);
+    assert_eq!(bundle.count("Hello, pipelined world!"), Some(6), "counted by their tokenizer");
+
+    std::fs::write(&path, "{}").expect("written");
+    assert!(Bundle::for_model(spec).expect_err("not a tokenizer").contains("is not a tokenizer.json"));
+    std::fs::remove_dir_all(&dir).expect("cleaned up");
 }
