@@ -34,6 +34,12 @@ pub struct Model {
 }
 
 impl Model {
+    /// Ids a prompt may use: the engine's, or more if the model's tokenizer (a user's own)
+    /// knows more, since a gateway tokenizes with it.
+    pub fn vocab_size(&self) -> u32 {
+        self.engine.vocab_size().max(self.bundle.vocab_size())
+    }
+
     /// Tokens `prompt` costs, as the model's tokenizer (the one a gateway fetches) counts them.
     pub fn count_prompt_tokens(&self, prompt: &str) -> u32 {
         self.bundle.count(prompt).unwrap_or_else(|| self.engine.count_prompt_tokens(prompt))

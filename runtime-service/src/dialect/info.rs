@@ -23,7 +23,7 @@ pub fn model_info(model: &Model) -> vllm::GetModelInfoResponse {
         model_path: spec.key.clone(),
         is_generation: true,
         max_context_length: spec.arch.context_length,
-        vocab_size: model.engine.vocab_size(),
+        vocab_size: model.vocab_size(),
         supports_vision: false,
         served_model_name: spec.key.clone(),
         tokenizer_path: String::new(),

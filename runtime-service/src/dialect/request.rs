@@ -97,7 +97,7 @@ fn prompt_of_ids(model: &Model, ids: &[u32], bad: &mut Violations) -> (u64, u32)
     if ids.is_empty() {
         bad.add("tokenized.input_ids", "is empty; the prompt needs at least one token");
     }
-    let vocab = model.engine.vocab_size();
+    let vocab = model.vocab_size();
     if let Some((at, id)) = ids.iter().enumerate().find(|(_, id)| **id >= vocab) {
         bad.add(
             "tokenized.input_ids",

@@ -120,6 +120,11 @@ impl Bundle {
         self
     }
 
+    /// Ids the tokenizer knows, special tokens included (0 if it did not load).
+    pub fn vocab_size(&self) -> u32 {
+        self.tokenizer.as_ref().map_or(0, |t| u32::try_from(t.get_vocab_size(true)).unwrap_or(u32::MAX))
+    }
+
     /// Tokens in `text` by this bundle's tokenizer (no special tokens added, as prompts are
     /// counted); `None` if it could not encode.
     pub fn count(&self, text: &str) -> Option<u32> {
