@@ -7,7 +7,9 @@
 mod rng;
 pub mod text;
 
-use std::{collections::VecDeque, fmt};
+use std::{collections::VecDeque, fmt, sync::Arc};
+
+use tokenizers::Tokenizer;
 
 pub use self::rng::{SplitMix64, fnv1a, mix};
 use self::text::{LanguageModel, Sampling, Word};
@@ -170,6 +172,8 @@ pub struct Decoder {
     stops: Stops,
     emitted: u32,
     stopped_by_token: bool,
+    /// A user's tokenizer: words are cut into its tokens instead of the engine's.
+    tokenizer: Option<Arc<Tokenizer>>,
 }
 
 impl Decoder {
@@ -194,6 +198,31 @@ impl Decoder {
             stops,
             emitted: 0,
             stopped_by_token: false,
+            tokenizer: None,
+        }
+    }
+
+    /// Cuts words into `tokenizer`'s tokens (a user's own, served over GetTokenizer), so the
+    /// ids streamed are in the vocabulary the gateway decodes with.
+    pub fn with_tokenizer(mut self, tokenizer: Option<Arc<Tokenizer>>) -> Self {
+        self.tokenizer = tokenizer;
+        self
+    }
+
+    fn split(&mut self, id: u32, text: String) {
+        let encoding = self.tokenizer.as_ref().and_then(|t| t.encode(text.as_str(), false).ok());
+        let Some(encoding) = encoding.filter(|e| !e.is_empty()) else {
+            return self.engine.split(id, text, &mut self.pending);
+        };
+        // Each token's text runs from the end of the previous one, so the leading space goes
+        // with the first and the pieces spell the word exactly.
+        let mut start = 0;
+        let last = encoding.len() - 1;
+        for (i, (&id, &(_, end))) in encoding.get_ids().iter().zip(encoding.get_offsets()).enumerate() {
+            let end = if i == last { text.len() } else { end.clamp(start, text.len()) };
+            let piece = text.get(start..end).unwrap_or_default().to_owned();
+            self.pending.push_back(TokenOut { id, text: piece });
+            start = end;
         }
     }
 
@@ -204,7 +233,7 @@ impl Decoder {
         }
         while self.pending.is_empty() {
             match self.model.next_word() {
-                Word::Word { id, text } => self.engine.split(id, text, &mut self.pending),
+                Word::Word { id, text } => self.split(id, text),
                 Word::End if self.stops.ignore_eos || self.emitted < self.stops.min_tokens => {}
                 Word::End => return None,
             }

@@ -277,7 +277,8 @@ impl Generation {
                 plan.seed,
                 plan.sampling,
                 plan.stops.clone(),
-            ),
+            )
+            .with_tokenizer(plan.model.bundle.foreign()),
             tokens: tokens_tx,
             outcome: outcome_tx,
             abort: flight.cancelled().child_token(),

@@ -10,7 +10,10 @@
 
 pub mod zip;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Arc,
+};
 
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
@@ -39,7 +42,9 @@ pub struct Bundle {
     /// End of sequence id (also the pad id: Llama's tokenizers have no pad of their own).
     pub eos: u32,
     /// `tokenizer.json` loaded, to count prompts with the very file the gateway gets.
-    tokenizer: Option<Tokenizer>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    /// Whether it is a user's own, whose ids are not the engine's.
+    foreign: bool,
 }
 
 impl Bundle {
@@ -80,6 +85,7 @@ impl Bundle {
             bos,
             eos,
             tokenizer: None,
+            foreign: false,
         }
         .loaded()
     }
@@ -111,13 +117,19 @@ impl Bundle {
             tokenizer.token_to_id(name).unwrap_or(fallback)
         };
         let (bos, eos) = (id("bos_token", BOS, generated.bos), id("eos_token", EOS, generated.eos));
-        Ok(Bundle { files, bos, eos, tokenizer: Some(tokenizer) })
+        Ok(Bundle { files, bos, eos, tokenizer: Some(Arc::new(tokenizer)), foreign: true })
     }
 
     /// With `tokenizer.json` loaded (it always loads for a generated bundle: see the tests).
     fn loaded(mut self) -> Self {
-        self.tokenizer = Tokenizer::from_bytes(self.tokenizer_json().as_bytes()).ok();
+        self.tokenizer = Tokenizer::from_bytes(self.tokenizer_json().as_bytes()).ok().map(Arc::new);
         self
+    }
+
+    /// A user's own tokenizer, into whose vocabulary the engine's words must be re-tokenized;
+    /// `None` for the engine's (its ids already are the tokenizer's).
+    pub fn foreign(&self) -> Option<Arc<Tokenizer>> {
+        self.tokenizer.clone().filter(|_| self.foreign)
     }
 
     /// Ids the tokenizer knows, special tokens included (0 if it did not load).

@@ -111,3 +111,18 @@ fn a_users_tokenizer_is_served_with_its_own_special_ids_and_a_bad_one_is_refused
     assert!(Bundle::for_model(spec).expect_err("not a tokenizer").contains("is not a tokenizer.json"));
     std::fs::remove_dir_all(&dir).expect("cleaned up");
 }
+
+#[test]
+fn with_a_foreign_tokenizer_the_engine_streams_its_ids_and_they_decode_to_the_text() {
+    // The sub-word engine's tokenizer stands in for a user's: the whole-word engine's words are
+    // cut into its pieces.
+    let theirs = load(EngineKind::TransformersJs);
+    let hot = Sampling { temperature: 1.0, top_p: 1.0, top_k: 0 };
+    let stops = Stops { ignore_eos: true, ..Stops::default() };
+    let mut decoder = Decoder::primed(EngineKind::Webllm.engine(), 5, 5, hot, stops)
+        .with_tokenizer(Some(std::sync::Arc::new(theirs.clone())));
+    let (ids, texts): (Vec<u32>, Vec<String>) =
+        std::iter::from_fn(|| decoder.next_token()).take(150).map(|t| (t.id, t.text)).unzip();
+    assert!(ids.iter().any(|&id| id >= PIECE_BASE), "long words come as their pieces");
+    assert_eq!(theirs.decode(&ids, true).expect("decodes"), texts.concat());
+}
