@@ -46,8 +46,7 @@ pub struct ModelSpec {
     pub max_tokens_limit: u32,
     /// Largest prompt, in tokens.
     pub max_prompt_tokens: u32,
-    /// A Hugging Face `tokenizer.json` of the user's (`[[models]] tokenizer = "..."`) to serve
-    /// over GetTokenizer and count prompts with, instead of the one generated from the engine.
+    /// The user's own `tokenizer.json` to serve and tokenize with, instead of the engine's.
     pub tokenizer: Option<std::path::PathBuf>,
 }
 
@@ -301,11 +300,7 @@ impl Config {
                     m.key
                 ));
             }
-            // A tokenizer that does not load would only fail at the first request: refuse it now.
-            if m.tokenizer.is_some() {
-                crate::tokenizer::Bundle::for_model(m)
-                    .map_err(|e| ConfigError::Invalid(format!("model {:?}: {e}", m.key)))?;
-            }
+            crate::tokenizer::Bundle::check(m).map_err(ConfigError::Invalid)?;
             if m.max_prompt_tokens > m.arch.context_length || m.max_tokens_limit > m.arch.context_length {
                 return invalid(format!(
                     "model {:?}: token limits must fit its context of {} tokens",

@@ -120,6 +120,15 @@ impl Bundle {
         Ok(Bundle { files, bos, eos, tokenizer: Some(Arc::new(tokenizer)), foreign: true })
     }
 
+    /// Refuses, at configuration time, a user's tokenizer that does not load: it would
+    /// otherwise fail only at the first request.
+    pub fn check(spec: &ModelSpec) -> Result<(), String> {
+        match spec.tokenizer {
+            Some(_) => Self::for_model(spec).map(drop).map_err(|e| format!("model {:?}: {e}", spec.key)),
+            None => Ok(()),
+        }
+    }
+
     /// With `tokenizer.json` loaded (it always loads for a generated bundle: see the tests).
     fn loaded(mut self) -> Self {
         self.tokenizer = Tokenizer::from_bytes(self.tokenizer_json().as_bytes()).ok().map(Arc::new);

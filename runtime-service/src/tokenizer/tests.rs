@@ -109,6 +109,7 @@ fn a_users_tokenizer_is_served_with_its_own_special_ids_and_a_bad_one_is_refused
 
     std::fs::write(&path, "{}").expect("written");
     assert!(Bundle::for_model(spec).expect_err("not a tokenizer").contains("is not a tokenizer.json"));
+    assert!(Bundle::check(spec).expect_err("refused").starts_with("model \"m\": "));
     std::fs::remove_dir_all(&dir).expect("cleaned up");
 }
 
