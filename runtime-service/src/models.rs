@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
     config::{Config, ModelSpec},
-    engine::Engine,
+    engine::{Engine, fnv1a, hash_ids},
     error::Error,
     memory::{Loader, Lost, Standing},
     tokenizer::Bundle,
@@ -40,9 +40,15 @@ impl Model {
         self.engine.vocab_size().max(self.bundle.vocab_size())
     }
 
-    /// Tokens `prompt` costs, as the model's tokenizer (the one a gateway fetches) counts them.
-    pub fn count_prompt_tokens(&self, prompt: &str) -> u32 {
-        self.bundle.count(prompt).unwrap_or_else(|| self.engine.count_prompt_tokens(prompt))
+    /// A text prompt as the model's tokenizer (the one a gateway fetches) reads it: the hash
+    /// of its token ids, the very hash a gateway's ids for that text get (so both doors generate
+    /// the same text for it), and their count. The engine's own splitter is the fallback should
+    /// the tokenizer fail to encode.
+    pub fn prompt(&self, text: &str) -> (u64, u32) {
+        match self.bundle.encode(text) {
+            Some(ids) => (hash_ids(&ids), u32::try_from(ids.len()).unwrap_or(u32::MAX)),
+            None => (fnv1a(text.as_bytes()), self.engine.count_prompt_tokens(text)),
+        }
     }
 
     /// Whether the model's weights are leased and alive.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use proto::vllm::grpc::engine::{self as vllm, generate_request::Input};
 
 use crate::{
-    engine::{Stops, fnv1a, text::Sampling},
+    engine::{Stops, hash_ids, text::Sampling},
     error::Error,
     generate::{MAX_PROMPT_BYTES, Plan, Violations, is_valid_request_id, new_request_id, request_id_rule},
     models::Model,
@@ -40,11 +40,11 @@ pub fn translate(model: &Arc<Model>, req: vllm::GenerateRequest) -> Result<Trans
             if text.len() > MAX_PROMPT_BYTES {
                 bad.add("text", format!("is {} bytes; the limit is {MAX_PROMPT_BYTES} bytes", text.len()));
             }
-            let tokens = model.count_prompt_tokens(text);
+            let (hash, tokens) = model.prompt(text);
             if tokens == 0 {
                 bad.add("text", "has no tokens; give at least one word");
             }
-            (fnv1a(text.as_bytes()), tokens)
+            (hash, tokens)
         }
     };
     let params = req.sampling_params.unwrap_or_default();
@@ -107,8 +107,7 @@ fn prompt_of_ids(model: &Model, ids: &[u32], bad: &mut Violations) -> (u64, u32)
             ),
         );
     }
-    let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
-    (fnv1a(&bytes), u32::try_from(ids.len()).unwrap_or(u32::MAX))
+    (hash_ids(ids), u32::try_from(ids.len()).unwrap_or(u32::MAX))
 }
 
 /// Temperature (unset: 1, vLLM's default), top_p and top_k, checked.

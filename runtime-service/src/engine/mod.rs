@@ -72,6 +72,13 @@ pub fn special_ids(engine: &dyn Engine) -> (u32, u32) {
     (size - 2, size - 1)
 }
 
+/// A prompt's hash from its token ids: the same ids always prime the same completion,
+/// whichever door they came through (a gateway's ids, or text tokenized here).
+pub fn hash_ids(ids: &[u32]) -> u64 {
+    let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+    fnv1a(&bytes)
+}
+
 /// The id a tokenizer gives a word it does not know: just below the begin and end ids.
 pub fn unknown_id(engine: &dyn Engine) -> u32 {
     engine.vocab_size() - 3

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use proto::runtime::v1 as pb;
 
 use crate::{
-    engine::{Stops, fnv1a, text::Sampling},
+    engine::{Stops, text::Sampling},
     error::Error,
     models::{Model, Models},
 };
@@ -85,7 +85,7 @@ impl Plan {
             Err(err) => return Err(err),
         };
         let spec = &model.spec;
-        let prompt_tokens = model.count_prompt_tokens(&req.prompt);
+        let (prompt_hash, prompt_tokens) = model.prompt(&req.prompt);
         if prompt_tokens == 0 && req.prompt.len() <= MAX_PROMPT_BYTES {
             bad.add("prompt", "is empty; give at least one word");
         }
@@ -101,7 +101,7 @@ impl Plan {
             sampling: Sampling { temperature, top_p, top_k: 0 },
             stops: Stops::default(),
             request_id,
-            prompt_hash: fnv1a(req.prompt.as_bytes()),
+            prompt_hash,
             model,
         })
     }

@@ -146,11 +146,10 @@ impl Bundle {
         self.tokenizer.as_ref().map_or(0, |t| u32::try_from(t.get_vocab_size(true)).unwrap_or(u32::MAX))
     }
 
-    /// Tokens in `text` by this bundle's tokenizer (no special tokens added, as prompts are
-    /// counted); `None` if it could not encode.
-    pub fn count(&self, text: &str) -> Option<u32> {
-        let encoding = self.tokenizer.as_ref()?.encode(text, false).ok()?;
-        u32::try_from(encoding.len()).ok()
+    /// The ids of `text` by this bundle's tokenizer, with no special tokens added (a gateway's
+    /// completion prompt, as our tokenizer_config.json says); `None` if it could not encode.
+    pub fn encode(&self, text: &str) -> Option<Vec<u32>> {
+        Some(self.tokenizer.as_ref()?.encode(text, false).ok()?.get_ids().to_vec())
     }
 
     /// The files as a zip archive.

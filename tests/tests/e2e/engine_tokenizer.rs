@@ -1,7 +1,8 @@
 //! GetTokenizer as a gateway uses it: the chunks reassembled, their SHA-256 checked, the zip
 //! opened with the `zip` crate and `tokenizer.json` loaded with the `tokenizers` crate (what the
 //! Shepherd Model Gateway's client does), then that tokenizer's counts and decoded text compared
-//! with what both front doors stream for the same prompt and seed.
+//! with what both front doors stream for the same prompt and seed, given as text or as the ids
+//! that tokenizer makes of it.
 
 use std::io::{Cursor, Read};
 
@@ -10,7 +11,7 @@ use proto::{
     runtime::v1::{self as rt, generate_response::Item, runtime_service_client::RuntimeServiceClient},
     smg::grpc::common::GetTokenizerRequest,
     vllm::grpc::engine::{
-        GenerateRequest, GetModelInfoRequest, SamplingParams, generate_request::Input,
+        GenerateRequest, GetModelInfoRequest, SamplingParams, TokenizedInput, generate_request::Input,
         generate_response::Response, vllm_engine_client::VllmEngineClient,
     },
 };
@@ -76,7 +77,7 @@ async fn the_served_tokenizer_counts_and_decodes_as_both_doors_stream() {
         let req = GenerateRequest {
             request_id: format!("tok-{key}"),
             input: Some(Input::Text(PROMPT.into())),
-            sampling_params: Some(params),
+            sampling_params: Some(params.clone()),
             ..GenerateRequest::default()
         };
         let mut stream = engine.generate(req).await.expect("accepted").into_inner();
@@ -84,6 +85,21 @@ async fn the_served_tokenizer_counts_and_decodes_as_both_doors_stream() {
         let Some(Response::Complete(complete)) = reply.response else { panic!("complete") };
         let encoded = tokenizer.encode(PROMPT, false).expect("encodes");
         assert_eq!(complete.prompt_tokens as usize, encoded.len(), "{key}");
+
+        // A gateway sends the ids it tokenized: the same prompt, the same completion.
+        let req = GenerateRequest {
+            request_id: format!("ids-{key}"),
+            input: Some(Input::Tokenized(TokenizedInput {
+                original_text: PROMPT.into(),
+                input_ids: encoded.get_ids().to_vec(),
+            })),
+            sampling_params: Some(params),
+            ..GenerateRequest::default()
+        };
+        let mut stream = engine.generate(req).await.expect("accepted").into_inner();
+        let Some(Ok(reply)) = stream.next().await else { panic!("a reply") };
+        let Some(Response::Complete(from_ids)) = reply.response else { panic!("complete") };
+        assert_eq!(from_ids.output_ids, complete.output_ids, "{key}");
 
         let mut runtime_v1 = RuntimeServiceClient::new(runtime.channel().await);
         let req = rt::GenerateRequest {
