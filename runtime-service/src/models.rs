@@ -7,6 +7,7 @@ use crate::{
     config::{Config, ModelSpec},
     engine::{Engine, fnv1a, hash_ids},
     error::Error,
+    generate::MAX_PROMPT_BYTES,
     memory::{Loader, Lost, Standing},
     tokenizer::Bundle,
 };
@@ -45,7 +46,9 @@ impl Model {
     /// the same text for it), and their count. The engine's own splitter is the fallback should
     /// the tokenizer fail to encode.
     pub fn prompt(&self, text: &str) -> (u64, u32) {
-        match self.bundle.encode(text) {
+        // A prompt past the byte limit is refused anyway: not worth a tokenizer's pass.
+        let encoded = (text.len() <= MAX_PROMPT_BYTES).then(|| self.bundle.encode(text)).flatten();
+        match encoded {
             Some(ids) => (hash_ids(&ids), u32::try_from(ids.len()).unwrap_or(u32::MAX)),
             None => (fnv1a(text.as_bytes()), self.engine.count_prompt_tokens(text)),
         }
