@@ -24,7 +24,7 @@ pub const UNIFORMS: &str = "uniforms";
 pub struct Model {
     /// Its configuration.
     pub spec: ModelSpec,
-    /// Its tokenizer.
+    /// Its engine: sampling style, and how words become tokens when the tokenizer is its own.
     pub engine: &'static dyn Engine,
     /// Its tokenizer bundle: what GetTokenizer serves and what prompts are counted with.
     pub bundle: Bundle,

@@ -57,7 +57,8 @@ pub trait Engine: Send + Sync + fmt::Debug {
     fn kind(&self) -> EngineKind;
     /// Splits one word (with its leading space) into tokens.
     fn split(&self, id: u32, text: String, out: &mut VecDeque<TokenOut>);
-    /// Number of tokens `prompt` costs.
+    /// Number of tokens `prompt` costs by the engine's own reading; prompts are counted with
+    /// the model's tokenizer (`tokenizer::Bundle`), which agrees, and this is its fallback.
     fn count_prompt_tokens(&self, prompt: &str) -> u32;
     /// Ids the engine knows: its words, capitalised words (and pieces), then its three special
     /// tokens: unknown, begin and end (see [`unknown_id`] and [`special_ids`]).
