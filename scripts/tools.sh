@@ -5,6 +5,10 @@
 #     kubernetes-validate and yamllint (check the Kubernetes manifests offline)
 #   - from npm: buf (lints the protos, checks for breaking changes), and @grpc/grpc-js,
 #     @grpc/proto-loader and google-proto-files (the Node example client)
+#   - a second Python venv, target/tools/gateway, with the Shepherd Model Gateway (`smg`, a real
+#     OpenAI-compatible gateway that routes to gRPC engines) and the official `openai` client: the
+#     gateway test drives runtime-service through both. Its own venv, because smg pins its own
+#     grpcio and protobuf and must not move the tools venv's.
 #   - promtool (lints the services' /metrics), unpacked from Debian's prometheus package without
 #     installing it (no service, no user, nothing outside target/tools)
 # Idempotent: a second run only checks that they are there.
@@ -21,6 +25,12 @@ if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ] || [ ! -x "$TOOLS/venv/bin/yam
     'grpcio==1.85.1' 'grpcio-reflection==1.85.1' 'grpcio-health-checking==1.85.1' 'protobuf==7.36.2' \
     'grpcio-tools==1.85.1' 'grpcio-status==1.85.1' \
     'kubernetes-validate==1.37.0' 'yamllint==1.38.0'
+fi
+
+if [ ! -x "$TOOLS/gateway/bin/smg" ] || ! "$TOOLS/gateway/bin/python" -c 'import openai' 2>/dev/null; then
+  echo "installing the smg gateway and the openai client into $TOOLS/gateway" >&2
+  python3 -m venv "$TOOLS/gateway"
+  "$TOOLS/gateway/bin/pip" install --quiet --disable-pip-version-check 'smg==1.13.0' 'openai==3.63.0'
 fi
 
 if [ ! -x "$TOOLS/node/node_modules/.bin/buf" ] || [ ! -d "$TOOLS/node/node_modules/@grpc/grpc-js" ] \

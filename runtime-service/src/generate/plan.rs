@@ -12,8 +12,10 @@ use crate::{
 
 /// Longest prompt accepted, in bytes, whatever the model.
 pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
-/// Longest request id: it becomes part of the generation's memory scope.
-const MAX_REQUEST_ID: usize = crate::memory::MAX_SCOPE_NAME;
+/// Longest request id. Gateways build theirs from a prefix, a UUID and suffixes (smg sends
+/// `chatcmpl-<uuid>` and longer); the bound only keeps the executor's table of live ids small.
+/// A memory scope shortens the id it embeds, so it does not constrain this one.
+const MAX_REQUEST_ID: usize = 256;
 
 /// Whether `id` may name a generation (empty: Generate assigns one). Cancel applies the same
 /// rule, so an id no generation could have is a caller's mistake, not a missing generation.
