@@ -198,8 +198,11 @@ def start_server(command):
 
 
 def admin_address(server):
-    """The server's metrics address, from its log (it is logged before it listens for gRPC)."""
-    return server.admin.get(timeout=TIMEOUT_S)
+    """The server's metrics address, from its log (it is logged before it listens for gRPC);
+    read once, then remembered."""
+    if not hasattr(server, "admin_addr"):
+        server.admin_addr = server.admin.get(timeout=TIMEOUT_S)
+    return server.admin_addr
 
 
 def stop_servers(servers):
