@@ -15,6 +15,7 @@ gateway with the official `openai` Python client, as a user of an OpenAI-compati
 - an over-long prompt gets the gateway's 400, carrying runtime-service's message;
 - a field the simulator cannot honour (logprobs) is refused by name, not ignored.
 
+Before that, the README's "Behind a real gateway" block runs as written, on ephemeral ports.
 Then a second gateway discovers the runtimes from a file (`--discovery-provider file`): a runtime
 added to the file is picked up and serves, one removed from it is dropped.
 
@@ -23,122 +24,23 @@ Runs in target/tools/venv (grpcio, stubs' tools, openai); the gateway binary com
 target/tools/gateway (scripts/tools.sh installs both). Every wait is a bounded poll.
 """
 
+
 import json
 import os
-import socket
+import re
+import shutil
 import subprocess
 import sys
-import time
-import urllib.request
+import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from walkthrough import admin_address, start_server, stop_servers, wait_serving  # noqa: E402
+from smg_gateway import MODEL, ROOT, SMG, WITHIN_S, Gateway, check, free_port, metrics, poll, series  # noqa: E402
+from walkthrough import start_server, stop_servers, wait_serving  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMG = os.path.join(ROOT, "target", "tools", "gateway", "bin", "smg")
-MODEL = "llama-3.1-8b"
 # Two engines share the device memory-service arbitrates, as two vLLM processes share one GPU:
 # the default split holds one runtime's weights, these pools hold two (2 x 16.4 GB of weights,
 # 2 x 0.18 GB of activations) and leave the rest of an H100's usable memory to their KV caches.
 POOLS = "kv-cache=36GiB,activations=1GiB,uniforms=32GiB"
-# Bound on every poll: far beyond what a healthy gateway or runtime needs.
-WITHIN_S = 60
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what, flush=True)
-    if not ok:
-        raise SystemExit(f"gateway test failed: {what}")
-
-
-def free_port():
-    """A loopback port nothing listens on now. smg takes ports, not a listener, so this is the
-    one place a port is chosen before its server binds; the window is small and loopback-only."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def poll(what, probe):
-    """Calls `probe` until it returns a true value, for at most WITHIN_S; returns that value."""
-    deadline = time.monotonic() + WITHIN_S
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-            if last:
-                return last
-        except OSError as err:  # not listening yet, connection reset
-            last = err
-        time.sleep(0.1)
-    raise SystemExit(f"gateway test failed: {what} not within {WITHIN_S} s (last: {last!r})")
-
-
-def http_json(url):
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        return json.load(reply)
-
-
-def metrics(server):
-    """The runtime's or memory-service's /metrics as {series: value}."""
-    page = urllib.request.urlopen(f"http://{admin_address(server)}/metrics", timeout=10).read().decode()
-    values = {}
-    for line in page.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
-def series(values, name, **labels):
-    """Sum of the series `name` whose labels include `labels`."""
-    total = 0.0
-    for key, value in values.items():
-        base, _, rest = key.partition("{")
-        if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
-            total += value
-    return total
-
-
-class Gateway:
-    """An smg process routing to gRPC workers, given by URL or by a discovery file."""
-
-    def __init__(self, workers=None, discovery_file=None, log_name="smg"):
-        self.port = free_port()
-        args = [SMG, "launch", "--backend", "vllm", "--host", "127.0.0.1", "--port", str(self.port),
-                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
-                "--policy", "round_robin", "--log-level", "warn"]
-        if workers:
-            args += ["--worker-urls", *workers]
-        else:
-            args += ["--discovery-provider", "file", "--discovery-file", discovery_file,
-                     "--discovery-check-interval-secs", "1"]
-        self.log = open(os.path.join(ROOT, "target", "tools", f"{log_name}.log"), "w")
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def workers(self):
-        """URLs of the workers the gateway routes to (registered, healthy and ready)."""
-        listed = http_json(f"{self.url}/workers").get("workers", [])
-        return sorted(w["url"] for w in listed if w.get("is_healthy") and w.get("status") == "ready")
-
-    def wait_workers(self, expected):
-        expected = sorted(expected)
-
-        def probe():
-            if self.process.poll() is not None:
-                raise SystemExit(f"smg exited with {self.process.returncode}; see {self.log.name}")
-            return self.workers() == expected
-
-        poll(f"gateway routing to {expected}", probe)
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=WITHIN_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
 
 
 def runtime_v1(address):
@@ -301,6 +203,78 @@ def discovery_checks(urls):
         gateway.stop()
 
 
+def readme_block(readme):
+    """The command lines of the README's gateway block (continuations joined, comments cut)."""
+    text = open(readme, encoding="utf-8").read()
+    match = re.search(r"<!-- walkthrough:gateway -->\s*```[a-z]*\n(.*?)```", text, re.S)
+    if not match:
+        sys.exit(f"no walkthrough block named 'gateway' in {readme}")
+    lines = []
+    for line in match.group(1).replace("\\\n", " ").splitlines():
+        line = re.sub(r"\s+#.*$", "", line).strip()
+        if line and not line.startswith("#"):
+            lines.append(line)
+    return lines
+
+
+def readme_walkthrough(memory_bin, runtime_bin):
+    """Runs the README's gateway block as a user would, with its binaries on PATH and each fixed
+    port it names moved to a free one (so it runs beside anything); the chat stream it prints
+    must carry tokens and end. Setup lines (tools, build, PATH) are done by scripts/test."""
+    ports = {port: free_port() for port in (50051, 50052, 50062, 9475, 30000)}
+    bin_dir = tempfile.mkdtemp(prefix="gateway-walkthrough-")
+    for name, path in (("memory-service", memory_bin), ("runtime-service", runtime_bin), ("smg", SMG)):
+        os.symlink(os.path.abspath(path), os.path.join(bin_dir, name))
+    # The first runtime takes its default addresses: the environment moves them.
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RUST_LOG="warn",
+               MEMORY_LISTEN=f"127.0.0.1:{ports[50051]}", MEMORY_ADMIN_LISTEN="127.0.0.1:0",
+               RUNTIME_LISTEN=f"127.0.0.1:{ports[50052]}", RUNTIME_ADMIN_LISTEN="127.0.0.1:0",
+               RUNTIME_MEMORY_ADDR=f"http://127.0.0.1:{ports[50051]}")
+    background, output = [], None
+    log = open(os.path.join(ROOT, "target", "tools", "gateway-walkthrough.log"), "w")
+    try:
+        for line in readme_block(os.path.join(ROOT, "README.md")):
+            if line.startswith(("scripts/tools.sh", "export PATH=")):
+                continue
+            for old, new in ports.items():
+                line = re.sub(rf"(?<=[:\s]){old}\b", str(new), line)
+            command = line.split()[0]
+            if command not in ("memory-service", "runtime-service", "smg", "until", "curl"):
+                sys.exit(f"the README's gateway block runs {command!r}, which this check does not know")
+            if line.endswith("&"):
+                line = line[:-1].strip()
+                if command == "smg":  # its metrics port is not in the README: keep it off 29000
+                    line += f" --prometheus-host 127.0.0.1 --prometheus-port {free_port()}"
+                print(f"$ {line} &", flush=True)
+                background.append(subprocess.Popen(["bash", "-c", f"exec {line}"], env=env,
+                                                   stdout=log, stderr=subprocess.STDOUT))
+            else:
+                print(f"$ {line}", flush=True)
+                result = subprocess.run(["bash", "-c", line], env=env, capture_output=True, text=True,
+                                        timeout=WITHIN_S)
+                if result.returncode != 0:
+                    check(False, f"{command} exited with {result.returncode}: {result.stderr}")
+                output = result.stdout
+    finally:
+        for process in reversed(background):
+            process.terminate()
+        for process in background:
+            try:
+                process.wait(timeout=WITHIN_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        log.close()
+        shutil.rmtree(bin_dir, ignore_errors=True)
+    chunks = [json.loads(l[len("data: "):]) for l in (output or "").splitlines()
+              if l.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+    reasons = [c["choices"][0].get("finish_reason") for c in chunks if c.get("choices")]
+    # Unseeded: the model may end its reply before max_tokens ("stop").
+    ended = [r for r in reasons if r]
+    check(bool(text) and ended in (["length"], ["stop"]) and (output or "").rstrip().endswith("data: [DONE]"),
+          f"the README's gateway block streamed {text!r} and ended ({ended}, [DONE])")
+
+
 def main():
     memory_bin, runtime_bin = sys.argv[1:3]
     if not os.access(SMG, os.X_OK):
@@ -309,6 +283,7 @@ def main():
     subprocess.run(["bash", "examples/python/generate.sh", stubs], cwd=ROOT, check=True,
                    env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.DEVNULL)
     sys.path.insert(0, stubs)
+    readme_walkthrough(memory_bin, runtime_bin)
     servers, gateway = [], None
     try:
         servers.append(start_server([memory_bin, "--pool", POOLS]))

@@ -160,8 +160,9 @@ def wait_serving(target):
     sys.exit(f"{target} never became SERVING")
 
 
-def start_server(command):
-    """Starts the server on an ephemeral loopback port; returns (process, address)."""
+def start_server(command, quiet=False):
+    """Starts the server on an ephemeral loopback port; returns (process, address). Its log is
+    echoed to stderr unless `quiet`."""
     # Pinned log settings: the address is read from the text "listening" line, whatever the
     # caller's environment says.
     env = dict(os.environ, RUST_LOG="info", LOG_FORMAT="text")
@@ -176,7 +177,8 @@ def start_server(command):
 
     def read():
         for line in server.stderr:  # blocks until the server logs; no polling
-            sys.stderr.write(line)
+            if not quiet:
+                sys.stderr.write(line)
             match = re.search(r"listening addr=(\S+)", line)
             if match:
                 found.put(match.group(1))
