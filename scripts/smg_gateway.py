@@ -89,7 +89,9 @@ class Gateway:
             args += ["--discovery-provider", "file", "--discovery-file", discovery_file,
                      "--discovery-check-interval-secs", "1"]
         self.log = open(os.path.join(ROOT, "target", "tools", f"{log_name}.log"), "w")
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        # No network: the tokenizer must come from the runtime (GetTokenizer), never from a hub.
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def workers(self):
