@@ -12,14 +12,19 @@ For every memory-service and runtime-service container of a `kubectl kustomize` 
   - every TLS or token file a variable names is in a mounted volume;
   - runtime-service's --memory-addr port is the one memory-service listens on;
   - every ConfigMap a container refers to (envFrom, volumes) is in the render;
-  - every object is in the render's one namespace, and both binaries run from one tagged image;
+  - every object is in the render's one namespace, and every container but the gateway's runs
+    from one tagged image (the project's: both binaries and their helpers);
   - the pools memory-service creates on a node (asked of the binary itself, `--print-pools`, with
     the container's settings) hold the weights and activations of the runtimes scheduled there
     (`runtime-service --print-memory`, with its settings and its mounted config file): one per
     node when a required anti-affinity or a sidecar says so, else every replica (one node), plus
-    a rolling update's surge pods beside them.
+    a rolling update's surge pods beside them;
+  - the gateway, where a layout runs one (smg, from its own pinned image), agrees with the
+    runtimes and with smg itself: scripts/check_gateway.py.
 
-Usage: check_manifests.py RENDERED.yaml MEMORY_SERVICE RUNTIME_SERVICE
+Usage: check_manifests.py RENDERED.yaml MEMORY_SERVICE RUNTIME_SERVICE [SMG_PYTHON]
+  SMG_PYTHON: the python of the venv smg is installed in (target/tools/gateway/bin/python), which
+  checks the gateway's arguments; needed only by layouts that run the gateway.
 """
 
 import json
@@ -30,6 +35,8 @@ import sys
 import tempfile
 
 import yaml
+
+import check_gateway
 
 SERVICES = {"memory-service": "memory.v1.MemoryService", "runtime-service": "runtime.v1.RuntimeService"}
 PREFIX = {"memory-service": "MEMORY_", "runtime-service": "RUNTIME_"}
@@ -157,6 +164,7 @@ def check_probes(where, service, container, env, ports):
 
 def main():
     rendered, memory_bin, runtime_bin = sys.argv[1:4]
+    smg_python = sys.argv[4] if len(sys.argv) > 4 else None
     binaries = {"memory-service": memory_bin, "runtime-service": runtime_bin}
     helps = {name: binary_help(path) for name, path in binaries.items()}
     docs = [d for d in yaml.safe_load_all(open(rendered, encoding="utf-8")) if d]
@@ -182,10 +190,11 @@ def main():
         pod = d["spec"]["template"]["spec"]
         annotations = d["spec"]["template"]["metadata"].get("annotations", {})
         for c in pod["containers"] + pod.get("initContainers", []):
+            if not check_gateway.is_gateway(c):
+                images.add(c.get("image", ""))
             service = os.path.basename(c.get("command", [""])[0])
             if service not in SERVICES:
                 continue
-            images.add(c.get("image", ""))
             where = f"{d['kind']}/{d['metadata']['name']}/{service}"
             referenced = [s.get("configMapRef", {}).get("name") for s in c.get("envFrom", [])]
             referenced += [v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v]
@@ -221,6 +230,8 @@ def main():
         problem(rendered, f"expected both services, found {sorted(found)}")
     else:
         check_memory(found, binaries, config_maps)
+        check_gateway.check(docs, namespaces[0], found["runtime-service"], smg_python, problem)
+    check_gateway.check_tokens(docs, problem)
     if problems:
         sys.exit("manifest problems in %s:\n  %s" % (rendered, "\n  ".join(problems)))
     print(f"{os.path.basename(rendered)}: manifests agree with the binaries")
