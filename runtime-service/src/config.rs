@@ -83,6 +83,11 @@ pub struct Config {
     pub kv_idle_release: Duration,
     /// Paged (blocks as sequences grow) or up-front (prompt + max_tokens at admission).
     pub kv_reserve: KvReserve,
+    /// Whether full prompt blocks stay cached for later sequences (vLLM V1's default: on).
+    pub prefix_caching: bool,
+    /// Prefix-cache event batches kept per model for subscribers that resume (vLLM's
+    /// `buffer_steps`).
+    pub kv_events_buffer: usize,
     /// Relative jitter of step times, 0 to 1.
     pub jitter: f64,
     /// Seed of that jitter: the same seed repeats the same timings.
@@ -152,6 +157,8 @@ impl Default for Config {
             kv_low_watermark_blocks: 8,
             kv_idle_release: Duration::from_secs(1),
             kv_reserve: KvReserve::Paged,
+            prefix_caching: true,
+            kv_events_buffer: 10_000,
             jitter: 0.02,
             jitter_seed: 0x5EED,
             memory_wait: Duration::from_millis(500),

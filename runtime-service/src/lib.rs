@@ -4,7 +4,7 @@
 //!
 //! [`device`] prices steps with a roofline of real GPUs and models, [`scheduler`] forms batches
 //! and preempts over paged KV blocks, [`core`] runs the device loop, [`kv`] leases KV slabs,
-//! [`engine`] tokenizes and samples, [`executor`] admits and cancels generations, [`memory`]
+//! [`kv_events`] numbers the prefix cache's changes for routers, [`engine`] tokenizes and samples, [`executor`] admits and cancels generations, [`memory`]
 //! talks to memory-service, [`generate`] runs one call end to end, [`dialect`] serves the same
 //! core as vLLM's gRPC engine protocol, and [`server::run`] serves it all.
 #![forbid(unsafe_code)]
@@ -18,6 +18,7 @@ pub mod error;
 pub mod executor;
 pub mod generate;
 pub mod kv;
+pub mod kv_events;
 pub mod memory;
 pub mod metrics;
 pub mod models;

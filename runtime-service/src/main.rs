@@ -65,6 +65,14 @@ struct Args {
     /// max_tokens at admission, for comparison).
     #[arg(long, env = "RUNTIME_KV_RESERVE")]
     kv_reserve: Option<KvReserve>,
+    /// Prefix caching, "on" (the default, as vLLM V1) or "off": full prompt blocks stay cached
+    /// and later prompts that start the same way compute only the rest.
+    #[arg(long, env = "RUNTIME_PREFIX_CACHING", value_parser = on_off)]
+    prefix_caching: Option<bool>,
+    /// Prefix-cache event batches kept per model, so a router that reconnects resumes without a
+    /// gap (SubscribeKvEvents' start_sequence_number).
+    #[arg(long, env = "RUNTIME_KV_EVENTS_BUFFER")]
+    kv_events_buffer: Option<usize>,
     /// Relative jitter of simulated step times, 0 to 1 (seeded: runs repeat exactly).
     #[arg(long, env = "RUNTIME_JITTER")]
     jitter: Option<f64>,
@@ -134,6 +142,8 @@ impl Args {
         config.kv_block_tokens = self.kv_block_tokens.unwrap_or(config.kv_block_tokens);
         config.kv_slab_blocks = self.kv_slab_blocks.unwrap_or(config.kv_slab_blocks);
         config.kv_reserve = self.kv_reserve.unwrap_or(config.kv_reserve);
+        config.prefix_caching = self.prefix_caching.unwrap_or(config.prefix_caching);
+        config.kv_events_buffer = self.kv_events_buffer.unwrap_or(config.kv_events_buffer);
         config.jitter = self.jitter.unwrap_or(config.jitter);
         config.memory_wait = self.memory_wait_ms.map_or(config.memory_wait, ms);
         config.lease_ttl = self.lease_ttl_ms.map_or(config.lease_ttl, ms);
@@ -211,4 +221,13 @@ fn print_memory(args: Args) -> ExitCode {
         models.join(",")
     );
     ExitCode::SUCCESS
+}
+
+/// "on" or "off", as a flag's value.
+fn on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{value:?} must be \"on\" or \"off\"")),
+    }
 }

@@ -43,14 +43,14 @@ impl Model {
 
     /// A text prompt as the model's tokenizer (the one a gateway fetches) reads it: the hash
     /// of its token ids, the very hash a gateway's ids for that text get (so both doors generate
-    /// the same text for it), and their count. The engine's own splitter is the fallback should
-    /// the tokenizer fail to encode.
-    pub fn prompt(&self, text: &str) -> (u64, u32) {
+    /// the same text for it), their count, and the ids (for the prefix cache). The engine's own
+    /// splitter is the fallback should the tokenizer fail to encode; such a prompt has no ids.
+    pub fn prompt(&self, text: &str) -> (u64, u32, Arc<[u32]>) {
         // A prompt past the byte limit is refused anyway: not worth a tokenizer's pass.
         let encoded = (text.len() <= MAX_PROMPT_BYTES).then(|| self.bundle.encode(text)).flatten();
         match encoded {
-            Some(ids) => (hash_ids(&ids), u32::try_from(ids.len()).unwrap_or(u32::MAX)),
-            None => (fnv1a(text.as_bytes()), self.engine.count_prompt_tokens(text)),
+            Some(ids) => (hash_ids(&ids), u32::try_from(ids.len()).unwrap_or(u32::MAX), ids.into()),
+            None => (fnv1a(text.as_bytes()), self.engine.count_prompt_tokens(text), Arc::from([])),
         }
     }
 

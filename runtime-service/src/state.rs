@@ -13,6 +13,7 @@ use crate::{
     error::Error,
     executor::Executor,
     kv::{self, SlabPlan},
+    kv_events::KvEventHub,
     memory::{DeviceMemory, Loader, MemoryClient, PoolCapacity, Renewer, Standing},
     metrics::Metrics,
     models::{ACTIVATIONS, KV_CACHE, Models},
@@ -52,6 +53,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The simulated device's own memory: every lease is taken here first.
     pub device_memory: DeviceMemory,
+    /// Each model's prefix-cache events, by lane.
+    pub kv_events: Vec<Arc<KvEventHub>>,
 }
 
 impl Shared {
@@ -83,8 +86,10 @@ impl Shared {
             max_batch: config.max_batch_size,
             token_budget: config.max_batched_tokens,
             reserve: config.kv_reserve,
+            prefix_caching: config.prefix_caching,
         };
         let mut lanes = Vec::with_capacity(config.models.len());
+        let mut kv_events = Vec::with_capacity(config.models.len());
         for spec in &config.models {
             let (link, end) = kv::link(wake.clone());
             let plan = SlabPlan {
@@ -100,7 +105,9 @@ impl Shared {
                 limits,
                 low_watermark: config.kv_low_watermark_blocks,
                 slab_blocks: config.kv_slab_blocks,
+                kv_events: Arc::new(KvEventHub::new(config.kv_events_buffer, config.kv_block_tokens)),
             };
+            kv_events.push(lane.kv_events.clone());
             lanes.push((lane, link));
         }
         let settings = DeviceSettings {
@@ -137,6 +144,7 @@ impl Shared {
             shutdown,
             config,
             metrics,
+            kv_events,
             device_memory,
         }))
     }

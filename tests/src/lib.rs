@@ -331,7 +331,9 @@ pub fn test_device() -> runtime_service::device::DeviceSpec {
 pub const TEST_BLOCK_BYTES: u64 = 4096;
 
 /// A runtime config pointing at `memory` with the test models on the test device, no jitter,
-/// 16-block slabs returned as soon as a model falls idle.
+/// 16-block slabs returned as soon as a model falls idle, and the prefix cache off: it would keep
+/// an idle model's slabs as cache, and most tests check that memory comes back (the prefix-cache
+/// tests turn it on).
 pub fn runtime_config(memory: SocketAddr) -> runtime_service::Config {
     runtime_service::Config {
         memory_addr: format!("http://{memory}"),
@@ -341,6 +343,7 @@ pub fn runtime_config(memory: SocketAddr) -> runtime_service::Config {
         jitter: 0.0,
         kv_idle_release: Duration::ZERO,
         kv_slab_blocks: 16,
+        prefix_caching: false,
         ..runtime_service::Config::default()
     }
 }

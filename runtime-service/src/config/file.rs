@@ -30,6 +30,8 @@ struct File {
     kv_low_watermark_blocks: Option<u64>,
     kv_idle_release_ms: Option<u64>,
     kv_reserve: Option<FileKvReserve>,
+    prefix_caching: Option<bool>,
+    kv_events_buffer: Option<usize>,
     jitter: Option<f64>,
     jitter_seed: Option<u64>,
     memory_wait_ms: Option<u64>,
@@ -116,6 +118,8 @@ pub fn read_file(mut config: Config, path: &Path) -> Result<Config, ConfigError>
         Some(FileKvReserve::Upfront) => KvReserve::Upfront,
         None => config.kv_reserve,
     };
+    config.prefix_caching = file.prefix_caching.unwrap_or(config.prefix_caching);
+    config.kv_events_buffer = file.kv_events_buffer.unwrap_or(config.kv_events_buffer);
     config.jitter = file.jitter.unwrap_or(config.jitter);
     config.jitter_seed = file.jitter_seed.unwrap_or(config.jitter_seed);
     config.memory_wait = file.memory_wait_ms.map_or(config.memory_wait, ms);

@@ -16,9 +16,10 @@ use crate::{
     error::Error,
     executor::Flight,
     kv::{Grant, Link},
+    kv_events::KvEventHub,
     memory::Reservation,
     metrics::vllm::{Finish, ModelSeries, RequestStats},
-    scheduler::{Limits, Plan, Scheduler, SeqId, SeqState, SlabId},
+    scheduler::{Limits, Plan, Scheduler, SeqId, SeqState, SlabId, chain_hashes},
 };
 
 /// What a lane is made of.
@@ -37,6 +38,8 @@ pub struct LaneSpec {
     /// Largest slab, blocks: while busy, a fully free slab is returned only if this many blocks
     /// stay free beyond what the next steps want (their demand and the low watermark).
     pub slab_blocks: u64,
+    /// Where its prefix cache's changes are published.
+    pub kv_events: Arc<KvEventHub>,
 }
 
 /// Tokens of growth the running sequences' blocks are leased ahead for: slabs arrive within a
@@ -72,10 +75,13 @@ pub(super) struct Lane {
     /// Its model's `vllm:*` series: every sequence is counted here as it leaves the device,
     /// whichever front door submitted it.
     pub(super) vllm: ModelSeries,
+    /// Roots its prefix cache's hash chains: the same tokens of another model are other KV.
+    cache_salt: u64,
 }
 
 impl Lane {
     pub(super) fn new(spec: LaneSpec, link: Link, vllm: ModelSeries) -> Self {
+        let cache_salt = crate::engine::fnv1a(spec.model.as_bytes());
         Lane {
             scheduler: Scheduler::new(spec.block_tokens, spec.limits),
             spec,
@@ -84,11 +90,18 @@ impl Lane {
             link,
             idle_since: None,
             vllm,
+            cache_salt,
         }
     }
 
     pub(super) fn add(&mut self, id: SeqId, submission: Submission, now: Instant) {
-        self.scheduler.add(SeqState::new(id, submission.prompt_tokens, submission.max_tokens));
+        let mut seq = SeqState::new(id, submission.prompt_tokens, submission.max_tokens);
+        if self.spec.limits.prefix_caching && submission.prompt_ids.len() == submission.prompt_tokens as usize
+        {
+            let hashes = chain_hashes(self.cache_salt, &submission.prompt_ids, self.spec.block_tokens);
+            seq = seq.with_prompt(submission.prompt_ids, hashes);
+        }
+        self.scheduler.add(seq);
         self.idle_since = None;
         self.live.insert(
             id,
@@ -206,8 +219,9 @@ impl Lane {
         let pool = self.scheduler.pool();
         let victims: Vec<SlabId> = if self.starved() {
             // Holding part of what it needs while waiting for the rest could deadlock with
-            // another lane doing the same: give it all back (nothing runs, so all are idle).
-            pool.idle_slabs().map(|(id, _)| id).collect()
+            // another lane doing the same: give it all back (nothing runs, so nothing is
+            // referenced; cached blocks are evicted with their slab).
+            pool.idle_slabs().chain(pool.cache_only_slabs()).map(|(id, _)| id).collect()
         } else if self.scheduler.is_empty() {
             let since = *self.idle_since.get_or_insert(now);
             if now < since + linger {
@@ -230,7 +244,7 @@ impl Lane {
             return 0;
         };
         for &id in &victims {
-            if self.scheduler.pool_mut().remove_slab(id) {
+            if self.scheduler.pool_mut().evict_slab(id) {
                 self.slabs.remove(&id);
             }
         }
@@ -255,6 +269,9 @@ impl Lane {
             if let Some(live) = self.live.get_mut(&id) {
                 if live.stats.schedule(slot.gpu_start) {
                     live.flight.mark_running();
+                    if let (true, Some(seq)) = (self.spec.limits.prefix_caching, self.scheduler.get(id)) {
+                        self.vllm.prefix_cache(seq.prompt_tokens, seq.cached_tokens.unwrap_or(0));
+                    }
                 }
                 live.cpu_busy += cpu;
                 live.gpu_busy += gpu;
@@ -305,6 +322,7 @@ impl Lane {
                     preemptions: seq.preemptions,
                     peak_blocks: seq.peak_blocks,
                     steps: seq.steps,
+                    cached_tokens: seq.cached_tokens.unwrap_or(0),
                     batch_sum: seq.batch_sum,
                     queue_time: live.stats.queue_time().unwrap_or_default(),
                     cpu_busy: live.cpu_busy,
@@ -335,6 +353,12 @@ impl Lane {
         for id in ids {
             self.end(id, Err(err.clone()));
         }
+    }
+
+    /// Publishes the prefix cache's changes since the last call as one batch.
+    pub(super) fn publish_kv_events(&mut self) {
+        let events = self.scheduler.pool_mut().take_events();
+        self.spec.kv_events.publish(events);
     }
 
     /// Blocks the whole kv-cache pool could hold (0 until the leaser has asked memory-service).

@@ -59,6 +59,8 @@ pub struct Submission {
     pub received: tokio::time::Instant,
     /// Prompt length, tokens.
     pub prompt_tokens: u32,
+    /// The prompt's token ids, if known: the prefix cache looks them up and stores them.
+    pub prompt_ids: Arc<[u32]>,
     /// Completion tokens at most.
     pub max_tokens: u32,
     /// Produces its tokens.
@@ -99,6 +101,8 @@ pub struct Report {
     pub peak_blocks: u32,
     /// Steps it took part in.
     pub steps: u64,
+    /// Prompt tokens found in the prefix cache when it was first scheduled.
+    pub cached_tokens: u32,
     /// Sum of those steps' batch sizes.
     pub batch_sum: u64,
     /// From reaching the device to its first step.

@@ -226,6 +226,7 @@ impl DeviceLoop {
     fn export_gauges(&mut self) {
         let m = &self.metrics;
         for lane in &mut self.lanes {
+            lane.publish_kv_events();
             let (used, total, slabs) = lane.kv();
             let model = lane.spec.model.as_str();
             m.running.with_label_values(&[model]).set(lane.scheduler.running() as i64);

@@ -6,12 +6,13 @@
 //! translated back. Nothing here decides anything the core does not.
 
 mod info;
+mod kv_events;
 mod reply;
 mod request;
 
 use std::sync::{
     Arc,
-    atomic::{AtomicBool, AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
 };
 
 use proto::{
@@ -23,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 pub use self::info::SERVER_TYPE;
-use self::{info::Throughput, reply::Reply};
+use self::{info::Throughput, kv_events::KvEventStream, reply::Reply};
 use crate::{error::Error, generate, models::Model, state::Shared, tokenizer::zip};
 
 /// The `VllmEngine` implementation, serving one model (`--engine-model`): the protocol names
@@ -41,6 +42,8 @@ pub struct EngineApi {
     /// The model's tokenizer bundle as GetTokenizer serves it: zipped once, so every call (and
     /// every gateway) gets the same bytes and the same SHA-256.
     zip: Vec<u8>,
+    /// SubscribeKvEvents streams open.
+    kv_subscribers: Arc<AtomicUsize>,
 }
 
 impl EngineApi {
@@ -54,6 +57,7 @@ impl EngineApi {
             started: Instant::now(),
             last_receive: AtomicU64::new(0f64.to_bits()),
             throughput: Throughput::default(),
+            kv_subscribers: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -74,7 +78,7 @@ fn unix_now() -> f64 {
 impl VllmEngine for EngineApi {
     type GenerateStream = Reply;
     type GetTokenizerStream = ReceiverStream<Result<smg::GetTokenizerChunk, Status>>;
-    type SubscribeKvEventsStream = ReceiverStream<Result<smg::KvEventBatch, Status>>;
+    type SubscribeKvEventsStream = KvEventStream;
 
     async fn generate(
         &self,
@@ -192,10 +196,25 @@ impl VllmEngine for EngineApi {
 
     async fn subscribe_kv_events(
         &self,
-        _: Request<smg::SubscribeKvEventsRequest>,
+        request: Request<smg::SubscribeKvEventsRequest>,
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
-        Err(Status::unimplemented(
-            "SubscribeKvEvents: there is no prefix cache yet, so no KV events to publish",
-        ))
+        if !self.shared.config.prefix_caching {
+            return Err(Status::failed_precondition(
+                "SubscribeKvEvents: prefix caching is off (--prefix-caching off), so no block is \
+                 ever cached; turn it on to publish KV events",
+            ));
+        }
+        let start = request.into_inner().start_sequence_number;
+        let hub = &self.shared.kv_events[self.model.lane];
+        let subscription = hub.subscribe(start).map_err(|err| Status::out_of_range(err.to_string()))?;
+        KvEventStream::open(subscription, self.kv_subscribers.clone(), hub.block_tokens())
+            .map(Response::new)
+            .ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "SubscribeKvEvents: {} subscriptions are open, the most this runtime serves; \
+                     close one first",
+                    kv_events::MAX_SUBSCRIBERS
+                ))
+            })
     }
 }

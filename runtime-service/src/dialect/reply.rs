@@ -41,7 +41,14 @@ impl Reply {
         Reply { inner, stream, prompt_tokens, stop_token_ids, output: Vec::new(), done: false }
     }
 
-    fn complete(&self, finish_reason: &str, prompt_tokens: u32) -> vllm::GenerateResponse {
+    /// The final message; `cached_tokens` is known from the core's summary (an aborted stream has
+    /// none: 0).
+    fn complete(
+        &self,
+        finish_reason: &str,
+        prompt_tokens: u32,
+        cached_tokens: u32,
+    ) -> vllm::GenerateResponse {
         let last = self.output.last().copied();
         // The core ends a sequence right after a stop token (and never after another token on
         // "stop"), so a "stop" whose last token is a stop token was that token's doing.
@@ -53,6 +60,7 @@ impl Reply {
             finish_reason: finish_reason.to_owned(),
             prompt_tokens,
             completion_tokens: self.output.len() as u32,
+            cached_tokens,
             matched_stop,
             ..Default::default()
         };
@@ -79,7 +87,7 @@ impl Stream for Reply {
                 Err(status) if status.code() == Code::Cancelled => {
                     self.done = true;
                     let prompt_tokens = self.prompt_tokens;
-                    return Poll::Ready(Some(Ok(self.complete(ABORT, prompt_tokens))));
+                    return Poll::Ready(Some(Ok(self.complete(ABORT, prompt_tokens, 0))));
                 }
                 Err(status) => {
                     self.done = true;
@@ -109,7 +117,8 @@ impl Stream for Reply {
                         pb::FinishReason::Stop => STOP,
                         _ => LENGTH,
                     };
-                    return Poll::Ready(Some(Ok(self.complete(reason, summary.prompt_tokens))));
+                    let (prompt, cached) = (summary.prompt_tokens, summary.cached_tokens);
+                    return Poll::Ready(Some(Ok(self.complete(reason, prompt, cached))));
                 }
             }
         }

@@ -30,21 +30,24 @@ pub fn translate(model: &Arc<Model>, req: vllm::GenerateRequest) -> Result<Trans
     }
     refuse_unsupported(&req, &mut bad);
     let spec = &model.spec;
-    let (prompt_hash, prompt_tokens) = match &req.input {
+    let (prompt_hash, prompt_tokens, prompt_ids) = match &req.input {
         None => {
             bad.add("input", "is required: set tokenized.input_ids (the prompt's token ids) or text");
-            (0, 0)
+            (0, 0, Arc::from([]))
         }
-        Some(Input::Tokenized(tokenized)) => prompt_of_ids(model, &tokenized.input_ids, &mut bad),
+        Some(Input::Tokenized(tokenized)) => {
+            let (hash, tokens) = prompt_of_ids(model, &tokenized.input_ids, &mut bad);
+            (hash, tokens, Arc::from(tokenized.input_ids.as_slice()))
+        }
         Some(Input::Text(text)) => {
             if text.len() > MAX_PROMPT_BYTES {
                 bad.add("text", format!("is {} bytes; the limit is {MAX_PROMPT_BYTES} bytes", text.len()));
             }
-            let (hash, tokens) = model.prompt(text);
+            let (hash, tokens, ids) = model.prompt(text);
             if tokens == 0 {
                 bad.add("text", "has no tokens; give at least one word");
             }
-            (hash, tokens)
+            (hash, tokens, ids)
         }
     };
     let params = req.sampling_params.unwrap_or_default();
@@ -83,6 +86,7 @@ pub fn translate(model: &Arc<Model>, req: vllm::GenerateRequest) -> Result<Trans
         model: model.clone(),
         prompt_hash,
         prompt_tokens,
+        prompt_ids,
         max_tokens,
         seed,
         sampling,

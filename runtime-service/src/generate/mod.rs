@@ -270,6 +270,7 @@ impl Generation {
             lane: plan.model.lane,
             received: self.started,
             prompt_tokens: plan.prompt_tokens,
+            prompt_ids: plan.prompt_ids.clone(),
             max_tokens: plan.max_tokens,
             decoder: Decoder::primed(
                 plan.model.engine,
@@ -458,6 +459,7 @@ impl Generation {
             },
             preemptions: report.preemptions,
             peak_kv_blocks: report.peak_blocks,
+            cached_tokens: report.cached_tokens,
             kv_block_tokens: config.kv_block_tokens,
             scheduler: config.scheduler.name().to_owned(),
         }

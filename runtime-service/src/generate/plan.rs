@@ -37,6 +37,8 @@ pub struct Plan {
     pub prompt_hash: u64,
     /// Its length in the model's tokens.
     pub prompt_tokens: u32,
+    /// Its token ids, when known (for the prefix cache).
+    pub prompt_ids: Arc<[u32]>,
     /// Tokens to generate at most.
     pub max_tokens: u32,
     /// Sampling seed.
@@ -87,7 +89,7 @@ impl Plan {
             Err(err) => return Err(err),
         };
         let spec = &model.spec;
-        let (prompt_hash, prompt_tokens) = model.prompt(&req.prompt);
+        let (prompt_hash, prompt_tokens, prompt_ids) = model.prompt(&req.prompt);
         if prompt_tokens == 0 && req.prompt.len() <= MAX_PROMPT_BYTES {
             bad.add("prompt", "is empty; give at least one word");
         }
@@ -104,6 +106,7 @@ impl Plan {
             stops: Stops::default(),
             request_id,
             prompt_hash,
+            prompt_ids,
             model,
         })
     }

@@ -10,6 +10,10 @@
 //! every block and goes to the front of the queue to be recomputed. Then, if nobody was
 //! preempted, waiting sequences are admitted first-come first-served while the budget, the batch
 //! size and the free blocks allow.
+//!
+//! With the prefix cache, a sequence starts from the longest run of cached blocks holding its
+//! prompt (shared, not copied: it computes only the rest, while attention still reads the whole
+//! context), and each full prompt block it computes is stored for those that follow.
 
 pub mod blocks;
 mod demand;
@@ -20,7 +24,7 @@ mod tests;
 use std::collections::{HashMap, VecDeque};
 
 pub use self::{
-    blocks::{BlockId, BlockPool, SlabId},
+    blocks::{BlockHash, BlockId, BlockPool, KvEvent, SlabId, chain_hashes},
     seq::{SeqId, SeqState},
 };
 use crate::device::Work;
@@ -55,6 +59,8 @@ pub struct Limits {
     pub token_budget: u32,
     /// How KV blocks are taken.
     pub reserve: KvReserve,
+    /// Whether full prompt blocks are cached and reused across sequences.
+    pub prefix_caching: bool,
 }
 
 /// The outcome of [`Scheduler::schedule`].
@@ -166,11 +172,40 @@ impl Scheduler {
 
     /// Blocks `seq` must hold to compute `tokens` more tokens.
     fn blocks_wanted(&self, seq: &SeqState, tokens: u32) -> u64 {
-        let upto = match self.limits.reserve {
-            KvReserve::Paged => seq.computed + tokens,
+        self.pool.blocks_for(self.upto(seq, seq.computed + tokens)).saturating_sub(seq.blocks.len() as u64)
+    }
+
+    /// Tokens whose KV `seq` must have room for once `computed` are computed.
+    fn upto(&self, seq: &SeqState, computed: u32) -> u32 {
+        match self.limits.reserve {
+            KvReserve::Paged => computed,
             KvReserve::Upfront => seq.prompt_tokens + seq.max_tokens,
-        };
-        self.pool.blocks_for(upto).saturating_sub(seq.blocks.len() as u64)
+        }
+    }
+
+    /// The cached blocks `seq` (waiting, holding nothing) can start from: the longest cached run
+    /// of its prompt's full blocks, short of the whole prompt (its last token is always computed:
+    /// that step samples the first output, as in vLLM).
+    fn cache_hits(&self, seq: &SeqState) -> Vec<BlockId> {
+        if !self.limits.prefix_caching || !seq.blocks.is_empty() || seq.computed > 0 {
+            return Vec::new();
+        }
+        let most = (seq.prompt_tokens.saturating_sub(1) / self.pool.block_tokens()) as usize;
+        let hashes = &seq.block_hashes[..most.min(seq.block_hashes.len())];
+        self.pool.lookup(hashes, &seq.prompt_ids)
+    }
+
+    /// Stores the full prompt blocks `id` has computed and not yet stored.
+    fn store_computed(&mut self, id: SeqId) {
+        let Some(seq) = self.seqs.get_mut(&id) else { return };
+        let size = self.pool.block_tokens() as usize;
+        let full = (seq.computed as usize / size).min(seq.block_hashes.len()).min(seq.blocks.len());
+        for i in seq.stored_blocks..full {
+            let parent = i.checked_sub(1).map(|p| seq.block_hashes[p]);
+            let ids = &seq.prompt_ids[i * size..(i + 1) * size];
+            self.pool.store(seq.blocks[i], seq.block_hashes[i], parent, ids);
+        }
+        seq.stored_blocks = seq.stored_blocks.max(full);
     }
 
     fn grant(&mut self, id: SeqId, n: u64) {
@@ -219,15 +254,15 @@ impl Scheduler {
                 continue;
             }
             let mut wanted = self.blocks_wanted(seq, tokens);
-            if can_grow && wanted > self.pool.free_blocks() {
-                plan.shortfall = plan.shortfall.max(wanted - self.pool.free_blocks());
+            if can_grow && wanted > self.pool.available_blocks() {
+                plan.shortfall = plan.shortfall.max(wanted - self.pool.available_blocks());
                 waiting_for_slab = true;
                 i += 1;
                 continue;
             }
             let mut preempted_self = false;
-            while wanted > self.pool.free_blocks() {
-                plan.shortfall = plan.shortfall.max(wanted - self.pool.free_blocks());
+            while wanted > self.pool.available_blocks() {
+                plan.shortfall = plan.shortfall.max(wanted - self.pool.available_blocks());
                 match self.preempt(&mut plan, i) {
                     Some((victim, _)) if victim == id => {
                         preempted_self = true;
@@ -266,12 +301,24 @@ impl Scheduler {
                 skipped.push_back(id);
                 continue;
             }
-            let tokens = seq.pending_tokens().min(budget);
-            let wanted = self.blocks_wanted(seq, tokens);
-            if wanted > self.pool.free_blocks() {
-                plan.shortfall = plan.shortfall.max(wanted - self.pool.free_blocks());
+            let hits = self.cache_hits(seq);
+            let hit_tokens = hits.len() as u32 * self.pool.block_tokens();
+            let tokens = (seq.tokens() - hit_tokens).min(budget);
+            let wanted =
+                self.pool.blocks_for(self.upto(seq, hit_tokens + tokens)).saturating_sub(hits.len() as u64);
+            // Sharing an evictable hit takes it out of what allocation can use.
+            let available = self.pool.available_blocks() - self.pool.evictable_among(&hits);
+            if wanted > available {
+                plan.shortfall = plan.shortfall.max(wanted - available);
                 self.waiting.push_front(id); // first come, first served: nobody overtakes it
                 break;
+            }
+            self.pool.share(&hits);
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.blocks = hits;
+                seq.stored_blocks = seq.blocks.len();
+                seq.computed = hit_tokens;
+                seq.cached_tokens.get_or_insert(hit_tokens);
             }
             self.grant(id, wanted);
             let seq = &self.seqs[&id];
@@ -296,6 +343,9 @@ impl Scheduler {
                 if seq.pending_tokens() == 0 {
                     sampling.push(id);
                 }
+            }
+            if self.limits.prefix_caching {
+                self.store_computed(id);
             }
         }
         sampling
@@ -327,6 +377,7 @@ impl Scheduler {
 /// Gives every block of `seq` back to `pool`. None is refused: a sequence's table holds only blocks
 /// of held slabs, since [`Scheduler::lose_slab`] strikes a lost slab's blocks from it.
 fn release(pool: &mut BlockPool, seq: &mut SeqState) {
-    let refused = pool.release(seq.blocks.drain(..));
+    // Tail first: its prefix, which others are likelier to share, is evicted last.
+    let refused = pool.release(seq.blocks.drain(..).rev());
     debug_assert_eq!(refused, 0, "sequence {} held blocks of no slab", seq.id);
 }

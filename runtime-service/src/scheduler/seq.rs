@@ -1,6 +1,8 @@
 //! One sequence as the scheduler sees it: token counts, its block table and what it went through.
 
-use super::BlockId;
+use std::sync::Arc;
+
+use super::{BlockHash, BlockId};
 
 /// A sequence's id, unique within a device.
 pub type SeqId = u64;
@@ -20,6 +22,16 @@ pub struct SeqState {
     pub computed: u32,
     /// Its block table.
     pub blocks: Vec<BlockId>,
+    /// Its prompt's token ids, when known (a prompt the model could not tokenize has none, and is
+    /// neither looked up in nor added to the prefix cache).
+    pub prompt_ids: Arc<[u32]>,
+    /// Chained hashes of its prompt's full blocks (empty with the prefix cache off).
+    pub block_hashes: Arc<[BlockHash]>,
+    /// Leading prompt blocks of its table the prefix cache has seen: found there, stored since,
+    /// or computed while another block held the same content (that one stays the cached one).
+    pub stored_blocks: usize,
+    /// Prompt tokens found in the prefix cache when it was first scheduled.
+    pub cached_tokens: Option<u32>,
     /// Skipped by the scheduler while its reader is behind (its output buffer is full).
     pub paused: bool,
     /// Times it was preempted.
@@ -42,6 +54,10 @@ impl SeqState {
             generated: 0,
             computed: 0,
             blocks: Vec::new(),
+            prompt_ids: Arc::from([]),
+            block_hashes: Arc::from([]),
+            stored_blocks: 0,
+            cached_tokens: None,
             paused: false,
             preemptions: 0,
             peak_blocks: 0,
@@ -66,6 +82,13 @@ impl SeqState {
         self.generated >= self.max_tokens
     }
 
+    /// The same sequence with its prompt's ids and their block hashes, for the prefix cache.
+    pub fn with_prompt(mut self, ids: Arc<[u32]>, hashes: Vec<BlockHash>) -> Self {
+        self.prompt_ids = ids;
+        self.block_hashes = hashes.into();
+        self
+    }
+
     /// Records a sampled token.
     pub fn sampled(&mut self) {
         self.generated += 1;
@@ -74,6 +97,7 @@ impl SeqState {
     /// Forgets its computed KV (its blocks were taken back): everything is recomputed on return.
     pub(super) fn preempt(&mut self) {
         self.computed = 0;
+        self.stored_blocks = 0;
         self.preemptions += 1;
     }
 }

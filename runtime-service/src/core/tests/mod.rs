@@ -89,6 +89,7 @@ fn rig_with_slabs(
         limits,
         low_watermark,
         slab_blocks,
+        kv_events: Arc::new(crate::kv_events::KvEventHub::new(64, 4)),
     };
     let settings =
         DeviceSettings { mode, jitter: 0.0, jitter_seed: 1, kv_idle_release: Duration::from_secs(3600) };
@@ -112,7 +113,8 @@ fn rig_with_slabs(
     }
 }
 
-const LIMITS: Limits = Limits { max_batch: 16, token_budget: 256, reserve: KvReserve::Paged };
+const LIMITS: Limits =
+    Limits { max_batch: 16, token_budget: 256, reserve: KvReserve::Paged, prefix_caching: false };
 
 /// A sequence on the device, as its generation task sees it.
 struct Seq {
@@ -134,6 +136,7 @@ impl Rig {
                 lane: 0,
                 received: Instant::now(),
                 prompt_tokens: engine.count_prompt_tokens(prompt),
+                prompt_ids: Arc::from([]),
                 max_tokens,
                 decoder: Decoder::new(engine, prompt, 7, GREEDY),
                 tokens: tokens_tx,

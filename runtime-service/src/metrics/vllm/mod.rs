@@ -108,6 +108,8 @@ pub struct Vllm {
     preemptions: IntCounterVec,
     prompt_tokens: IntCounterVec,
     generation_tokens: IntCounterVec,
+    prefix_queries: IntCounterVec,
+    prefix_hits: IntCounterVec,
     success: IntCounterVec,
     ttft: HistogramVec,
     itl: HistogramVec,
@@ -153,6 +155,14 @@ impl Vllm {
                 "vllm:generation_tokens_total",
                 "Number of generation tokens processed.",
             )?,
+            prefix_queries: counter(
+                "vllm:prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+            )?,
+            prefix_hits: counter(
+                "vllm:prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
+            )?,
             success: IntCounterVec::new(
                 Opts::new("vllm:request_success_total", "Count of successfully processed requests."),
                 &["model_name", "engine", "finished_reason"],
@@ -196,7 +206,14 @@ impl Vllm {
         for gauge in [&vllm.running, &vllm.waiting, &vllm.kv_usage, &vllm.cache_config] {
             registry.register(Box::new(gauge.clone()))?;
         }
-        for counter in [&vllm.preemptions, &vllm.prompt_tokens, &vllm.generation_tokens, &vllm.success] {
+        for counter in [
+            &vllm.preemptions,
+            &vllm.prompt_tokens,
+            &vllm.generation_tokens,
+            &vllm.prefix_queries,
+            &vllm.prefix_hits,
+            &vllm.success,
+        ] {
             registry.register(Box::new(counter.clone()))?;
         }
         for histogram in
@@ -221,6 +238,8 @@ impl Vllm {
             preemptions: self.preemptions.with_label_values(&labels),
             prompt_tokens: self.prompt_tokens.with_label_values(&labels),
             generation_tokens: self.generation_tokens.with_label_values(&labels),
+            prefix_queries: self.prefix_queries.with_label_values(&labels),
+            prefix_hits: self.prefix_hits.with_label_values(&labels),
             success: Finish::ALL.map(|f| self.success.with_label_values(&[model, ENGINE, f.label()])),
             ttft: self.ttft.with_label_values(&labels),
             itl: self.itl.with_label_values(&labels),

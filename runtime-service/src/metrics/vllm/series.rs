@@ -22,6 +22,8 @@ pub struct ModelSeries {
     pub(super) preemptions: IntCounter,
     pub(super) prompt_tokens: IntCounter,
     pub(super) generation_tokens: IntCounter,
+    pub(super) prefix_queries: IntCounter,
+    pub(super) prefix_hits: IntCounter,
     pub(super) success: [IntCounter; 3],
     pub(super) ttft: Histogram,
     pub(super) itl: Histogram,
@@ -97,6 +99,13 @@ impl ModelSeries {
         let (size, blocks) = (block_size.to_string(), num_gpu_blocks.to_string());
         self.cache_config.with_label_values(&[&self.model, ENGINE, &size, &blocks]).set(1.0);
         self.cache_labels = Some((block_size, num_gpu_blocks));
+    }
+
+    /// A request was first scheduled with the prefix cache on: it looked up `queried` prompt
+    /// tokens and found `hit` of them cached (vLLM counts both in tokens).
+    pub fn prefix_cache(&self, queried: u32, hit: u32) {
+        self.prefix_queries.inc_by(u64::from(queried));
+        self.prefix_hits.inc_by(u64::from(hit));
     }
 
     /// `n` sequences were preempted.

@@ -5,15 +5,27 @@
 //! Blocks are numbered; each slab owns a contiguous range of numbers. Allocation always takes the
 //! lowest free numbers, so older slabs fill first and the newest ones drain first: a slab with
 //! every block free can be returned to memory-service when load falls.
+//!
+//! With the prefix cache, a full block's KV outlives its sequence: it is counted by references
+//! (several sequences share a cached prefix), and when the last goes it stays cached and
+//! evictable rather than free. Every block is in exactly one state: free (no content, no
+//! reference), referenced (by one or more sequences; cached or not), or evictable (cached, no
+//! reference). Allocation takes free blocks first, then evicts the least recently used.
 
+mod cache;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_cache;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     ops::Range,
 };
+
+use self::cache::PrefixCache;
+pub use self::cache::{BlockHash, KvEvent, chain_hashes};
 
 /// A block, by number. Only the pool mints them, and numbers only grow (a removed or lost slab's
 /// numbers are never handed out again), so a block id held after its slab went is stale, never an
@@ -42,24 +54,32 @@ impl fmt::Display for SlabId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slab {
     blocks: u64,
+    /// Blocks with no content and no reference.
     free: u64,
+    /// Cached blocks with no reference.
+    evictable: u64,
 }
 
 impl Slab {
     fn range(&self, id: SlabId) -> Range<BlockId> {
         BlockId(id.0)..BlockId(id.0 + self.blocks)
     }
+
+    /// No sequence references any of its blocks.
+    fn unreferenced(&self) -> bool {
+        self.free + self.evictable == self.blocks
+    }
 }
 
 /// The held slab whose range holds `block`, if any. Both bounds are checked: the nearest slab at
 /// or below a stale block (of a slab since removed or lost) or one past every slab is a different
-/// slab, and crediting it would corrupt its free count.
+/// slab, and crediting it would corrupt its counts.
 fn containing(slabs: &mut BTreeMap<SlabId, Slab>, block: BlockId) -> Option<&mut Slab> {
     let (&id, slab) = slabs.range_mut(..=SlabId(block.0)).next_back()?;
     slab.range(id).contains(&block).then_some(slab)
 }
 
-/// Free and used blocks over the slabs currently held.
+/// Free, referenced and cached blocks over the slabs currently held.
 #[derive(Debug, Clone)]
 pub struct BlockPool {
     block_tokens: u32,
@@ -68,6 +88,9 @@ pub struct BlockPool {
     /// The next number to hand out: every block ever minted is below it.
     next: u64,
     total: u64,
+    /// References per referenced block (a block is here exactly while some sequence holds it).
+    refs: HashMap<BlockId, u32>,
+    cache: PrefixCache,
 }
 
 impl BlockPool {
@@ -79,6 +102,8 @@ impl BlockPool {
             slabs: BTreeMap::new(),
             next: 0,
             total: 0,
+            refs: HashMap::new(),
+            cache: PrefixCache::default(),
         }
     }
 
@@ -92,19 +117,29 @@ impl BlockPool {
         u64::from(tokens).div_ceil(u64::from(self.block_tokens))
     }
 
-    /// Blocks free.
+    /// Blocks with no content and no reference.
     pub fn free_blocks(&self) -> u64 {
         self.free.len() as u64
     }
 
-    /// Blocks held (free or used).
+    /// Blocks [`BlockPool::allocate`] can hand out: the free ones and the evictable cached ones.
+    pub fn available_blocks(&self) -> u64 {
+        self.free_blocks() + self.cache.evictable() as u64
+    }
+
+    /// Blocks held (free, referenced or evictable).
     pub fn total_blocks(&self) -> u64 {
         self.total
     }
 
-    /// Blocks handed to sequences.
+    /// Blocks some sequence references.
     pub fn used_blocks(&self) -> u64 {
-        self.total - self.free_blocks()
+        self.refs.len() as u64
+    }
+
+    /// Blocks whose KV is cached (referenced or not).
+    pub fn cached_blocks(&self) -> u64 {
+        self.cache.len() as u64
     }
 
     /// Slabs held.
@@ -116,17 +151,28 @@ impl BlockPool {
     pub fn add_slab(&mut self, blocks: u64) -> SlabId {
         let id = SlabId(self.next);
         self.next += blocks;
-        let slab = Slab { blocks, free: blocks };
+        let slab = Slab { blocks, free: blocks, evictable: 0 };
         self.free.extend((id.0..id.0 + blocks).map(BlockId));
         self.slabs.insert(id, slab);
         self.total += blocks;
         id
     }
 
-    /// Removes slab `id` if every block of it is free; false otherwise (or if unknown).
+    /// Removes slab `id` if every block of it is free (no content either); false otherwise.
     pub fn remove_slab(&mut self, id: SlabId) -> bool {
         let Some(slab) = self.slabs.get(&id).copied() else { return false };
         if slab.free != slab.blocks {
+            return false;
+        }
+        self.drop_slab(id, slab);
+        true
+    }
+
+    /// Removes slab `id` if no sequence references its blocks, evicting the cached ones; false
+    /// otherwise. How a cache gives memory back.
+    pub fn evict_slab(&mut self, id: SlabId) -> bool {
+        let Some(slab) = self.slabs.get(&id).copied() else { return false };
+        if !slab.unreferenced() {
             return false;
         }
         self.drop_slab(id, slab);
@@ -145,7 +191,10 @@ impl BlockPool {
     fn drop_slab(&mut self, id: SlabId, slab: Slab) {
         self.slabs.remove(&id);
         for n in id.0..id.0 + slab.blocks {
-            self.free.remove(&BlockId(n));
+            let block = BlockId(n);
+            self.free.remove(&block);
+            self.refs.remove(&block);
+            self.cache.forget(block);
         }
         self.total -= slab.blocks;
     }
@@ -160,41 +209,127 @@ impl BlockPool {
         self.slabs.iter().rev().filter(|(_, s)| s.free == s.blocks).map(|(&id, s)| (id, s.blocks))
     }
 
-    /// Takes `n` blocks, all or none.
+    /// Slabs no sequence references that hold cached blocks: memory kept only as a cache.
+    pub fn cache_only_slabs(&self) -> impl Iterator<Item = (SlabId, u64)> + '_ {
+        self.slabs.iter().filter(|(_, s)| s.unreferenced() && s.evictable > 0).map(|(&id, s)| (id, s.blocks))
+    }
+
+    /// Takes `n` blocks, all or none: free ones first, lowest numbers first, then the least
+    /// recently used evictable ones, whose cached content is forgotten.
     pub fn allocate(&mut self, n: u64) -> Option<Vec<BlockId>> {
-        if n > self.free_blocks() {
+        if n > self.available_blocks() {
             return None;
         }
         let mut taken = Vec::with_capacity(n as usize);
         while (taken.len() as u64) < n {
-            let Some(block) = self.free.pop_first() else {
-                // Only if a free block had no slab, which `check` rules out: give back, take none.
-                let refused = self.release(taken);
+            let block = if let Some(block) = self.free.pop_first() {
+                // Free blocks are always in a held slab (drop_slab removes them with it).
+                match containing(&mut self.slabs, block) {
+                    Some(slab) => slab.free -= 1,
+                    None => continue,
+                }
+                block
+            } else if let Some(block) = self.cache.evict_oldest() {
+                match containing(&mut self.slabs, block) {
+                    Some(slab) => slab.evictable -= 1,
+                    None => continue,
+                }
+                block
+            } else {
+                // Only if a counted block had no slab, which `check` rules out: give back.
+                let refused = self.release(taken.into_iter().rev());
                 debug_assert_eq!(refused, 0, "blocks just taken go back");
                 return None;
             };
-            // Free blocks are always in a held slab (release refuses any other), so this skips
-            // nothing; were one orphaned, it is dropped rather than handed out.
-            if let Some(slab) = containing(&mut self.slabs, block) {
-                slab.free -= 1;
-                taken.push(block);
-            }
+            self.refs.insert(block, 1);
+            taken.push(block);
         }
         Some(taken)
     }
 
-    /// Gives `blocks` back; returns how many were refused: a block of no held slab (stale, its
-    /// slab returned or lost), or one already free. A refused block changes nothing.
+    /// The longest run of cached blocks holding `ids` block by block, whose chained hashes are
+    /// `hashes` (see [`chain_hashes`]). Nothing is referenced yet: see [`BlockPool::share`].
+    pub fn lookup(&self, hashes: &[BlockHash], ids: &[u32]) -> Vec<BlockId> {
+        let size = self.block_tokens as usize;
+        hashes
+            .iter()
+            .zip(ids.chunks_exact(size))
+            .map_while(|(&hash, block_ids)| self.cache.find(hash, block_ids))
+            .collect()
+    }
+
+    /// How many of `blocks` (a lookup's result) are evictable: sharing them takes them out of
+    /// [`BlockPool::available_blocks`].
+    pub fn evictable_among(&self, blocks: &[BlockId]) -> u64 {
+        blocks.iter().filter(|&&b| self.cache.is_evictable(b)).count() as u64
+    }
+
+    /// References each of `blocks` (cached: a lookup's result) once more.
+    pub fn share(&mut self, blocks: &[BlockId]) {
+        for &block in blocks {
+            if !self.cache.contains(block) {
+                debug_assert!(false, "{block} shared but not cached");
+                continue;
+            }
+            let refs = self.refs.entry(block).or_insert(0);
+            *refs += 1;
+            if *refs == 1 {
+                self.cache.unpark(block);
+                if let Some(slab) = containing(&mut self.slabs, block) {
+                    slab.evictable -= 1;
+                }
+            }
+        }
+    }
+
+    /// Records that referenced `block` holds the full block `ids` of hash `hash` (after `parent`);
+    /// false if it cannot be cached (not referenced, already cached, or the hash is cached in
+    /// another block).
+    pub fn store(&mut self, block: BlockId, hash: BlockHash, parent: Option<BlockHash>, ids: &[u32]) -> bool {
+        self.refs.contains_key(&block) && self.cache.insert(block, hash, parent, ids)
+    }
+
+    /// Drops one reference to each of `blocks`, in the order given; returns how many were refused:
+    /// a block of no held slab (stale, its slab returned or lost) or one nobody references. A
+    /// refused block changes nothing. A block left unreferenced becomes evictable if cached (the
+    /// first given is evicted first: pass a sequence's blocks tail first, as vLLM does, so its
+    /// prefix outlives its tail), else free.
     #[must_use = "a refused block means its holder's block table was stale"]
     pub fn release(&mut self, blocks: impl IntoIterator<Item = BlockId>) -> usize {
         let mut refused = 0;
         for block in blocks {
-            match containing(&mut self.slabs, block) {
-                Some(slab) if self.free.insert(block) => slab.free += 1,
-                _ => refused += 1,
+            let Some(slab) = containing(&mut self.slabs, block) else {
+                refused += 1;
+                continue;
+            };
+            let Some(refs) = self.refs.get_mut(&block) else {
+                refused += 1;
+                continue;
+            };
+            *refs -= 1;
+            if *refs > 0 {
+                continue;
+            }
+            self.refs.remove(&block);
+            if self.cache.contains(block) {
+                self.cache.park(block);
+                slab.evictable += 1;
+            } else {
+                self.free.insert(block);
+                slab.free += 1;
             }
         }
         refused
+    }
+
+    /// The tokens cached block `block` holds.
+    pub fn cached_ids(&self, block: BlockId) -> Option<&[u32]> {
+        self.cache.ids(block)
+    }
+
+    /// Cache changes since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        self.cache.take_events()
     }
 
     /// The slab `block` belongs to.
@@ -203,20 +338,29 @@ impl BlockPool {
         slab.range(id).contains(&block).then_some(id)
     }
 
-    /// Checks the pool's own accounting against `used`, every block held by a sequence: each
-    /// held block is in exactly one place (free or one sequence) and in a held slab, every number
-    /// was minted here, and per-slab counts agree.
+    /// Checks the pool's own accounting against `used`, every block reference a sequence holds
+    /// (a shared block once per sequence): each held block is in exactly one state (free,
+    /// referenced as often as `used` names it, or evictable), in a held slab, minted here; cached
+    /// blocks are referenced or evictable, never free; per-slab counts agree.
     pub fn check(&self, used: &[BlockId]) -> Result<(), String> {
-        let mut seen = BTreeSet::new();
+        let mut counted: HashMap<BlockId, u32> = HashMap::new();
         for &block in used {
-            if self.free.contains(&block) {
-                return Err(format!("{block} is both free and used"));
-            }
-            if !seen.insert(block) {
-                return Err(format!("{block} is owned twice"));
-            }
+            *counted.entry(block).or_insert(0) += 1;
         }
-        for &block in used.iter().chain(&self.free) {
+        if counted != self.refs {
+            let wrong = counted
+                .iter()
+                .find(|(b, n)| self.refs.get(b) != Some(n))
+                .map(|(b, n)| format!("{b} is held {n} times but counts {:?} references", self.refs.get(b)))
+                .or_else(|| {
+                    self.refs
+                        .keys()
+                        .find(|b| !counted.contains_key(b))
+                        .map(|b| format!("{b} counts references nobody holds"))
+                });
+            return Err(wrong.unwrap_or_else(|| "references disagree".into()));
+        }
+        for &block in counted.keys().chain(&self.free) {
             if block.0 >= self.next {
                 return Err(format!("{block} was never minted (next is {})", self.next));
             }
@@ -224,13 +368,33 @@ impl BlockPool {
                 return Err(format!("{block} belongs to no slab"));
             }
         }
-        if self.free_blocks() + used.len() as u64 != self.total {
-            return Err(format!("{} free + {} used != {} held", self.free_blocks(), used.len(), self.total));
+        if let Some(block) = self.free.iter().find(|b| counted.contains_key(b) || self.cache.contains(**b)) {
+            return Err(format!("{block} is free but referenced or cached"));
+        }
+        self.cache.check()?;
+        let evictable = self.cache.evictable() as u64;
+        if self.free_blocks() + self.used_blocks() + evictable != self.total {
+            return Err(format!(
+                "{} free + {} used + {evictable} evictable != {} held",
+                self.free_blocks(),
+                self.used_blocks(),
+                self.total
+            ));
         }
         for (&id, slab) in &self.slabs {
             let free = self.free.range(slab.range(id)).count() as u64;
-            if free != slab.free {
-                return Err(format!("{id} counts {} free blocks but has {free}", slab.free));
+            let evictable =
+                (id.0..id.0 + slab.blocks).filter(|&n| self.cache.is_evictable(BlockId(n))).count() as u64;
+            if (free, evictable) != (slab.free, slab.evictable) {
+                return Err(format!(
+                    "{id} counts {} free and {} evictable blocks but has {free} and {evictable}",
+                    slab.free, slab.evictable
+                ));
+            }
+            if (id.0..id.0 + slab.blocks)
+                .any(|n| self.cache.is_evictable(BlockId(n)) && self.refs.contains_key(&BlockId(n)))
+            {
+                return Err(format!("{id} has a block both evictable and referenced"));
             }
         }
         Ok(())
