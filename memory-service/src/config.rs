@@ -33,6 +33,8 @@ pub struct Config {
     pub max_wait: Duration,
     /// Delay suggested to a caller refused for lack of room (RetryInfo).
     pub retry_hint: Duration,
+    /// How long a holder has to answer a ReclaimRequest before the leases it names are revoked.
+    pub reclaim_timeout: Duration,
     /// Events each watcher may fall behind before it is told it lagged; also how many of the
     /// latest events are kept for watchers that resume.
     pub event_buffer: usize,
@@ -49,6 +51,10 @@ pub struct Config {
     /// Directory of the durable state store; `None` keeps the ledger in memory only.
     pub state_dir: Option<std::path::PathBuf>,
 }
+
+/// Longest reclaim timeout: past a minute, a waiter (at most 10 s by default) has long given up
+/// before a stuck holder loses its lease, and the bound is pointless.
+pub const MAX_RECLAIM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Device whose memory the default pools divide, so a bare memory-service fits a bare
 /// runtime-service (which simulates the same device).
@@ -77,6 +83,10 @@ impl Default for Config {
             // after 500 ms).
             max_wait: Duration::from_secs(10),
             retry_hint: Duration::from_millis(200),
+            // Long enough for a holder to evict blocks and free a few slabs (milliseconds), short
+            // enough that a waiter with the default 10 s max wait is served well before it gives
+            // up when a holder is stuck.
+            reclaim_timeout: crate::ledger::DEFAULT_RECLAIM_TIMEOUT,
             event_buffer: 4096,
             grace_period: Duration::from_secs(10),
             limits: Limits::default(),
@@ -98,6 +108,7 @@ struct File {
     max_ttl_ms: Option<u64>,
     max_wait_ms: Option<u64>,
     retry_hint_ms: Option<u64>,
+    reclaim_timeout_ms: Option<u64>,
     event_buffer: Option<usize>,
     grace_period_ms: Option<u64>,
     limits: Option<FileLimits>,
@@ -146,6 +157,7 @@ impl Config {
         self.max_ttl = file.max_ttl_ms.map_or(self.max_ttl, ms);
         self.max_wait = file.max_wait_ms.map_or(self.max_wait, ms);
         self.retry_hint = file.retry_hint_ms.map_or(self.retry_hint, ms);
+        self.reclaim_timeout = file.reclaim_timeout_ms.map_or(self.reclaim_timeout, ms);
         self.event_buffer = file.event_buffer.unwrap_or(self.event_buffer);
         self.grace_period = file.grace_period_ms.map_or(self.grace_period, ms);
         if let Some(transport) = file.transport {
@@ -200,6 +212,12 @@ impl Config {
         if self.max_wait > Duration::from_secs(3600) {
             return invalid(format!("max wait {:?} must be at most 1 h", self.max_wait));
         }
+        if self.reclaim_timeout < Duration::from_millis(1) || self.reclaim_timeout > MAX_RECLAIM_TIMEOUT {
+            return invalid(format!(
+                "reclaim timeout {:?} must be between 1 ms and {MAX_RECLAIM_TIMEOUT:?}",
+                self.reclaim_timeout
+            ));
+        }
         let l = &self.limits;
         for (name, value, max) in [
             ("limits.pools", l.pools, 1 << 16),
@@ -243,6 +261,12 @@ mod tests {
         assert!(Config { pools: vec![dup.clone(), dup], ..Config::default() }.validate().is_err());
         let ttl = Config { default_ttl: Duration::from_secs(7200), ..Config::default() };
         assert!(ttl.validate().is_err());
+        for reclaim_timeout in [Duration::ZERO, Duration::from_micros(999), Duration::from_secs(61)] {
+            assert!(
+                Config { reclaim_timeout, ..Config::default() }.validate().is_err(),
+                "{reclaim_timeout:?}"
+            );
+        }
     }
 
     #[test]
@@ -252,13 +276,14 @@ mod tests {
         let path = dir.join("memory.toml");
         std::fs::write(
             &path,
-            "default_ttl_ms = 5000\n[[pools]]\nname = \"kv-cache\"\ncapacity = \"1GiB\"\n\
+            "default_ttl_ms = 5000\nreclaim_timeout_ms = 250\n[[pools]]\nname = \"kv-cache\"\ncapacity = \"1GiB\"\n\
              [[pools]]\nname = \"scratch\"\ncapacity = 4096\n",
         )
         .unwrap();
         let config = Config::default().merge_file(&path).unwrap();
         config.validate().unwrap();
         assert_eq!(config.default_ttl, Duration::from_secs(5));
+        assert_eq!(config.reclaim_timeout, Duration::from_millis(250));
         assert_eq!(
             config.pools,
             [

@@ -46,6 +46,10 @@ struct Args {
     /// Retry delay suggested when memory is short, in milliseconds.
     #[arg(long, env = "MEMORY_RETRY_HINT_MS")]
     retry_hint_ms: Option<u64>,
+    /// How long a holder has to answer a ReclaimRequest (give back or stop offering the leases
+    /// it names) before they are revoked, in milliseconds: 1 to 60000. Default 1000.
+    #[arg(long, env = "MEMORY_RECLAIM_TIMEOUT_MS")]
+    reclaim_timeout_ms: Option<u64>,
     /// Events a watcher may fall behind before it is told it lagged, and the latest events
     /// kept for watchers that resume after a sequence.
     #[arg(long, env = "MEMORY_EVENT_BUFFER")]
@@ -82,6 +86,7 @@ impl Args {
         config.max_ttl = self.max_ttl_ms.map_or(config.max_ttl, ms);
         config.max_wait = self.max_wait_ms.map_or(config.max_wait, ms);
         config.retry_hint = self.retry_hint_ms.map_or(config.retry_hint, ms);
+        config.reclaim_timeout = self.reclaim_timeout_ms.map_or(config.reclaim_timeout, ms);
         config.event_buffer = self.event_buffer.unwrap_or(config.event_buffer);
         config.grace_period = self.grace_period_ms.map_or(config.grace_period, ms);
         if self.state_dir.is_some() {

@@ -1,12 +1,14 @@
 //! Property test: any sequence of ledger operations keeps the books exact, what the change
 //! batches wrote restores to the same books at any point, and once everything is freed or
-//! expired every pool is back to zero.
+//! expired every pool is back to zero. Operations include offering leases as reclaimable on
+//! streams, answering the asks (freeing, declining, or staying silent until revoked) and
+//! streams ending.
 
 use std::{sync::Arc, time::Duration};
 
 use std::collections::HashMap;
 
-use memory_service::ledger::{Admission, AllocRequest, Batch, Grant, LeaseId, Ledger, Snapshot};
+use memory_service::ledger::{Admission, AllocRequest, Batch, Grant, LeaseId, Ledger, Snapshot, StreamId};
 use proptest::prelude::*;
 use tokio::{sync::oneshot, time::Instant};
 
@@ -50,6 +52,20 @@ enum Op {
     },
     /// Take the change batch and apply it to the model store.
     Commit,
+    /// Stream `stream` offers the picked leases (replacing its set; stale ids included).
+    Offer {
+        stream: u8,
+        picks: Vec<usize>,
+    },
+    /// Stream `stream` reads its asks and frees what they name, or declines them all.
+    Answer {
+        stream: u8,
+        free: bool,
+    },
+    /// Stream `stream` ends.
+    CloseStream {
+        stream: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -72,6 +88,33 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), any::<bool>()).prop_map(|(pick, timed_out)| Op::Abandon { pick, timed_out }),
         1 => any::<usize>().prop_map(|pick| Op::DropWaiter { pick }),
         2 => Just(Op::Commit),
+        4 => (0u8..3, prop::collection::vec(any::<usize>(), 0..10)).prop_map(|(stream, picks)| Op::Offer { stream, picks }),
+        3 => (0u8..3, any::<bool>()).prop_map(|(stream, free)| Op::Answer { stream, free }),
+        1 => (0u8..3).prop_map(|stream| Op::CloseStream { stream }),
+    ]
+}
+
+/// Operations skewed towards reclaiming: small leases in two pools that fill up, waits, long
+/// TTLs, offers and answers, and time moving by fractions of the reclaim timeout.
+fn reclaim_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (
+            prop::collection::vec((0u8..2, 1u64..40), 1..3),
+            prop::option::of(0u8..3),
+            2_000u64..20_000,
+            prop::bool::weighted(0.8),
+        )
+            .prop_map(|(items, scope, ttl_ms, wait)| Op::Allocate { items, scope, ttl_ms, wait, key: None }),
+        2 => any::<usize>().prop_map(|pick| Op::Free { pick }),
+        1 => (0u8..3).prop_map(|scope| Op::FreeScope { scope }),
+        1 => any::<usize>().prop_map(|pick| Op::Renew { pick }),
+        2 => (0u64..1_500).prop_map(|ms| Op::Advance { ms }),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(pick, timed_out)| Op::Abandon { pick, timed_out }),
+        1 => any::<usize>().prop_map(|pick| Op::DropWaiter { pick }),
+        1 => Just(Op::Commit),
+        5 => (0u8..3, prop::collection::vec(any::<usize>(), 0..12)).prop_map(|(stream, picks)| Op::Offer { stream, picks }),
+        4 => (0u8..3, any::<bool>()).prop_map(|(stream, free)| Op::Answer { stream, free }),
+        1 => (0u8..3).prop_map(|stream| Op::CloseStream { stream }),
     ]
 }
 
@@ -136,10 +179,15 @@ fn check_restore(
     prop_assert_eq!(restored.live_leases(), ledger.live_leases());
     for pool in ledger.list_pools() {
         let back = restored.pool_stats(&pool.name).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        // Offers and asks are soft state: none survives a restart, and open asks count as declined.
+        let mut counters = pool.counters;
+        let c = &pool.counters;
+        counters.reclaim_declined += c.reclaim_asked - c.reclaim_returned - c.reclaim_declined - c.revoked;
         prop_assert_eq!(
             (back.used, back.live_leases, back.counters),
-            (pool.used, pool.live_leases, pool.counters)
+            (pool.used, pool.live_leases, counters)
         );
+        prop_assert_eq!((back.reclaimable, back.reclaiming), (0, 0));
     }
     Ok(())
 }
@@ -149,6 +197,8 @@ fn check_restore(
 struct Model {
     leases: Vec<LeaseId>,
     waiters: Vec<(u64, oneshot::Receiver<Result<Grant, memory_service::ledger::Error>>)>,
+    /// Open streams, and what each last offered.
+    streams: HashMap<u8, (StreamId, Vec<LeaseId>)>,
 }
 
 impl Model {
@@ -234,6 +284,50 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 // A caller that vanished without abandoning: the ledger must skip it.
                 model.waiters.swap_remove(pick % model.waiters.len());
             }
+            Op::Offer { stream, picks } => {
+                let id = match model.streams.get(&stream) {
+                    Some(&(id, _)) => id,
+                    None => ledger.open_offer().id,
+                };
+                // Picks past the live leases name a lease that is gone (or never was).
+                let set: Vec<LeaseId> = picks
+                    .iter()
+                    .map(|&pick| {
+                        model
+                            .leases
+                            .get(pick % (model.leases.len() + 2))
+                            .copied()
+                            .unwrap_or(LeaseId::from_raw(pick as u128))
+                    })
+                    .collect();
+                let offered =
+                    ledger.set_reclaimable(id, &set, now).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(offered.offered <= set.len());
+                model.streams.insert(stream, (id, set));
+            }
+            Op::Answer { stream, free } => {
+                if let Some((id, offered)) = model.streams.get_mut(&stream) {
+                    let asked: Vec<LeaseId> =
+                        ledger.take_notices(*id, now).into_iter().flat_map(|n| n.leases).collect();
+                    if free {
+                        for lease in &asked {
+                            prop_assert!(ledger.free(*lease, now).is_ok(), "an asked lease is live");
+                            model.leases.retain(|l| l != lease);
+                        }
+                    } else {
+                        offered.retain(|l| !asked.contains(l));
+                        let set = offered.clone();
+                        ledger
+                            .set_reclaimable(*id, &set, now)
+                            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    }
+                }
+            }
+            Op::CloseStream { stream } => {
+                if let Some((id, _)) = model.streams.remove(&stream) {
+                    ledger.close_offer(id, now);
+                }
+            }
             _ => {}
         }
         model.collect();
@@ -246,6 +340,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     check_restore(&ledger, &store, now, wall + (now - start))?;
 
     // Everything left either expires or is freed: every pool returns to zero.
+    for (_, (id, _)) in model.streams.drain() {
+        ledger.close_offer(id, now);
+    }
     ledger.close_waiters();
     model.collect();
     now += Duration::from_secs(3600);
@@ -254,7 +351,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     for pool in ledger.list_pools() {
         prop_assert_eq!(pool.used, 0, "pool {} not empty", pool.name);
         prop_assert_eq!(pool.live_leases, 0);
-        prop_assert_eq!(pool.counters.granted, pool.counters.freed + pool.counters.expired);
+        let c = pool.counters;
+        prop_assert_eq!(c.granted, c.freed + c.expired + c.revoked);
+        prop_assert_eq!(c.reclaim_asked, c.reclaim_returned + c.reclaim_declined + c.revoked);
+        prop_assert_eq!((pool.reclaimable, pool.reclaiming), (0, 0));
     }
     prop_assert_eq!(ledger.live_leases(), 0);
     Ok(())
@@ -265,6 +365,11 @@ proptest! {
 
     #[test]
     fn books_balance_after_any_sequence(ops in prop::collection::vec(op(), 1..80)) {
+        run(ops)?;
+    }
+
+    #[test]
+    fn reclaims_balance_after_any_sequence(ops in prop::collection::vec(reclaim_op(), 1..120)) {
         run(ops)?;
     }
 }

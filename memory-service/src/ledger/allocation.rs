@@ -20,6 +20,7 @@ impl Ledger {
                     available: pool.available(),
                     capacity: pool.capacity(),
                     waiters: pool.waiters(),
+                    reclaimable: pool.reclaimable(),
                 }
             })
             .collect();
@@ -84,6 +85,7 @@ impl Ledger {
         self.holder_waiters.add(&resolved.holder, 1);
         let (reply, grant) = oneshot::channel();
         let ticket = self.waiters.push(resolved, reply);
+        self.ask_reclaims(now);
         Ok(Admission::Queued { ticket, grant })
     }
 

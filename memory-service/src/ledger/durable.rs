@@ -376,6 +376,9 @@ impl Ledger {
                 restored.reconciled += 1;
                 self.touch_pool(p);
             }
+            if self.pools[p].close_restored_asks() {
+                self.touch_pool(p);
+            }
         }
         for replay in snapshot.replays {
             let items: Option<Vec<_>> = replay

@@ -32,6 +32,10 @@ pub enum EventKind {
     Renewed,
     /// An Allocate was refused at once.
     Rejected,
+    /// A lease's holder was asked to give it back (ReclaimRequest).
+    ReclaimRequested,
+    /// A lease asked back was not given back in time, and was revoked.
+    Revoked,
 }
 
 /// One state change, as watchers see it.

@@ -42,7 +42,7 @@ impl Ledger {
                 return Err(format!("{}: {} waiters counted, {} queued", s.name, s.waiters, waiting[p]));
             }
             let c = s.counters;
-            if c.granted != c.freed + c.expired + s.live_leases
+            if c.granted != c.freed + c.expired + c.revoked + s.live_leases
                 || c.granted_bytes != c.released_bytes + u128::from(s.used)
             {
                 return Err(format!("{}: counters do not add up: {c:?}, live {}", s.name, s.live_leases));
@@ -73,7 +73,8 @@ impl Ledger {
         if let Some((holder, n)) = waiting.iter().find(|(h, n)| self.holder_waiters.get(h) != **n) {
             return Err(format!("holder {holder}: {n} waiters, {} counted", self.holder_waiters.get(holder)));
         }
-        self.check_no_servable_waiter()
+        self.check_no_servable_waiter()?;
+        self.check_reclaim()
     }
 
     /// Liveness: after any operation, no queued waiter could be granted under the
@@ -106,5 +107,81 @@ impl Ledger {
             }
         }
         Ok(())
+    }
+}
+
+impl Ledger {
+    /// The reclaim books: every offer is of a live lease, by one open stream, counted in its
+    /// pool; every open ask names offered leases only and has one deadline; every lease asked
+    /// is answered once; and nothing is left to ask (asks are made as soon as they can help).
+    fn check_reclaim(&self) -> Result<(), String> {
+        let r = &self.reclaim;
+        let n = self.pools.len();
+        let (mut offered, mut asking) = (vec![0u64; n], vec![0u64; n]);
+        let (mut idle, mut open) = (vec![0usize; n], vec![0u64; n]);
+        for (id, mark) in &r.marks {
+            let Some(lease) = self.leases.get(id) else {
+                return Err(format!("lease {id} is offered but not live"));
+            };
+            let p = lease.pool;
+            offered[p] += lease.size;
+            if !r.offers.get(&mark.stream).is_some_and(|o| o.leases.contains(id)) {
+                return Err(format!("lease {id} is offered by stream {} that does not list it", mark.stream));
+            }
+            match mark.asked {
+                None => {
+                    idle[p] += 1;
+                    if !r.idle.get(p).is_some_and(|s| s.contains(&(mark.order, *id))) {
+                        return Err(format!("offered lease {id} is not in its pool's queue"));
+                    }
+                }
+                Some(rid) => {
+                    asking[p] += lease.size;
+                    open[p] += 1;
+                    let ask = r.asks.get(&rid).filter(|a| a.pool == p && a.stream == mark.stream);
+                    if !ask.is_some_and(|a| a.leases.contains(id)) {
+                        return Err(format!("lease {id} is asked by {rid}, which does not name it"));
+                    }
+                }
+            }
+        }
+        if r.offers.values().map(|o| o.leases.len()).sum::<usize>() != r.marks.len()
+            || r.offers
+                .values()
+                .any(|o| o.leases.len() > super::MAX_OFFERED || o.outbox.len() > super::MAX_OFFERED)
+        {
+            return Err("streams' offers out of step with the offered leases, or past their bound".into());
+        }
+        let asked: usize = r.asks.values().map(|a| a.leases.len()).sum();
+        if asked != open.iter().sum::<u64>() as usize
+            || r.asks.values().any(|a| a.leases.is_empty())
+            || r.deadlines.len() != r.asks.len()
+            || r.asks.iter().any(|(rid, a)| !r.deadlines.contains(&(a.deadline, *rid)))
+        {
+            return Err("open asks out of step with the asked leases or their deadlines".into());
+        }
+        for (p, pool) in self.pools.iter().enumerate() {
+            let c = pool.stats().counters;
+            if r.idle.get(p).map_or(0, |s| s.len()) != idle[p]
+                || pool.reclaimable() != offered[p]
+                || pool.reclaiming() != asking[p]
+                || c.reclaim_asked != c.reclaim_returned + c.reclaim_declined + c.revoked + open[p]
+            {
+                return Err(format!(
+                    "{}: reclaim books: {} offered ({} counted), {} asked ({} counted), {c:?}",
+                    pool.name(),
+                    offered[p],
+                    pool.reclaimable(),
+                    asking[p],
+                    pool.reclaiming()
+                ));
+            }
+        }
+        match self.reclaim_wanted().first() {
+            Some(&(p, want)) => {
+                Err(format!("{}: {want} bytes could be asked back but were not", self.pools[p].name()))
+            }
+            None => Ok(()),
+        }
     }
 }

@@ -9,9 +9,12 @@ impl Ledger {
         self.leases.len()
     }
 
-    /// The earliest lease deadline, for the reaper's timer.
+    /// The earliest deadline (a lease's expiry, or an ask's revocation), for the reaper's timer.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.expiry.next_deadline()
+        match (self.expiry.next_deadline(), self.next_reclaim_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Renews one lease to `now + ttl`.
@@ -47,20 +50,22 @@ impl Ledger {
         Ok(lease)
     }
 
-    /// Reclaims every lease whose deadline is at or before `now`, all at once (never rate
-    /// limited), then hands the room to waiters. Returns how many expired.
+    /// Reclaims every lease whose deadline is at or before `now`, and revokes the leases of
+    /// every ask whose deadline is, all at once (never rate limited), then hands the room to
+    /// waiters. Returns how many leases went (expired or revoked).
     pub fn reap(&mut self, now: Instant) -> usize {
-        let mut expired = 0;
+        let mut gone = 0;
         while let Some(id) = self.expiry.pop_due(now) {
             if let Some(lease) = self.leases.remove(&id) {
                 self.release(lease, Release::Expired, now);
-                expired += 1;
+                gone += 1;
             }
         }
-        if expired > 0 {
+        gone += self.revoke_due(now);
+        if gone > 0 {
             self.serve_waiters(now);
         }
-        expired
+        gone
     }
 
     pub(super) fn check_live(&mut self, id: LeaseId, now: Instant) -> Result<(), Error> {
@@ -95,6 +100,7 @@ impl Ledger {
             }
         }
         self.holder_leases.sub(&lease.holder, 1);
+        self.forget_offer(&lease, how, now);
         // The grant is no longer whole: a retry under its key allocates afresh. Only if the
         // record is this lease's grant: a newer grant under the same key (made after another of
         // the old leases was freed) keeps its replay.
@@ -122,6 +128,7 @@ impl Ledger {
             kind: match how {
                 Release::Freed => EventKind::Freed,
                 Release::Expired => EventKind::Expired,
+                Release::Revoked => EventKind::Revoked,
             },
             pool: pool.name(),
             lease: Some(id),

@@ -15,6 +15,8 @@ mod lifecycle;
 mod limits;
 mod pool;
 mod pools;
+mod reclaim;
+mod reclaim_ask;
 mod request;
 mod scopes;
 mod waiters;
@@ -28,6 +30,8 @@ mod tests_durable;
 mod tests_events;
 #[cfg(test)]
 mod tests_limits;
+#[cfg(test)]
+mod tests_reclaim;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -42,6 +46,7 @@ use self::{
     expiry::ExpiryQueue,
     limits::PerHolder,
     pool::Pool,
+    reclaim::Reclaim,
     request::{PoolBytes, Replay},
     waiters::WaitQueue,
 };
@@ -53,6 +58,9 @@ pub use self::{
     lease::{IdGen, Lease, LeaseId, LeaseMap, LeaseSet},
     limits::Limits,
     pool::{Counters, PoolId, PoolStats, Release},
+    reclaim::{
+        DEFAULT_RECLAIM_TIMEOUT, MAX_OFFERED, OfferHandle, Offered, ReclaimId, ReclaimNotice, StreamId,
+    },
     request::{Admission, AllocRequest, Feasibility, Grant, PoolFit, Resolved},
 };
 
@@ -84,6 +92,8 @@ pub struct Ledger {
     scopes_per_holder: bool,
     /// What changed since the last commit to the store, if there is one.
     dirty: Dirty,
+    /// Leases offered as reclaimable, and the asks for them (soft state, never stored).
+    reclaim: Reclaim,
 }
 
 /// Learns how long each lease lived and how it ended.
@@ -91,6 +101,12 @@ pub trait ReleaseObserver: Send + Sync + std::fmt::Debug {
     /// A lease of pool `id` (named `pool`; ids are stable, pools are never removed) left after
     /// `lived`, freed or expired.
     fn released(&self, id: PoolId, pool: &str, lived: Duration, how: Release);
+
+    /// A lease of pool `id` asked back by a ReclaimRequest came back `after` the ask: returned
+    /// by its holder (freed, or expired), or `revoked` at the deadline.
+    fn reclaim_answered(&self, id: PoolId, pool: &str, after: Duration, revoked: bool) {
+        let _ = (id, pool, after, revoked);
+    }
 }
 
 impl Ledger {
@@ -115,6 +131,7 @@ impl Ledger {
             holder_waiters: PerHolder::default(),
             scopes_per_holder: false,
             dirty: Dirty::default(),
+            reclaim: Reclaim::default(),
         }
     }
 

@@ -20,6 +20,10 @@ pub struct Pool {
     reserved: u128,
     peak_used: u64,
     counters: Counters,
+    /// Bytes of leases offered as reclaimable, and of those the bytes asked back: soft state
+    /// of KeepAlive streams, kept here so statistics read them with the rest.
+    reclaimable: u64,
+    reclaiming: u64,
 }
 
 /// Cumulative counters of a pool since it was created.
@@ -37,8 +41,20 @@ pub struct Counters {
     pub rejected: u64,
     /// Bytes granted. 128 bits: cumulative totals of 4 EiB pools could pass 64 bits.
     pub granted_bytes: u128,
-    /// Bytes returned by frees and expiries.
+    /// Bytes returned by frees, expiries and revocations.
     pub released_bytes: u128,
+    /// Leases revoked: asked back, and still held and offered at their deadline.
+    pub revoked: u64,
+    /// ReclaimRequests sent (one per stream and pool per ask).
+    pub reclaim_requests: u64,
+    /// Leases named in ReclaimRequests. Each is returned, declined, revoked or still asked.
+    pub reclaim_asked: u64,
+    /// Leases asked for that came back (freed or expired) before their deadline.
+    pub reclaim_returned: u64,
+    /// Leases asked for that their holder stopped offering (or whose stream ended).
+    pub reclaim_declined: u64,
+    /// Bytes of asked leases that came back, returned or revoked.
+    pub reclaimed_bytes: u128,
 }
 
 /// A point-in-time copy of a pool's state, detached from the ledger lock.
@@ -58,6 +74,10 @@ pub struct PoolStats {
     pub waiters: u64,
     /// Highest `used` seen.
     pub peak_used: u64,
+    /// Bytes of leases offered as reclaimable.
+    pub reclaimable: u64,
+    /// Of those, bytes asked back and not yet returned, declined or revoked.
+    pub reclaiming: u64,
     /// Cumulative counters.
     pub counters: Counters,
 }
@@ -69,6 +89,8 @@ pub enum Release {
     Freed,
     /// TTL ran out.
     Expired,
+    /// Asked back by a ReclaimRequest and not given back in time.
+    Revoked,
 }
 
 impl Pool {
@@ -82,6 +104,8 @@ impl Pool {
             reserved: 0,
             peak_used: 0,
             counters: Counters::default(),
+            reclaimable: 0,
+            reclaiming: 0,
         }
     }
 
@@ -127,7 +151,44 @@ impl Pool {
         match how {
             Release::Freed => self.counters.freed += 1,
             Release::Expired => self.counters.expired += 1,
+            Release::Revoked => self.counters.revoked += 1,
         }
+    }
+
+    /// Bytes of leases offered as reclaimable.
+    pub fn reclaimable(&self) -> u64 {
+        self.reclaimable
+    }
+
+    /// Bytes asked back and not yet answered.
+    pub fn reclaiming(&self) -> u64 {
+        self.reclaiming
+    }
+
+    /// A lease of `size` bytes joins (`true`) or leaves the reclaimable bytes. Never more than
+    /// `used`, since only live leases are offered.
+    pub(crate) fn offer(&mut self, size: u64, offered: bool) {
+        if offered {
+            self.reclaimable += size;
+        } else {
+            debug_assert!(size <= self.reclaimable, "reclaimable bytes left twice");
+            self.reclaimable = self.reclaimable.saturating_sub(size);
+        }
+    }
+
+    /// A lease of `size` bytes is asked back (`true`), or its ask ended.
+    pub(crate) fn ask(&mut self, size: u64, asked: bool) {
+        if asked {
+            self.reclaiming += size;
+        } else {
+            debug_assert!(size <= self.reclaiming, "reclaiming bytes left twice");
+            self.reclaiming = self.reclaiming.saturating_sub(size);
+        }
+    }
+
+    /// The counters, to count reclaims (the reclaim module is their only other writer).
+    pub(crate) fn counters_mut(&mut self) -> &mut Counters {
+        &mut self.counters
     }
 
     /// Bytes the queued waiters ask of this pool.
@@ -160,8 +221,8 @@ impl Pool {
         self.counters = counters;
     }
 
-    /// Makes the counters add up with the leases held (every lease granted is freed, expired or
-    /// live; every byte granted is released or used), after a restore from a store where they
+    /// Makes the counters add up with the leases held (every lease granted is freed, expired,
+    /// revoked or live; every byte granted is released or used), after a restore from a store where they
     /// do not: only a damaged or hand-edited one, say with a lease the restore dropped. Leases
     /// counted as granted but not held are counted as expired (their memory came back without
     /// a Free); leases held but never counted are counted as granted. Returns whether anything
@@ -169,7 +230,8 @@ impl Pool {
     pub(crate) fn reconcile_counters(&mut self) -> bool {
         let before = self.counters;
         let c = &mut self.counters;
-        let accounted = c.freed.saturating_add(c.expired).saturating_add(self.live_leases);
+        let accounted =
+            c.freed.saturating_add(c.expired).saturating_add(c.revoked).saturating_add(self.live_leases);
         match c.granted.checked_sub(accounted) {
             Some(missing) => c.expired += missing,
             None => c.granted = accounted,
@@ -180,6 +242,26 @@ impl Pool {
             None => c.granted_bytes = bytes,
         }
         self.counters != before
+    }
+
+    /// Counts the asks still open in restored counters as declined: asks are soft state of
+    /// KeepAlive streams, which a restart ends, so none is open after it (the normal case after
+    /// a restart during a reclaim, not damage). Returns whether anything changed.
+    pub(crate) fn close_restored_asks(&mut self) -> bool {
+        let c = &mut self.counters;
+        let answered = c.reclaim_returned.saturating_add(c.reclaim_declined).saturating_add(c.revoked);
+        match c.reclaim_asked.checked_sub(answered) {
+            Some(0) => false,
+            Some(open) => {
+                c.reclaim_declined += open;
+                true
+            }
+            // More answered than asked: a damaged store; asked is made to add up.
+            None => {
+                c.reclaim_asked = answered;
+                true
+            }
+        }
     }
 
     pub(crate) fn count_rejected(&mut self) {
@@ -196,6 +278,8 @@ impl Pool {
             live_leases: self.live_leases,
             waiters: self.waiters,
             peak_used: self.peak_used,
+            reclaimable: self.reclaimable,
+            reclaiming: self.reclaiming,
             counters: self.counters,
         }
     }

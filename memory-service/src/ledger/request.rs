@@ -74,6 +74,8 @@ pub struct PoolFit {
     pub capacity: u64,
     /// Calls queued on it.
     pub waiters: u64,
+    /// Bytes of its leases offered as reclaimable.
+    pub reclaimable: u64,
 }
 
 /// Answer of [`Ledger::can_allocate`].

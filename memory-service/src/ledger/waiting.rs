@@ -95,6 +95,8 @@ impl Ledger {
                 }
             }
         }
+        // Room came back or a waiter left: those still waiting may now be served by reclaiming.
+        self.ask_reclaims(now);
     }
 
     /// The pools that keep `request` from being granted: too little room once the waiters ahead

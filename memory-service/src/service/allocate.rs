@@ -44,6 +44,9 @@ pub(super) async fn allocate(
     let grant = match admission {
         Admission::Granted(grant) => grant,
         Admission::Queued { ticket, grant } => {
+            // Queuing may have asked holders for reclaimable leases: their events and counters
+            // go to the store with the next commit, which nobody else may wake soon.
+            shared.durability().nudge();
             let wait_span = if span.is_none() {
                 tracing::Span::none()
             } else {
@@ -179,5 +182,8 @@ impl Drop for WaitGuard<'_> {
                 ledger.withdraw(&leases, now);
             }
         }
+        drop(ledger);
+        // Leaving serves those behind, which may ask holders for reclaimable leases.
+        self.shared.durability().nudge();
     }
 }

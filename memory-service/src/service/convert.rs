@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use crate::ledger::Violations;
 use crate::{
     config::Config,
-    ledger::{AllocRequest, Error, Event, EventKind, Lease, LeaseId, PoolFit, PoolStats},
+    ledger::{AllocRequest, Error, Event, EventKind, Lease, LeaseId, MAX_OFFERED, PoolFit, PoolStats},
     validate,
 };
 
@@ -151,6 +151,14 @@ pub fn pool_stats(s: PoolStats) -> pb::PoolStats {
         // Cumulative byte totals are 128-bit inside; the API reports them saturated at 2^64 - 1.
         granted_bytes_total: saturate(s.counters.granted_bytes),
         released_bytes_total: saturate(s.counters.released_bytes),
+        reclaimable_bytes: s.reclaimable,
+        reclaiming_bytes: s.reclaiming,
+        reclaim_requests_total: s.counters.reclaim_requests,
+        reclaim_asked_total: s.counters.reclaim_asked,
+        reclaim_returned_total: s.counters.reclaim_returned,
+        reclaim_declined_total: s.counters.reclaim_declined,
+        revoked_total: s.counters.revoked,
+        reclaimed_bytes_total: saturate(s.counters.reclaimed_bytes),
     }
 }
 
@@ -172,6 +180,7 @@ pub fn pool_fit(f: PoolFit) -> pb::PoolFit {
         available_bytes: f.available,
         capacity_bytes: f.capacity,
         waiters: f.waiters,
+        reclaimable_bytes: f.reclaimable,
     }
 }
 
@@ -185,6 +194,8 @@ pub fn event_kind(kind: EventKind) -> pb::EventKind {
         EventKind::WaitTimedOut => pb::EventKind::WaitTimedOut,
         EventKind::Renewed => pb::EventKind::Renewed,
         EventKind::Rejected => pb::EventKind::Rejected,
+        EventKind::ReclaimRequested => pb::EventKind::ReclaimRequested,
+        EventKind::Revoked => pb::EventKind::Revoked,
     }
 }
 
@@ -198,6 +209,8 @@ pub fn event_kind_filter(raw: i32) -> Result<EventKind, Error> {
         Ok(pb::EventKind::WaitTimedOut) => EventKind::WaitTimedOut,
         Ok(pb::EventKind::Renewed) => EventKind::Renewed,
         Ok(pb::EventKind::Rejected) => EventKind::Rejected,
+        Ok(pb::EventKind::ReclaimRequested) => EventKind::ReclaimRequested,
+        Ok(pb::EventKind::Revoked) => EventKind::Revoked,
         Ok(pb::EventKind::Unspecified) | Err(_) => {
             return Err(Error::invalid("kinds", format!("{raw} is not an event kind to filter on")));
         }
@@ -229,5 +242,7 @@ pub fn server_limits(config: &Config) -> pb::ServerLimits {
         max_items: MAX_ITEMS as u32,
         max_leases_per_holder: config.limits.leases_per_holder as u64,
         max_scope_members: config.limits.scope_members as u64,
+        reclaim_timeout: duration(config.reclaim_timeout),
+        max_reclaimable_leases: MAX_OFFERED as u32,
     }
 }

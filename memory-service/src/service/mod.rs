@@ -8,6 +8,7 @@ mod allocate;
 pub mod convert;
 pub mod durability;
 mod keepalive;
+mod reclaim;
 mod scope;
 mod shared;
 pub mod status;

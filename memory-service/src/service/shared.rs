@@ -58,6 +58,7 @@ impl Shared {
     ) -> Result<Arc<Self>, Error> {
         let mut ledger = Ledger::new(config.event_buffer);
         ledger.set_limits(config.limits);
+        ledger.set_reclaim_timeout(config.reclaim_timeout);
         ledger.set_scopes_per_holder(authenticated);
         ledger.observe_releases(metrics.lifetimes());
         let store = match store {

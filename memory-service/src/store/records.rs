@@ -30,6 +30,18 @@ pub struct PoolRecord {
     pub granted_bytes: Vec<u8>,
     #[prost(bytes = "vec", tag = "9")]
     pub released_bytes: Vec<u8>,
+    #[prost(uint64, tag = "10")]
+    pub revoked: u64,
+    #[prost(uint64, tag = "11")]
+    pub reclaim_requests: u64,
+    #[prost(uint64, tag = "12")]
+    pub reclaim_asked: u64,
+    #[prost(uint64, tag = "13")]
+    pub reclaim_returned: u64,
+    #[prost(uint64, tag = "14")]
+    pub reclaim_declined: u64,
+    #[prost(bytes = "vec", tag = "15")]
+    pub reclaimed_bytes: Vec<u8>,
 }
 
 /// A lease. The table key is the order it was stored in, not its id (see `store::leases`).
@@ -105,7 +117,7 @@ pub struct EventRecord {
 }
 
 /// Event kinds by their `memory.v1.EventKind` numbers, stable on disk.
-const KINDS: [(EventKind, u32); 7] = [
+const KINDS: [(EventKind, u32); 9] = [
     (EventKind::Allocated, 1),
     (EventKind::Freed, 2),
     (EventKind::Expired, 3),
@@ -113,6 +125,8 @@ const KINDS: [(EventKind, u32); 7] = [
     (EventKind::WaitTimedOut, 5),
     (EventKind::Renewed, 6),
     (EventKind::Rejected, 7),
+    (EventKind::ReclaimRequested, 8),
+    (EventKind::Revoked, 9),
 ];
 
 impl EventRecord {
@@ -177,6 +191,12 @@ impl PoolRecord {
             rejected: c.rejected,
             granted_bytes: u128_bytes(c.granted_bytes),
             released_bytes: u128_bytes(c.released_bytes),
+            revoked: c.revoked,
+            reclaim_requests: c.reclaim_requests,
+            reclaim_asked: c.reclaim_asked,
+            reclaim_returned: c.reclaim_returned,
+            reclaim_declined: c.reclaim_declined,
+            reclaimed_bytes: u128_bytes(c.reclaimed_bytes),
         }
     }
 
@@ -193,6 +213,12 @@ impl PoolRecord {
                 rejected: self.rejected,
                 granted_bytes: bytes_u128(&self.granted_bytes),
                 released_bytes: bytes_u128(&self.released_bytes),
+                revoked: self.revoked,
+                reclaim_requests: self.reclaim_requests,
+                reclaim_asked: self.reclaim_asked,
+                reclaim_returned: self.reclaim_returned,
+                reclaim_declined: self.reclaim_declined,
+                reclaimed_bytes: bytes_u128(&self.reclaimed_bytes),
             },
         }
     }

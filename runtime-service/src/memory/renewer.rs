@@ -315,8 +315,11 @@ async fn renew_all(
     }
     let Some((tx, replies)) = stream.as_mut() else { return false };
     for chunk in snapshot.chunks(SCOPES_PER_MESSAGE) {
-        let request =
-            KeepAliveRequest { lease_ids: vec![], scope_ids: chunk.iter().map(|(s, _)| s.clone()).collect() };
+        let request = KeepAliveRequest {
+            lease_ids: vec![],
+            scope_ids: chunk.iter().map(|(s, _)| s.clone()).collect(),
+            reclaimable: None,
+        };
         // Before the send: the renewal counts from no later than memory-service received it.
         let sent = Instant::now();
         if tx.send(request).await.is_err() {

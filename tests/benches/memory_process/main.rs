@@ -120,9 +120,13 @@ async fn keep_alive(channel: &Channel, streams: usize, real: bool) -> f64 {
                     .into_inner();
                 let mut renewed = 0u64;
                 while started.elapsed() < ROUND {
-                    tx.send(KeepAliveRequest { lease_ids: lease_ids.clone(), scope_ids: vec![] })
-                        .await
-                        .expect("send");
+                    tx.send(KeepAliveRequest {
+                        lease_ids: lease_ids.clone(),
+                        scope_ids: vec![],
+                        reclaimable: None,
+                    })
+                    .await
+                    .expect("send");
                     replies.message().await.expect("reply").expect("open");
                     renewed += LEASES_PER_MESSAGE as u64;
                 }

@@ -124,7 +124,7 @@ async fn keeper(addr: String, until: Instant, stats: Arc<Stats>) {
             }
             let scope_ids =
                 (0..4).flat_map(|w| (0..8).map(move |s| format!("soak-{w}-{s}"))).take(64).collect();
-            if tx.send(KeepAliveRequest { lease_ids: vec![], scope_ids }).await.is_err() {
+            if tx.send(KeepAliveRequest { lease_ids: vec![], scope_ids, reclaimable: None }).await.is_err() {
                 break;
             }
             let reply = replies.message().await;

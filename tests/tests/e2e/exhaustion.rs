@@ -79,7 +79,7 @@ async fn lease_bounds_hold_at_hundreds_of_thousands_and_a_huge_scope_never_stall
         })
     };
     let started = Instant::now();
-    let renew = KeepAliveRequest { lease_ids: vec![], scope_ids: vec!["huge".into()] };
+    let renew = KeepAliveRequest { lease_ids: vec![], scope_ids: vec!["huge".into()], reclaimable: None };
     let mut replies = client.keep_alive(tokio_stream::iter([renew])).await.expect("stream").into_inner();
     let renewed = replies.message().await.expect("answer").expect("one answer");
     let renew_took = started.elapsed();

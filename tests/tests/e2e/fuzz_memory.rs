@@ -9,8 +9,8 @@ use e2e::{MemoryServer, config_with_pools};
 use proptest::prelude::*;
 use proto::memory::v1::{
     AllocateRequest, AllocationItem, CanAllocateRequest, CreatePoolRequest, FreeRequest, FreeScopeRequest,
-    GetPoolStatsRequest, KeepAliveRequest, ListPoolsRequest, RenewLeaseRequest, WatchEventsRequest,
-    memory_service_client::MemoryServiceClient,
+    GetPoolStatsRequest, KeepAliveRequest, ListPoolsRequest, ReclaimableSet, RenewLeaseRequest,
+    WatchEventsRequest, memory_service_client::MemoryServiceClient,
 };
 use tonic::{Code, transport::Channel};
 
@@ -75,8 +75,16 @@ fn call() -> impl Strategy<Value = Call> {
             Call::Allocate(AllocateRequest { items, holder, scope_id, ttl, max_wait, request_id })
         });
     let keepalive = prop::collection::vec(
-        (prop::collection::vec(text(), 0..40), prop::collection::vec(text(), 0..70))
-            .prop_map(|(lease_ids, scope_ids)| KeepAliveRequest { lease_ids, scope_ids }),
+        (
+            prop::collection::vec(text(), 0..40),
+            prop::collection::vec(text(), 0..70),
+            prop::option::of(prop::collection::vec(text(), 0..40)),
+        )
+            .prop_map(|(lease_ids, scope_ids, offered)| KeepAliveRequest {
+                lease_ids,
+                scope_ids,
+                reclaimable: offered.map(|lease_ids| ReclaimableSet { lease_ids }),
+            }),
         0..4,
     );
     prop_oneof![

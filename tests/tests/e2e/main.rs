@@ -11,6 +11,7 @@ mod memory_disk_full;
 mod memory_durable;
 mod memory_events;
 mod memory_frozen_disk;
+mod memory_reclaim;
 mod memory_rpcs;
 mod memory_shutdown;
 mod memory_stress;

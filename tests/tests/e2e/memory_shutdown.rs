@@ -38,7 +38,10 @@ async fn shutdown_ends_open_streams_cleanly_within_the_grace_period() {
         .await
         .unwrap()
         .into_inner();
-    keepalive_tx.send(KeepAliveRequest { lease_ids: vec![lease.lease_id], scope_ids: vec![] }).await.unwrap();
+    keepalive_tx
+        .send(KeepAliveRequest { lease_ids: vec![lease.lease_id], scope_ids: vec![], reclaimable: None })
+        .await
+        .unwrap();
     assert!(keepalive.next().await.unwrap().is_ok());
 
     let mut waiter = server.client().await;

@@ -16,7 +16,7 @@ use tonic_types::StatusExt;
 
 /// Keeps virtual time crawling in 1 ms steps while RPCs are in flight: without a nearer timer,
 /// an idle moment during a round trip would jump the clock straight to the next lease deadline.
-fn crawl_clock() -> tokio::task::JoinHandle<()> {
+pub(crate) fn crawl_clock() -> tokio::task::JoinHandle<()> {
     tokio::spawn(async {
         loop {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -183,6 +183,7 @@ async fn keep_alive_holds_leases_and_scopes_past_many_ttls() {
         tx.send(KeepAliveRequest {
             lease_ids: vec![model.lease_id.clone()],
             scope_ids: vec!["gen-7".into()],
+            reclaimable: None,
         })
         .await
         .unwrap();
@@ -200,9 +201,13 @@ async fn keep_alive_holds_leases_and_scopes_past_many_ttls() {
 
     // Stop renewing: everything lapses, and the stream reports what is gone.
     tokio::time::sleep(ttl).await;
-    tx.send(KeepAliveRequest { lease_ids: vec![model.lease_id.clone()], scope_ids: vec!["gen-7".into()] })
-        .await
-        .unwrap();
+    tx.send(KeepAliveRequest {
+        lease_ids: vec![model.lease_id.clone()],
+        scope_ids: vec!["gen-7".into()],
+        reclaimable: None,
+    })
+    .await
+    .unwrap();
     let reply = replies.next().await.unwrap().unwrap();
     assert!(reply.renewed.is_empty() && reply.scopes.is_empty());
     assert_eq!(reply.renewed_count, 0);
@@ -210,7 +215,9 @@ async fn keep_alive_holds_leases_and_scopes_past_many_ttls() {
     assert_eq!(stats(&mut client, "kv-cache").await.used_bytes, 0);
 
     // A malformed id ends the stream with INVALID_ARGUMENT.
-    tx.send(KeepAliveRequest { lease_ids: vec!["zz".into()], scope_ids: vec![] }).await.unwrap();
+    tx.send(KeepAliveRequest { lease_ids: vec!["zz".into()], scope_ids: vec![], reclaimable: None })
+        .await
+        .unwrap();
     assert_eq!(replies.next().await.unwrap().unwrap_err().code(), Code::InvalidArgument);
     server.stop().await;
 }
@@ -235,8 +242,11 @@ async fn a_lease_named_twice_in_a_keep_alive_is_renewed_once_and_big_scopes_are_
         client.keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     // One lease named directly, twice, and again through its scope (named twice too).
     let id = leases[0].lease_id.clone();
-    let request =
-        KeepAliveRequest { lease_ids: vec![id.clone(), id], scope_ids: vec!["big".into(), "big".into()] };
+    let request = KeepAliveRequest {
+        lease_ids: vec![id.clone(), id],
+        scope_ids: vec!["big".into(), "big".into()],
+        reclaimable: None,
+    };
     tx.send(request).await.unwrap();
     let reply = replies.next().await.unwrap().unwrap();
     assert_eq!((reply.renewed.len(), reply.renewed_count), (1, 64), "{reply:?}");

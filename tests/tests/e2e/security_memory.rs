@@ -101,7 +101,7 @@ async fn a_holder_touches_only_its_own_leases_and_scopes() {
     assert_eq!(free.code(), Code::PermissionDenied, "{free:?}");
     let renew = client.renew_lease(bearer(RenewLeaseRequest { lease_id: id() }, BOB)).await.unwrap_err();
     assert_eq!(renew.code(), Code::PermissionDenied);
-    let keepalive = KeepAliveRequest { lease_ids: vec![id()], scope_ids: vec![] };
+    let keepalive = KeepAliveRequest { lease_ids: vec![id()], scope_ids: vec![], reclaimable: None };
     let mut replies = client
         .keep_alive(bearer(tokio_stream::iter([keepalive]), BOB))
         .await

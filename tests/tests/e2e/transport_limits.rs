@@ -24,7 +24,8 @@ async fn an_over_size_request_is_resource_exhausted_on_both_services() {
     assert!(refused.message().contains("too large"), "{}", refused.message());
 
     // On a stream too: the KeepAlive ends RESOURCE_EXHAUSTED saying why.
-    let huge = KeepAliveRequest { lease_ids: vec!["x".repeat(5 << 20)], scope_ids: vec![] };
+    let huge =
+        KeepAliveRequest { lease_ids: vec!["x".repeat(5 << 20)], scope_ids: vec![], reclaimable: None };
     let mut replies = client.keep_alive(tokio_stream::iter([huge])).await.expect("opens").into_inner();
     let ended = replies.message().await.unwrap_err();
     assert_eq!(ended.code(), Code::ResourceExhausted, "{ended:?}");
