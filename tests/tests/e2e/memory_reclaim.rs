@@ -5,11 +5,13 @@
 
 use std::time::Duration;
 
-use e2e::{MemoryServer, alloc, config_with_pools, pb_duration, sample, stats, wait_for_waiters};
+use e2e::{
+    MemoryServer, alloc, certs::TempDir, config_with_pools, pb_duration, sample, stats, wait_for_waiters,
+};
 use memory_service::Config;
 use proto::memory::v1::{
     AllocateResponse, EventKind, FreeRequest, KeepAliveRequest, KeepAliveResponse, ReclaimRequest,
-    ReclaimableSet, WatchEventsRequest, memory_service_client::MemoryServiceClient,
+    ReclaimableSet, RenewLeaseRequest, WatchEventsRequest, memory_service_client::MemoryServiceClient,
     watch_events_response::Item,
 };
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
@@ -67,7 +69,15 @@ impl Holder {
 /// A server whose kv-cache pool (100 bytes) holder A fills with ten 10-byte leases of 1 h TTL
 /// (so no expiry plays a part), the leases' ids in the order granted.
 async fn filled(reclaim_timeout: Duration) -> (MemoryServer, MemoryServiceClient<Channel>, Vec<String>) {
-    let config = Config { reclaim_timeout, ..config_with_pools(&[("kv-cache", 100)]) };
+    filled_with(pool_config(reclaim_timeout)).await
+}
+
+fn pool_config(reclaim_timeout: Duration) -> Config {
+    Config { reclaim_timeout, ..config_with_pools(&[("kv-cache", 100)]) }
+}
+
+/// [`filled`], with `config`.
+async fn filled_with(config: Config) -> (MemoryServer, MemoryServiceClient<Channel>, Vec<String>) {
     let server = MemoryServer::start(config).await;
     let mut a = server.client().await;
     let mut leases = Vec::new();
@@ -272,5 +282,56 @@ async fn bad_reclaimable_sets_are_refused_with_every_violation() {
     let gone = "0".repeat(32);
     let reply = stream.offer(&[leases[0].clone(), gone.clone()]).await;
     assert_eq!((reply.reclaimable_leases, reply.not_found), (1, vec![gone]));
+    server.stop().await;
+}
+
+/// With `--state-dir`, a revocation is a change like an expiry: committed (its events released
+/// once on disk) and kept by a restart. Asks are not: a restart ends every stream, so an ask
+/// open at the time counts as declined, and its lease stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_state_dir_a_revocation_is_kept_and_an_open_ask_is_not() {
+    let dir = TempDir::new("memory-reclaim");
+    let durable = |timeout| Config { state_dir: Some(dir.path().to_path_buf()), ..pool_config(timeout) };
+    // First life: a short timeout, in real time (the committer is a thread of its own, which a
+    // paused clock would not wait for).
+    let (server, mut a, leases) = filled_with(durable(Duration::from_millis(200))).await;
+    let addr = server.addr;
+    let filter = WatchEventsRequest { kinds: vec![EventKind::Revoked.into()], ..Default::default() };
+    let mut events = a.watch_events(filter).await.expect("watch").into_inner();
+    let mut stream = Holder::open(&mut a).await;
+    stream.offer(&leases).await;
+    let b = b_waits(&server, 20, Duration::from_secs(10)).await;
+    assert_eq!(stream.asked().await.lease_ids, leases[..2]);
+    b.await.expect("B's task").expect("B granted by the revocation");
+    for lease_id in &leases[..2] {
+        let Some(Ok(reply)) = events.next().await else { panic!("event stream ended") };
+        let Some(Item::Event(event)) = reply.item else { panic!("expected an event") };
+        assert_eq!((event.kind(), &event.lease_id), (EventKind::Revoked, lease_id));
+    }
+    drop(stream);
+    server.stop().await;
+
+    // Second life: a long timeout; a restart comes while lease 2 is asked.
+    let server = MemoryServer::start_at(addr, durable(Duration::from_secs(60))).await;
+    let mut a = server.client().await;
+    let mut stream = Holder::open(&mut a).await;
+    stream.offer(&leases[2..]).await;
+    let b = b_waits(&server, 10, Duration::from_secs(10)).await;
+    assert_eq!(stream.asked().await.lease_ids, leases[2..3]);
+    // The stream ends with the server's drain (or, after a crash, with the process): either
+    // way the ask ends unanswered, and its lease is not revoked.
+    server.stop().await;
+    drop(stream);
+    assert_eq!(b.await.expect("B's task").unwrap_err().code(), Code::Unavailable);
+
+    // Third life: the revoked leases are gone, the asked one is still A's.
+    let server = MemoryServer::start_at(addr, durable(Duration::from_secs(60))).await;
+    let mut a = server.client().await;
+    let kv = stats(&mut a, "kv-cache").await;
+    assert_eq!((kv.used_bytes, kv.live_leases, kv.reclaimable_bytes, kv.reclaiming_bytes), (100, 9, 0, 0));
+    assert_eq!((kv.reclaim_asked_total, kv.revoked_total, kv.reclaim_declined_total), (3, 2, 1));
+    let renew = |lease_id: &String| RenewLeaseRequest { lease_id: lease_id.clone() };
+    assert_eq!(a.renew_lease(renew(&leases[0])).await.unwrap_err().code(), Code::NotFound);
+    a.renew_lease(renew(&leases[2])).await.expect("the lease asked at the restart is kept");
     server.stop().await;
 }

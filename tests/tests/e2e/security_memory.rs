@@ -6,7 +6,8 @@ use std::time::Duration;
 use e2e::{MemoryServer, alloc, certs, config_with_pools};
 use proto::memory::v1::{
     CreatePoolRequest, EventKind, FreeRequest, FreeScopeRequest, KeepAliveRequest, ListPoolsRequest,
-    RenewLeaseRequest, WatchEventsRequest, memory_service_client::MemoryServiceClient, watch_events_response,
+    ReclaimableSet, RenewLeaseRequest, WatchEventsRequest, memory_service_client::MemoryServiceClient,
+    watch_events_response,
 };
 use tonic::{Code, Request, transport::Channel};
 
@@ -107,6 +108,14 @@ async fn a_holder_touches_only_its_own_leases_and_scopes() {
         .await
         .expect("stream opens")
         .into_inner();
+    assert_eq!(replies.message().await.unwrap_err().code(), Code::PermissionDenied);
+    // Nor may bob offer alice's lease as reclaimable (so have it revoked).
+    let offer = KeepAliveRequest {
+        reclaimable: Some(ReclaimableSet { lease_ids: vec![id()] }),
+        ..KeepAliveRequest::default()
+    };
+    let mut replies =
+        client.keep_alive(bearer(tokio_stream::iter([offer]), BOB)).await.expect("stream opens").into_inner();
     assert_eq!(replies.message().await.unwrap_err().code(), Code::PermissionDenied);
 
     // Scopes are per holder: bob's "weights" is not alice's.
