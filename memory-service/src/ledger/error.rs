@@ -7,7 +7,14 @@ fn list(violations: &[(String, String)]) -> String {
     violations.iter().map(|(field, reason)| format!("{field} {reason}")).collect::<Vec<_>>().join("; ")
 }
 
-/// Gathers the violations of a request, so one refusal lists them all.
+/// Most violations one refusal lists. A status travels in HTTP/2 trailers, its message and its
+/// BadRequest details both naming every violation: a KeepAlive of 200 malformed lease ids (about
+/// 120 bytes each, twice) passed the client's 16 KiB header-list limit, and the caller saw its
+/// own transport's error instead of INVALID_ARGUMENT. 16 keep a refusal under 8 KiB.
+pub const MAX_LISTED: usize = 16;
+
+/// Gathers the violations of a request, so one refusal lists them all (up to [`MAX_LISTED`],
+/// then says how many more there are).
 #[derive(Debug, Default)]
 pub struct Violations(Vec<(String, String)>);
 
@@ -32,9 +39,18 @@ impl Violations {
         self.0.push((field.into(), reason.into()));
     }
 
-    /// `Ok(())` if nothing was noted, else the refusal listing everything.
-    pub fn check(self) -> Result<(), Error> {
-        if self.0.is_empty() { Ok(()) } else { Err(Error::InvalidArgument { violations: self.0 }) }
+    /// `Ok(())` if nothing was noted, else the refusal listing everything, or the first
+    /// [`MAX_LISTED`] and a count of the rest.
+    pub fn check(mut self) -> Result<(), Error> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        if self.0.len() > MAX_LISTED {
+            let more = self.0.len() - MAX_LISTED;
+            self.0.truncate(MAX_LISTED);
+            self.0.push(("request".into(), format!("has {more} more violation(s), not listed")));
+        }
+        Err(Error::InvalidArgument { violations: self.0 })
     }
 }
 
@@ -131,5 +147,24 @@ impl Error {
     /// Shorthand for [`Error::InvalidArgument`] with one violation.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidArgument { violations: vec![(field.into(), reason.into())] }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_lists_a_bounded_number_of_violations_and_counts_the_rest() {
+        let mut bad = Violations::default();
+        for i in 0..1000 {
+            bad.add(format!("lease_ids[{i}]"), "is not a lease id");
+        }
+        let Err(Error::InvalidArgument { violations }) = bad.check() else { panic!("a refusal") };
+        assert_eq!(violations.len(), MAX_LISTED + 1);
+        assert_eq!(
+            violations[MAX_LISTED],
+            ("request".into(), "has 984 more violation(s), not listed".into())
+        );
     }
 }

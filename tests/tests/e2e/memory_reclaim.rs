@@ -276,6 +276,20 @@ async fn bad_reclaimable_sets_are_refused_with_every_violation() {
         e2e::bad_request_fields(&err),
         ["reclaimable.lease_ids", "reclaimable.lease_ids[0]", "reclaimable.lease_ids[2]"]
     );
+    // However many ids are malformed, the refusal fits in the trailers: the first 16 violations
+    // and a count of the rest.
+    let mut stream = Holder::open(&mut a).await;
+    let bad: Vec<String> = (0..1024).map(|i| format!("not-a-lease-{i}-{}", "x".repeat(64))).collect();
+    let set = ReclaimableSet { lease_ids: bad.clone() };
+    stream
+        .tx
+        .send(KeepAliveRequest { lease_ids: bad, reclaimable: Some(set), ..Default::default() })
+        .await
+        .unwrap();
+    let err = stream.replies.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(e2e::bad_request_fields(&err).len(), 17);
+    assert!(err.message().contains("2032 more violation(s)"), "{}", err.message());
     // An empty set is valid on its own, and unknown ids are reported, not offered.
     let mut stream = Holder::open(&mut a).await;
     assert_eq!(stream.offer(&[]).await.reclaimable_leases, 0);
