@@ -248,7 +248,7 @@ async fn run(
         let idle = stream.is_none();
         let ended = async {
             match stream.as_mut() {
-                Some((_, replies)) => !matches!(replies.message().await, Ok(Some(_))),
+                Some((_, replies)) => !matches!(next_reply(replies).await, Ok(Some(_))),
                 None => std::future::pending().await,
             }
         };
@@ -325,7 +325,7 @@ async fn renew_all(
         if tx.send(request).await.is_err() {
             return false;
         }
-        let reply = match tokio::time::timeout(client.timeout, replies.message()).await {
+        let reply = match tokio::time::timeout(client.timeout, next_reply(replies)).await {
             Ok(Ok(Some(reply))) => reply,
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                 warn!("keep-alive stream to memory-service broke; reconnecting");
@@ -348,9 +348,47 @@ async fn renew_all(
     true
 }
 
+/// The next answer to a request of ours on the keep-alive stream. memory-service may also send
+/// unsolicited messages carrying a ReclaimRequest (`reclaim`), which answer no request: taken
+/// for a renewal's answer, one would move the fence on a renewal memory-service never
+/// confirmed, and pair every later answer with the wrong request. They come only to a stream
+/// that offers reclaimable leases, which this one does not (yet), so they are skipped here.
+async fn next_reply<S>(replies: &mut S) -> Result<Option<KeepAliveResponse>, tonic::Status>
+where
+    S: tokio_stream::Stream<Item = Result<KeepAliveResponse, tonic::Status>> + Unpin,
+{
+    use tokio_stream::StreamExt;
+    loop {
+        match replies.next().await {
+            Some(Ok(reply)) if reply.reclaim.is_some() => {
+                debug!(reclaim = ?reply.reclaim, "memory-service asked for reclaimable leases; none is offered");
+            }
+            other => return other.transpose(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use proto::memory::v1::ReclaimRequest;
+
     use super::*;
+
+    #[tokio::test]
+    async fn an_unsolicited_reclaim_request_is_not_taken_for_an_answer() {
+        let unsolicited = || KeepAliveResponse {
+            reclaim: Some(ReclaimRequest::default()),
+            server_epoch: 7,
+            ..Default::default()
+        };
+        let answer =
+            KeepAliveResponse { not_found: vec!["gen-1".into()], server_epoch: 7, ..Default::default() };
+        let mut replies = tokio_stream::iter([Ok(unsolicited()), Ok(unsolicited()), Ok(answer.clone())]);
+        assert_eq!(next_reply(&mut replies).await.unwrap(), Some(answer));
+        assert_eq!(next_reply(&mut replies).await.unwrap(), None, "the stream ended");
+        let mut replies = tokio_stream::iter([Ok(unsolicited()), Err(tonic::Status::unavailable("gone"))]);
+        assert_eq!(next_reply(&mut replies).await.unwrap_err().code(), tonic::Code::Unavailable);
+    }
 
     #[test]
     fn an_answer_sent_before_the_epoch_changed_cannot_change_it_back() {
