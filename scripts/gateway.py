@@ -16,7 +16,8 @@ gateway with the official `openai` Python client, as a user of an OpenAI-compati
 - a field the simulator cannot honour (logprobs) is refused by name, not ignored.
 
 Before that, the README's "Behind a real gateway" block runs as written, on ephemeral ports.
-Then a second gateway discovers the runtimes from a file (`--discovery-provider file`): a runtime
+Last, gateway_cache.py checks that smg's cache-aware policy follows runtime-service's KV events.
+Before it, a second gateway discovers the runtimes from a file (`--discovery-provider file`): a runtime
 added to the file is picked up and serves, one removed from it is dropped.
 
 Usage: gateway.py MEMORY_SERVICE RUNTIME_SERVICE   (paths to the binaries)
@@ -34,6 +35,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
+from gateway_cache import cache_aware_checks  # noqa: E402
 from smg_gateway import MODEL, ROOT, SMG, WITHIN_S, Gateway, check, free_port, metrics, poll, series  # noqa: E402
 from walkthrough import start_server, stop_servers, wait_serving  # noqa: E402
 
@@ -282,6 +284,10 @@ def main():
     stubs = os.path.join(ROOT, "target", "examples", "python")
     subprocess.run(["bash", "examples/python/generate.sh", stubs], cwd=ROOT, check=True,
                    env=dict(os.environ, PYTHON=sys.executable), stdout=subprocess.DEVNULL)
+    # The engine dialect's stubs too: the cache-aware check reads KV events as the gateway does.
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", f"--python_out={stubs}",
+                    f"--grpc_python_out={stubs}", "proto/vllm/grpc/engine/vllm_engine.proto",
+                    "proto/smg/grpc/common/common.proto"], cwd=ROOT, check=True)
     sys.path.insert(0, stubs)
     readme_walkthrough(memory_bin, runtime_bin)
     servers, gateway = [], None
@@ -301,13 +307,19 @@ def main():
         gateway.stop()
         gateway = None
         discovery_checks(urls)
+        code = stop_servers(servers)
+        servers = []
+        if code != 0:
+            sys.exit(f"a server exited with {code} after SIGTERM")
+        cache_aware_checks(memory_bin, runtime_bin)
     finally:
         if gateway:
             gateway.stop()
         code = stop_servers(servers)
     if code != 0:
         sys.exit(f"a server exited with {code} after SIGTERM")
-    print("gateway: the openai client through smg to two runtimes OK, file discovery OK")
+    print("gateway: the openai client through smg to two runtimes OK, file discovery OK, "
+          "cache-aware routing follows the KV events")
 
 
 if __name__ == "__main__":

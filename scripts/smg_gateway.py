@@ -78,11 +78,11 @@ def series(values, name, **labels):
 class Gateway:
     """An smg process routing to gRPC workers, given by URL or by a discovery file."""
 
-    def __init__(self, workers=None, discovery_file=None, log_name="smg"):
+    def __init__(self, workers=None, discovery_file=None, log_name="smg", policy="round_robin"):
         self.port = free_port()
         args = [SMG, "launch", "--backend", "vllm", "--host", "127.0.0.1", "--port", str(self.port),
                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
-                "--policy", "round_robin", "--log-level", "warn"]
+                "--policy", policy, "--log-level", "warn"]
         if workers:
             args += ["--worker-urls", *workers]
         else:

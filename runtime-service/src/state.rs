@@ -125,7 +125,14 @@ impl Shared {
             inbox,
             wake,
             metrics.clone(),
-            crate::core::Signals { shutdown: shutdown.clone(), memory: renewer.fence() },
+            crate::core::Signals {
+                shutdown: shutdown.clone(),
+                memory: renewer.fence(),
+                reclaim: renewer
+                    .take_reclaims()
+                    .filter(|_| config.prefix_caching)
+                    .map(|requests| crate::core::Reclaim { renewer: renewer.clone(), requests }),
+            },
             &tracker,
         );
         let activations =

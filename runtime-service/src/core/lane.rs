@@ -77,6 +77,8 @@ pub(super) struct Lane {
     pub(super) vllm: ModelSeries,
     /// Roots its prefix cache's hash chains: the same tokens of another model are other KV.
     cache_salt: u64,
+    /// Cached blocks given back to memory-service on request, not yet exported.
+    pub(super) reclaimed_blocks: u64,
 }
 
 impl Lane {
@@ -91,6 +93,7 @@ impl Lane {
             idle_since: None,
             vllm,
             cache_salt,
+            reclaimed_blocks: 0,
         }
     }
 
@@ -353,6 +356,31 @@ impl Lane {
         for id in ids {
             self.end(id, Err(err.clone()));
         }
+    }
+
+    /// Lease ids of the slabs holding only cache: memory-service may have them back.
+    pub(super) fn offered(&self) -> impl Iterator<Item = String> + '_ {
+        self.scheduler
+            .pool()
+            .cache_only_slabs()
+            .filter_map(|(id, _)| self.slabs.get(&id)?.as_ref())
+            .flat_map(|lease| lease.leases().iter().cloned())
+    }
+
+    /// Evicts and frees the slab leased as `lease` if it still holds only cache; its blocks.
+    pub(super) fn reclaim(&mut self, lease: &str) -> Option<u64> {
+        let (&id, _) = self
+            .slabs
+            .iter()
+            .find(|(_, held)| held.as_ref().is_some_and(|r| r.leases().iter().any(|l| l == lease)))?;
+        let blocks = self.scheduler.pool().cache_only_slabs().find(|&(slab, _)| slab == id)?.1;
+        if !self.scheduler.pool_mut().evict_slab(id) {
+            return None;
+        }
+        // Dropping the reservation frees its scope at once (in the background).
+        self.slabs.remove(&id);
+        self.reclaimed_blocks += blocks;
+        Some(blocks)
     }
 
     /// Publishes the prefix cache's changes since the last call as one batch.

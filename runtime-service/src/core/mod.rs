@@ -10,6 +10,7 @@
 //! [`scheduler`]: crate::scheduler
 
 mod lane;
+mod reclaim;
 mod run;
 #[cfg(test)]
 mod tests;
@@ -22,6 +23,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use self::{
     lane::LaneSpec,
+    reclaim::Reclaim,
     timeline::{Busy, SchedulerMode},
 };
 use crate::{
@@ -119,13 +121,16 @@ pub struct Report {
 pub type Outcome = Result<Report, Error>;
 
 /// What stops or pauses the device loop.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Signals {
     /// Cancelled at shutdown: the loop ends.
     pub shutdown: CancellationToken,
     /// Until when memory-service's leases are known to hold (the renewer's local lease timer):
     /// a step runs only if it ends by then; `None` while the memory is in doubt (no step runs).
     pub memory: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
+    /// Where cache-only slabs are offered to memory-service and its requests for them arrive
+    /// (`None`: nothing is offered).
+    pub reclaim: Option<Reclaim>,
 }
 
 /// The handle the rest of the service holds on the device.
@@ -173,15 +178,7 @@ impl Device {
         tracker: &TaskTracker,
     ) -> Self {
         let (tx, rx) = mpsc::channel(inbox.max(1));
-        let device_loop = run::DeviceLoop::new(
-            settings,
-            lanes,
-            rx,
-            wake.clone(),
-            metrics,
-            signals.shutdown,
-            signals.memory,
-        );
+        let device_loop = run::DeviceLoop::new(settings, lanes, rx, wake.clone(), metrics, signals);
         let stopped = CancellationToken::new();
         // Cancelled however the loop ends, a panic included, so health can say so.
         let guard = stopped.clone().drop_guard();

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{
-    DeviceSettings, LaneSpec, Submission,
+    DeviceSettings, LaneSpec, Reclaim, Signals, Submission,
     lane::Lane,
     timeline::{Busy, Timeline},
 };
@@ -35,6 +35,8 @@ pub(super) struct DeviceLoop {
     /// using it could collide with them. Steps resume once the leases are confirmed again; if
     /// they are lost instead, the generations using them end.
     memory: watch::Receiver<Option<Instant>>,
+    /// Offers cache-only slabs to memory-service and gives them back when asked.
+    reclaim: Option<Reclaim>,
 }
 
 impl DeviceLoop {
@@ -44,11 +46,12 @@ impl DeviceLoop {
         inbox: mpsc::Receiver<Submission>,
         wake: Arc<Notify>,
         metrics: Metrics,
-        shutdown: CancellationToken,
-        memory: watch::Receiver<Option<Instant>>,
+        signals: Signals,
     ) -> Self {
+        let Signals { shutdown, memory, reclaim } = signals;
         DeviceLoop {
             memory,
+            reclaim,
             timeline: Timeline::new(settings.mode),
             jitter: SplitMix64::new(settings.jitter_seed),
             settings,
@@ -80,12 +83,18 @@ impl DeviceLoop {
                 lane.absorb_grants();
                 lane.sweep();
             }
+            if let Some(reclaim) = &mut self.reclaim {
+                reclaim.serve(&mut self.lanes, None);
+            }
             let fence = *self.memory.borrow_and_update();
             let now = Instant::now();
             let picked = if fence.is_some_and(|until| now < until) { self.pick() } else { None };
             for lane in &mut self.lanes {
                 lane.return_slabs(now, self.settings.kv_idle_release);
                 lane.publish_demand();
+            }
+            if let Some(reclaim) = &self.reclaim {
+                reclaim.offer(&self.lanes);
             }
             self.export_gauges();
             let Some((li, plan)) = picked else {
@@ -204,9 +213,17 @@ impl DeviceLoop {
             }
         };
         let mut memory = self.memory.clone();
+        let reclaims = async {
+            match self.reclaim.as_mut() {
+                Some(reclaim) => reclaim.requests.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut asked = None;
         tokio::select! {
             biased;
             () = self.shutdown.cancelled() => {}
+            request = reclaims => asked = request,
             () = self.wake.notified() => {}
             // Memory confirmed again (or doubted): look again. (A closed signal never fires.)
             () = async { if memory.changed().await.is_err() { std::future::pending::<()>().await } } => {}
@@ -220,6 +237,9 @@ impl DeviceLoop {
                 }
             }
             () = release => {}
+        }
+        if let (Some(reclaim), Some(request)) = (&mut self.reclaim, asked) {
+            reclaim.serve(&mut self.lanes, Some(request));
         }
     }
 
@@ -241,6 +261,7 @@ impl DeviceLoop {
             let utilization = if capacity == 0 { 0.0 } else { used as f64 / capacity as f64 };
             m.kv_utilization.with_label_values(&[model]).set(utilization);
             m.kv_slabs.with_label_values(&[model]).set(slabs as i64);
+            m.kv_reclaimed.with_label_values(&[model]).inc_by(std::mem::take(&mut lane.reclaimed_blocks));
             // vLLM's names for the same readings, at the same moment.
             lane.vllm.load(lane.scheduler.running(), lane.scheduler.waiting(), utilization);
             lane.vllm.cache_config(lane.spec.block_tokens, capacity);

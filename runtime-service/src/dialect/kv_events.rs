@@ -31,15 +31,21 @@ pub struct KvEventStream {
     block_tokens: i32,
     next_event_id: u64,
     failed: bool,
+    sent: prometheus::IntCounter,
 }
 
 impl KvEventStream {
     /// Counts a new subscriber in; `None` if `MAX_SUBSCRIBERS` are open.
-    pub fn open(inner: KvSubscription, open: Arc<AtomicUsize>, block_tokens: u32) -> Option<Self> {
+    pub fn open(
+        inner: KvSubscription,
+        open: Arc<AtomicUsize>,
+        block_tokens: u32,
+        sent: prometheus::IntCounter,
+    ) -> Option<Self> {
         open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_SUBSCRIBERS).then_some(n + 1))
             .ok()?;
         let block_tokens = i32::try_from(block_tokens).unwrap_or(i32::MAX);
-        Some(KvEventStream { inner, open, block_tokens, next_event_id: 1, failed: false })
+        Some(KvEventStream { inner, open, block_tokens, next_event_id: 1, failed: false, sent })
     }
 
     fn convert(&mut self, batch: &KvBatch) -> smg::KvEventBatch {
@@ -94,7 +100,10 @@ impl Stream for KvEventStream {
         }
         match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
             None => Poll::Ready(None),
-            Some(Ok(batch)) => Poll::Ready(Some(Ok(self.convert(&batch)))),
+            Some(Ok(batch)) => {
+                self.sent.inc();
+                Poll::Ready(Some(Ok(self.convert(&batch))))
+            }
             // Fell behind the replay buffer: told, and the stream ends; a resume from its last
             // number is refused the same way, a subscription from 0 starts over from the content.
             Some(Err(err)) => {

@@ -207,7 +207,8 @@ impl VllmEngine for EngineApi {
         let start = request.into_inner().start_sequence_number;
         let hub = &self.shared.kv_events[self.model.lane];
         let subscription = hub.subscribe(start).map_err(|err| Status::out_of_range(err.to_string()))?;
-        KvEventStream::open(subscription, self.kv_subscribers.clone(), hub.block_tokens())
+        let sent = self.shared.metrics.kv_event_batches_sent.clone();
+        KvEventStream::open(subscription, self.kv_subscribers.clone(), hub.block_tokens(), sent)
             .map(Response::new)
             .ok_or_else(|| {
                 Status::resource_exhausted(format!(

@@ -187,7 +187,7 @@ impl MemoryClient {
     /// One atomic Allocate of `ask`. `request_id` is the attempt's unique scope, so a retry by the
     /// transport of this very call cannot double-allocate. Returns the server epoch the leases
     /// belong to.
-    pub async fn allocate(&self, ask: &Ask, request_id: &str) -> Result<u64, Error> {
+    pub async fn allocate(&self, ask: &Ask, request_id: &str) -> Result<(u64, Vec<String>), Error> {
         let req = AllocateRequest {
             items: items(ask),
             holder: self.holder.clone(),
@@ -200,7 +200,8 @@ impl MemoryClient {
         span.record("memory.scope", ask.scope.as_str());
         let bytes: u64 = ask.items.iter().map(|&(_, b)| b).fold(0, u64::saturating_add);
         span.record("memory.bytes", bytes);
-        Ok(traced(&span, self.client.clone().allocate(request)).await?.server_epoch)
+        let reply = traced(&span, self.client.clone().allocate(request)).await?;
+        Ok((reply.server_epoch, reply.leases.into_iter().map(|l| l.lease_id).collect()))
     }
 
     /// Frees every lease of `scope`; returns (leases, bytes) freed.

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use proto::memory::v1::{KeepAliveRequest, KeepAliveResponse};
+use proto::memory::v1::{KeepAliveRequest, KeepAliveResponse, ReclaimRequest, ReclaimableSet};
 use tokio::{
     sync::{mpsc, watch},
     time::Instant,
@@ -33,6 +33,14 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// Scopes per KeepAlive message (memory-service's limit).
 const SCOPES_PER_MESSAGE: usize = 64;
+
+/// Leases offered as reclaimable at most (memory-service's limit per message).
+const MAX_OFFERED: usize = 1024;
+
+/// ReclaimRequests waiting for the device: memory-service has at most one outstanding per pool
+/// per stream, so this is never reached in practice; past it, a request is dropped (the leases
+/// it names are then revoked at its deadline, as for a holder that does not answer).
+const RECLAIM_QUEUE: usize = 64;
 
 #[derive(Debug)]
 struct Entry {
@@ -75,6 +83,10 @@ pub struct Renewer {
     /// The local lease timer (see the module docs).
     fence: Arc<watch::Sender<Option<Instant>>>,
     ttl: Duration,
+    /// Leases held only as a cache, offered to memory-service as reclaimable (oldest first).
+    offered: Arc<watch::Sender<Vec<String>>>,
+    /// memory-service's requests for offered leases, for the device loop (taken once).
+    reclaims: Arc<Mutex<Option<mpsc::Receiver<ReclaimRequest>>>>,
 }
 
 /// memory-service's epoch as this runtime learned it.
@@ -116,9 +128,35 @@ impl Renewer {
         let (health_tx, healthy) = watch::channel(true);
         let kick = Arc::new(tokio::sync::Notify::new());
         let fence = Arc::new(watch::Sender::new(Some(Instant::now() + UNFENCED)));
-        let renewer = Renewer { scopes, healthy, kick, seen: Arc::default(), fence, ttl };
-        tokio::spawn(run(client, renewer.clone(), health_tx, shutdown));
+        let (reclaim_tx, reclaim_rx) = mpsc::channel(RECLAIM_QUEUE);
+        let renewer = Renewer {
+            scopes,
+            healthy,
+            kick,
+            seen: Arc::default(),
+            fence,
+            ttl,
+            offered: Arc::new(watch::Sender::new(Vec::new())),
+            reclaims: Arc::new(Mutex::new(Some(reclaim_rx))),
+        };
+        tokio::spawn(run(client, renewer.clone(), health_tx, reclaim_tx, shutdown));
         renewer
+    }
+
+    /// Offers `leases` (held only as a cache, oldest first) as reclaimable, replacing the last
+    /// offer; sent at once on the keep-alive stream if it changed.
+    pub fn offer(&self, mut leases: Vec<String>) {
+        leases.truncate(MAX_OFFERED);
+        self.offered.send_if_modified(|offered| {
+            let changed = *offered != leases;
+            *offered = leases;
+            changed
+        });
+    }
+
+    /// memory-service's requests for offered leases; `None` after the first call.
+    pub fn take_reclaims(&self) -> Option<mpsc::Receiver<ReclaimRequest>> {
+        lock(&self.reclaims).take()
     }
 
     /// Starts renewing `scope`, whose leases were granted in `epoch` by a call sent at `sent`.
@@ -229,8 +267,10 @@ async fn run(
     client: MemoryClient,
     renewer: Renewer,
     health: watch::Sender<bool>,
+    reclaims: mpsc::Sender<ReclaimRequest>,
     shutdown: CancellationToken,
 ) {
+    let mut offered = renewer.offered.subscribe();
     let (scopes, kick, interval) = (&renewer.scopes, &renewer.kick, renewer.ttl / 3);
     // Health and fence move together: a change of one republishes the other.
     let set_health = |ok: bool| {
@@ -248,7 +288,7 @@ async fn run(
         let idle = stream.is_none();
         let ended = async {
             match stream.as_mut() {
-                Some((_, replies)) => !matches!(next_reply(replies).await, Ok(Some(_))),
+                Some((_, replies)) => !matches!(next_reply(replies, &reclaims).await, Ok(Some(_))),
                 None => std::future::pending().await,
             }
         };
@@ -258,6 +298,9 @@ async fn run(
             ended = ended => ended,
             // No stream yet and a new scope: open it now (the round renews early, harmlessly).
             () = kick.notified(), if idle => false,
+            // A new offer goes out with a round now: an offer withdrawn late could see a lease
+            // in use again revoked.
+            changed = offered.changed() => { if changed.is_err() { return; } false }
         };
         if lost {
             warn!("keep-alive stream to memory-service ended; renewing again shortly");
@@ -272,7 +315,7 @@ async fn run(
         }
         let ok = tokio::select! {
             () = shutdown.cancelled() => return,
-            ok = renew_all(&client, &mut stream, &snapshot, &renewer) => ok,
+            ok = renew_all(&client, &mut stream, &snapshot, &renewer, &reclaims) => ok,
         };
         if !ok {
             stream = None; // reconnect at the next round, sooner than a full interval
@@ -288,6 +331,7 @@ async fn renew_all(
     stream: &mut Option<Stream>,
     snapshot: &[(String, u64)],
     renewer: &Renewer,
+    reclaims: &mpsc::Sender<ReclaimRequest>,
 ) -> bool {
     if stream.is_none() {
         let (tx, rx) = mpsc::channel(4);
@@ -314,18 +358,21 @@ async fn renew_all(
         }
     }
     let Some((tx, replies)) = stream.as_mut() else { return false };
+    // Every round restates the offer (it replaces the last, and a new stream starts with none).
+    let offer = renewer.offered.borrow().clone();
+    let mut reclaimable = Some(ReclaimableSet { lease_ids: offer });
     for chunk in snapshot.chunks(SCOPES_PER_MESSAGE) {
         let request = KeepAliveRequest {
             lease_ids: vec![],
             scope_ids: chunk.iter().map(|(s, _)| s.clone()).collect(),
-            reclaimable: None,
+            reclaimable: reclaimable.take(),
         };
         // Before the send: the renewal counts from no later than memory-service received it.
         let sent = Instant::now();
         if tx.send(request).await.is_err() {
             return false;
         }
-        let reply = match tokio::time::timeout(client.timeout, next_reply(replies)).await {
+        let reply = match tokio::time::timeout(client.timeout, next_reply(replies, reclaims)).await {
             Ok(Ok(Some(reply))) => reply,
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                 warn!("keep-alive stream to memory-service broke; reconnecting");
@@ -351,17 +398,23 @@ async fn renew_all(
 /// The next answer to a request of ours on the keep-alive stream. memory-service may also send
 /// unsolicited messages carrying a ReclaimRequest (`reclaim`), which answer no request: taken
 /// for a renewal's answer, one would move the fence on a renewal memory-service never
-/// confirmed, and pair every later answer with the wrong request. They come only to a stream
-/// that offers reclaimable leases, which this one does not (yet), so they are skipped here.
-async fn next_reply<S>(replies: &mut S) -> Result<Option<KeepAliveResponse>, tonic::Status>
+/// confirmed, and pair every later answer with the wrong request. They go to the device loop
+/// (`reclaims`), which gives the slabs back.
+async fn next_reply<S>(
+    replies: &mut S,
+    reclaims: &mpsc::Sender<ReclaimRequest>,
+) -> Result<Option<KeepAliveResponse>, tonic::Status>
 where
     S: tokio_stream::Stream<Item = Result<KeepAliveResponse, tonic::Status>> + Unpin,
 {
     use tokio_stream::StreamExt;
     loop {
         match replies.next().await {
-            Some(Ok(reply)) if reply.reclaim.is_some() => {
-                debug!(reclaim = ?reply.reclaim, "memory-service asked for reclaimable leases; none is offered");
+            Some(Ok(KeepAliveResponse { reclaim: Some(request), .. })) => {
+                debug!(pool = %request.pool, leases = request.lease_ids.len(), "memory-service asks for cache back");
+                if reclaims.try_send(request).is_err() {
+                    warn!("a reclaim request was dropped: the device has not read the earlier ones");
+                }
             }
             other => return other.transpose(),
         }
@@ -383,11 +436,16 @@ mod tests {
         };
         let answer =
             KeepAliveResponse { not_found: vec!["gen-1".into()], server_epoch: 7, ..Default::default() };
+        let (tx, mut device) = mpsc::channel(4);
         let mut replies = tokio_stream::iter([Ok(unsolicited()), Ok(unsolicited()), Ok(answer.clone())]);
-        assert_eq!(next_reply(&mut replies).await.unwrap(), Some(answer));
-        assert_eq!(next_reply(&mut replies).await.unwrap(), None, "the stream ended");
+        assert_eq!(next_reply(&mut replies, &tx).await.unwrap(), Some(answer));
+        assert_eq!(next_reply(&mut replies, &tx).await.unwrap(), None, "the stream ended");
         let mut replies = tokio_stream::iter([Ok(unsolicited()), Err(tonic::Status::unavailable("gone"))]);
-        assert_eq!(next_reply(&mut replies).await.unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(next_reply(&mut replies, &tx).await.unwrap_err().code(), tonic::Code::Unavailable);
+        // Each request went to the device instead.
+        for _ in 0..3 {
+            assert_eq!(device.try_recv().ok(), Some(ReclaimRequest::default()));
+        }
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Reservation {
     renewer: Renewer,
     tracker: TaskTracker,
     scope: String,
+    /// Its lease ids, one per item asked.
+    leases: Vec<String>,
     lost: Lost,
     released: bool,
     /// The device memory it occupies, given back with it.
@@ -45,8 +47,8 @@ impl Reservation {
         let mut pending = PendingScope { client, tracker, scope: Some(&ask.scope) };
         // The leases live at least until the TTL from the moment the call was sent.
         let sent = tokio::time::Instant::now();
-        let epoch = match client.allocate(ask, &ask.scope).await {
-            Ok(epoch) => epoch,
+        let (epoch, leases) = match client.allocate(ask, &ask.scope).await {
+            Ok(granted) => granted,
             // Definitive refusals: nothing was granted, nothing to free.
             Err(err @ (Error::MemoryExhausted { .. } | Error::Unservable(_) | Error::MemoryProtocol(_))) => {
                 pending.scope = None;
@@ -61,6 +63,7 @@ impl Reservation {
             renewer: renewer.clone(),
             tracker: tracker.clone(),
             scope: ask.scope.clone(),
+            leases,
             lost,
             released: false,
             _device: device,
@@ -68,6 +71,11 @@ impl Reservation {
     }
 
     /// Cancelled if the leases are lost (memory-service restarted or they expired).
+    /// Its lease ids (what memory-service names when it asks for memory back).
+    pub fn leases(&self) -> &[String] {
+        &self.leases
+    }
+
     pub fn lost(&self) -> &Lost {
         &self.lost
     }

@@ -49,6 +49,10 @@ pub struct Metrics {
     pub kv_utilization: GaugeVec,
     /// kv-cache slabs leased from memory-service, by model.
     pub kv_slabs: IntGaugeVec,
+    /// Cached KV blocks given back to memory-service at its request (another tenant waited).
+    pub kv_reclaimed: IntCounterVec,
+    /// Prefix-cache event batches sent to subscribers (routers following this runtime's cache).
+    pub kv_event_batches_sent: IntCounter,
     /// Sequences preempted (their KV dropped, to be recomputed).
     pub preemptions: IntCounter,
     /// Steps held because they would have ended past the local lease timer.
@@ -147,6 +151,19 @@ impl Metrics {
                 Opts::new("runtime_kv_slabs", "kv-cache slabs leased from memory-service, by model."),
                 &["model"],
             )?,
+            kv_reclaimed: IntCounterVec::new(
+                Opts::new(
+                    "runtime_kv_reclaimed_blocks_total",
+                    "Cached KV blocks evicted and their slabs freed because memory-service asked for \
+                     them back, by model.",
+                ),
+                &["model"],
+            )?,
+            kv_event_batches_sent: IntCounter::new(
+                "runtime_kv_event_batches_sent_total",
+                "Prefix-cache event batches sent to SubscribeKvEvents subscribers (each counted once \
+                 per subscriber).",
+            )?,
             preemptions: IntCounter::new(
                 "runtime_preemptions_total",
                 "Sequences preempted for want of KV blocks (recomputed later).",
@@ -205,6 +222,8 @@ impl Metrics {
         r.register(Box::new(metrics.kv_blocks.clone()))?;
         r.register(Box::new(metrics.kv_utilization.clone()))?;
         r.register(Box::new(metrics.kv_slabs.clone()))?;
+        r.register(Box::new(metrics.kv_reclaimed.clone()))?;
+        r.register(Box::new(metrics.kv_event_batches_sent.clone()))?;
         r.register(Box::new(metrics.preemptions.clone()))?;
         r.register(Box::new(metrics.fenced_steps.clone()))?;
         r.register(Box::new(metrics.device_memory.clone()))?;

@@ -254,8 +254,10 @@ impl Scheduler {
                 continue;
             }
             let mut wanted = self.blocks_wanted(seq, tokens);
-            if can_grow && wanted > self.pool.available_blocks() {
-                plan.shortfall = plan.shortfall.max(wanted - self.pool.available_blocks());
+            // While memory-service has room, grow rather than evict cached blocks: the cache is
+            // worth keeping, and memory-service takes it back when another tenant needs it.
+            if can_grow && wanted > self.pool.free_blocks() {
+                plan.shortfall = plan.shortfall.max(wanted - self.pool.free_blocks());
                 waiting_for_slab = true;
                 i += 1;
                 continue;
@@ -286,13 +288,14 @@ impl Scheduler {
         // Nobody overtakes a running sequence that lost its turn: no admission in a step that
         // preempted or that left a running sequence waiting for a slab.
         if plan.preempted.is_empty() && !waiting_for_slab {
-            self.admit(&mut plan, budget);
+            self.admit(&mut plan, budget, can_grow);
         }
         plan
     }
 
-    /// Admits waiting sequences in order (skipping paused ones) while they fit.
-    fn admit(&mut self, plan: &mut Plan, mut budget: u32) {
+    /// Admits waiting sequences in order (skipping paused ones) while they fit: in free blocks
+    /// while more may come (`can_grow`), else in free and evictable ones.
+    fn admit(&mut self, plan: &mut Plan, mut budget: u32, can_grow: bool) {
         let mut skipped = VecDeque::new();
         while budget > 0 && self.running.len() < self.limits.max_batch {
             let Some(id) = self.waiting.pop_front() else { break };
@@ -307,7 +310,11 @@ impl Scheduler {
             let wanted =
                 self.pool.blocks_for(self.upto(seq, hit_tokens + tokens)).saturating_sub(hits.len() as u64);
             // Sharing an evictable hit takes it out of what allocation can use.
-            let available = self.pool.available_blocks() - self.pool.evictable_among(&hits);
+            let available = if can_grow {
+                self.pool.free_blocks()
+            } else {
+                self.pool.available_blocks() - self.pool.evictable_among(&hits)
+            };
             if wanted > available {
                 plan.shortfall = plan.shortfall.max(wanted - available);
                 self.waiting.push_front(id); // first come, first served: nobody overtakes it

@@ -26,6 +26,7 @@ mod runtime_generate;
 mod runtime_kill;
 mod runtime_lifecycle;
 mod runtime_memory_restart;
+mod runtime_prefix_cache;
 mod runtime_same_device;
 mod security_memory;
 mod security_runtime;

@@ -99,7 +99,7 @@ fn rig_with_slabs(
         64,
         wake,
         metrics.clone(),
-        Signals { shutdown: shutdown.clone(), memory: confirmed() },
+        Signals { shutdown: shutdown.clone(), memory: confirmed(), reclaim: None },
         &tracker,
     );
     Rig {

@@ -1,0 +1,50 @@
+//! Cached KV that memory-service may take back: slabs whose blocks no sequence references hold
+//! only a cache, so they are offered to memory-service as reclaimable; when it asks for some
+//! (another tenant waits for memory), their cached blocks are evicted and the slabs freed.
+
+use proto::memory::v1::ReclaimRequest;
+use tokio::sync::mpsc;
+use tracing::info;
+
+use super::lane::Lane;
+use crate::memory::Renewer;
+
+/// The device loop's side of reclaiming: where offers go and requests come from.
+#[derive(Debug)]
+pub struct Reclaim {
+    /// Carries the offer on its keep-alive stream.
+    pub renewer: Renewer,
+    /// memory-service's requests, as the renewer receives them.
+    pub requests: mpsc::Receiver<ReclaimRequest>,
+}
+
+impl Reclaim {
+    /// Offers every slab of `lanes` that holds only cache (oldest first within a lane).
+    pub(super) fn offer(&self, lanes: &[Lane]) {
+        self.renewer.offer(lanes.iter().flat_map(Lane::offered).collect());
+    }
+
+    /// Gives back what memory-service asked for since the last call: each named lease whose slab
+    /// still holds only cache. One referenced again since it was offered is kept (the next offer
+    /// leaves it out, which tells memory-service).
+    pub(super) fn serve(&mut self, lanes: &mut [Lane], first: Option<ReclaimRequest>) {
+        let mut next = first.or_else(|| self.requests.try_recv().ok());
+        while let Some(request) = next {
+            let (mut slabs, mut blocks) = (0, 0);
+            for lease in &request.lease_ids {
+                if let Some(freed) = lanes.iter_mut().find_map(|lane| lane.reclaim(lease)) {
+                    slabs += 1;
+                    blocks += freed;
+                }
+            }
+            info!(
+                pool = %request.pool,
+                asked = request.lease_ids.len(),
+                slabs,
+                blocks,
+                "gave cached KV back to memory-service for a waiting tenant"
+            );
+            next = self.requests.try_recv().ok();
+        }
+    }
+}
