@@ -9,6 +9,7 @@ use crate::{
     device::{Roofline, Work},
     error::Error,
     generate::{self, GenerateStream},
+    kv_events::V1WatchStream,
     memory::Use,
     state::Shared,
 };
@@ -37,6 +38,7 @@ fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {
 #[tonic::async_trait]
 impl RuntimeService for RuntimeApi {
     type GenerateStream = GenerateStream;
+    type WatchKvEventsStream = V1WatchStream;
 
     async fn generate(
         &self,
@@ -91,6 +93,25 @@ impl RuntimeService for RuntimeApi {
             kv_cache_bytes: self.shared.device_memory.held(Use::KvCache),
         };
         Ok(Response::new(pb::ListModelsResponse { models, device: Some(device) }))
+    }
+
+    async fn watch_kv_events(
+        &self,
+        request: Request<pb::WatchKvEventsRequest>,
+    ) -> Result<Response<Self::WatchKvEventsStream>, Status> {
+        let request = request.into_inner();
+        if request.model.is_empty() {
+            return Err(
+                self.status(Error::invalid("model", "is required; ListModels shows the configured models"))
+            );
+        }
+        let model = self.shared.models.get(&request.model).map_err(|e| self.status(e))?;
+        let (hub, slot) = self.shared.kv_subscription(model.lane)?;
+        let subscription = hub
+            .subscribe(request.start_sequence_number)
+            .map_err(|err| Status::out_of_range(err.to_string()))?;
+        let sent = self.shared.metrics.kv_event_batches_sent.clone();
+        Ok(Response::new(V1WatchStream::new(subscription, slot, hub.block_tokens(), sent)))
     }
 
     async fn cancel(

@@ -13,7 +13,7 @@ use crate::{
     error::Error,
     executor::Executor,
     kv::{self, SlabPlan},
-    kv_events::KvEventHub,
+    kv_events::{KvEventHub, MAX_SUBSCRIBERS, SubscriberSlot},
     memory::{DeviceMemory, Loader, MemoryClient, PoolCapacity, Renewer, Standing},
     metrics::Metrics,
     models::{ACTIVATIONS, KV_CACHE, Models},
@@ -55,9 +55,30 @@ pub struct Shared {
     pub device_memory: DeviceMemory,
     /// Each model's prefix-cache events, by lane.
     pub kv_events: Vec<Arc<KvEventHub>>,
+    /// Open subscriptions to them, both front doors together.
+    kv_subscribers: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shared {
+    /// Lane `lane`'s event hub and a subscriber's place: FAILED_PRECONDITION with the prefix
+    /// cache off (no event is ever published), RESOURCE_EXHAUSTED when every place is taken.
+    pub fn kv_subscription(&self, lane: usize) -> Result<(Arc<KvEventHub>, SubscriberSlot), tonic::Status> {
+        if !self.config.prefix_caching {
+            return Err(tonic::Status::failed_precondition(
+                "prefix caching is off (--prefix-caching off), so no block is ever cached and no KV \
+                 event published; turn it on to follow the cache",
+            ));
+        }
+        let hub =
+            self.kv_events.get(lane).cloned().ok_or_else(|| tonic::Status::internal("no such model lane"))?;
+        let slot = SubscriberSlot::take(&self.kv_subscribers).ok_or_else(|| {
+            tonic::Status::resource_exhausted(format!(
+                "{MAX_SUBSCRIBERS} KV event subscriptions are open, the most this runtime serves; close one first"
+            ))
+        })?;
+        Ok((hub, slot))
+    }
+
     /// Builds the state; starts the renewal task, the device loop and the slab leasers.
     pub fn new(config: Config, shutdown: CancellationToken, metrics: Metrics) -> Result<Arc<Self>, Error> {
         let memory = MemoryClient::new(
@@ -128,10 +149,13 @@ impl Shared {
             crate::core::Signals {
                 shutdown: shutdown.clone(),
                 memory: renewer.fence(),
-                reclaim: renewer
-                    .take_reclaims()
-                    .filter(|_| config.prefix_caching)
-                    .map(|requests| crate::core::Reclaim { renewer: renewer.clone(), requests }),
+                reclaim: renewer.take_reclaims().filter(|_| config.prefix_caching).map(|requests| {
+                    crate::core::Reclaim {
+                        renewer: renewer.clone(),
+                        requests,
+                        freeing: tokio::task::JoinSet::new(),
+                    }
+                }),
             },
             &tracker,
         );
@@ -152,6 +176,7 @@ impl Shared {
             config,
             metrics,
             kv_events,
+            kv_subscribers: Arc::default(),
             device_memory,
         }))
     }

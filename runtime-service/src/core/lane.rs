@@ -367,8 +367,9 @@ impl Lane {
             .flat_map(|lease| lease.leases().iter().cloned())
     }
 
-    /// Evicts and frees the slab leased as `lease` if it still holds only cache; its blocks.
-    pub(super) fn reclaim(&mut self, lease: &str) -> Option<u64> {
+    /// Evicts the slab leased as `lease` if it still holds only cache; its blocks and its lease,
+    /// for the caller to free.
+    pub(super) fn reclaim(&mut self, lease: &str) -> Option<(u64, Option<Reservation>)> {
         let (&id, _) = self
             .slabs
             .iter()
@@ -377,10 +378,9 @@ impl Lane {
         if !self.scheduler.pool_mut().evict_slab(id) {
             return None;
         }
-        // Dropping the reservation frees its scope at once (in the background).
-        self.slabs.remove(&id);
+        let reservation = self.slabs.remove(&id).flatten();
         self.reclaimed_blocks += blocks;
-        Some(blocks)
+        Some((blocks, reservation))
     }
 
     /// Publishes the prefix cache's changes since the last call as one batch.

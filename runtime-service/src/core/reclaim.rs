@@ -3,7 +3,7 @@
 //! (another tenant waits for memory), their cached blocks are evicted and the slabs freed.
 
 use proto::memory::v1::ReclaimRequest;
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinSet};
 use tracing::info;
 
 use super::lane::Lane;
@@ -16,12 +16,28 @@ pub struct Reclaim {
     pub renewer: Renewer,
     /// memory-service's requests, as the renewer receives them.
     pub requests: mpsc::Receiver<ReclaimRequest>,
+    /// Frees of slabs given back, in flight. Until they land the offer is not restated: an
+    /// offer without a lease memory-service asked for reads as "declined" if it arrives before
+    /// the lease's free.
+    pub freeing: JoinSet<()>,
+}
+
+impl Drop for Reclaim {
+    fn drop(&mut self) {
+        // A free in flight at shutdown finishes on its own (its lease would otherwise linger
+        // until its TTL).
+        self.freeing.detach_all();
+    }
 }
 
 impl Reclaim {
-    /// Offers every slab of `lanes` that holds only cache (oldest first within a lane).
-    pub(super) fn offer(&self, lanes: &[Lane]) {
-        self.renewer.offer(lanes.iter().flat_map(Lane::offered).collect());
+    /// Offers every slab of `lanes` that holds only cache (oldest first within a lane), once the
+    /// frees of those given back have landed.
+    pub(super) fn offer(&mut self, lanes: &[Lane]) {
+        while self.freeing.try_join_next().is_some() {}
+        if self.freeing.is_empty() {
+            self.renewer.offer(lanes.iter().flat_map(Lane::offered).collect());
+        }
     }
 
     /// Gives back what memory-service asked for since the last call: each named lease whose slab
@@ -32,9 +48,12 @@ impl Reclaim {
         while let Some(request) = next {
             let (mut slabs, mut blocks) = (0, 0);
             for lease in &request.lease_ids {
-                if let Some(freed) = lanes.iter_mut().find_map(|lane| lane.reclaim(lease)) {
+                if let Some((freed, reservation)) = lanes.iter_mut().find_map(|lane| lane.reclaim(lease)) {
                     slabs += 1;
                     blocks += freed;
+                    if let Some(reservation) = reservation {
+                        self.freeing.spawn(reservation.release());
+                    }
                 }
             }
             info!(

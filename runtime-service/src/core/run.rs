@@ -93,7 +93,7 @@ impl DeviceLoop {
                 lane.return_slabs(now, self.settings.kv_idle_release);
                 lane.publish_demand();
             }
-            if let Some(reclaim) = &self.reclaim {
+            if let Some(reclaim) = &mut self.reclaim {
                 reclaim.offer(&self.lanes);
             }
             self.export_gauges();
@@ -213,10 +213,17 @@ impl DeviceLoop {
             }
         };
         let mut memory = self.memory.clone();
+        // A request for cache, or the free of a slab given back landing (the offer is restated
+        // once none is in flight).
+        // A closed request channel (the renewer stopped, at shutdown) never resolves.
         let reclaims = async {
-            match self.reclaim.as_mut() {
-                Some(reclaim) => reclaim.requests.recv().await,
-                None => std::future::pending().await,
+            let Some(Reclaim { requests, freeing, .. }) = self.reclaim.as_mut() else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                Some(request) = requests.recv() => Some(request),
+                Some(_) = freeing.join_next(), if !freeing.is_empty() => None,
+                else => std::future::pending().await,
             }
         };
         let mut asked = None;

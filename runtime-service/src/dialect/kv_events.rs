@@ -4,10 +4,6 @@
 
 use std::{
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
     task::{Context, Poll, ready},
 };
 
@@ -16,18 +12,15 @@ use tokio_stream::Stream;
 use tonic::Status;
 
 use crate::{
-    kv_events::{KvBatch, KvSubscription},
+    kv_events::{KvBatch, KvSubscription, SubscriberSlot},
     scheduler::KvEvent,
 };
 
-/// Subscriptions open at once, per runtime: each holds a replay backlog while it drains.
-pub const MAX_SUBSCRIBERS: usize = 64;
-
-/// One subscriber's stream; counts itself out of the open subscriptions when dropped.
+/// One subscriber's stream; its slot among the open subscriptions goes with it.
 #[derive(Debug)]
 pub struct KvEventStream {
     inner: KvSubscription,
-    open: Arc<AtomicUsize>,
+    _slot: SubscriberSlot,
     block_tokens: i32,
     next_event_id: u64,
     failed: bool,
@@ -35,17 +28,15 @@ pub struct KvEventStream {
 }
 
 impl KvEventStream {
-    /// Counts a new subscriber in; `None` if `MAX_SUBSCRIBERS` are open.
-    pub fn open(
+    /// Streams `inner`, holding `slot`; each batch sent counts in `sent`.
+    pub fn new(
         inner: KvSubscription,
-        open: Arc<AtomicUsize>,
+        slot: SubscriberSlot,
         block_tokens: u32,
         sent: prometheus::IntCounter,
-    ) -> Option<Self> {
-        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_SUBSCRIBERS).then_some(n + 1))
-            .ok()?;
+    ) -> Self {
         let block_tokens = i32::try_from(block_tokens).unwrap_or(i32::MAX);
-        Some(KvEventStream { inner, open, block_tokens, next_event_id: 1, failed: false, sent })
+        KvEventStream { inner, _slot: slot, block_tokens, next_event_id: 1, failed: false, sent }
     }
 
     fn convert(&mut self, batch: &KvBatch) -> smg::KvEventBatch {
@@ -82,12 +73,6 @@ impl KvEventStream {
             events,
             dp_rank: None,
         }
-    }
-}
-
-impl Drop for KvEventStream {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

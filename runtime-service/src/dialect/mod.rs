@@ -12,7 +12,7 @@ mod request;
 
 use std::sync::{
     Arc,
-    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use proto::{
@@ -42,8 +42,6 @@ pub struct EngineApi {
     /// The model's tokenizer bundle as GetTokenizer serves it: zipped once, so every call (and
     /// every gateway) gets the same bytes and the same SHA-256.
     zip: Vec<u8>,
-    /// SubscribeKvEvents streams open.
-    kv_subscribers: Arc<AtomicUsize>,
 }
 
 impl EngineApi {
@@ -57,7 +55,6 @@ impl EngineApi {
             started: Instant::now(),
             last_receive: AtomicU64::new(0f64.to_bits()),
             throughput: Throughput::default(),
-            kv_subscribers: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -198,24 +195,10 @@ impl VllmEngine for EngineApi {
         &self,
         request: Request<smg::SubscribeKvEventsRequest>,
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
-        if !self.shared.config.prefix_caching {
-            return Err(Status::failed_precondition(
-                "SubscribeKvEvents: prefix caching is off (--prefix-caching off), so no block is \
-                 ever cached; turn it on to publish KV events",
-            ));
-        }
         let start = request.into_inner().start_sequence_number;
-        let hub = &self.shared.kv_events[self.model.lane];
+        let (hub, slot) = self.shared.kv_subscription(self.model.lane)?;
         let subscription = hub.subscribe(start).map_err(|err| Status::out_of_range(err.to_string()))?;
         let sent = self.shared.metrics.kv_event_batches_sent.clone();
-        KvEventStream::open(subscription, self.kv_subscribers.clone(), hub.block_tokens(), sent)
-            .map(Response::new)
-            .ok_or_else(|| {
-                Status::resource_exhausted(format!(
-                    "SubscribeKvEvents: {} subscriptions are open, the most this runtime serves; \
-                     close one first",
-                    kv_events::MAX_SUBSCRIBERS
-                ))
-            })
+        Ok(Response::new(KvEventStream::new(subscription, slot, hub.block_tokens(), sent)))
     }
 }

@@ -10,7 +10,10 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -19,6 +22,33 @@ use tokio::sync::watch;
 use tokio_stream::{Stream, wrappers::WatchStream};
 
 use crate::scheduler::{BlockHash, KvEvent};
+
+mod watch_v1;
+
+pub use self::watch_v1::WatchStream as V1WatchStream;
+
+/// Subscriptions open at once per runtime, both front doors together: each holds a replay
+/// backlog while it drains.
+pub const MAX_SUBSCRIBERS: usize = 64;
+
+/// One open subscription's place among [`MAX_SUBSCRIBERS`]; given back when dropped.
+#[derive(Debug)]
+pub struct SubscriberSlot(Arc<AtomicUsize>);
+
+impl SubscriberSlot {
+    /// A place among those counted by `open`; `None` if all are taken.
+    pub fn take(open: &Arc<AtomicUsize>) -> Option<Self> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_SUBSCRIBERS).then_some(n + 1))
+            .ok()?;
+        Some(SubscriberSlot(open.clone()))
+    }
+}
+
+impl Drop for SubscriberSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A numbered batch of events: one device step's changes, or a snapshot.
 #[derive(Debug, Clone, PartialEq)]
