@@ -9,7 +9,7 @@ use crate::{
     device::{Roofline, Work},
     error::Error,
     generate::{self, GenerateStream},
-    kv_events::V1WatchStream,
+    kv_events::{BatchStream, v1_batch},
     memory::Use,
     state::Shared,
 };
@@ -38,7 +38,7 @@ fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {
 #[tonic::async_trait]
 impl RuntimeService for RuntimeApi {
     type GenerateStream = GenerateStream;
-    type WatchKvEventsStream = V1WatchStream;
+    type WatchKvEventsStream = BatchStream<pb::WatchKvEventsResponse>;
 
     async fn generate(
         &self,
@@ -111,7 +111,10 @@ impl RuntimeService for RuntimeApi {
             .subscribe(request.start_sequence_number)
             .map_err(|err| Status::out_of_range(err.to_string()))?;
         let sent = self.shared.metrics.kv_event_batches_sent.clone();
-        Ok(Response::new(V1WatchStream::new(subscription, slot, hub.block_tokens(), sent)))
+        let block_tokens = hub.block_tokens();
+        Ok(Response::new(BatchStream::new(subscription, slot, sent, move |batch| {
+            v1_batch(batch, block_tokens)
+        })))
     }
 
     async fn cancel(

@@ -2,44 +2,25 @@
 //! `common.proto` (KvEventBatch of KvCacheEvent: stored, removed, cleared), as routers read
 //! them. Block hashes are the cache's 64-bit chained hashes, as int64 (the same bits).
 
-use std::{
-    pin::Pin,
-    task::{Context, Poll, ready},
-};
-
 use proto::smg::grpc::common as smg;
-use tokio_stream::Stream;
-use tonic::Status;
 
-use crate::{
-    kv_events::{KvBatch, KvSubscription, SubscriberSlot},
-    scheduler::KvEvent,
-};
+use crate::{kv_events::KvBatch, scheduler::KvEvent};
 
-/// One subscriber's stream; its slot among the open subscriptions goes with it.
+/// Turns batches into the dialect's messages for one subscription.
 #[derive(Debug)]
-pub struct KvEventStream {
-    inner: KvSubscription,
-    _slot: SubscriberSlot,
+pub struct DialectBatches {
     block_tokens: i32,
     next_event_id: u64,
-    failed: bool,
-    sent: prometheus::IntCounter,
 }
 
-impl KvEventStream {
-    /// Streams `inner`, holding `slot`; each batch sent counts in `sent`.
-    pub fn new(
-        inner: KvSubscription,
-        slot: SubscriberSlot,
-        block_tokens: u32,
-        sent: prometheus::IntCounter,
-    ) -> Self {
-        let block_tokens = i32::try_from(block_tokens).unwrap_or(i32::MAX);
-        KvEventStream { inner, _slot: slot, block_tokens, next_event_id: 1, failed: false, sent }
+impl DialectBatches {
+    /// For blocks of `block_tokens`.
+    pub fn new(block_tokens: u32) -> Self {
+        DialectBatches { block_tokens: i32::try_from(block_tokens).unwrap_or(i32::MAX), next_event_id: 1 }
     }
 
-    fn convert(&mut self, batch: &KvBatch) -> smg::KvEventBatch {
+    /// One batch as the dialect tells it; event ids count up across the subscription.
+    pub fn convert(&mut self, batch: &KvBatch) -> smg::KvEventBatch {
         let events = batch
             .events
             .iter()
@@ -72,29 +53,6 @@ impl KvEventStream {
             timestamp: batch.timestamp,
             events,
             dp_rank: None,
-        }
-    }
-}
-
-impl Stream for KvEventStream {
-    type Item = Result<smg::KvEventBatch, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.failed {
-            return Poll::Ready(None);
-        }
-        match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
-            None => Poll::Ready(None),
-            Some(Ok(batch)) => {
-                self.sent.inc();
-                Poll::Ready(Some(Ok(self.convert(&batch))))
-            }
-            // Fell behind the replay buffer: told, and the stream ends; a resume from its last
-            // number is refused the same way, a subscription from 0 starts over from the content.
-            Some(Err(err)) => {
-                self.failed = true;
-                Poll::Ready(Some(Err(Status::out_of_range(err.to_string()))))
-            }
         }
     }
 }

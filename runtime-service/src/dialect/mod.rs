@@ -24,8 +24,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 pub use self::info::SERVER_TYPE;
-use self::{info::Throughput, kv_events::KvEventStream, reply::Reply};
-use crate::{error::Error, generate, models::Model, state::Shared, tokenizer::zip};
+use self::{info::Throughput, kv_events::DialectBatches, reply::Reply};
+use crate::{error::Error, generate, kv_events::BatchStream, models::Model, state::Shared, tokenizer::zip};
 
 /// The `VllmEngine` implementation, serving one model (`--engine-model`): the protocol names
 /// none.
@@ -75,7 +75,7 @@ fn unix_now() -> f64 {
 impl VllmEngine for EngineApi {
     type GenerateStream = Reply;
     type GetTokenizerStream = ReceiverStream<Result<smg::GetTokenizerChunk, Status>>;
-    type SubscribeKvEventsStream = KvEventStream;
+    type SubscribeKvEventsStream = BatchStream<smg::KvEventBatch>;
 
     async fn generate(
         &self,
@@ -199,6 +199,7 @@ impl VllmEngine for EngineApi {
         let (hub, slot) = self.shared.kv_subscription(self.model.lane)?;
         let subscription = hub.subscribe(start).map_err(|err| Status::out_of_range(err.to_string()))?;
         let sent = self.shared.metrics.kv_event_batches_sent.clone();
-        Ok(Response::new(KvEventStream::new(subscription, slot, hub.block_tokens(), sent)))
+        let mut dialect = DialectBatches::new(hub.block_tokens());
+        Ok(Response::new(BatchStream::new(subscription, slot, sent, move |batch| dialect.convert(batch))))
     }
 }

@@ -23,9 +23,10 @@ use tokio_stream::{Stream, wrappers::WatchStream};
 
 use crate::scheduler::{BlockHash, KvEvent};
 
+mod stream;
 mod watch_v1;
 
-pub use self::watch_v1::WatchStream as V1WatchStream;
+pub use self::{stream::BatchStream, watch_v1::convert as v1_batch};
 
 /// Subscriptions open at once per runtime, both front doors together: each holds a replay
 /// backlog while it drains.

@@ -1,41 +1,14 @@
 //! `runtime.v1.RuntimeService/WatchKvEvents`: a model's batches in runtime.v1's own shapes.
 
-use std::{
-    pin::Pin,
-    task::{Context, Poll, ready},
-    time::{Duration, UNIX_EPOCH},
-};
+use std::time::{Duration, UNIX_EPOCH};
 
 use proto::runtime::v1 as pb;
-use tokio_stream::Stream;
-use tonic::Status;
 
-use super::{KvBatch, KvSubscription, SubscriberSlot};
+use super::KvBatch;
 use crate::scheduler::KvEvent;
 
-/// One WatchKvEvents stream.
-#[derive(Debug)]
-pub struct WatchStream {
-    inner: KvSubscription,
-    _slot: SubscriberSlot,
-    block_tokens: u32,
-    sent: prometheus::IntCounter,
-    failed: bool,
-}
-
-impl WatchStream {
-    /// Streams `inner`, holding `slot`; each batch sent counts in `sent`.
-    pub fn new(
-        inner: KvSubscription,
-        slot: SubscriberSlot,
-        block_tokens: u32,
-        sent: prometheus::IntCounter,
-    ) -> Self {
-        WatchStream { inner, _slot: slot, block_tokens, sent, failed: false }
-    }
-}
-
-fn convert(batch: &KvBatch, block_tokens: u32) -> pb::WatchKvEventsResponse {
+/// One batch as runtime.v1 tells it, for blocks of `block_tokens`.
+pub fn convert(batch: &KvBatch, block_tokens: u32) -> pb::WatchKvEventsResponse {
     let events = batch
         .events
         .iter()
@@ -60,26 +33,5 @@ fn convert(batch: &KvBatch, block_tokens: u32) -> pb::WatchKvEventsResponse {
         time: Some(prost_types::Timestamp::from(time)),
         block_tokens,
         events,
-    }
-}
-
-impl Stream for WatchStream {
-    type Item = Result<pb::WatchKvEventsResponse, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.failed {
-            return Poll::Ready(None);
-        }
-        match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
-            None => Poll::Ready(None),
-            Some(Ok(batch)) => {
-                self.sent.inc();
-                Poll::Ready(Some(Ok(convert(&batch, self.block_tokens))))
-            }
-            Some(Err(err)) => {
-                self.failed = true;
-                Poll::Ready(Some(Err(Status::out_of_range(err.to_string()))))
-            }
-        }
     }
 }
