@@ -138,10 +138,10 @@ fn refuse_unsupported(req: &vllm::GenerateRequest, bad: &mut Violations) {
             bad.add("sampling_params.n", format!("{} parallel samples are not simulated; use n = 1", p.n));
         }
         if p.logprobs.is_some() {
-            bad.add("sampling_params.logprobs", format!("logprobs {NOT_SIMULATED}"));
+            bad.add("sampling_params.logprobs", NOT_SIMULATED);
         }
         if p.prompt_logprobs.is_some() {
-            bad.add("sampling_params.prompt_logprobs", format!("prompt logprobs {NOT_SIMULATED}"));
+            bad.add("sampling_params.prompt_logprobs", NOT_SIMULATED);
         }
         if p.constraint.is_some() {
             bad.add(
@@ -177,10 +177,10 @@ fn refuse_unsupported(req: &vllm::GenerateRequest, bad: &mut Violations) {
             );
         }
         if !p.logit_bias.is_empty() {
-            bad.add("sampling_params.logit_bias", format!("logit bias {NOT_SIMULATED}"));
+            bad.add("sampling_params.logit_bias", NOT_SIMULATED);
         }
         if p.truncate_prompt_tokens.is_some() {
-            bad.add("sampling_params.truncate_prompt_tokens", format!("prompt truncation {NOT_SIMULATED}"));
+            bad.add("sampling_params.truncate_prompt_tokens", NOT_SIMULATED);
         }
     }
     if req.mm_inputs.is_some() {
