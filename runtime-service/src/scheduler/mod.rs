@@ -13,7 +13,8 @@
 //!
 //! With the prefix cache, a sequence starts from the longest run of cached blocks holding its
 //! prompt (shared, not copied: it computes only the rest, while attention still reads the whole
-//! context), and each full prompt block it computes is stored for those that follow.
+//! context), and each full prompt block it is scheduled to compute is stored for those that
+//! follow, from the same step on.
 
 pub mod blocks;
 mod demand;
@@ -195,11 +196,18 @@ impl Scheduler {
         self.pool.lookup(hashes, &seq.prompt_ids)
     }
 
-    /// Stores the full prompt blocks `id` has computed and not yet stored.
-    fn store_computed(&mut self, id: SeqId) {
+    /// Stores the full prompt blocks `id` will have computed once its next `tokens` are (the step
+    /// being formed computes them), as vLLM caches a block when its step is scheduled: a sequence
+    /// admitted later in the same step, or in the next, finds them instead of computing the same
+    /// prefix again.
+    fn store_scheduled(&mut self, id: SeqId, tokens: u32) {
+        if !self.limits.prefix_caching {
+            return;
+        }
         let Some(seq) = self.seqs.get_mut(&id) else { return };
         let size = self.pool.block_tokens() as usize;
-        let full = (seq.computed as usize / size).min(seq.block_hashes.len()).min(seq.blocks.len());
+        let upto = (seq.computed + tokens) as usize;
+        let full = (upto / size).min(seq.block_hashes.len()).min(seq.blocks.len());
         for i in seq.stored_blocks..full {
             let parent = i.checked_sub(1).map(|p| seq.block_hashes[p]);
             let ids = &seq.prompt_ids[i * size..(i + 1) * size];
@@ -280,6 +288,7 @@ impl Scheduler {
                 break; // it was the last running sequence: nothing after it
             }
             self.grant(id, wanted);
+            self.store_scheduled(id, tokens);
             let seq = &self.seqs[&id];
             plan.batch.push((id, Work { tokens, context: seq.computed }));
             budget -= tokens;
@@ -328,6 +337,7 @@ impl Scheduler {
                 seq.cached_tokens.get_or_insert(hit_tokens);
             }
             self.grant(id, wanted);
+            self.store_scheduled(id, tokens);
             let seq = &self.seqs[&id];
             plan.batch.push((id, Work { tokens, context: seq.computed }));
             self.running.push(id);
@@ -350,9 +360,6 @@ impl Scheduler {
                 if seq.pending_tokens() == 0 {
                     sampling.push(id);
                 }
-            }
-            if self.limits.prefix_caching {
-                self.store_computed(id);
             }
         }
         sampling

@@ -253,6 +253,22 @@ fn a_second_prompt_with_the_same_prefix_computes_only_the_rest() {
 }
 
 #[test]
+fn two_prompts_with_one_prefix_admitted_in_one_step_compute_it_once() {
+    let caching = Limits { prefix_caching: true, ..PAGED };
+    let mut s = scheduler(100, caching);
+    s.add(cached_seq(1, prompt_ids(1, 32, 36, 1), 2));
+    s.add(cached_seq(2, prompt_ids(1, 32, 36, 2), 2));
+    let plan = step(&mut s);
+    assert_eq!(
+        plan.batch,
+        vec![(1, Work { tokens: 36, context: 0 }), (2, Work { tokens: 4, context: 32 })],
+        "the second shares the 8 blocks the first computes in the same step"
+    );
+    assert_eq!(s.get(2).map(|q| q.cached_tokens), Some(Some(32)));
+    s.check().expect("consistent");
+}
+
+#[test]
 fn preemption_drops_references_not_the_cached_prefix() {
     let caching = Limits { prefix_caching: true, max_batch: 8, token_budget: 64, ..PAGED };
     // 12 blocks: sequence 1 takes 10 (prompt 36 + growth), then 2 needs more than the rest.
