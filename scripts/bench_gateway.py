@@ -97,16 +97,18 @@ def log(message):
 
 
 class Stack:
-    """Processes this bench started; `stop` ends each of them, newest first, on every path."""
+    """Processes this bench started; `stop` ends each of them, newest first, on every path. Their
+    output goes to `logs` (scripts/bench_prefix.py keeps its own)."""
 
-    def __init__(self):
+    def __init__(self, logs=LOGS):
         self.procs = []
+        self.logs = logs
 
     def spawn(self, name, command, env=None, parse=False):
-        """Starts `command` in its own process group, its output in target/bench-gateway/logs.
+        """Starts `command` in its own process group, its output in the stack's log directory.
         With `parse`, waits for its "listening" line and returns (gRPC address, admin address)."""
         env = dict(os.environ, **(env or {}))
-        logfile = open(LOGS / f"{name}.log", "w", encoding="utf-8")
+        logfile = open(self.logs / f"{name}.log", "w", encoding="utf-8")
         proc = subprocess.Popen(command, stdout=logfile, stderr=subprocess.PIPE if parse else logfile,
                                 text=True, env=env, start_new_session=True)
         proc.name = name
@@ -134,7 +136,7 @@ class Stack:
         except queue.Empty:
             addrs = None
         if addrs is None:
-            raise SystemExit(f"{name} did not log its address (see {LOGS / (name + '.log')})")
+            raise SystemExit(f"{name} did not log its address (see {self.logs / (name + '.log')})")
         return proc, addrs
 
     def stop(self, proc):
@@ -173,7 +175,7 @@ def wait_serving(target):
     raise SystemExit(f"{target} never became SERVING")
 
 
-def start_gateway(stack, name, workers):
+def start_gateway(stack, name, workers, policy="round_robin"):
     port, prom = free_port(), free_port()
     smg = stack.spawn(name, [
         # The venv's python, not its `smg` script: a copied venv's scripts keep their old shebang.
@@ -181,7 +183,7 @@ def start_gateway(stack, name, workers):
         "--worker-urls", *[f"grpc://{w}" for w in workers],
         "--host", "127.0.0.1", "--port", str(port),
         "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom),
-        "--policy", "round_robin",
+        "--policy", policy,
         # Two log lines per request at info cost CPU that the 2 cores share with the runtimes.
         "--log-level", "warn",
     ])
@@ -189,7 +191,7 @@ def start_gateway(stack, name, workers):
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:  # bounded poll: ready once every worker is connected and the tokenizer loaded
         if smg.poll() is not None:
-            raise SystemExit(f"smg exited with {smg.returncode} (see {LOGS / (name + '.log')})")
+            raise SystemExit(f"smg exited with {smg.returncode} (see {stack.logs / (name + '.log')})")
         try:
             with urllib.request.urlopen(f"{url}/readiness", timeout=2) as reply:
                 if reply.status == 200:
@@ -253,12 +255,14 @@ def fetch_tokenizer(target, pb):
     return info, repo, min(t["id"] for t in added if t["special"])
 
 
-async def direct_run(target, pb, concurrency, count, prompt_len, vocab, seed):
-    """A closed loop of `concurrency` streams sending `count` requests in all to VllmEngine;
-    returns per-request (ttft, itl) in seconds, measured as aiperf measures them."""
+async def direct_run(target, pb, concurrency, count, prompt_len, vocab, seed, prompts=None):
+    """A closed loop of `concurrency` streams sending `count` requests in all to VllmEngine, of
+    random ids unless `prompts` (lists of ids) are given; returns per-request (ttft, itl,
+    cached prompt tokens), times in seconds, measured as aiperf measures them."""
     _, engine_pb2, engine_grpc = pb
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(count)]
+    if prompts is None:
+        rng = random.Random(seed)
+        prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(count)]
     todo = list(range(count))
     results = []
     run = uuid.uuid4().hex[:8]
@@ -273,17 +277,17 @@ async def direct_run(target, pb, concurrency, count, prompt_len, vocab, seed):
                                                           ignore_eos=True),
                 stream=True)
             sent = time.perf_counter()
-            first, tokens, reason = None, 0, None
+            first, tokens, reason, cached = None, 0, None, 0
             async for reply in stub.Generate(request, timeout=RUN_TIMEOUT_S):
                 if reply.HasField("chunk") and reply.chunk.token_ids:
                     first = first or time.perf_counter()
                     tokens += len(reply.chunk.token_ids)
                 elif reply.HasField("complete"):
-                    reason = reply.complete.finish_reason
+                    reason, cached = reply.complete.finish_reason, reply.complete.cached_tokens
             end = time.perf_counter()  # aiperf's latency ends with the stream too
             if tokens != OSL or reason != "length":
                 raise SystemExit(f"direct request {i}: {tokens} tokens, finish {reason!r}")
-            results.append((first - sent, (end - first) / (tokens - 1)))
+            results.append((first - sent, (end - first) / (tokens - 1), cached))
 
         async def stream():
             while todo:
