@@ -61,7 +61,7 @@ pub const MAX_RECLAIM_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_DEVICE: &str = "h100-sxm";
 
 /// The three pools for device preset `name`, sized for what a bare runtime-service loads on that
-/// device (see [`DeviceSpec::pool_split`]).
+/// device (see [`serving::models::pool_split`]).
 pub fn pools_for_device(name: &str) -> Result<Vec<PoolSpec>, ConfigError> {
     let device = DeviceSpec::preset(name).ok_or_else(|| {
         ConfigError::Invalid(format!(
@@ -69,7 +69,10 @@ pub fn pools_for_device(name: &str) -> Result<Vec<PoolSpec>, ConfigError> {
             DeviceSpec::preset_names().join(", ")
         ))
     })?;
-    Ok(device.pool_split().iter().map(|&(name, capacity)| PoolSpec { name: name.into(), capacity }).collect())
+    Ok(serving::models::pool_split(&device)
+        .iter()
+        .map(|&(name, capacity)| PoolSpec { name: name.into(), capacity })
+        .collect())
 }
 
 impl Default for Config {

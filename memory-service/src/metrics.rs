@@ -6,10 +6,7 @@ use std::{fmt::Write, sync::Arc, time::Duration};
 use prometheus::{Histogram, HistogramOpts, HistogramVec, Registry};
 use serving::{admin, observe::GrpcMetrics};
 
-use crate::{
-    ledger::{PoolId, PoolStats, Release, ReleaseObserver},
-    service::Shared,
-};
+use crate::ledger::{PoolId, PoolStats, Release, ReleaseObserver};
 
 /// The registry and the instruments handlers update.
 #[derive(Debug, Clone)]
@@ -148,14 +145,10 @@ impl ReleaseObserver for Lifetimes {
     }
 }
 
-/// Pool gauges and cumulative counters, read from the ledger when Prometheus scrapes: the ledger
-/// keeps them exactly, so they are never double-counted or lost to a lagging event stream.
-pub fn snapshot(shared: &Shared) -> String {
-    let pools = {
-        let mut ledger = shared.ledger();
-        ledger.reap(tokio::time::Instant::now());
-        ledger.list_pools()
-    };
+/// Pool gauges and cumulative counters of `pools`, and the server's `epoch`, read from the ledger when Prometheus scrapes
+/// (see the server): the ledger keeps them exactly, so they are never double-counted or lost to
+/// a lagging event stream.
+pub fn pool_families(pools: &[PoolStats], epoch: u64) -> String {
     let mut out = String::new();
     type Pick = fn(&PoolStats) -> f64;
     let families: [(&str, &str, &str, Pick); 21] = [
@@ -238,6 +231,6 @@ pub fn snapshot(shared: &Shared) -> String {
         "# HELP memory_server_info Constant 1, labelled with the server epoch (the id of its state)."
     );
     let _ = writeln!(out, "# TYPE memory_server_info gauge");
-    let _ = writeln!(out, "memory_server_info{{epoch=\"{}\"}} 1", shared.epoch());
+    let _ = writeln!(out, "memory_server_info{{epoch=\"{}\"}} 1", epoch);
     out
 }

@@ -64,7 +64,14 @@ pub async fn run(
         security.auth,
     )?;
     let snapshot_of = shared.clone();
-    let snapshot: serving::admin::Snapshot = Arc::new(move || crate::metrics::snapshot(&snapshot_of));
+    let snapshot: serving::admin::Snapshot = Arc::new(move || {
+        let pools = {
+            let mut ledger = snapshot_of.ledger();
+            ledger.reap(tokio::time::Instant::now());
+            ledger.list_pools()
+        };
+        crate::metrics::pool_families(&pools, snapshot_of.epoch())
+    });
     serving::admin::spawn(admin, &metrics.registry, snapshot, &health, &token);
     serving::grpc::set_health(&health, true).await;
     let addr = listener.local_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string());

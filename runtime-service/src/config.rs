@@ -5,6 +5,7 @@
 mod engine_model;
 mod file;
 mod fit;
+mod kinds;
 mod lease_ttl;
 
 pub use self::lease_ttl::MIN_LEASE_TTL;
@@ -14,12 +15,18 @@ use std::time::Duration;
 pub use serving::config::ConfigError;
 
 pub use self::file::{defined_devices, find_device, lists_models, parse_models, read_file};
+pub use self::kinds::{KvReserve, SchedulerMode};
 use crate::{
-    core::SchedulerMode,
     device::{Arch, DeviceSpec},
     engine::EngineKind,
-    scheduler::KvReserve,
 };
+
+/// Longest instance name: it prefixes every memory-service scope this runtime takes, whole,
+/// within memory-service's 128-character limit (a long model key is shortened in the scope
+/// instead).
+pub const MAX_INSTANCE: usize = 48;
+/// Longest name inside a scope (request id, model key).
+pub const MAX_SCOPE_NAME: usize = 64;
 
 /// Largest token limit a model may set (prompt or completion).
 pub const MAX_TOKENS: u32 = 1 << 20;
@@ -210,7 +217,7 @@ impl Config {
         }
         // The instance name prefixes every memory scope; longer names would push scopes past
         // memory-service's 128-character limit and no model could ever load.
-        let max_instance = crate::memory::MAX_INSTANCE;
+        let max_instance = MAX_INSTANCE;
         if self.instance.is_empty()
             || self.instance.chars().count() > max_instance
             || self.instance.chars().any(|c| c.is_control() || c == '/')
@@ -290,7 +297,7 @@ impl Config {
         let mut keys = std::collections::HashSet::new();
         for m in &self.models {
             let key_ok = !m.key.is_empty()
-                && m.key.len() <= crate::memory::MAX_SCOPE_NAME
+                && m.key.len() <= MAX_SCOPE_NAME
                 && m.key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
             if !key_ok {
                 return invalid(format!("model key {:?}: use 1 to 64 of a-z, 0-9, '-', '.', '_'", m.key));
@@ -307,7 +314,6 @@ impl Config {
                     m.key
                 ));
             }
-            crate::tokenizer::Bundle::check(m).map_err(ConfigError::Invalid)?;
             if m.max_prompt_tokens > m.arch.context_length || m.max_tokens_limit > m.arch.context_length {
                 return invalid(format!(
                     "model {:?}: token limits must fit its context of {} tokens",
@@ -336,7 +342,7 @@ mod tests {
         // A bare memory-service sizes its pools for the same device: every default model's
         // weights fit in `uniforms` (the preloaded ones and those loaded on demand), and
         // activations fit theirs. Every preset is checked in `fit`'s tests.
-        let pools = config.device.pool_split();
+        let pools = serving::models::pool_split(&config.device);
         let pool = |name: &str| pools.iter().find(|(n, _)| *n == name).map(|(_, b)| *b).unwrap_or(0);
         let all: u64 = config.models.iter().map(|m| m.arch.weight_bytes()).sum();
         assert!(all <= pool("uniforms"), "{all} > {}", pool("uniforms"));

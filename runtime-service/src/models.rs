@@ -7,17 +7,14 @@ use crate::{
     config::{Config, ModelSpec},
     engine::{Engine, fnv1a, hash_ids},
     error::Error,
-    generate::MAX_PROMPT_BYTES,
     memory::{Loader, Lost, Standing},
     tokenizer::Bundle,
 };
 
-/// Pool names in memory-service.
-pub const KV_CACHE: &str = "kv-cache";
-/// Pool of activation buffers.
-pub const ACTIVATIONS: &str = "activations";
-/// Pool of model weights.
-pub const UNIFORMS: &str = "uniforms";
+pub use crate::memory::{ACTIVATIONS, KV_CACHE, UNIFORMS};
+
+/// Longest prompt accepted, in bytes, whatever the model.
+pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
 
 /// One configured model.
 #[derive(Debug)]

@@ -40,6 +40,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     config.validate()?;
+    // A user's tokenizer that does not load is refused now, not at the first request.
+    for model in &config.models {
+        crate::tokenizer::Bundle::check(model).map_err(crate::config::ConfigError::Invalid)?;
+    }
     let grace = config.grace_period;
     let token = CancellationToken::new();
     let keys: Vec<&str> = config.models.iter().map(|m| m.key.as_str()).collect();

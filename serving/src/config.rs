@@ -45,7 +45,7 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     /// Reflection could not be built from the descriptor set.
     #[error("reflection: {0}")]
-    Reflection(#[from] crate::grpc::ReflectionError),
+    Reflection(#[from] tonic_reflection::server::Error),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),

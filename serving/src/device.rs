@@ -7,12 +7,6 @@ use serde::Deserialize;
 
 const GIB: u64 = 1 << 30;
 
-/// How many runtimes' activation buffers a bare memory-service's `activations` pool holds: one
-/// runtime's alone would leave nothing for a second engine's, a rolling update's new pod, or a
-/// client sharing the device (the example clients take a few MiB). Four still leave every
-/// preset's kv-cache above a quarter of its usable memory.
-pub const ACTIVATION_SLOTS: u64 = 4;
-
 /// One accelerator, as its datasheet and measured serving runs describe it.
 ///
 /// The achievable fractions are what inference engines actually reach, not the datasheet: vLLM
@@ -57,18 +51,6 @@ impl DeviceSpec {
     /// fragmentation and other processes). Every bound on a device's memory starts from it.
     pub fn usable_bytes(&self) -> u64 {
         self.memory_bytes - self.memory_bytes / 10
-    }
-
-    /// The three pools memory-service holds for this device, as (name, bytes), sized as vLLM
-    /// sizes a GPU's memory for what a bare runtime-service on the same device loads
-    /// ([`crate::models::fit_defaults`]): `uniforms` holds the weights of the default models that
-    /// fit, `activations` [`ACTIVATION_SLOTS`] times the runtime's double-buffered step buffers
-    /// for them, and `kv-cache` the rest of [`DeviceSpec::usable_bytes`].
-    pub fn pool_split(&self) -> [(&'static str, u64); 3] {
-        let fit = crate::models::fit_defaults(self);
-        let activations = fit.activation_bytes * ACTIVATION_SLOTS;
-        let kv = fit.usable_bytes - fit.weight_bytes - activations;
-        [("kv-cache", kv), ("activations", activations), ("uniforms", fit.weight_bytes)]
     }
 
     /// Checks that every number is usable; the message names the field.
@@ -156,47 +138,4 @@ fn presets() -> Vec<DeviceSpec> {
             cpu_per_seq_s: 0.5e-3,
         },
     ]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn presets_are_valid_and_split_ninety_percent() {
-        for name in DeviceSpec::preset_names() {
-            let device = DeviceSpec::preset(&name).expect("listed preset");
-            device.validate().expect("valid preset");
-            let pooled: u64 = device.pool_split().iter().map(|(_, b)| b).sum();
-            assert_eq!(pooled, device.usable_bytes(), "{name}");
-        }
-        assert!(DeviceSpec::preset("h200").is_none());
-    }
-
-    /// The split of each preset, in bytes: (kv-cache, activations, uniforms). Weights are the
-    /// default models that fit (see `models::fit`); one runtime's activations are 45,056 bytes
-    /// per token (Llama-3.1-8B) or 24,576 (Llama-3.2-1B) × 2048 tokens × 2, and the pool holds
-    /// [`ACTIVATION_SLOTS`] of them.
-    #[test]
-    fn each_preset_splits_into_weights_activations_and_the_rest_for_kv() {
-        let all_four = 16_060_522_496 + 2_471_628_800 + 7_642_159_104 + 327_650_304;
-        let expected = [
-            ("h100-sxm", 77_309_411_328, 184_549_376, all_four),
-            ("a100-40gb", 38_654_705_664, 184_549_376, all_four),
-            ("l4", 23_192_823_399, 184_549_376, 16_060_522_496 + 327_650_304),
-            ("webgpu-laptop", 7_730_941_133, 100_663_296, 2_471_628_800 + 327_650_304),
-        ];
-        for (name, usable, activations, uniforms) in expected {
-            let device = DeviceSpec::preset(name).expect("preset");
-            assert_eq!(device.usable_bytes(), usable, "{name}");
-            let activations = activations * ACTIVATION_SLOTS;
-            let kv = usable - activations - uniforms;
-            assert!(kv >= usable / 4, "{name}: the kv-cache keeps at least a quarter");
-            assert_eq!(
-                device.pool_split(),
-                [("kv-cache", kv), ("activations", activations), ("uniforms", uniforms)],
-                "{name}"
-            );
-        }
-    }
 }

@@ -6,11 +6,10 @@ use std::{path::Path, time::Duration};
 use serde::Deserialize;
 
 use super::{Config, ConfigError, ModelSpec};
+use super::{KvReserve, SchedulerMode};
 use crate::{
-    core::SchedulerMode,
     device::{Arch, DeviceSpec},
     engine::EngineKind,
-    scheduler::KvReserve,
 };
 
 #[derive(Debug, Deserialize)]

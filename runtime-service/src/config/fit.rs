@@ -68,7 +68,7 @@ mod tests {
     fn a_bare_runtime_fits_memory_services_split_on_every_preset() {
         for name in DeviceSpec::preset_names() {
             let (config, _) = bare(&name);
-            let pools = config.device.pool_split();
+            let pools = serving::models::pool_split(&config.device);
             let pool = |n: &str| pools.iter().find(|(p, _)| *p == n).map_or(0, |(_, b)| *b);
             let preloaded: u64 =
                 config.models.iter().filter(|m| m.preload).map(|m| m.arch.weight_bytes()).sum();
@@ -76,7 +76,7 @@ mod tests {
             assert!(preloaded > 0, "{name}: something is preloaded");
             assert!(preloaded <= pool("uniforms"), "{name}: {preloaded} > {pools:?}");
             assert_eq!(all, pool("uniforms"), "{name}: the pool holds exactly the served models");
-            let slots = serving::device::ACTIVATION_SLOTS;
+            let slots = serving::models::ACTIVATION_SLOTS;
             assert_eq!(config.activation_bytes() * slots, pool("activations"), "{name}");
         }
     }

@@ -10,36 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// How the CPU and GPU stages of the device are scheduled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SchedulerMode {
-    /// CPU work of step N+1 overlaps GPU work of step N.
-    Overlapped,
-    /// CPU then GPU, step after step.
-    Sequential,
-}
-
-impl SchedulerMode {
-    /// Name in flags and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            SchedulerMode::Overlapped => "overlapped",
-            SchedulerMode::Sequential => "sequential",
-        }
-    }
-}
-
-impl std::str::FromStr for SchedulerMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "overlapped" => Ok(SchedulerMode::Overlapped),
-            "sequential" => Ok(SchedulerMode::Sequential),
-            _ => Err(format!("scheduler {s:?} must be \"overlapped\" or \"sequential\"")),
-        }
-    }
-}
+pub use crate::config::SchedulerMode;
 
 /// How far behind its own schedule the loop may find itself before it concludes that the host
 /// (not the simulated device) held it up: above tokio's 1 ms timer granularity, so timer

@@ -10,8 +10,7 @@ use crate::{
     models::{Model, Models},
 };
 
-/// Longest prompt accepted, in bytes, whatever the model.
-pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
+pub use crate::models::MAX_PROMPT_BYTES;
 /// Longest request id. Gateways build theirs from a prefix, a UUID and suffixes (smg sends
 /// `chatcmpl-<uuid>` and longer); the bound only keeps the executor's table of live ids small.
 /// A memory scope shortens the id it embeds, so it does not constrain this one.

@@ -18,8 +18,7 @@ use tracing::{Instrument, debug, warn};
 
 use crate::{
     error::Error,
-    memory::{Ask, Loader, Reservation, unique_scope},
-    models::KV_CACHE,
+    memory::{Ask, KV_CACHE, Loader, Reservation, unique_scope},
 };
 
 /// First delay before leasing again after a failure; doubles up to a second.

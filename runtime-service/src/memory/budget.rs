@@ -26,8 +26,8 @@ impl Use {
     /// The use of memory-service pool `pool` (another pool counts as weights: it is not paged).
     pub fn of_pool(pool: &str) -> Use {
         match pool {
-            crate::models::KV_CACHE => Use::KvCache,
-            crate::models::ACTIVATIONS => Use::Activations,
+            super::KV_CACHE => Use::KvCache,
+            super::ACTIVATIONS => Use::Activations,
             _ => Use::Weights,
         }
     }

@@ -30,11 +30,14 @@ use crate::error::Error;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Longest instance name: it prefixes every scope, whole, within memory-service's
-/// 128-character limit (a long model key is shortened in the scope instead).
-pub const MAX_INSTANCE: usize = 48;
-/// Longest name inside a scope (request id, model key).
-pub const MAX_SCOPE_NAME: usize = 64;
+pub use crate::config::{MAX_INSTANCE, MAX_SCOPE_NAME};
+
+/// Pool of KV-cache slabs in memory-service.
+pub const KV_CACHE: &str = "kv-cache";
+/// Pool of activation buffers.
+pub const ACTIVATIONS: &str = "activations";
+/// Pool of model weights.
+pub const UNIFORMS: &str = "uniforms";
 
 /// A pool's capacity as memory-service reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,32 +24,13 @@ mod tests;
 
 use std::collections::{HashMap, VecDeque};
 
+pub use crate::config::KvReserve;
+
 pub use self::{
     blocks::{BlockHash, BlockId, BlockPool, KvEvent, SlabId, chain_hashes},
     seq::{SeqId, SeqState},
 };
 use crate::device::Work;
-
-/// How KV memory is taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvReserve {
-    /// Blocks as the sequence grows (paged attention).
-    Paged,
-    /// Blocks for prompt + max_tokens at admission (the scheme paged attention replaced); kept
-    /// for the comparison benchmark.
-    Upfront,
-}
-
-impl std::str::FromStr for KvReserve {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "paged" => Ok(KvReserve::Paged),
-            "upfront" => Ok(KvReserve::Upfront),
-            _ => Err(format!("KV reserve {s:?} must be \"paged\" or \"upfront\"")),
-        }
-    }
-}
 
 /// Limits of one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

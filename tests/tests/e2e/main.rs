@@ -6,6 +6,7 @@ mod engine_tokenizer;
 mod exhaustion;
 mod fuzz_memory;
 mod fuzz_runtime;
+mod import_graph;
 mod memory_abandoned;
 mod memory_disk_full;
 mod memory_durable;

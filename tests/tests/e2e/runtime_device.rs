@@ -69,7 +69,7 @@ fn secs(d: Option<prost_types::Duration>) -> f64 {
 #[tokio::test(start_paused = true)]
 async fn concurrent_streams_share_the_device_per_stream_tpot_rises_aggregate_rises_sublinearly() {
     let device = DeviceSpec::preset("a100-40gb").expect("preset");
-    let memory = MemoryServer::start(config_with_pools(&device.pool_split())).await;
+    let memory = MemoryServer::start(config_with_pools(&serving::models::pool_split(&device))).await;
     let config = runtime_service::Config {
         device: device.clone(),
         models: parse_models("[[models]]\nkey = \"llama-3.1-8b\"\nengine = \"webllm\"\npreload = true\n")
