@@ -11,7 +11,7 @@ const GIB: u64 = 1 << 30;
 ///
 /// The achievable fractions are what inference engines actually reach, not the datasheet: vLLM
 /// decoding Llama-3.1-8B at one request on an A100-40GB reaches about 77% of the memory-bandwidth
-/// ceiling (README, "Fidelity"), and large prefills reach 50–65% of dense tensor-core FLOP/s.
+/// ceiling (docs/simulated-device.md, "Fidelity"), and large prefills reach 50–65% of dense tensor-core FLOP/s.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceSpec {

@@ -101,7 +101,7 @@ impl Security {
             (None, false) => warn!(
                 service,
                 "the API is OPEN: no TLS and no authentication; anyone who can reach the port can use every method. \
-                 Fine on loopback; see the README's \"Securing a deployment\" before exposing it"
+                 Fine on loopback; see docs/operations.md, \"Securing a deployment\", before exposing it"
             ),
             (Some(_), false) => warn!(
                 service,

@@ -16,7 +16,7 @@ const ROUNDS: usize = 4;
 /// Only the swept model, preloaded: an A100-40GB's uniforms pool holds it and not the rest.
 const MODELS: &str = "[[models]]\nkey = \"llama-3.1-8b\"\nengine = \"webllm\"\npreload = true\n";
 
-/// Published vLLM measurements of Llama-3(.1)-8B in BF16 (README, "Fidelity", cites each).
+/// Published vLLM measurements of Llama-3(.1)-8B in BF16 (docs/simulated-device.md, "Fidelity", cites each).
 fn published(device: &str, concurrency: usize) -> &'static str {
     match (device, concurrency) {
         ("h100-sxm", 8) => "TPOT 7.56 ms @~10 (Lambda)",

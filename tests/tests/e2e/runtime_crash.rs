@@ -103,7 +103,7 @@ async fn scopes_allocated_until_now(
     }
 }
 
-/// A runtime killed and restarted under the same `--instance` (a pod name, as the README
+/// A runtime killed and restarted under the same `--instance` (a pod name, as docs/operations.md
 /// advises) while its previous life's leases still live: the new life takes its memory under
 /// scopes of its own. Scopes double as Allocate request ids; were they the same (a nonce that
 /// restarts at 0), memory-service would replay the old life's leases to the new one, which
