@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Checks that every relative Markdown link in the project's documentation resolves.
 
-Usage: check_links.py [FILE.md ...]   (default: README.md, deploy/README.md, examples/README.md
-and docs/*.md, relative to the repository root)
+Usage: check_links.py [FILE.md ...]   (default: README.md, CONTRIBUTING.md, deploy/README.md,
+examples/README.md and docs/*.md, relative to the repository root)
 
 A link `[text](path)` or `[text](path#fragment)` (or a reference definition `[name]: path`) must
 name a file or directory that exists, relative to the Markdown file that holds it; a fragment
@@ -20,7 +20,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT = ["README.md", "deploy/README.md", "examples/README.md", "docs/*.md"]
+DEFAULT = ["README.md", "CONTRIBUTING.md", "deploy/README.md", "examples/README.md", "docs/*.md"]
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1", re.S)
