@@ -2,9 +2,11 @@
 //! streamed to the client under time limits. The sequence's KV blocks live on the device, which
 //! frees them the moment the sequence ends, whichever way it ends.
 
+mod admit;
 mod limits;
 mod plan;
 mod stream;
+mod summary;
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,24 +19,21 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::Instrument;
 
-use self::limits::{END, Limits};
 pub use self::plan::{
     MAX_PROMPT_BYTES, Plan, Violations, is_valid_request_id, new_request_id, request_id_rule,
 };
 pub use self::stream::GenerateStream;
+use self::{
+    limits::{END, Limits},
+    summary::token,
+};
 use crate::{
-    core::{Emitted, Outcome, Report, SchedulerMode, SeqGuard, Submission, TOKEN_BUFFER},
-    engine::Decoder,
+    core::{Emitted, Outcome, Report, SeqGuard, TOKEN_BUFFER},
     error::Error,
     executor::{Admission, Flight, Ticket},
     memory::Lost,
     state::Shared,
 };
-
-/// Attempts at loading a model's memory while memory-service is unreachable, 50 ms apart and
-/// doubling: a reconnect is waited out, an outage answered within half a second.
-const LOAD_ATTEMPTS: u32 = 4;
-const LOAD_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Why a stream whose client stopped reading was cut.
 const STALLED_READER: &str = "the client did not read the stream within the idle-gap limit";
@@ -216,110 +215,6 @@ impl Generation {
         lost
     }
 
-    /// Loads the model, checks that the sequence can ever fit, and hands it to the device.
-    async fn admit(&self, flight: &Arc<Flight>, timings: &mut Timings) -> Result<OnDevice, Stop> {
-        let memory_started = Instant::now();
-        let loader = self.shared.loader();
-        let load = async {
-            // A channel that just lost memory-service may fail a first call while it reconnects:
-            // a few quick retries, all within the first-token deadline selected on below.
-            let mut backoff = LOAD_BACKOFF;
-            for attempt in 1.. {
-                let once = async {
-                    // Just after memory-service came back the leases held may belong to its
-                    // previous life: learn its epoch first, so they are taken again, never used.
-                    if !self.shared.renewer.is_healthy() {
-                        self.shared
-                            .renewer
-                            .learn_epoch(self.shared.memory.ping(), |&(epoch, _)| epoch)
-                            .await?;
-                    }
-                    self.plan.model.ensure_loaded(&loader).await?;
-                    self.shared.activations.ensure(&loader).await?;
-                    self.check_fits().await
-                };
-                match once.await {
-                    Err(Error::MemoryUnavailable(_)) if attempt < LOAD_ATTEMPTS => {
-                        tokio::time::sleep(backoff).await;
-                        backoff *= 2;
-                    }
-                    done => return done,
-                }
-            }
-            Ok(())
-        };
-        let loaded = tokio::select! {
-            loaded = load.instrument(tracing::info_span!("model.load")) => loaded,
-            () = flight.cancelled().cancelled() => Err(flight.reason()),
-            () = sleep_until(self.limits.first_token) => Err(Error::DeadlineExceeded(
-                "the model's memory was not granted before the time-to-first-token limit or deadline".into(),
-            )),
-        };
-        timings.memory_wait = Instant::now() - memory_started;
-        let model = self.plan.model.spec.key.as_str();
-        self.shared
-            .metrics
-            .memory_wait
-            .with_label_values(&[model])
-            .observe(timings.memory_wait.as_secs_f64());
-        loaded?;
-        let (tokens_tx, tokens) = mpsc::channel(TOKEN_BUFFER);
-        let (outcome_tx, outcome) = oneshot::channel();
-        let plan = &self.plan;
-        let submission = Submission {
-            lane: plan.model.lane,
-            received: self.started,
-            prompt_tokens: plan.prompt_tokens,
-            prompt_ids: plan.prompt_ids.clone(),
-            max_tokens: plan.max_tokens,
-            decoder: Decoder::primed(
-                plan.model.engine,
-                plan.prompt_hash,
-                plan.seed,
-                plan.sampling,
-                plan.stops.clone(),
-            )
-            .with_tokenizer(plan.model.bundle.foreign()),
-            tokens: tokens_tx,
-            outcome: outcome_tx,
-            abort: flight.cancelled().child_token(),
-            flight: flight.clone(),
-            span: tracing::Span::current(),
-        };
-        let guard = self.shared.device.submit(submission)?;
-        Ok(OnDevice { tokens, outcome, guard })
-    }
-
-    /// A sequence whose prompt and completion need more KV blocks than memory-service's whole
-    /// kv-cache pool holds, or than the device has room for beside its weights and activations,
-    /// could never finish: refuse it now rather than preempt it forever.
-    async fn check_fits(&self) -> Result<(), Error> {
-        let config = &self.shared.config;
-        let spec = &self.plan.model.spec;
-        let block_bytes = spec.block_bytes(config.kv_block_tokens);
-        let tokens = self.plan.prompt_tokens + self.plan.max_tokens;
-        let needed = u64::from(tokens).div_ceil(u64::from(config.kv_block_tokens)) * block_bytes;
-        let capacity = self.shared.kv_capacity().await?;
-        // Whole blocks only: a pool is carved into blocks of this size.
-        let usable = capacity / block_bytes * block_bytes;
-        if needed > usable {
-            return Err(Error::Unservable(format!(
-                "{tokens} tokens of {} need {needed} bytes of kv-cache but the pool holds {capacity} bytes; \
-                 lower max_tokens or shorten the prompt",
-                spec.key
-            )));
-        }
-        let room = self.shared.device_memory.kv_room();
-        if needed > room / block_bytes * block_bytes {
-            return Err(Error::Unservable(format!(
-                "{tokens} tokens of {} need {needed} bytes of kv-cache but the device {} has room for {room} \
-                 beside its weights and activations; lower max_tokens or shorten the prompt",
-                spec.key, config.device.name
-            )));
-        }
-        Ok(())
-    }
-
     /// Moves tokens from the device to the client until the device reports the end or something
     /// stops the generation. The stop conditions are futures created once and polled in every
     /// select: re-creating timers and cancellation waiters per token would cost more than the token.
@@ -414,66 +309,5 @@ impl Generation {
             }
             watchdog.as_mut().reset(self.limits.next_token(timings.last_token).0);
         }
-    }
-
-    fn summary(&self, report: &Report, timings: &Timings) -> pb::Summary {
-        let duration = |d: Duration| prost_types::Duration::try_from(d).ok();
-        let (first, last) =
-            (timings.first_token.unwrap_or(self.started), timings.last_token.unwrap_or(self.started));
-        let decode = (last - first).as_secs_f64();
-        let n = report.generated;
-        let tokens_per_second = if n >= 2 && decode > 0.0 { f64::from(n - 1) / decode } else { 0.0 };
-        let tpot = if n >= 2 { (last - first) / (n - 1) } else { Duration::ZERO };
-        let config = &self.shared.config;
-        let overlapped = config.scheduler == SchedulerMode::Overlapped;
-        let block_bytes = self.plan.model.spec.block_bytes(config.kv_block_tokens);
-        #[allow(deprecated)] // pipeline_mode and pipeline_depth are still filled for older clients
-        pb::Summary {
-            finish_reason: if report.stopped { pb::FinishReason::Stop } else { pb::FinishReason::Length }
-                .into(),
-            prompt_tokens: self.plan.prompt_tokens,
-            completion_tokens: n,
-            time_to_first_token: duration(first - self.started),
-            total_time: duration(last - self.started),
-            tokens_per_second,
-            cpu_busy: duration(report.cpu_busy),
-            gpu_busy: duration(report.gpu_busy),
-            gpu_idle_waiting_for_cpu: duration(report.gpu_waiting_for_cpu),
-            memory_wait: duration(timings.memory_wait),
-            queue_wait: duration(report.queue_time),
-            pipeline_mode: if overlapped {
-                pb::PipelineMode::Pipelined
-            } else {
-                pb::PipelineMode::Sequential
-            }
-            .into(),
-            pipeline_depth: if overlapped { 2 } else { 1 },
-            kv_cache_bytes: u64::from(report.peak_blocks) * block_bytes,
-            activation_bytes: self.shared.activations.bytes(),
-            request_id: self.plan.request_id.clone(),
-            time_per_output_token: duration(tpot),
-            mean_batch_size: if report.steps == 0 {
-                0.0
-            } else {
-                report.batch_sum as f64 / report.steps as f64
-            },
-            preemptions: report.preemptions,
-            peak_kv_blocks: report.peak_blocks,
-            cached_tokens: report.cached_tokens,
-            kv_block_tokens: config.kv_block_tokens,
-            scheduler: config.scheduler.name().to_owned(),
-        }
-    }
-}
-
-fn token(emitted: Emitted, elapsed: Duration) -> pb::GenerateResponse {
-    pb::GenerateResponse {
-        item: Some(Item::Token(pb::Token {
-            index: emitted.index,
-            text: emitted.token.text,
-            token_id: emitted.token.id,
-            elapsed: prost_types::Duration::try_from(elapsed).ok(),
-            gpu_time: prost_types::Duration::try_from(emitted.gpu_time).ok(),
-        })),
     }
 }

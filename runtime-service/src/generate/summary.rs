@@ -1,0 +1,71 @@
+//! What a finished generation reports: its summary, and each token as the stream carries it.
+
+use std::time::Duration;
+
+use proto::runtime::v1::{self as pb, generate_response::Item};
+
+use super::{Generation, Timings};
+use crate::core::{Emitted, Report, SchedulerMode};
+
+impl Generation {
+    pub(super) fn summary(&self, report: &Report, timings: &Timings) -> pb::Summary {
+        let duration = |d: Duration| prost_types::Duration::try_from(d).ok();
+        let (first, last) =
+            (timings.first_token.unwrap_or(self.started), timings.last_token.unwrap_or(self.started));
+        let decode = (last - first).as_secs_f64();
+        let n = report.generated;
+        let tokens_per_second = if n >= 2 && decode > 0.0 { f64::from(n - 1) / decode } else { 0.0 };
+        let tpot = if n >= 2 { (last - first) / (n - 1) } else { Duration::ZERO };
+        let config = &self.shared.config;
+        let overlapped = config.scheduler == SchedulerMode::Overlapped;
+        let block_bytes = self.plan.model.spec.block_bytes(config.kv_block_tokens);
+        #[allow(deprecated)] // pipeline_mode and pipeline_depth are still filled for older clients
+        pb::Summary {
+            finish_reason: if report.stopped { pb::FinishReason::Stop } else { pb::FinishReason::Length }
+                .into(),
+            prompt_tokens: self.plan.prompt_tokens,
+            completion_tokens: n,
+            time_to_first_token: duration(first - self.started),
+            total_time: duration(last - self.started),
+            tokens_per_second,
+            cpu_busy: duration(report.cpu_busy),
+            gpu_busy: duration(report.gpu_busy),
+            gpu_idle_waiting_for_cpu: duration(report.gpu_waiting_for_cpu),
+            memory_wait: duration(timings.memory_wait),
+            queue_wait: duration(report.queue_time),
+            pipeline_mode: if overlapped {
+                pb::PipelineMode::Pipelined
+            } else {
+                pb::PipelineMode::Sequential
+            }
+            .into(),
+            pipeline_depth: if overlapped { 2 } else { 1 },
+            kv_cache_bytes: u64::from(report.peak_blocks) * block_bytes,
+            activation_bytes: self.shared.activations.bytes(),
+            request_id: self.plan.request_id.clone(),
+            time_per_output_token: duration(tpot),
+            mean_batch_size: if report.steps == 0 {
+                0.0
+            } else {
+                report.batch_sum as f64 / report.steps as f64
+            },
+            preemptions: report.preemptions,
+            peak_kv_blocks: report.peak_blocks,
+            cached_tokens: report.cached_tokens,
+            kv_block_tokens: config.kv_block_tokens,
+            scheduler: config.scheduler.name().to_owned(),
+        }
+    }
+}
+
+pub(super) fn token(emitted: Emitted, elapsed: Duration) -> pb::GenerateResponse {
+    pb::GenerateResponse {
+        item: Some(Item::Token(pb::Token {
+            index: emitted.index,
+            text: emitted.token.text,
+            token_id: emitted.token.id,
+            elapsed: prost_types::Duration::try_from(elapsed).ok(),
+            gpu_time: prost_types::Duration::try_from(emitted.gpu_time).ok(),
+        })),
+    }
+}
