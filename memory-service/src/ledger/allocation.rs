@@ -164,15 +164,7 @@ impl Ledger {
                     granted_at: now,
                 })
                 .clone();
-            self.events.publish(Change {
-                kind: EventKind::Allocated,
-                pool: pool.name(),
-                lease: Some(id),
-                size,
-                holder: Some(&lease.holder),
-                scope: lease.scope.as_ref(),
-                pool_used: pool.used(),
-            });
+            self.events.publish(Change::of_lease(EventKind::Allocated, pool, &lease));
             if self.expiry.insert(expires_at, id) {
                 self.reaper.notify_one();
             }

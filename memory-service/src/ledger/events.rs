@@ -13,7 +13,10 @@ use std::{
 
 use tokio::sync::broadcast;
 
-use super::lease::LeaseId;
+use super::{
+    lease::{Lease, LeaseId},
+    pool::Pool,
+};
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,6 +74,21 @@ pub struct Change<'a> {
     pub holder: Option<&'a Arc<str>>,
     pub scope: Option<&'a Arc<str>>,
     pub pool_used: u64,
+}
+
+impl<'a> Change<'a> {
+    /// A change to `lease`, drawn from `pool`, with the pool's use after it.
+    pub fn of_lease(kind: EventKind, pool: &'a Pool, lease: &'a Lease) -> Self {
+        Change {
+            kind,
+            pool: pool.name(),
+            lease: Some(lease.id),
+            size: lease.size,
+            holder: Some(&lease.holder),
+            scope: lease.scope.as_ref(),
+            pool_used: pool.used(),
+        }
+    }
 }
 
 /// Sequences events, keeps the latest for watchers that resume, and broadcasts them. A

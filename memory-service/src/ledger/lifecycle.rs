@@ -28,15 +28,7 @@ impl Ledger {
         self.expiry.insert(lease.expires_at, id);
         self.touch_lease(id);
         let pool = &self.pools[lease.pool];
-        self.events.publish(Change {
-            kind: EventKind::Renewed,
-            pool: pool.name(),
-            lease: Some(id),
-            size: lease.size,
-            holder: Some(&lease.holder),
-            scope: lease.scope.as_ref(),
-            pool_used: pool.used(),
-        });
+        self.events.publish(Change::of_lease(EventKind::Renewed, pool, &lease));
         Ok(lease)
     }
 
@@ -124,19 +116,12 @@ impl Ledger {
                 how,
             );
         }
-        self.events.publish(Change {
-            kind: match how {
-                Release::Freed => EventKind::Freed,
-                Release::Expired => EventKind::Expired,
-                Release::Revoked => EventKind::Revoked,
-            },
-            pool: pool.name(),
-            lease: Some(id),
-            size: lease.size,
-            holder: Some(&lease.holder),
-            scope: lease.scope.as_ref(),
-            pool_used: pool.used(),
-        });
+        let kind = match how {
+            Release::Freed => EventKind::Freed,
+            Release::Expired => EventKind::Expired,
+            Release::Revoked => EventKind::Revoked,
+        };
+        self.events.publish(Change::of_lease(kind, pool, &lease));
         lease
     }
 }

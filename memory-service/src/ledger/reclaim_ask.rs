@@ -108,15 +108,7 @@ impl Ledger {
                 let pool = &mut self.pools[p];
                 pool.ask(lease.size, true);
                 pool.counters_mut().reclaim_asked += 1;
-                self.events.publish(Change {
-                    kind: EventKind::ReclaimRequested,
-                    pool: pool.name(),
-                    lease: Some(id),
-                    size: lease.size,
-                    holder: Some(&lease.holder),
-                    scope: lease.scope.as_ref(),
-                    pool_used: pool.used(),
-                });
+                self.events.publish(Change::of_lease(EventKind::ReclaimRequested, pool, lease));
             }
             self.pools[p].counters_mut().reclaim_requests += 1;
             self.reclaim.asks.insert(rid, Ask { pool: p, stream, leases, needed, asked_at: now, deadline });
