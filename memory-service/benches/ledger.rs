@@ -6,7 +6,7 @@
 
 use std::{hint::black_box, sync::Arc, time::Duration};
 
-use memory_service::ledger::{Admission, AllocRequest, Ledger};
+use memory_service::ledger::{AllocRequest, AllocateOutcome, Ledger};
 use tokio::time::Instant;
 
 const ROUNDS: usize = 7;
@@ -32,7 +32,7 @@ fn ledger_with(live: usize) -> Ledger {
         let mut req = request(&holder);
         req.ttl = Duration::from_millis(60_000 + i as u64);
         match ledger.allocate(req, t0, false) {
-            Ok(Admission::Granted(_)) => {}
+            Ok(AllocateOutcome::Granted(_)) => {}
             other => panic!("prefill failed: {other:?}"),
         }
     }
@@ -45,7 +45,7 @@ fn pair_cost(ledger: &mut Ledger) -> f64 {
     let now = Instant::now();
     let started = Instant::now();
     for _ in 0..PAIRS_PER_ROUND {
-        let Ok(Admission::Granted(grant)) = ledger.allocate(request(&holder), now, false) else {
+        let Ok(AllocateOutcome::Granted(grant)) = ledger.allocate(request(&holder), now, false) else {
             panic!("allocation refused");
         };
         let freed = ledger.free(grant.leases[0].id, now);

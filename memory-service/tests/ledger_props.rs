@@ -8,7 +8,9 @@ use std::{sync::Arc, time::Duration};
 
 use std::collections::HashMap;
 
-use memory_service::ledger::{Admission, AllocRequest, Batch, Grant, LeaseId, Ledger, Snapshot, StreamId};
+use memory_service::ledger::{
+    AllocRequest, AllocateOutcome, Batch, Grant, LeaseId, Ledger, Snapshot, StreamId,
+};
 use proptest::prelude::*;
 use tokio::{sync::oneshot, time::Instant};
 
@@ -240,11 +242,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     request_id: key.map(|k| Arc::from(format!("req-{k}"))),
                 };
                 match ledger.allocate(request, now, wait) {
-                    Ok(Admission::Granted(grant)) if !grant.replayed => {
+                    Ok(AllocateOutcome::Granted(grant)) if !grant.replayed => {
                         model.leases.extend(grant.leases.iter().map(|l| l.id));
                     }
-                    Ok(Admission::Granted(_)) | Err(_) => {}
-                    Ok(Admission::Queued { ticket, grant }) => model.waiters.push((ticket, grant)),
+                    Ok(AllocateOutcome::Granted(_)) | Err(_) => {}
+                    Ok(AllocateOutcome::Queued { ticket, grant }) => model.waiters.push((ticket, grant)),
                 }
             }
             Op::Free { pick } if !model.leases.is_empty() => {

@@ -12,12 +12,12 @@ use crate::{
     device::Roofline,
     error::Error,
     executor::Executor,
-    kv::{self, SlabPlan},
+    kv::{self, SlabShape},
     kv_events::{KvEventHub, MAX_SUBSCRIBERS, SubscriberSlot},
     memory::{DeviceMemory, Loader, MemoryClient, PoolCapacity, Renewer, Standing},
     metrics::Metrics,
     models::{ACTIVATIONS, KV_CACHE, Models},
-    scheduler::Limits,
+    scheduler::StepLimits,
 };
 
 /// Everything a generation needs, built once at start-up.
@@ -103,7 +103,7 @@ impl Shared {
             device_memory: device_memory.clone(),
         };
         let wake = Arc::new(Notify::new());
-        let limits = Limits {
+        let limits = StepLimits {
             max_batch: config.max_batch_size,
             token_budget: config.max_batched_tokens,
             reserve: config.kv_reserve,
@@ -113,7 +113,7 @@ impl Shared {
         let mut kv_events = Vec::with_capacity(config.models.len());
         for spec in &config.models {
             let (link, end) = kv::link(wake.clone());
-            let plan = SlabPlan {
+            let plan = SlabShape {
                 model: spec.key.clone(),
                 block_bytes: spec.block_bytes(config.kv_block_tokens),
                 slab_blocks: config.kv_slab_blocks,

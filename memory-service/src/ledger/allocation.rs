@@ -33,7 +33,7 @@ impl Ledger {
         request: AllocRequest,
         now: Instant,
         may_wait: bool,
-    ) -> Result<Admission, Error> {
+    ) -> Result<AllocateOutcome, Error> {
         self.reap(now);
         let (items, demand) = self.resolve_items(&request.items)?;
         let key =
@@ -43,7 +43,7 @@ impl Ledger {
 
         if let Some(key) = &resolved.key {
             if let Some(grant) = self.replay(key, &resolved)? {
-                return Ok(Admission::Granted(grant));
+                return Ok(AllocateOutcome::Granted(grant));
             }
             if self.waiters.has_key(key) {
                 let id = request.request_id.as_deref().unwrap_or_default();
@@ -67,7 +67,7 @@ impl Ledger {
 
         self.check_lease_limits(&resolved)?;
         if self.fits_now(&resolved.demand) {
-            return Ok(Admission::Granted(self.grant(&resolved, now)));
+            return Ok(AllocateOutcome::Granted(self.grant(&resolved, now)));
         }
         if !may_wait {
             let blocking = self.blocking(&resolved, None);
@@ -86,7 +86,7 @@ impl Ledger {
         let (reply, grant) = oneshot::channel();
         let ticket = self.waiters.push(resolved, reply);
         self.ask_reclaims(now);
-        Ok(Admission::Queued { ticket, grant })
+        Ok(AllocateOutcome::Queued { ticket, grant })
     }
 
     /// Resolves pool names and sums the demand per pool, refusing unknown pools, zero sizes and

@@ -61,7 +61,7 @@ pub use self::{
     reclaim::{
         DEFAULT_RECLAIM_TIMEOUT, MAX_OFFERED, OfferHandle, Offered, ReclaimId, ReclaimNotice, StreamId,
     },
-    request::{Admission, AllocRequest, Feasibility, Grant, PoolFit, Resolved},
+    request::{AllocRequest, AllocateOutcome, Feasibility, Grant, PoolFit, Resolved},
 };
 
 /// Largest pool: 4 EiB. Bounding capacity bounds every sum of live lease sizes, so the books

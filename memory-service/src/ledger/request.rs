@@ -48,7 +48,7 @@ pub struct Grant {
 
 /// The outcome of [`Ledger::allocate`] that is not an error.
 #[derive(Debug)]
-pub enum Admission {
+pub enum AllocateOutcome {
     /// Granted now.
     Granted(Grant),
     /// Queued: the grant arrives on `grant`, unless the caller abandons the wait first.

@@ -25,16 +25,16 @@ fn request(items: &[(&str, u64)]) -> AllocRequest {
     }
 }
 
-fn granted(admission: Result<Admission, Error>) -> Grant {
+fn granted(admission: Result<AllocateOutcome, Error>) -> Grant {
     match admission {
-        Ok(Admission::Granted(grant)) => grant,
+        Ok(AllocateOutcome::Granted(grant)) => grant,
         other => panic!("expected a grant, got {other:?}"),
     }
 }
 
-fn queued(admission: Result<Admission, Error>) -> (u64, oneshot::Receiver<Result<Grant, Error>>) {
+fn queued(admission: Result<AllocateOutcome, Error>) -> (u64, oneshot::Receiver<Result<Grant, Error>>) {
     match admission {
-        Ok(Admission::Queued { ticket, grant }) => (ticket, grant),
+        Ok(AllocateOutcome::Queued { ticket, grant }) => (ticket, grant),
         other => panic!("expected to queue, got {other:?}"),
     }
 }

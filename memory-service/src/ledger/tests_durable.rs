@@ -78,9 +78,9 @@ fn request(items: &[(&str, u64)], scope: Option<&str>, ttl: Duration, key: Optio
     }
 }
 
-fn granted(admission: Result<Admission, Error>) -> Grant {
+fn granted(admission: Result<AllocateOutcome, Error>) -> Grant {
     match admission {
-        Ok(Admission::Granted(grant)) => grant,
+        Ok(AllocateOutcome::Granted(grant)) => grant,
         other => panic!("expected a grant, got {other:?}"),
     }
 }

@@ -25,7 +25,7 @@ fn ledger(limits: Limits) -> Ledger {
     ledger
 }
 
-fn limit_of(result: Result<Admission, Error>) -> &'static str {
+fn limit_of(result: Result<AllocateOutcome, Error>) -> &'static str {
     match result {
         Err(Error::LimitReached { what, .. }) => what,
         other => panic!("expected a limit, got {other:?}"),
@@ -37,10 +37,11 @@ fn a_waiter_on_a_full_pool_does_not_freeze_the_other_pools_it_names() {
     let mut ledger = ledger(Limits::default());
     let now = Instant::now();
     // c is full; a request for a little of a and b and much of c waits.
-    let Ok(Admission::Granted(_)) = ledger.allocate(request("x", &[("c", 100)], None), now, false) else {
+    let Ok(AllocateOutcome::Granted(_)) = ledger.allocate(request("x", &[("c", 100)], None), now, false)
+    else {
         panic!("c fills")
     };
-    let Ok(Admission::Queued { .. }) =
+    let Ok(AllocateOutcome::Queued { .. }) =
         ledger.allocate(request("y", &[("a", 10), ("b", 10), ("c", 50)], None), now, true)
     else {
         panic!("waits for c")
@@ -48,11 +49,11 @@ fn a_waiter_on_a_full_pool_does_not_freeze_the_other_pools_it_names() {
     // Requests on a and b that leave room for the waiter pass it, with or without a wait.
     assert!(matches!(
         ledger.allocate(request("z", &[("a", 90)], None), now, false),
-        Ok(Admission::Granted(_))
+        Ok(AllocateOutcome::Granted(_))
     ));
     assert!(matches!(
         ledger.allocate(request("z", &[("b", 50)], None), now, true),
-        Ok(Admission::Granted(_))
+        Ok(AllocateOutcome::Granted(_))
     ));
     // One that would eat into the room the waiter needs does not.
     let err = ledger.allocate(request("z", &[("a", 1)], None), now, false).unwrap_err();
@@ -64,10 +65,11 @@ fn a_waiter_on_a_full_pool_does_not_freeze_the_other_pools_it_names() {
 fn a_large_waiter_is_not_starved_by_small_requests() {
     let mut ledger = ledger(Limits::default());
     let now = Instant::now();
-    let Ok(Admission::Granted(first)) = ledger.allocate(request("x", &[("a", 60)], None), now, false) else {
+    let Ok(AllocateOutcome::Granted(first)) = ledger.allocate(request("x", &[("a", 60)], None), now, false)
+    else {
         panic!("fits")
     };
-    let Ok(Admission::Queued { grant: mut big, .. }) =
+    let Ok(AllocateOutcome::Queued { grant: mut big, .. }) =
         ledger.allocate(request("y", &[("a", 50)], None), now, true)
     else {
         panic!("waits")
@@ -105,7 +107,7 @@ fn waiter_bounds_hold_per_pool_and_per_holder() {
     let mut queued = Vec::new();
     for holder in ["p", "q"] {
         match ledger.allocate(request(holder, &[("a", 10)], None), now, true) {
-            Ok(Admission::Queued { grant, .. }) => queued.push(grant),
+            Ok(AllocateOutcome::Queued { grant, .. }) => queued.push(grant),
             other => panic!("expected to wait, got {other:?}"),
         }
     }
@@ -133,7 +135,8 @@ fn per_holder_scopes_keep_holders_apart() {
     let mut ledger = ledger(Limits::default());
     ledger.set_scopes_per_holder(true);
     let now = Instant::now();
-    let Ok(Admission::Granted(mine)) = ledger.allocate(request("alice", &[("a", 10)], Some("s")), now, false)
+    let Ok(AllocateOutcome::Granted(mine)) =
+        ledger.allocate(request("alice", &[("a", 10)], Some("s")), now, false)
     else {
         panic!("fits")
     };

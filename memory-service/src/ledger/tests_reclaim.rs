@@ -37,7 +37,7 @@ fn filled(now: Instant) -> (Ledger, Vec<LeaseId>) {
 
 fn grant(ledger: &mut Ledger, items: &[(&str, u64)], holder: &str, now: Instant) -> LeaseId {
     match ledger.allocate(request(items, holder), now, false) {
-        Ok(Admission::Granted(grant)) => grant.leases[0].id,
+        Ok(AllocateOutcome::Granted(grant)) => grant.leases[0].id,
         other => panic!("expected a grant, got {other:?}"),
     }
 }
@@ -46,7 +46,7 @@ type Waiting = oneshot::Receiver<Result<Grant, Error>>;
 
 fn wait(ledger: &mut Ledger, bytes: u64, now: Instant) -> (u64, Waiting) {
     match ledger.allocate(request(&[("kv-cache", bytes)], "b"), now, true) {
-        Ok(Admission::Queued { ticket, grant }) => (ticket, grant),
+        Ok(AllocateOutcome::Queued { ticket, grant }) => (ticket, grant),
         other => panic!("expected to queue, got {other:?}"),
     }
 }

@@ -8,7 +8,7 @@ use tonic::Request;
 use tracing::Instrument;
 
 use super::{Access, Shared, convert, convert::Clock};
-use crate::ledger::{Admission, Error, Grant};
+use crate::ledger::{AllocateOutcome, Error, Grant};
 
 /// Runs one Allocate call.
 pub(super) async fn allocate(
@@ -42,8 +42,8 @@ pub(super) async fn allocate(
     shared.durability().check()?;
     let admission = shared.ledger().allocate(req, started, !max_wait.is_zero())?;
     let grant = match admission {
-        Admission::Granted(grant) => grant,
-        Admission::Queued { ticket, grant } => {
+        AllocateOutcome::Granted(grant) => grant,
+        AllocateOutcome::Queued { ticket, grant } => {
             // Queuing may have asked holders for reclaimable leases: their events and counters
             // go to the store with the next commit, which nobody else may wake soon.
             shared.durability().nudge();

@@ -19,7 +19,7 @@ use crate::{
     kv_events::KvEventHub,
     memory::Reservation,
     metrics::vllm::{Finish, ModelSeries, RequestStats},
-    scheduler::{Limits, Plan, Scheduler, SeqId, SeqState, SlabId, chain_hashes},
+    scheduler::{Scheduler, SeqId, SeqState, SlabId, Step, StepLimits, chain_hashes},
 };
 
 /// What a lane is made of.
@@ -32,7 +32,7 @@ pub struct LaneSpec {
     /// Tokens per KV block.
     pub block_tokens: u32,
     /// Step limits and KV reservation scheme.
-    pub limits: Limits,
+    pub limits: StepLimits,
     /// Free blocks kept ahead of need while the lane has sequences.
     pub low_watermark: u64,
     /// Largest slab, blocks: while busy, a fully free slab is returned only if this many blocks
@@ -261,13 +261,13 @@ impl Lane {
     }
 
     /// Prices `plan`'s batch.
-    pub(super) fn price(&self, plan: &Plan) -> StepCost {
+    pub(super) fn price(&self, plan: &Step) -> StepCost {
         self.spec.roofline.step(plan.batch.iter().map(|&(_, work): &(SeqId, Work)| work))
     }
 
     /// Records that `plan` ran in `slot` at `cost` (with `gpu` after jitter): advances every
     /// sequence, streams the tokens sampled, and ends the sequences that are done.
-    pub(super) fn complete(&mut self, plan: &Plan, slot: Slot, cpu: Duration, gpu: Duration) -> u32 {
+    pub(super) fn complete(&mut self, plan: &Step, slot: Slot, cpu: Duration, gpu: Duration) -> u32 {
         for &(id, _) in &plan.batch {
             if let Some(live) = self.live.get_mut(&id) {
                 if live.stats.schedule(slot.gpu_start) {

@@ -14,7 +14,7 @@ use super::{
     lane::Lane,
     timeline::{Busy, Timeline},
 };
-use crate::{engine::SplitMix64, error::Error, kv::Link, metrics::Metrics, scheduler::Plan};
+use crate::{engine::SplitMix64, error::Error, kv::Link, metrics::Metrics, scheduler::Step};
 
 pub(super) struct DeviceLoop {
     settings: DeviceSettings,
@@ -135,7 +135,7 @@ impl DeviceLoop {
     }
 
     /// The next lane in turn with a batch to run, and that batch.
-    fn pick(&mut self) -> Option<(usize, Plan)> {
+    fn pick(&mut self) -> Option<(usize, Step)> {
         let n = self.lanes.len();
         for k in 0..n {
             let li = (self.next_lane + k) % n;
@@ -159,7 +159,7 @@ impl DeviceLoop {
     }
 
     /// Runs `plan` on lane `li` if it ends before `fence`; false if shutdown interrupted it.
-    async fn step(&mut self, li: usize, plan: &Plan, fence: Option<Instant>) -> bool {
+    async fn step(&mut self, li: usize, plan: &Step, fence: Option<Instant>) -> bool {
         let lane = &mut self.lanes[li];
         let cost = lane.price(plan);
         let jitter = self.settings.jitter;

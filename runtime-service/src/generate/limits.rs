@@ -12,13 +12,13 @@ pub(super) const END: &str = "the stream reached its deadline or lifetime limit"
 
 /// The time limits of one call.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Limits {
+pub(super) struct TimeLimits {
     pub(super) first_token: Instant,
     idle: Duration,
     pub(super) end: Instant,
 }
 
-impl Limits {
+impl TimeLimits {
     /// The limits of a call started at `started`, with the caller's gRPC deadline if any.
     pub(super) fn new(
         config: &crate::config::Config,
@@ -27,7 +27,7 @@ impl Limits {
     ) -> Self {
         let lifetime = started + config.max_stream_lifetime;
         let end = grpc_timeout.map_or(lifetime, |d| lifetime.min(started + d));
-        Limits { first_token: (started + config.ttft_timeout).min(end), idle: config.idle_timeout, end }
+        TimeLimits { first_token: (started + config.ttft_timeout).min(end), idle: config.idle_timeout, end }
     }
 
     /// The deadline for the next token, and what to say if it passes.
@@ -74,7 +74,7 @@ mod tests {
     fn a_gap_during_a_memory_outage_is_unavailable_and_the_callers_deadline_stays_its_own() {
         let config = crate::config::Config::default();
         let started = Instant::now();
-        let limits = Limits::new(&config, started, Some(Duration::from_secs(60)));
+        let limits = TimeLimits::new(&config, started, Some(Duration::from_secs(60)));
         let last = Some(started);
         let (idle, why) = limits.next_token(last);
         assert_eq!(why, "no token within the idle-gap limit");

@@ -24,7 +24,7 @@ pub use self::plan::{
 };
 pub use self::stream::GenerateStream;
 use self::{
-    limits::{END, Limits},
+    limits::{END, TimeLimits},
     summary::token,
 };
 use crate::{
@@ -53,7 +53,7 @@ pub fn start(
     let ticket = shared.executor.register(plan.request_id.clone(), owner)?;
     let admission = shared.executor.admit()?;
     let (sink, stream) = stream::channel(STREAM_BUFFER);
-    let limits = Limits::new(&shared.config, started, grpc_timeout);
+    let limits = TimeLimits::new(&shared.config, started, grpc_timeout);
     // A child of the call's server span, so model load (and the memory-service calls it makes)
     // and decoding land in the caller's trace; none where no trace is recorded.
     let span = if !serving::telemetry::traced() {
@@ -127,7 +127,7 @@ struct Generation {
     plan: Plan,
     ticket: Ticket,
     tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
-    limits: Limits,
+    limits: TimeLimits,
     started: Instant,
 }
 

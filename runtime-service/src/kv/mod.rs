@@ -207,7 +207,7 @@ impl Link {
 
 /// How one model's slabs are leased.
 #[derive(Debug, Clone)]
-pub struct SlabPlan {
+pub struct SlabShape {
     /// The model (names the slab scopes).
     pub model: String,
     /// Bytes of one block.
@@ -218,7 +218,7 @@ pub struct SlabPlan {
 
 /// Starts the leaser task of one model; it ends with `shutdown` or when the device drops its
 /// [`Link`].
-pub fn spawn(end: LeaserEnd, plan: SlabPlan, loader: Loader, shutdown: CancellationToken) {
+pub fn spawn(end: LeaserEnd, plan: SlabShape, loader: Loader, shutdown: CancellationToken) {
     tokio::spawn(async move {
         tokio::select! {
             () = shutdown.cancelled() => {}
@@ -227,7 +227,7 @@ pub fn spawn(end: LeaserEnd, plan: SlabPlan, loader: Loader, shutdown: Cancellat
     });
 }
 
-async fn lease(end: LeaserEnd, plan: SlabPlan, loader: Loader) {
+async fn lease(end: LeaserEnd, plan: SlabShape, loader: Loader) {
     // The largest slab: the plan's, and never more than a sixteenth of the whole pool, so
     // several runtimes (and a pool sized for only a few sequences) share it in useful pieces.
     let mut cap = plan.slab_blocks.max(1);

@@ -102,7 +102,7 @@ struct Seen {
 impl Seen {
     /// Takes in an answer with `epoch` to the call of `ticket`; false if it is not trusted (it
     /// may come from before the latest change).
-    fn learn(&mut self, ticket: Ticket, epoch: u64) -> bool {
+    fn learn(&mut self, ticket: EpochTicket, epoch: u64) -> bool {
         if self.epoch == epoch {
             return true;
         }
@@ -118,7 +118,7 @@ impl Seen {
 /// Taken before a call whose answer carries an epoch, given back with that answer (see
 /// [`Renewer::check_epoch`]).
 #[derive(Debug, Clone, Copy)]
-struct Ticket(u64);
+struct EpochTicket(u64);
 
 impl Renewer {
     /// Starts the renewal task, renewing leases of `ttl` every third of it; it ends with
@@ -216,8 +216,8 @@ impl Renewer {
     }
 
     /// A ticket for a call about to be sent, whose answer will carry an epoch.
-    fn ticket(&self) -> Ticket {
-        Ticket(lock(&self.seen).changes)
+    fn ticket(&self) -> EpochTicket {
+        EpochTicket(lock(&self.seen).changes)
     }
 
     /// memory-service answered the call of `ticket` with `epoch`. A new epoch means it
@@ -225,7 +225,7 @@ impl Renewer {
     /// holder is told now, before anyone relies on it. An answer to a call sent before the
     /// epoch last changed is not trusted to change it again (the previous process may still be
     /// answering while it drains); the next call will tell.
-    fn check_epoch(&self, ticket: Ticket, epoch: u64) {
+    fn check_epoch(&self, ticket: EpochTicket, epoch: u64) {
         if !lock(&self.seen).learn(ticket, epoch) {
             return;
         }
@@ -451,10 +451,13 @@ mod tests {
     #[test]
     fn an_answer_sent_before_the_epoch_changed_cannot_change_it_back() {
         let mut seen = Seen::default();
-        let before = Ticket(seen.changes);
+        let before = EpochTicket(seen.changes);
         assert!(seen.learn(before, 7), "the first answer is the epoch");
-        let old_call = Ticket(seen.changes);
-        assert!(seen.learn(Ticket(seen.changes), 9), "a restart, seen by a call sent after the last change");
+        let old_call = EpochTicket(seen.changes);
+        assert!(
+            seen.learn(EpochTicket(seen.changes), 9),
+            "a restart, seen by a call sent after the last change"
+        );
         assert_eq!(seen.epoch, 9);
         // The previous process, still draining, answers a call sent before the restart was seen.
         assert!(!seen.learn(old_call, 7), "not trusted");
@@ -463,7 +466,7 @@ mod tests {
         // Any call's answer in the current epoch agrees, whenever it was sent.
         assert!(seen.learn(old_call, 9));
         // A later restart is learned from a call sent after the last change.
-        assert!(seen.learn(Ticket(seen.changes), 11));
+        assert!(seen.learn(EpochTicket(seen.changes), 11));
         assert_eq!((seen.epoch, seen.changes), (11, 3));
     }
 }

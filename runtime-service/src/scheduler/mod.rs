@@ -32,9 +32,9 @@ pub use self::{
 };
 use crate::device::Work;
 
-/// Limits of one step.
+/// What one step may hold: sequences, tokens, and how KV blocks are taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub struct StepLimits {
     /// Sequences in one batch at most.
     pub max_batch: usize,
     /// Tokens computed in one step at most (decodes count one each).
@@ -47,7 +47,7 @@ pub struct Limits {
 
 /// The outcome of [`Scheduler::schedule`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
+pub struct Step {
     /// Sequences in the batch and their work, in batch order.
     pub batch: Vec<(SeqId, Work)>,
     /// Sequences preempted by this step (their blocks are already free).
@@ -60,7 +60,7 @@ pub struct Plan {
 #[derive(Debug)]
 pub struct Scheduler {
     pool: BlockPool,
-    limits: Limits,
+    limits: StepLimits,
     seqs: HashMap<SeqId, SeqState>,
     waiting: VecDeque<SeqId>,
     running: Vec<SeqId>,
@@ -68,7 +68,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// An empty scheduler over an empty block pool.
-    pub fn new(block_tokens: u32, limits: Limits) -> Self {
+    pub fn new(block_tokens: u32, limits: StepLimits) -> Self {
         Scheduler {
             pool: BlockPool::new(block_tokens),
             limits,
@@ -211,7 +211,7 @@ impl Scheduler {
     /// batch) while holding blocks others can use. Among those, and failing those, the most
     /// recently admitted goes (vLLM's order), so the oldest sequences keep their progress; that is
     /// one after `current` (not yet scheduled) or `current` itself, never one already in the batch.
-    fn preempt(&mut self, plan: &mut Plan, current: usize) -> Option<(SeqId, usize)> {
+    fn preempt(&mut self, plan: &mut Step, current: usize) -> Option<(SeqId, usize)> {
         let last = self.running.len().checked_sub(1)?;
         debug_assert!(current <= last, "the sequence asking is running");
         let at = (0..=last).rev().find(|&k| self.seqs[&self.running[k]].paused).unwrap_or(last);
@@ -229,8 +229,8 @@ impl Scheduler {
     /// the step's results once it has run. `can_grow` says whether more blocks may still come
     /// (memory-service had room at the last try): then a running sequence that lacks a block sits
     /// this step out and waits for the slab; only when they cannot come is someone preempted.
-    pub fn schedule(&mut self, can_grow: bool) -> Plan {
-        let mut plan = Plan::default();
+    pub fn schedule(&mut self, can_grow: bool) -> Step {
+        let mut plan = Step::default();
         let mut budget = self.limits.token_budget;
         let mut waiting_for_slab = false;
         let mut i = 0;
@@ -285,7 +285,7 @@ impl Scheduler {
 
     /// Admits waiting sequences in order (skipping paused ones) while they fit: in free blocks
     /// while more may come (`can_grow`), else in free and evictable ones.
-    fn admit(&mut self, plan: &mut Plan, mut budget: u32, can_grow: bool) {
+    fn admit(&mut self, plan: &mut Step, mut budget: u32, can_grow: bool) {
         let mut skipped = VecDeque::new();
         while budget > 0 && self.running.len() < self.limits.max_batch {
             let Some(id) = self.waiting.pop_front() else { break };
@@ -331,7 +331,7 @@ impl Scheduler {
 
     /// Records that `plan`'s batch ran: each sequence's computed tokens advance. Returns the
     /// sequences that now sample a token (their prompt, or their last token, is fully computed).
-    pub fn advance(&mut self, plan: &Plan) -> Vec<SeqId> {
+    pub fn advance(&mut self, plan: &Step) -> Vec<SeqId> {
         let mut sampling = Vec::with_capacity(plan.batch.len());
         for &(id, work) in &plan.batch {
             if let Some(seq) = self.seqs.get_mut(&id) {

@@ -7,22 +7,22 @@ use proptest::prelude::*;
 
 use super::*;
 
-const PAGED: Limits =
-    Limits { max_batch: 8, token_budget: 64, reserve: KvReserve::Paged, prefix_caching: false };
+const PAGED: StepLimits =
+    StepLimits { max_batch: 8, token_budget: 64, reserve: KvReserve::Paged, prefix_caching: false };
 
-fn scheduler(blocks: u64, limits: Limits) -> Scheduler {
+fn scheduler(blocks: u64, limits: StepLimits) -> Scheduler {
     let mut s = Scheduler::new(4, limits);
     s.pool_mut().add_slab(blocks);
     s
 }
 
 /// Runs one step: schedule, advance, sample every sequence that may, remove finished ones.
-fn step(s: &mut Scheduler) -> Plan {
+fn step(s: &mut Scheduler) -> Step {
     step_growing(s, false)
 }
 
 /// [`step`], saying whether more blocks may still come.
-fn step_growing(s: &mut Scheduler, can_grow: bool) -> Plan {
+fn step_growing(s: &mut Scheduler, can_grow: bool) -> Step {
     let plan = s.schedule(can_grow);
     for id in s.advance(&plan) {
         let seq = s.get_mut(id).expect("scheduled sequence exists");
@@ -62,7 +62,7 @@ fn admission_stops_at_the_token_budget_and_chunks_the_prompt_that_does_not_fit()
 
 #[test]
 fn the_batch_size_caps_admission() {
-    let mut s = scheduler(100, Limits { max_batch: 2, ..PAGED });
+    let mut s = scheduler(100, StepLimits { max_batch: 2, ..PAGED });
     for id in 0..4 {
         s.add(SeqState::new(id, 2, 4));
     }
@@ -81,7 +81,7 @@ fn blocks_are_taken_as_sequences_grow_not_up_front() {
     step(&mut s); // token 1's KV: slot 5, a second block
     assert_eq!(s.pool().used_blocks(), 2);
 
-    let mut upfront = scheduler(100, Limits { reserve: KvReserve::Upfront, ..PAGED });
+    let mut upfront = scheduler(100, StepLimits { reserve: KvReserve::Upfront, ..PAGED });
     upfront.add(SeqState::new(1, 3, 10));
     step(&mut upfront);
     assert_eq!(upfront.pool().used_blocks(), 4, "ceil(13 / 4) at admission");
@@ -229,7 +229,7 @@ fn hits_hold_their_own_tokens(s: &Scheduler) -> Result<(), String> {
 
 #[test]
 fn a_second_prompt_with_the_same_prefix_computes_only_the_rest() {
-    let caching = Limits { prefix_caching: true, ..PAGED };
+    let caching = StepLimits { prefix_caching: true, ..PAGED };
     let mut s = scheduler(100, caching);
     let first = prompt_ids(1, 32, 40, 1);
     s.add(cached_seq(1, first, 2));
@@ -254,7 +254,7 @@ fn a_second_prompt_with_the_same_prefix_computes_only_the_rest() {
 
 #[test]
 fn two_prompts_with_one_prefix_admitted_in_one_step_compute_it_once() {
-    let caching = Limits { prefix_caching: true, ..PAGED };
+    let caching = StepLimits { prefix_caching: true, ..PAGED };
     let mut s = scheduler(100, caching);
     s.add(cached_seq(1, prompt_ids(1, 32, 36, 1), 2));
     s.add(cached_seq(2, prompt_ids(1, 32, 36, 2), 2));
@@ -270,7 +270,7 @@ fn two_prompts_with_one_prefix_admitted_in_one_step_compute_it_once() {
 
 #[test]
 fn preemption_drops_references_not_the_cached_prefix() {
-    let caching = Limits { prefix_caching: true, max_batch: 8, token_budget: 64, ..PAGED };
+    let caching = StepLimits { prefix_caching: true, max_batch: 8, token_budget: 64, ..PAGED };
     // 12 blocks: sequence 1 takes 10 (prompt 36 + growth), then 2 needs more than the rest.
     let mut s = scheduler(12, caching);
     s.add(cached_seq(1, prompt_ids(1, 36, 36, 1), 8));
@@ -338,7 +338,7 @@ proptest! {
         budget in 1u32..64,
         prefix_caching in any::<bool>(),
     ) {
-        let mut s = scheduler(4, Limits { max_batch: 4, token_budget: budget, reserve, prefix_caching });
+        let mut s = scheduler(4, StepLimits { max_batch: 4, token_budget: budget, reserve, prefix_caching });
         let mut next = 0;
         for op in ops {
             match op {

@@ -19,7 +19,7 @@ use crate::{
     engine::{EngineKind, text::Sampling},
     executor::{Executor, Ticket},
     kv::{self, LeaserEnd},
-    scheduler::{KvReserve, Limits},
+    scheduler::{KvReserve, StepLimits},
 };
 
 const GREEDY: Sampling = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0 };
@@ -63,7 +63,7 @@ struct Rig {
     roofline: Roofline,
 }
 
-fn rig(mode: SchedulerMode, cpu_ms: f64, limits: Limits) -> Rig {
+fn rig(mode: SchedulerMode, cpu_ms: f64, limits: StepLimits) -> Rig {
     rig_with_slabs(mode, cpu_ms, limits, 0, 1024)
 }
 
@@ -72,7 +72,7 @@ fn rig(mode: SchedulerMode, cpu_ms: f64, limits: Limits) -> Rig {
 fn rig_with_slabs(
     mode: SchedulerMode,
     cpu_ms: f64,
-    limits: Limits,
+    limits: StepLimits,
     low_watermark: u64,
     slab_blocks: u64,
 ) -> Rig {
@@ -113,8 +113,8 @@ fn rig_with_slabs(
     }
 }
 
-const LIMITS: Limits =
-    Limits { max_batch: 16, token_budget: 256, reserve: KvReserve::Paged, prefix_caching: false };
+const LIMITS: StepLimits =
+    StepLimits { max_batch: 16, token_budget: 256, reserve: KvReserve::Paged, prefix_caching: false };
 
 /// A sequence on the device, as its generation task sees it.
 struct Seq {

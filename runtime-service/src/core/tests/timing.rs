@@ -141,7 +141,7 @@ async fn a_batch_of_three_steps_at_the_roofline_price_of_the_three() {
 #[tokio::test(start_paused = true)]
 async fn a_prompt_longer_than_the_token_budget_is_prefilled_in_chunks() {
     // A budget of 256 tokens per step: a 600-token prompt takes three steps (256, 256, 88).
-    let limits = Limits { token_budget: 256, ..LIMITS };
+    let limits = StepLimits { token_budget: 256, ..LIMITS };
     let rig = rig(SchedulerMode::Sequential, 1.0, limits);
     rig.generous();
     let start = Instant::now();
@@ -170,7 +170,7 @@ async fn a_prompt_longer_than_the_token_budget_is_prefilled_in_chunks() {
 async fn a_prompt_arriving_mid_stream_shares_a_mixed_step_priced_as_both() {
     // A budget large enough for a 2000-token prompt in one step: its 4 GFLOP (4 ms at 1 TFLOP/s)
     // make the step compute-bound, so the mixed step is visibly longer than a decode.
-    let rig = rig(SchedulerMode::Overlapped, 1.0, Limits { token_budget: 4096, ..LIMITS });
+    let rig = rig(SchedulerMode::Overlapped, 1.0, StepLimits { token_budget: 4096, ..LIMITS });
     rig.generous();
     let mut first = rig.submit("a", "a short prompt", 12);
     let (third, at_third) = oneshot::channel();
