@@ -16,10 +16,9 @@ pub use serving::config::ConfigError;
 
 pub use self::file::{defined_devices, find_device, lists_models, parse_models, read_file};
 pub use self::kinds::{KvReserve, SchedulerMode};
-use crate::{
-    device::{Arch, DeviceSpec},
-    engine::EngineKind,
-};
+use serving::{arch::Arch, device::DeviceSpec};
+
+use crate::engine::EngineKind;
 
 /// Longest instance name: it prefixes every memory-service scope this runtime takes, whole,
 /// within memory-service's 128-character limit (a long model key is shortened in the scope

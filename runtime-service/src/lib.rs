@@ -2,7 +2,7 @@
 //! continuous-batching engine core whose CPU stage prepares step N+1 while the GPU computes step
 //! N, and every byte of memory leased from memory-service.
 //!
-//! [`device`] prices steps with a roofline of real GPUs and models, [`scheduler`] forms batches
+//! [`roofline`] prices steps from real GPUs' and models' numbers, [`scheduler`] forms batches
 //! and preempts over paged KV blocks, [`core`] runs the device loop, [`kv`] leases KV slabs,
 //! [`kv_events`] numbers the prefix cache's changes for routers, [`engine`] tokenizes and samples, [`executor`] admits and cancels generations, [`memory`]
 //! talks to memory-service, [`generate`] runs one call end to end, [`dialect`] serves the same
@@ -11,7 +11,6 @@
 
 pub mod config;
 pub mod core;
-pub mod device;
 pub mod dialect;
 pub mod engine;
 pub mod error;
@@ -22,6 +21,7 @@ pub mod kv_events;
 pub mod memory;
 pub mod metrics;
 pub mod models;
+pub mod roofline;
 pub mod scheduler;
 pub mod server;
 pub mod service;

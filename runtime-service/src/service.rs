@@ -6,11 +6,11 @@ use proto::runtime::v1::{self as pb, runtime_service_server::RuntimeService};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    device::{Roofline, Work},
     error::Error,
     generate::{self, GenerateStream},
     kv_events::{BatchStream, v1_batch},
     memory::Use,
+    roofline::{Roofline, Work},
     state::Shared,
 };
 

@@ -9,7 +9,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::Config,
     core::{Device, DeviceSettings, LaneSpec},
-    device::Roofline,
     error::Error,
     executor::Executor,
     kv::{self, SlabShape},
@@ -17,6 +16,7 @@ use crate::{
     memory::{DeviceMemory, Loader, MemoryClient, PoolCapacity, Renewer, Standing},
     metrics::Metrics,
     models::{ACTIVATIONS, KV_CACHE, Models},
+    roofline::Roofline,
     scheduler::StepLimits,
 };
 

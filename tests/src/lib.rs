@@ -313,8 +313,8 @@ cpu_per_seq_s = 0.0
 "#;
 
 /// The test device: round numbers, so step times can be checked by hand.
-pub fn test_device() -> runtime_service::device::DeviceSpec {
-    runtime_service::device::DeviceSpec {
+pub fn test_device() -> serving::device::DeviceSpec {
+    serving::device::DeviceSpec {
         name: "test-gpu".into(),
         memory_bytes: 1 << 30,
         bandwidth_bytes_per_s: 1e9,

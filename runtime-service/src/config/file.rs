@@ -7,10 +7,9 @@ use serde::Deserialize;
 
 use super::{Config, ConfigError, ModelSpec};
 use super::{KvReserve, SchedulerMode};
-use crate::{
-    device::{Arch, DeviceSpec},
-    engine::EngineKind,
-};
+use serving::{arch::Arch, device::DeviceSpec};
+
+use crate::engine::EngineKind;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -52,7 +52,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::DeviceSpec;
+    use serving::device::DeviceSpec;
 
     fn bare(device: &str) -> (Config, Vec<(String, String)>) {
         let mut config = Config { device: DeviceSpec::preset(device).expect("preset"), ..Config::default() };
@@ -100,7 +100,7 @@ mod tests {
     fn the_two_readings_of_the_default_models_agree() {
         let runtime = parse_models(DEFAULT_MODELS).expect("parses");
         let shared = serving::models::default_models();
-        let pick = |k: &str, a: &crate::device::Arch, p: bool| (k.to_owned(), a.clone(), p);
+        let pick = |k: &str, a: &serving::arch::Arch, p: bool| (k.to_owned(), a.clone(), p);
         let runtime: Vec<_> = runtime.iter().map(|m| pick(&m.key, &m.arch, m.preload)).collect();
         let shared: Vec<_> = shared.iter().map(|m| pick(&m.key, &m.arch, m.preload)).collect();
         assert_eq!(runtime, shared);

@@ -21,9 +21,9 @@ impl Config {
     /// context as the device's memory can hold beside the weights and activations, if less (a
     /// mixed step costs no more than its parts run apart) — stretched by the largest jitter.
     fn longest_step(&self, m: &super::ModelSpec) -> Duration {
-        let roofline = crate::device::Roofline::new(&self.device, &m.arch);
+        let roofline = crate::roofline::Roofline::new(&self.device, &m.arch);
         let chunk = self.max_batched_tokens.min(m.max_prompt_tokens);
-        let prefill = roofline.step([crate::device::Work {
+        let prefill = roofline.step([crate::roofline::Work {
             tokens: chunk,
             context: m.max_prompt_tokens.saturating_sub(chunk),
         }]);
@@ -34,7 +34,7 @@ impl Config {
         let per_seq = kv_tokens / self.max_batch_size.max(1) as u64;
         let context = u64::from(longest).min(per_seq) as u32;
         let decodes = roofline
-            .step(std::iter::repeat_n(crate::device::Work { tokens: 1, context }, self.max_batch_size));
+            .step(std::iter::repeat_n(crate::roofline::Work { tokens: 1, context }, self.max_batch_size));
         (prefill.cpu + prefill.gpu + decodes.cpu + decodes.gpu).mul_f64(1.0 + self.jitter.clamp(0.0, 1.0))
     }
 
@@ -69,7 +69,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::DeviceSpec;
+    use serving::device::DeviceSpec;
 
     fn with_ttl(ttl_ms: u64) -> Config {
         Config { lease_ttl: Duration::from_millis(ttl_ms), ..Config::default() }

@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Emitted, Outcome, Report, Submission, TOKEN_BUFFER, timeline::Slot};
 use crate::{
-    device::{Roofline, StepCost, Work},
     engine::Decoder,
     error::Error,
     executor::Flight,
@@ -19,6 +18,7 @@ use crate::{
     kv_events::KvEventHub,
     memory::Reservation,
     metrics::vllm::{Finish, ModelSeries, RequestStats},
+    roofline::{Roofline, StepCost, Work},
     scheduler::{Scheduler, SeqId, SeqState, SlabId, Step, StepLimits, chain_hashes},
 };
 

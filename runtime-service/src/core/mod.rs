@@ -2,7 +2,7 @@
 //! tasks talk to it through a bounded inbox and a bounded event channel per sequence.
 //!
 //! Each step the loop takes new sequences, drops those whose caller left, lets the [`scheduler`]
-//! of the next model in turn form a batch, prices it with the [`roofline`](crate::device), places
+//! of the next model in turn form a batch, prices it with the [`roofline`](crate::roofline), places
 //! it on the [`timeline`] (overlapped or sequential), waits until the simulated GPU is done, then
 //! samples a token for each sequence whose input is computed and streams it. Models loaded on
 //! the device take turns step by step, as they would time-share a real GPU.

@@ -30,7 +30,7 @@ pub use self::{
     blocks::{BlockHash, BlockId, BlockPool, KvEvent, SlabId, chain_hashes},
     seq::{SeqId, SeqState},
 };
-use crate::device::Work;
+use crate::roofline::Work;
 
 /// What one step may hold: sequences, tokens, and how KV blocks are taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use runtime_service::device::{Arch, DeviceSpec, Roofline, Work};
+use runtime_service::roofline::{Roofline, Work};
+use serving::{arch::Arch, device::DeviceSpec};
 
 use crate::load::{self, Scratch, counter, ms, pct, request};
 

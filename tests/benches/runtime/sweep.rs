@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use runtime_service::device::{Arch, DeviceSpec};
+use serving::{arch::Arch, device::DeviceSpec};
 
 use crate::load::{self, Scratch, counter, ms, pct, request};
 

@@ -10,10 +10,8 @@ use e2e::{
     wait_for_used,
 };
 use proto::runtime::v1::{GenerateRequest, GenerateResponse, Summary, generate_response::Item};
-use runtime_service::{
-    config::parse_models,
-    device::{Arch, DeviceSpec, Roofline},
-};
+use runtime_service::{config::parse_models, roofline::Roofline};
+use serving::{arch::Arch, device::DeviceSpec};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tonic::Streaming;

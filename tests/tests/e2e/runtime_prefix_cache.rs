@@ -112,7 +112,7 @@ async fn a_prompt_that_starts_like_an_earlier_one_prefills_only_the_rest() {
     // A slow GPU, so a prefill's compute (not the weights' read) sets its time.
     let config = runtime_service::Config {
         prefix_caching: true,
-        device: runtime_service::device::DeviceSpec { flops_per_s: 1e9, ..e2e::test_device() },
+        device: serving::device::DeviceSpec { flops_per_s: 1e9, ..e2e::test_device() },
         ..runtime_config(memory.addr)
     };
     let runtime = RuntimeServer::start(config).await;

@@ -14,11 +14,13 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::*;
+use serving::{arch::Arch, device::DeviceSpec};
+
 use crate::{
-    device::{Arch, DeviceSpec, Roofline, Work},
     engine::{EngineKind, text::Sampling},
     executor::{Executor, Ticket},
     kv::{self, LeaserEnd},
+    roofline::{Roofline, Work},
     scheduler::{KvReserve, StepLimits},
 };
 

@@ -1,11 +1,10 @@
-//! The simulated device: presets of real GPUs and models, and the roofline that prices one
-//! scheduler step from them. Pure functions of plain numbers, so a reader can check any step
+//! The roofline that prices one scheduler step from a device's and a model's numbers (their
+//! presets live in `serving`: memory-service sizes its pools from them too). Pure functions of plain numbers, so a reader can check any step
 //! time by hand (inference-sim's `docs/concepts/roofline.md` does the same).
 
 use std::time::Duration;
 
-// Presets of devices and models live in `serving`: memory-service sizes its pools from them too.
-pub use serving::{arch, arch::Arch, device::DeviceSpec};
+use serving::{arch::Arch, device::DeviceSpec};
 
 /// One sequence's share of a step: `tokens` new tokens (1 for a decode, a chunk for a prefill)
 /// on top of `context` tokens already in its KV cache.
