@@ -63,9 +63,34 @@ fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-fn words(n: u32) -> String {
-    const WORDS: [&str; 6] = ["memory", "device", "kernel", "batch", "token", "cache"];
-    (0..n as usize).map(|i| WORDS[i % WORDS.len()]).collect::<Vec<_>>().join(" ")
+/// A prompt of `n` of the model's own words (one token each), different for each `seed` from its
+/// first word: the sweeps measure batching, not the prefix cache (identical prompts would all
+/// hit it after the first).
+fn words(n: u32, seed: u64) -> String {
+    const WORDS: [&str; 12] = [
+        "model",
+        "token",
+        "cache",
+        "kernel",
+        "buffer",
+        "pipeline",
+        "scheduler",
+        "tensor",
+        "batch",
+        "stream",
+        "engine",
+        "pool",
+    ];
+    let mut x = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            WORDS[(x % WORDS.len() as u64) as usize]
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// kv-cache used and capacity in memory-service.
@@ -181,7 +206,7 @@ async fn level(
 fn request(model: &str, prompt_tokens: u32, max_tokens: u32, seed: u64) -> GenerateRequest {
     GenerateRequest {
         model: model.into(),
-        prompt: words(prompt_tokens),
+        prompt: words(prompt_tokens, seed),
         max_tokens,
         seed,
         ..GenerateRequest::default()
@@ -265,7 +290,8 @@ async fn main() -> Result<(), Error> {
         "conc", "tok/s", "TTFT p50", "TPOT p50", "mean batch", "peak KV"
     );
     for concurrency in [1u64, 4, 16, 64] {
-        let requests = (0..concurrency).map(|i| request(model, 512, 64, i)).collect();
+        // Seeds unique across levels: no prompt repeats an earlier level's (a prefix-cache hit).
+        let requests = (0..concurrency).map(|i| request(model, 512, 64, concurrency * 1_000 + i)).collect();
         let done = level(&runtime, &mut memory, &format!("{concurrency} streams"), requests).await?;
         println!(
             "  {concurrency:>5} {:>9.0} {:>8.1}ms {:>8.2}ms {:>11.1} {:>8.1}%",
@@ -290,7 +316,9 @@ async fn main() -> Result<(), Error> {
     let mut memory_two_client = MemoryServiceClient::new(memory_two.channel().await?);
     println!("  {:>5} {:>16} {:>16} {:>8}", "batch", "overlapped TPOT", "sequential TPOT", "speedup");
     for batch in [1u64, 32] {
-        let requests = |_: ()| (0..batch).map(|i| request(model, 64, 64, i)).collect::<Vec<_>>();
+        let requests = |_: ()| {
+            (0..batch).map(|i| request(model, 64, 64, 100_000 + batch * 1_000 + i)).collect::<Vec<_>>()
+        };
         let overlapped = level(&runtime, &mut memory, "overlapped", requests(())).await?;
         let sequential = level(&sequential, &mut memory_two_client, "sequential", requests(())).await?;
         println!(
@@ -318,7 +346,7 @@ async fn main() -> Result<(), Error> {
     let small_runtime_service = Service::start("runtime-service-small", &runtime_bin, &args_small, logs)?;
     let small_runtime = small_runtime_service.runtime_ready().await?;
     let mut small_memory = MemoryServiceClient::new(small.channel().await?);
-    let requests = (0..16).map(|i| request(model, 256, 256, i)).collect();
+    let requests = (0..16).map(|i| request(model, 256, 256, 200_000 + i)).collect();
     let done = level(&small_runtime, &mut small_memory, "16 streams", requests).await?;
     let preemptions: u32 = done.summaries.iter().map(|s| s.preemptions).sum();
     let completed = done.summaries.iter().filter(|s| s.completion_tokens == 256).count();
