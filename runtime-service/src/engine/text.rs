@@ -23,7 +23,8 @@ const ADJ: &[&str] = &[
     "fast", "small", "large", "shared", "pinned", "idle", "warm", "cold", "stable", "parallel", "hidden",
     "quiet", "bright", "careful", "simple", "eager", "distant", "steady",
 ];
-const NOUN: &[&str] = &[
+/// The nouns the simulated model speaks (each one token of its vocabulary).
+pub const NOUN: &[&str] = &[
     "model",
     "token",
     "cache",

@@ -67,30 +67,9 @@ fn gib(bytes: u64) -> String {
 /// first word: the sweeps measure batching, not the prefix cache (identical prompts would all
 /// hit it after the first).
 fn words(n: u32, seed: u64) -> String {
-    const WORDS: [&str; 12] = [
-        "model",
-        "token",
-        "cache",
-        "kernel",
-        "buffer",
-        "pipeline",
-        "scheduler",
-        "tensor",
-        "batch",
-        "stream",
-        "engine",
-        "pool",
-    ];
-    let mut x = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            WORDS[(x % WORDS.len() as u64) as usize]
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    let nouns = runtime_service::engine::text::NOUN;
+    let mut rng = runtime_service::engine::SplitMix64::new(seed);
+    (0..n).map(|_| nouns[(rng.next_u64() % nouns.len() as u64) as usize]).collect::<Vec<_>>().join(" ")
 }
 
 /// kv-cache used and capacity in memory-service.
