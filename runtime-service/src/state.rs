@@ -154,6 +154,7 @@ impl Shared {
                         renewer: renewer.clone(),
                         requests,
                         freeing: tokio::task::JoinSet::new(),
+                        offered: Vec::new(),
                     }
                 }),
             },

@@ -358,6 +358,11 @@ impl Lane {
         }
     }
 
+    /// The slabs holding only cache, oldest first.
+    pub(super) fn cache_only_slabs(&self) -> impl Iterator<Item = SlabId> + '_ {
+        self.scheduler.pool().cache_only_slabs().map(|(id, _)| id)
+    }
+
     /// Lease ids of the slabs holding only cache: memory-service may have them back.
     pub(super) fn offered(&self) -> impl Iterator<Item = String> + '_ {
         self.scheduler

@@ -8,6 +8,7 @@ use tracing::info;
 
 use super::lane::Lane;
 use crate::memory::Renewer;
+use crate::scheduler::SlabId;
 
 /// The device loop's side of reclaiming: where offers go and requests come from.
 #[derive(Debug)]
@@ -20,6 +21,10 @@ pub struct Reclaim {
     /// offer without a lease memory-service asked for reads as "declined" if it arrives before
     /// the lease's free.
     pub freeing: JoinSet<()>,
+    /// The cache-only slabs (by lane) last offered: the offer is rebuilt only when they change,
+    /// not at every device step. A slab's number is never reused, so equal sets mean equal
+    /// offers.
+    pub offered: Vec<(usize, SlabId)>,
 }
 
 impl Drop for Reclaim {
@@ -35,8 +40,17 @@ impl Reclaim {
     /// frees of those given back have landed.
     pub(super) fn offer(&mut self, lanes: &[Lane]) {
         while self.freeing.try_join_next().is_some() {}
-        if self.freeing.is_empty() {
+        if !self.freeing.is_empty() {
+            return;
+        }
+        let slabs: Vec<(usize, SlabId)> = lanes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, lane)| lane.cache_only_slabs().map(move |s| (i, s)))
+            .collect();
+        if slabs != self.offered {
             self.renewer.offer(lanes.iter().flat_map(Lane::offered).collect());
+            self.offered = slabs;
         }
     }
 
