@@ -1,18 +1,22 @@
 //! Validated configuration: pools and lease limits. `main.rs` builds it from flags, environment and
 //! an optional TOML file; tests build it directly.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
-use serde::Deserialize;
 pub use serving::config::ConfigError;
+use serving::device::DeviceSpec;
 pub use serving::units::parse_bytes;
-use serving::{device::DeviceSpec, units::ByteSize};
 
 use crate::{ledger::Limits, validate};
-use serving::{security::Security, transport::Transport};
+use serving::security::Security;
 
-/// One pool to create at start-up.
-#[derive(Debug, Clone, PartialEq, Eq)]
+mod overrides;
+pub use self::overrides::{Overrides, layered};
+
+/// One pool to create at start-up: `NAME=SIZE` on the command line (`kv-cache=8GiB`), a
+/// `[[pools]]` table (`name`, `capacity`) in the file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "overrides::FilePool")]
 pub struct PoolSpec {
     /// Pool name (a DNS label).
     pub name: String,
@@ -101,87 +105,7 @@ impl Default for Config {
     }
 }
 
-/// The TOML file's shape. Every key is optional; pools listed here replace the defaults.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    #[serde(default)]
-    pools: Vec<FilePool>,
-    default_ttl_ms: Option<u64>,
-    max_ttl_ms: Option<u64>,
-    max_wait_ms: Option<u64>,
-    retry_hint_ms: Option<u64>,
-    reclaim_timeout_ms: Option<u64>,
-    event_buffer: Option<usize>,
-    grace_period_ms: Option<u64>,
-    limits: Option<FileLimits>,
-    transport: Option<Transport>,
-    state_dir: Option<std::path::PathBuf>,
-}
-
-/// The `[limits]` table; every key optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileLimits {
-    pools: Option<usize>,
-    leases: Option<usize>,
-    leases_per_holder: Option<usize>,
-    scope_members: Option<usize>,
-    waiters_per_pool: Option<usize>,
-    waiters_per_holder: Option<usize>,
-    watchers: Option<usize>,
-    keepalive_streams: Option<usize>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FilePool {
-    name: String,
-    /// Bytes, as an integer or a string with a unit (`"8GiB"`).
-    capacity: ByteSize,
-}
-
 impl Config {
-    /// Overlays the TOML file at `path` on `self`.
-    pub fn merge_file(mut self, path: &Path) -> Result<Self, ConfigError> {
-        let file: File = serving::config::read_toml(path)?;
-        if !file.pools.is_empty() {
-            self.pools = file
-                .pools
-                .into_iter()
-                .map(|p| {
-                    let capacity = p.capacity.bytes().map_err(ConfigError::Invalid)?;
-                    Ok(PoolSpec { name: p.name, capacity })
-                })
-                .collect::<Result<_, ConfigError>>()?;
-        }
-        let ms = Duration::from_millis;
-        self.default_ttl = file.default_ttl_ms.map_or(self.default_ttl, ms);
-        self.max_ttl = file.max_ttl_ms.map_or(self.max_ttl, ms);
-        self.max_wait = file.max_wait_ms.map_or(self.max_wait, ms);
-        self.retry_hint = file.retry_hint_ms.map_or(self.retry_hint, ms);
-        self.reclaim_timeout = file.reclaim_timeout_ms.map_or(self.reclaim_timeout, ms);
-        self.event_buffer = file.event_buffer.unwrap_or(self.event_buffer);
-        self.grace_period = file.grace_period_ms.map_or(self.grace_period, ms);
-        if let Some(transport) = file.transport {
-            self.security.transport = transport;
-        }
-        if file.state_dir.is_some() {
-            self.state_dir = file.state_dir;
-        }
-        let l = file.limits.unwrap_or_default();
-        let limits = &mut self.limits;
-        limits.pools = l.pools.unwrap_or(limits.pools);
-        limits.leases = l.leases.unwrap_or(limits.leases);
-        limits.leases_per_holder = l.leases_per_holder.unwrap_or(limits.leases_per_holder);
-        limits.scope_members = l.scope_members.unwrap_or(limits.scope_members);
-        limits.waiters_per_pool = l.waiters_per_pool.unwrap_or(limits.waiters_per_pool);
-        limits.waiters_per_holder = l.waiters_per_holder.unwrap_or(limits.waiters_per_holder);
-        self.max_watchers = l.watchers.unwrap_or(self.max_watchers);
-        self.max_keepalive_streams = l.keepalive_streams.unwrap_or(self.max_keepalive_streams);
-        Ok(self)
-    }
-
     /// Checks every value; the first problem found is reported.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
@@ -283,7 +207,7 @@ mod tests {
              [[pools]]\nname = \"scratch\"\ncapacity = 4096\n",
         )
         .unwrap();
-        let config = Config::default().merge_file(&path).unwrap();
+        let config = layered(Some(&path), Overrides::default()).unwrap();
         config.validate().unwrap();
         assert_eq!(config.default_ttl, Duration::from_secs(5));
         assert_eq!(config.reclaim_timeout, Duration::from_millis(250));
@@ -294,8 +218,12 @@ mod tests {
                 PoolSpec { name: "scratch".into(), capacity: 4096 }
             ]
         );
+        let flags = Overrides { pools: vec!["kv-cache=2GiB".parse().unwrap()], ..Overrides::default() };
+        let config = layered(Some(&path), flags).unwrap();
+        assert_eq!(config.pools, [PoolSpec { name: "kv-cache".into(), capacity: 2 << 30 }], "flags win");
+        assert_eq!(config.default_ttl, Duration::from_secs(5), "the file's other keys stay");
         std::fs::write(&path, "unknown_key = 1\n").unwrap();
-        assert!(matches!(Config::default().merge_file(&path), Err(ConfigError::Parse { .. })));
+        assert!(matches!(layered(Some(&path), Overrides::default()), Err(ConfigError::Parse { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

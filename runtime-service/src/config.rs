@@ -7,6 +7,7 @@ mod file;
 mod fit;
 mod kinds;
 mod lease_ttl;
+mod overrides;
 
 pub use self::lease_ttl::MIN_LEASE_TTL;
 
@@ -14,8 +15,9 @@ use std::time::Duration;
 
 pub use serving::config::ConfigError;
 
-pub use self::file::{defined_devices, find_device, lists_models, parse_models, read_file};
+pub use self::file::parse_models;
 pub use self::kinds::{KvReserve, SchedulerMode};
+pub use self::overrides::{Layered, Overrides, find_device, layered};
 use serving::{arch::Arch, device::DeviceSpec};
 
 use crate::engine::EngineKind;

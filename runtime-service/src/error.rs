@@ -2,14 +2,15 @@
 
 use std::time::Duration;
 
+use serving::details;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// Why a call failed. Every variant maps to exactly one gRPC code in [`Error::to_status`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// Request fields are malformed or out of range.
-    #[error("invalid request: {}", violations(.0))]
+    #[error("invalid request: {}", serving::details::violations_text(.0))]
     InvalidArgument(
         /// Every violation: the field, as named in the proto, and what is wrong and accepted.
         Vec<(&'static str, String)>,
@@ -72,11 +73,6 @@ pub enum Error {
     ShuttingDown,
 }
 
-/// `field: reason; field: reason`.
-fn violations(list: &[(&'static str, String)]) -> String {
-    list.iter().map(|(field, reason)| format!("{field} {reason}")).collect::<Vec<_>>().join("; ")
-}
-
 impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
@@ -85,46 +81,31 @@ impl Error {
 
     /// The status to answer, with google.rpc details. `retry_hint` goes into RetryInfo.
     pub fn to_status(&self, retry_hint: Duration) -> Status {
-        let retry = || {
-            let mut details = ErrorDetails::new();
-            details.set_retry_info(Some(retry_hint));
-            details
-        };
+        let retry = || details::retry_after(retry_hint);
         let (code, details) = match self {
             Error::InvalidArgument(list) => {
-                let violations =
-                    list.iter().map(|(field, reason)| FieldViolation::new(*field, reason.clone()));
-                (Code::InvalidArgument, ErrorDetails::with_bad_request(violations.collect::<Vec<_>>()))
+                (Code::InvalidArgument, details::bad_request(list.iter().map(|(f, r)| (*f, r.clone()))))
             }
-            Error::ModelNotFound(key) => (
-                Code::NotFound,
-                ErrorDetails::with_resource_info("runtime.v1.Model", key, "", "no such model"),
-            ),
-            Error::DuplicateRequest(id) => (
-                Code::AlreadyExists,
-                ErrorDetails::with_resource_info("runtime.v1.Generation", id, "", "request id in use"),
-            ),
-            Error::RequestNotFound(id) => (
-                Code::NotFound,
-                ErrorDetails::with_resource_info("runtime.v1.Generation", id, "", "no such generation"),
-            ),
+            Error::ModelNotFound(key) => {
+                (Code::NotFound, details::resource("runtime.v1.Model", key, "no such model"))
+            }
+            Error::DuplicateRequest(id) => {
+                (Code::AlreadyExists, details::resource("runtime.v1.Generation", id, "request id in use"))
+            }
+            Error::RequestNotFound(id) => {
+                (Code::NotFound, details::resource("runtime.v1.Generation", id, "no such generation"))
+            }
             Error::Overloaded { .. } | Error::MemoryExhausted { .. } => (Code::ResourceExhausted, retry()),
-            Error::Unservable(detail) => (
-                Code::FailedPrecondition,
-                ErrorDetails::with_precondition_failure_violation("MEMORY", "memory-service", detail.clone()),
-            ),
+            Error::Unservable(detail) => {
+                (Code::FailedPrecondition, details::precondition("MEMORY", "memory-service", detail.clone()))
+            }
             Error::MemoryUnavailable(_) | Error::MemoryLost | Error::ShuttingDown => {
                 (Code::Unavailable, retry())
             }
             Error::MemoryProtocol(_) => (Code::Internal, ErrorDetails::new()),
-            Error::MemoryRefused(detail) => (
-                Code::FailedPrecondition,
-                ErrorDetails::with_precondition_failure_violation(
-                    "CONFIG",
-                    "runtime-service",
-                    detail.clone(),
-                ),
-            ),
+            Error::MemoryRefused(detail) => {
+                (Code::FailedPrecondition, details::precondition("CONFIG", "runtime-service", detail.clone()))
+            }
             Error::Cancelled => (Code::Cancelled, ErrorDetails::new()),
             Error::DeadlineExceeded(_) => (Code::DeadlineExceeded, ErrorDetails::new()),
         };

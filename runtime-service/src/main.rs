@@ -1,10 +1,10 @@
 //! The runtime-service binary: flags and environment → validated [`Config`] → [`run`].
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::Parser;
 use rand::{TryRng, rngs::SysRng};
-use runtime_service::{Config, config, core::SchedulerMode, run, scheduler::KvReserve};
+use runtime_service::{Config, config, run};
 use serving::launch::Launch;
 
 serving::security_args!(SecurityArgs, "RUNTIME_");
@@ -34,63 +34,8 @@ struct Args {
     /// the pod name.
     #[arg(long, env = "RUNTIME_INSTANCE")]
     instance: Option<String>,
-    /// Simulated device: an embedded preset (h100-sxm, a100-40gb, l4, webgpu-laptop) or one
-    /// defined under [[devices]] in the config file.
-    #[arg(long, env = "RUNTIME_DEVICE")]
-    device: Option<String>,
-    /// Model served over the engine dialect (vllm.grpc.engine.VllmEngine, whose requests name no
-    /// model): a configured model key. Default: the first preloaded model.
-    #[arg(long, env = "RUNTIME_ENGINE_MODEL")]
-    engine_model: Option<String>,
-    /// CPU/GPU scheduling of the device: "overlapped" (the CPU prepares step N+1 while the GPU
-    /// computes step N) or "sequential".
-    #[arg(long, env = "RUNTIME_SCHEDULER")]
-    scheduler: Option<SchedulerMode>,
-    /// Sequences in one device step at most.
-    #[arg(long, env = "RUNTIME_MAX_BATCH_SIZE")]
-    max_batch_size: Option<usize>,
-    /// Tokens computed in one step at most; prompts are chunked to fit.
-    #[arg(long, env = "RUNTIME_MAX_BATCHED_TOKENS")]
-    max_batched_tokens: Option<u32>,
-    /// Generations admitted beyond a full batch before new ones are refused.
-    #[arg(long, env = "RUNTIME_QUEUE_CAPACITY")]
-    queue_capacity: Option<usize>,
-    /// Tokens per KV-cache block.
-    #[arg(long, env = "RUNTIME_KV_BLOCK_TOKENS")]
-    kv_block_tokens: Option<u32>,
-    /// Largest kv-cache slab leased from memory-service at once, in blocks.
-    #[arg(long, env = "RUNTIME_KV_SLAB_BLOCKS")]
-    kv_slab_blocks: Option<u64>,
-    /// How KV memory is taken: "paged" (blocks as sequences grow) or "upfront" (prompt +
-    /// max_tokens at admission, for comparison).
-    #[arg(long, env = "RUNTIME_KV_RESERVE")]
-    kv_reserve: Option<KvReserve>,
-    /// Prefix caching, "on" (the default, as vLLM V1) or "off": full prompt blocks stay cached
-    /// and later prompts that start the same way compute only the rest.
-    #[arg(long, env = "RUNTIME_PREFIX_CACHING", value_parser = on_off)]
-    prefix_caching: Option<bool>,
-    /// Prefix-cache event batches kept per model, so a router that reconnects resumes without a
-    /// gap (SubscribeKvEvents' start_sequence_number).
-    #[arg(long, env = "RUNTIME_KV_EVENTS_BUFFER")]
-    kv_events_buffer: Option<usize>,
-    /// Relative jitter of simulated step times, 0 to 1 (seeded: runs repeat exactly).
-    #[arg(long, env = "RUNTIME_JITTER")]
-    jitter: Option<f64>,
-    /// Server-side wait for memory per attempt, in milliseconds.
-    #[arg(long, env = "RUNTIME_MEMORY_WAIT_MS")]
-    memory_wait_ms: Option<u64>,
-    /// TTL of this instance's memory leases, in milliseconds.
-    #[arg(long, env = "RUNTIME_LEASE_TTL_MS")]
-    lease_ttl_ms: Option<u64>,
-    /// Longest time to the first token, in milliseconds.
-    #[arg(long, env = "RUNTIME_TTFT_TIMEOUT_MS")]
-    ttft_timeout_ms: Option<u64>,
-    /// Longest gap between two tokens, in milliseconds.
-    #[arg(long, env = "RUNTIME_IDLE_TIMEOUT_MS")]
-    idle_timeout_ms: Option<u64>,
-    /// Longest stream, in milliseconds.
-    #[arg(long, env = "RUNTIME_MAX_STREAM_LIFETIME_MS")]
-    max_stream_lifetime_ms: Option<u64>,
+    #[command(flatten)]
+    settings: config::Overrides,
     #[command(flatten)]
     security: SecurityArgs,
     /// PEM CA that signed memory-service's certificate: TLS to memory-service (the address must
@@ -111,46 +56,16 @@ struct Args {
     /// checks size memory-service's pools from the binary itself.
     #[arg(long)]
     print_memory: bool,
-    /// Time given to streams and memory release at shutdown, in milliseconds.
-    #[arg(long, env = "RUNTIME_GRACE_PERIOD_MS")]
-    grace_period_ms: Option<u64>,
 }
 
 impl Args {
     fn into_config(self) -> Result<Config, String> {
-        let mut config = Config::default();
-        let mut defined = Vec::new();
-        let mut lists_models = false;
-        if let Some(path) = &self.config {
-            config = config::read_file(config, path).map_err(|e| e.to_string())?;
-            defined = config::defined_devices(path).map_err(|e| e.to_string())?;
-            lists_models = config::lists_models(path).map_err(|e| e.to_string())?;
-        }
-        if let Some(name) = &self.device {
-            config.device = config::find_device(name, &defined).map_err(|e| e.to_string())?;
-        }
+        let layered = config::layered(self.config.as_deref(), self.settings).map_err(|e| e.to_string())?;
+        let mut config = layered.config;
         config.memory_addr = self.memory_addr;
         config.instance = self
             .instance
             .unwrap_or_else(|| format!("runtime-{:08x}", SysRng.try_next_u64().unwrap_or_default() as u32));
-        let ms = Duration::from_millis;
-        config.scheduler = self.scheduler.unwrap_or(config.scheduler);
-        config.engine_model = self.engine_model.or(config.engine_model);
-        config.max_batch_size = self.max_batch_size.unwrap_or(config.max_batch_size);
-        config.max_batched_tokens = self.max_batched_tokens.unwrap_or(config.max_batched_tokens);
-        config.queue_capacity = self.queue_capacity.unwrap_or(config.queue_capacity);
-        config.kv_block_tokens = self.kv_block_tokens.unwrap_or(config.kv_block_tokens);
-        config.kv_slab_blocks = self.kv_slab_blocks.unwrap_or(config.kv_slab_blocks);
-        config.kv_reserve = self.kv_reserve.unwrap_or(config.kv_reserve);
-        config.prefix_caching = self.prefix_caching.unwrap_or(config.prefix_caching);
-        config.kv_events_buffer = self.kv_events_buffer.unwrap_or(config.kv_events_buffer);
-        config.jitter = self.jitter.unwrap_or(config.jitter);
-        config.memory_wait = self.memory_wait_ms.map_or(config.memory_wait, ms);
-        config.lease_ttl = self.lease_ttl_ms.map_or(config.lease_ttl, ms);
-        config.ttft_timeout = self.ttft_timeout_ms.map_or(config.ttft_timeout, ms);
-        config.idle_timeout = self.idle_timeout_ms.map_or(config.idle_timeout, ms);
-        config.max_stream_lifetime = self.max_stream_lifetime_ms.map_or(config.max_stream_lifetime, ms);
-        config.grace_period = self.grace_period_ms.map_or(config.grace_period, ms);
         self.security.apply(&mut config.security)?;
         config.memory_auth.tls_ca = self.memory_tls_ca.or(config.memory_auth.tls_ca);
         config.memory_auth.token_file = self.memory_token_file.or(config.memory_auth.token_file);
@@ -162,7 +77,7 @@ impl Args {
         // Once the device and the token budget are final: the embedded models are trimmed to what
         // that device holds (the models memory-service --device sizes `uniforms` for); models a
         // file lists are the operator's choice, checked by `validate` instead.
-        if !lists_models {
+        if !layered.lists_models {
             for (model, reason) in config.serve_fitting_defaults().map_err(|e| e.to_string())? {
                 tracing::warn!(%model, device = %config.device.name, %reason, "default model not served on this device");
             }
@@ -221,13 +136,4 @@ fn print_memory(args: Args) -> ExitCode {
         models.join(",")
     );
     ExitCode::SUCCESS
-}
-
-/// "on" or "off", as a flag's value.
-fn on_off(value: &str) -> Result<bool, String> {
-    match value {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("{value:?} must be \"on\" or \"off\"")),
-    }
 }

@@ -8,6 +8,7 @@ pub mod arch;
 pub mod auth;
 pub mod config;
 pub mod deadline;
+pub mod details;
 pub mod device;
 pub mod echo;
 pub mod grpc;

@@ -2,11 +2,6 @@
 
 use std::time::Duration;
 
-/// `field reason; field reason`.
-fn list(violations: &[(String, String)]) -> String {
-    violations.iter().map(|(field, reason)| format!("{field} {reason}")).collect::<Vec<_>>().join("; ")
-}
-
 /// Most violations one refusal lists. A status travels in HTTP/2 trailers, its message and its
 /// BadRequest details both naming every violation: a KeepAlive of 200 malformed lease ids (about
 /// 120 bytes each, twice) passed the client's 16 KiB header-list limit, and the caller saw its
@@ -59,7 +54,7 @@ impl Violations {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// Request fields are malformed or out of range: every violation found, not the first.
-    #[error("invalid request: {}", list(.violations))]
+    #[error("invalid request: {}", serving::details::violations_text(.violations))]
     InvalidArgument {
         /// Each field at fault, as named in the proto, and what is wrong and accepted.
         violations: Vec<(String, String)>,

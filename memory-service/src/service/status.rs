@@ -3,6 +3,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use serving::details;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -16,27 +17,22 @@ pub const DOMAIN: &str = "memory-service.inference-sim.dev";
 pub fn to_status(err: Error, retry_hint: Duration) -> Status {
     let message = err.to_string();
     let (code, details) = match err {
-        Error::InvalidArgument { violations } => {
-            let violations =
-                violations.into_iter().map(|(field, reason)| tonic_types::FieldViolation::new(field, reason));
-            (Code::InvalidArgument, ErrorDetails::with_bad_request(violations.collect::<Vec<_>>()))
-        }
+        Error::InvalidArgument { violations } => (Code::InvalidArgument, details::bad_request(violations)),
         Error::PoolNotFound(pool) => {
-            (Code::NotFound, ErrorDetails::with_resource_info("memory.v1.Pool", pool, "", "no such pool"))
+            (Code::NotFound, details::resource("memory.v1.Pool", pool, "no such pool"))
         }
         Error::PoolExists(pool) => {
-            (Code::AlreadyExists, ErrorDetails::with_resource_info("memory.v1.Pool", pool, "", "pool exists"))
+            (Code::AlreadyExists, details::resource("memory.v1.Pool", pool, "pool exists"))
         }
-        Error::LeaseNotFound(id) => (
-            Code::NotFound,
-            ErrorDetails::with_resource_info("memory.v1.Lease", id, "", "no such live lease"),
-        ),
+        Error::LeaseNotFound(id) => {
+            (Code::NotFound, details::resource("memory.v1.Lease", id, "no such live lease"))
+        }
         Error::LeaseExpired { id, .. } => {
-            (Code::NotFound, ErrorDetails::with_resource_info("memory.v1.Lease", id, "", "lease expired"))
+            (Code::NotFound, details::resource("memory.v1.Lease", id, "lease expired"))
         }
         Error::ExceedsCapacity { pool, requested, capacity } => (
             Code::FailedPrecondition,
-            ErrorDetails::with_precondition_failure_violation(
+            details::precondition(
                 "CAPACITY",
                 pool,
                 format!("requested {requested} bytes, capacity {capacity} bytes"),
@@ -62,17 +58,9 @@ pub fn to_status(err: Error, retry_hint: Duration) -> Status {
             details.set_error_info(reason, DOMAIN, metadata);
             (Code::ResourceExhausted, details)
         }
-        Error::RequestInProgress(_) => {
-            let mut details = ErrorDetails::new();
-            details.set_retry_info(Some(retry_hint));
-            (Code::Aborted, details)
-        }
+        Error::RequestInProgress(_) => (Code::Aborted, details::retry_after(retry_hint)),
         Error::ShuttingDown => (Code::Unavailable, ErrorDetails::new()),
-        Error::NotDurable(_) => {
-            let mut details = ErrorDetails::new();
-            details.set_retry_info(Some(retry_hint));
-            (Code::Unavailable, details)
-        }
+        Error::NotDurable(_) => (Code::Unavailable, details::retry_after(retry_hint)),
         Error::LimitReached { what, limit, .. } => {
             let mut details =
                 ErrorDetails::with_quota_failure_violation(what, format!("at most {limit} allowed"));
@@ -83,16 +71,11 @@ pub fn to_status(err: Error, retry_hint: Duration) -> Status {
         Error::PermissionDenied(_) => (Code::PermissionDenied, ErrorDetails::new()),
         Error::CannotResume(_) => (
             Code::FailedPrecondition,
-            ErrorDetails::with_precondition_failure_violation(
-                "EPOCH",
-                "resume_epoch",
-                "not the server's epoch",
-            ),
+            details::precondition("EPOCH", "resume_epoch", "not the server's epoch"),
         ),
-        Error::ResumeOutOfRange(_) => (
-            Code::OutOfRange,
-            ErrorDetails::with_bad_request_violation("resume_after_sequence", "not a retained event"),
-        ),
+        Error::ResumeOutOfRange(_) => {
+            (Code::OutOfRange, details::bad_request([("resume_after_sequence", "not a retained event")]))
+        }
     };
     Status::with_error_details(code, message, details)
 }

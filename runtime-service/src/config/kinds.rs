@@ -34,7 +34,8 @@ impl std::str::FromStr for SchedulerMode {
 }
 
 /// How KV memory is taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum KvReserve {
     /// Blocks as the sequence grows (paged attention).
     Paged,
