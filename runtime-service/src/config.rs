@@ -20,7 +20,7 @@ pub use self::kinds::{KvReserve, SchedulerMode};
 pub use self::overrides::{Layered, Overrides, find_device, layered};
 use serving::{arch::Arch, device::DeviceSpec};
 
-use crate::engine::EngineKind;
+use crate::mock_lm::MockLmKind;
 
 /// Longest instance name: it prefixes every memory-service scope this runtime takes, whole,
 /// within memory-service's 128-character limit (a long model key is shortened in the scope
@@ -44,8 +44,8 @@ pub const DEFAULT_DEVICE: &str = "h100-sxm";
 pub struct ModelSpec {
     /// Key clients name in GenerateRequest.model.
     pub key: String,
-    /// Tokenizer and sampling style (the seed's engines).
-    pub engine: EngineKind,
+    /// The mock language model its text comes from (the seed's engines): tokenization and words.
+    pub mock_lm: MockLmKind,
     /// Load (lease its weights) at start-up; health waits for it.
     pub preload: bool,
     /// Its architecture: weights, KV and FLOPs follow from it.
@@ -334,8 +334,8 @@ mod tests {
     fn embedded_defaults_are_valid_with_both_engines_and_fit_memory_services_defaults() {
         let config = Config::default();
         config.validate().expect("valid defaults");
-        assert!(config.models.iter().any(|m| m.engine == EngineKind::Webllm));
-        assert!(config.models.iter().any(|m| m.engine == EngineKind::TransformersJs));
+        assert!(config.models.iter().any(|m| m.mock_lm == MockLmKind::Webllm));
+        assert!(config.models.iter().any(|m| m.mock_lm == MockLmKind::TransformersJs));
         let names: Vec<_> = config.models.iter().map(|m| m.key.as_str()).collect();
         for preset in Arch::PRESETS {
             assert!(names.contains(&preset), "{preset} is served by default");
@@ -364,7 +364,7 @@ mod tests {
         let mut long = Config::default();
         long.models[0].max_prompt_tokens = long.models[0].arch.context_length + 1;
         assert!(long.validate().is_err());
-        assert!(parse_models("[[models]]\nkey = \"x\"\nengine = \"cuda\"\n").is_err());
-        assert!(parse_models("[[models]]\nkey = \"x\"\nengine = \"webllm\"\npreset = \"gpt-9\"\n").is_err());
+        assert!(parse_models("[[models]]\nkey = \"x\"\nmock_lm = \"cuda\"\n").is_err());
+        assert!(parse_models("[[models]]\nkey = \"x\"\nmock_lm = \"webllm\"\npreset = \"gpt-9\"\n").is_err());
     }
 }

@@ -5,9 +5,10 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
     config::{Config, ModelSpec},
-    engine::{Engine, fnv1a, hash_ids},
     error::Error,
     memory::{Loader, Lost, Standing},
+    mock_lm::{MockLm, hash_ids},
+    rng::fnv1a,
     tokenizer::Bundle,
 };
 
@@ -21,8 +22,8 @@ pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
 pub struct Model {
     /// Its configuration.
     pub spec: ModelSpec,
-    /// Its engine: sampling style, and how words become tokens when the tokenizer is its own.
-    pub engine: &'static dyn Engine,
+    /// Its mock language model: sampling style, and how words become tokens when the tokenizer is its own.
+    pub lm: &'static dyn MockLm,
     /// Its tokenizer bundle: what GetTokenizer serves and what prompts are counted with.
     pub bundle: Bundle,
     /// Index of its lane on the device.
@@ -32,22 +33,22 @@ pub struct Model {
 }
 
 impl Model {
-    /// Ids a prompt may use: the engine's, or more if the model's tokenizer (a user's own)
+    /// Ids a prompt may use: the mock model's, or more if the model's tokenizer (a user's own)
     /// knows more, since a gateway tokenizes with it.
     pub fn vocab_size(&self) -> u32 {
-        self.engine.vocab_size().max(self.bundle.vocab_size())
+        self.lm.vocab_size().max(self.bundle.vocab_size())
     }
 
     /// A text prompt as the model's tokenizer (the one a gateway fetches) reads it: the hash
     /// of its token ids, the very hash a gateway's ids for that text get (so both doors generate
-    /// the same text for it), their count, and the ids (for the prefix cache). The engine's own
+    /// the same text for it), their count, and the ids (for the prefix cache). The mock model's own
     /// splitter is the fallback should the tokenizer fail to encode; such a prompt has no ids.
     pub fn prompt(&self, text: &str) -> (u64, u32, Arc<[u32]>) {
         // A prompt past the byte limit is refused anyway: not worth a tokenizer's pass.
         let encoded = (text.len() <= MAX_PROMPT_BYTES).then(|| self.bundle.encode(text)).flatten();
         match encoded {
             Some(ids) => (hash_ids(&ids), u32::try_from(ids.len()).unwrap_or(u32::MAX), ids.into()),
-            None => (fnv1a(text.as_bytes()), self.engine.count_prompt_tokens(text), Arc::from([])),
+            None => (fnv1a(text.as_bytes()), self.lm.count_prompt_tokens(text), Arc::from([])),
         }
     }
 
@@ -87,15 +88,15 @@ impl Models {
             .enumerate()
             .map(|(lane, spec)| {
                 // Config::validate loaded a user's tokenizer already; should the file change
-                // under us, the engine's own keeps the model served.
+                // under us, the mock model's own keeps the model served.
                 let bundle = Bundle::for_model(spec).unwrap_or_else(|e| {
-                    tracing::warn!(model = %spec.key, "{e}; serving the engine's own tokenizer");
-                    Bundle::generate(spec.engine.engine(), &spec.key, spec.arch.context_length)
+                    tracing::warn!(model = %spec.key, "{e}; serving the mock model's own tokenizer");
+                    Bundle::generate(spec.mock_lm.lm(), &spec.key, spec.arch.context_length)
                 });
                 let model = Model {
                     bundle,
                     spec: spec.clone(),
-                    engine: spec.engine.engine(),
+                    lm: spec.mock_lm.lm(),
                     lane,
                     weights: Standing::new(UNIFORMS, spec.arch.weight_bytes(), "model", &spec.key),
                 };

@@ -146,7 +146,7 @@ fn model_info(config: &crate::Config, model: &crate::models::Model) -> pb::Model
     let prefill = roofline.step([Work { tokens: chunk, context: 0 }]).gpu / chunk;
     pb::ModelInfo {
         key: spec.key.clone(),
-        engine: spec.engine.name().to_owned(),
+        engine: spec.mock_lm.name().to_owned(),
         loaded: model.is_loaded(),
         uniform_bytes: spec.arch.weight_bytes(),
         kv_cache_bytes_per_token: spec.arch.kv_bytes_per_token(),

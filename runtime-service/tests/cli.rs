@@ -45,9 +45,9 @@ fn a_config_file_with_bad_models_is_refused() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("runtime.toml");
     let cases = [
-        ("[[models]]\nkey = \"m\"\nengine = \"cuda\"\n", "cuda"),
-        ("[[models]]\nkey = \"m\"\nengine = \"webllm\"\npreset = \"gpt-9\"\n", "no architecture preset"),
-        ("[[models]]\nkey = \"phi-3-mini\"\nengine = \"webllm\"\nmax_prompt_tokens = 9000\n", "context"),
+        ("[[models]]\nkey = \"m\"\nmock_lm = \"cuda\"\n", "cuda"),
+        ("[[models]]\nkey = \"m\"\nmock_lm = \"webllm\"\npreset = \"gpt-9\"\n", "no architecture preset"),
+        ("[[models]]\nkey = \"phi-3-mini\"\nmock_lm = \"webllm\"\nmax_prompt_tokens = 9000\n", "context"),
         ("device = \"tpu\"\n", "no device"),
         ("pipeline_depth = 2\n", "pipeline_depth"),
     ];

@@ -30,7 +30,7 @@ pub struct DefaultModel {
     pub preload: bool,
 }
 
-/// The keys of a `[[models]]` entry that sizes depend on; the others (engine, token limits) are
+/// The keys of a `[[models]]` entry that sizes depend on; the others (mock_lm, token limits) are
 /// runtime-service's alone, and it parses the whole file itself (a test keeps the two readings equal).
 #[derive(Debug, Deserialize)]
 struct Entry {

@@ -261,7 +261,7 @@ pub fn config_with_pools(pools: &[(&str, u64)]) -> Config {
 pub const TEST_MODELS: &str = r#"
 [[models]]
 key = "test-webllm"
-engine = "webllm"
+mock_lm = "webllm"
 preload = true
 max_tokens_limit = 512
 max_prompt_tokens = 256
@@ -278,7 +278,7 @@ context_length = 4096
 
 [[models]]
 key = "test-tjs"
-engine = "transformers-js"
+mock_lm = "transformers-js"
 preload = false
 max_tokens_limit = 512
 max_prompt_tokens = 256

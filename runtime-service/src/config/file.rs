@@ -6,13 +6,15 @@ use serde::Deserialize;
 use super::{ConfigError, ModelSpec, Overrides};
 use serving::arch::Arch;
 
-use crate::engine::EngineKind;
+use crate::mock_lm::MockLmKind;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileModel {
     key: String,
-    engine: EngineKind,
+    /// `engine` in files written before the mock language models were named for what they are.
+    #[serde(alias = "engine")]
+    mock_lm: MockLmKind,
     #[serde(default)]
     preload: bool,
     /// An embedded architecture (`llama-3.1-8b`, ...); defaults to the key.
@@ -33,7 +35,7 @@ pub(super) fn models_of(file: Vec<FileModel>) -> Result<Vec<ModelSpec>, ConfigEr
             let context = arch.context_length;
             Ok(ModelSpec {
                 key: m.key,
-                engine: m.engine,
+                mock_lm: m.mock_lm,
                 preload: m.preload,
                 max_tokens_limit: m.max_tokens_limit.unwrap_or((context / 4).clamp(1, 4096)),
                 max_prompt_tokens: m.max_prompt_tokens.unwrap_or(context.min(8192)),
@@ -81,10 +83,10 @@ cpu_per_step_s = 0.002
 cpu_per_seq_s = 0.0
 [[models]]
 key = "llama-3.2-1b"
-engine = "webllm"
+mock_lm = "webllm"
 [[models]]
 key = "toy"
-engine = "transformers-js"
+mock_lm = "transformers-js"
 max_tokens_limit = 64
 [models.arch]
 parameters = 1000000

@@ -11,13 +11,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Emitted, Outcome, Report, Submission, TOKEN_BUFFER, timeline::Slot};
 use crate::{
-    engine::Decoder,
     error::Error,
     executor::Flight,
     kv::{Grant, Link},
     kv_events::KvEventHub,
     memory::Reservation,
     metrics::vllm::{Finish, ModelSeries, RequestStats},
+    mock_lm::Decoder,
     roofline::{Roofline, StepCost, Work},
     scheduler::{Scheduler, SeqId, SeqState, SlabId, Step, StepLimits, chain_hashes},
 };
@@ -83,7 +83,7 @@ pub(super) struct Lane {
 
 impl Lane {
     pub(super) fn new(spec: LaneSpec, link: Link, vllm: ModelSeries) -> Self {
-        let cache_salt = crate::engine::fnv1a(spec.model.as_bytes());
+        let cache_salt = crate::rng::fnv1a(spec.model.as_bytes());
         Lane {
             scheduler: Scheduler::new(spec.block_tokens, spec.limits),
             spec,

@@ -27,11 +27,11 @@ pub use self::{
     timeline::{Busy, SchedulerMode},
 };
 use crate::{
-    engine::{Decoder, TokenOut},
     error::Error,
     executor::Flight,
     kv::Link,
     metrics::Metrics,
+    mock_lm::{Decoder, TokenOut},
 };
 
 /// Tokens buffered per sequence between the device and its generation task. The device never

@@ -14,7 +14,7 @@ use super::{
     lane::Lane,
     timeline::{Busy, Timeline},
 };
-use crate::{engine::SplitMix64, error::Error, kv::Link, metrics::Metrics, scheduler::Step};
+use crate::{error::Error, kv::Link, metrics::Metrics, rng::SplitMix64, scheduler::Step};
 
 pub(super) struct DeviceLoop {
     settings: DeviceSettings,

@@ -28,7 +28,7 @@ pub fn model_info(model: &Model) -> vllm::GetModelInfoResponse {
         served_model_name: spec.key.clone(),
         tokenizer_path: String::new(),
         model_type: "simulated".into(),
-        architectures: vec![format!("Simulated{}ForCausalLM", tokenizer::title(model.engine))],
+        architectures: vec![format!("Simulated{}ForCausalLM", tokenizer::title(model.lm))],
         eos_token_ids: vec![eos as i32],
         // The end token pads, as in Llama's tokenizers, which have no pad token of their own.
         pad_token_id: eos as i32,

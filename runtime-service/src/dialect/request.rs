@@ -6,9 +6,9 @@ use std::sync::Arc;
 use proto::vllm::grpc::engine::{self as vllm, generate_request::Input};
 
 use crate::{
-    engine::{Stops, hash_ids, text::Sampling},
     error::Error,
     generate::{MAX_PROMPT_BYTES, Plan, Violations, is_valid_request_id, new_request_id, request_id_rule},
+    mock_lm::{Stops, hash_ids, text::Sampling},
     models::Model,
 };
 

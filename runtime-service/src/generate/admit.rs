@@ -12,9 +12,9 @@ use tracing::Instrument;
 use super::{Generation, OnDevice, Stop, Timings};
 use crate::{
     core::{Submission, TOKEN_BUFFER},
-    engine::Decoder,
     error::Error,
     executor::Flight,
+    mock_lm::Decoder,
 };
 
 /// Attempts at loading a model's memory while memory-service is unreachable, 50 ms apart and
@@ -80,7 +80,7 @@ impl Generation {
             prompt_ids: plan.prompt_ids.clone(),
             max_tokens: plan.max_tokens,
             decoder: Decoder::primed(
-                plan.model.engine,
+                plan.model.lm,
                 plan.prompt_hash,
                 plan.seed,
                 plan.sampling,

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use proto::runtime::v1 as pb;
 
 use crate::{
-    engine::{Stops, text::Sampling},
     error::Error,
+    mock_lm::{Stops, text::Sampling},
     models::{Model, Models},
 };
 

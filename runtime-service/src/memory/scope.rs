@@ -18,7 +18,7 @@ const SUFFIX: usize = 1 + 16 + 1 + 8;
 pub fn random_u64() -> u64 {
     SysRng.try_next_u64().unwrap_or_else(|_| {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        crate::engine::mix(nanos.as_nanos() as u64)
+        crate::rng::mix(nanos.as_nanos() as u64)
     })
 }
 

@@ -1,12 +1,12 @@
 //! Each simulated model's tokenizer as a Hugging Face bundle (`tokenizer.json`,
 //! `tokenizer_config.json`, `config.json`): what a gateway in gRPC mode fetches with
-//! `GetTokenizer` to tokenize prompts and detokenize the ids the engine streams.
+//! `GetTokenizer` to tokenize prompts and detokenize the ids the mock model streams.
 //!
-//! The bundle is generated in-process from the engine's own tables (its words, and the pieces its
-//! `split` cuts them into) rather than checked in: it cannot drift from the ids the engine
+//! The bundle is generated in-process from the mock model's own tables (its words, and the pieces its
+//! `split` cuts them into) rather than checked in: it cannot drift from the ids the mock model
 //! samples, and there is no generator to rerun when the vocabulary changes. A WordLevel model
-//! maps each token to the engine's id; a Metaspace pre-tokenizer and decoder carry the leading
-//! spaces the engine streams, so decoding the streamed ids gives back the streamed text.
+//! maps each token to the mock model's id; a Metaspace pre-tokenizer and decoder carry the leading
+//! spaces the mock model streams, so decoding the streamed ids gives back the streamed text.
 
 pub mod zip;
 
@@ -20,7 +20,7 @@ use tokenizers::Tokenizer;
 
 use crate::{
     config::ModelSpec,
-    engine::{Engine, PIECE_BASE, special_ids, text, unknown_id},
+    mock_lm::{MockLm, PIECE_BASE, special_ids, text, unknown_id},
 };
 
 /// SentencePiece's space marker: a token's leading space, as Llama's tokenizers spell it.
@@ -43,15 +43,15 @@ pub struct Bundle {
     pub eos: u32,
     /// `tokenizer.json` loaded, to count prompts with the very file the gateway gets.
     tokenizer: Option<Arc<Tokenizer>>,
-    /// Whether it is a user's own, whose ids are not the engine's.
+    /// Whether it is a user's own, whose ids are not the mock model's.
     foreign: bool,
 }
 
 impl Bundle {
-    /// The bundle of `engine` serving model `name` with `context` tokens.
-    pub fn generate(engine: &dyn Engine, name: &str, context: u32) -> Self {
-        let (bos, eos) = special_ids(engine);
-        let tokenizer = serde_json::to_string_pretty(&tokenizer_json(engine)).unwrap_or_default();
+    /// The bundle of `lm` serving model `name` with `context` tokens.
+    pub fn generate(lm: &dyn MockLm, name: &str, context: u32) -> Self {
+        let (bos, eos) = special_ids(lm);
+        let tokenizer = serde_json::to_string_pretty(&tokenizer_json(lm)).unwrap_or_default();
         let config = json!({
             "bos_token": BOS,
             "eos_token": EOS,
@@ -66,10 +66,10 @@ impl Bundle {
             "chat_template": "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
         });
         let model = json!({
-            "architectures": [format!("Simulated{}ForCausalLM", title(engine))],
+            "architectures": [format!("Simulated{}ForCausalLM", title(lm))],
             "model_type": "llama",
             "_name_or_path": name,
-            "vocab_size": engine.vocab_size(),
+            "vocab_size": lm.vocab_size(),
             "max_position_embeddings": context,
             "bos_token_id": bos,
             "eos_token_id": eos,
@@ -92,9 +92,9 @@ impl Bundle {
 
     /// The bundle of `spec`: its own `tokenizer.json` if it names one (with the
     /// `tokenizer_config.json` and `config.json` next to it, generated ones where absent),
-    /// else the engine's.
+    /// else the mock model's.
     pub fn for_model(spec: &ModelSpec) -> Result<Self, String> {
-        let generated = Self::generate(spec.engine.engine(), &spec.key, spec.arch.context_length);
+        let generated = Self::generate(spec.mock_lm.lm(), &spec.key, spec.arch.context_length);
         let Some(path) = &spec.tokenizer else { return Ok(generated) };
         let read =
             |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
@@ -107,7 +107,7 @@ impl Bundle {
             files.push((name, if beside.is_file() { read(&beside)? } else { body }));
         }
         // Special tokens as the config beside it names them, else Llama's spelling, else the
-        // engine's ids (which the user's vocabulary may not know).
+        // mock model's ids (which the user's vocabulary may not know).
         let config: Value = serde_json::from_str(&files[1].1).unwrap_or(Value::Null);
         let id = |key: &str, default: &str, fallback: u32| {
             let name = match &config[key] {
@@ -135,8 +135,8 @@ impl Bundle {
         self
     }
 
-    /// A user's own tokenizer, into whose vocabulary the engine's words must be re-tokenized;
-    /// `None` for the engine's (its ids already are the tokenizer's).
+    /// A user's own tokenizer, into whose vocabulary the mock model's words must be re-tokenized;
+    /// `None` for the mock model's (its ids already are the tokenizer's).
     pub fn foreign(&self) -> Option<Arc<Tokenizer>> {
         self.tokenizer.clone().filter(|_| self.foreign)
     }
@@ -163,31 +163,31 @@ impl Bundle {
     }
 }
 
-/// The engine's name in an architecture name (`SimulatedWebLlmForCausalLM`).
-pub fn title(engine: &dyn Engine) -> &'static str {
-    match engine.kind() {
-        crate::engine::EngineKind::Webllm => "WebLlm",
-        crate::engine::EngineKind::TransformersJs => "TransformersJs",
+/// The mock model's name in an architecture name (`SimulatedWebLlmForCausalLM`).
+pub fn title(lm: &dyn MockLm) -> &'static str {
+    match lm.kind() {
+        crate::mock_lm::MockLmKind::Webllm => "WebLlm",
+        crate::mock_lm::MockLmKind::TransformersJs => "TransformersJs",
     }
 }
 
-/// Every token the engine can stream, by id: each word, lower-case and capitalised, with and
-/// without its leading space, run through the engine's own `split`. Two ids never share a
+/// Every token the mock model can stream, by id: each word, lower-case and capitalised, with and
+/// without its leading space, run through the mock model's own `split`. Two ids never share a
 /// spelling (a WordLevel vocabulary maps spellings to ids): a piece spelled like a word (" quiet"
 /// of " quietly" and the word " quiet") is told apart by a trailing [`MARK`] the decoder drops.
-pub fn vocabulary(engine: &dyn Engine) -> BTreeMap<u32, String> {
+pub fn vocabulary(lm: &dyn MockLm) -> BTreeMap<u32, String> {
     let words = text::words_len();
     let mut pieces = VecDeque::new();
     for (id, word) in (0..).zip(text::vocabulary()) {
         for (id, word) in [(id, word.to_owned()), (id + words, text::capitalised(word))] {
             for spelled in [word.clone(), format!(" {word}")] {
-                engine.split(id, spelled, &mut pieces);
+                lm.split(id, spelled, &mut pieces);
             }
         }
     }
     let mut tokens = BTreeMap::new();
-    tokens.insert(unknown_id(engine), UNK.to_owned());
-    let (bos, eos) = special_ids(engine);
+    tokens.insert(unknown_id(lm), UNK.to_owned());
+    let (bos, eos) = special_ids(lm);
     tokens.insert(bos, BOS.into());
     tokens.insert(eos, EOS.into());
     // Words first, so that they keep their plain spelling and pieces take the mark.
@@ -213,21 +213,21 @@ pub fn vocabulary(engine: &dyn Engine) -> BTreeMap<u32, String> {
     tokens
 }
 
-/// The `tokenizer.json` of `engine`: WordLevel over [`vocabulary`], Metaspace for spaces,
-/// punctuation split off as the engine counts prompts.
-fn tokenizer_json(engine: &dyn Engine) -> Value {
+/// The `tokenizer.json` of `lm`: WordLevel over [`vocabulary`], Metaspace for spaces,
+/// punctuation split off as the mock model counts prompts.
+fn tokenizer_json(lm: &dyn MockLm) -> Value {
     let vocab: serde_json::Map<String, Value> =
-        vocabulary(engine).into_iter().map(|(id, token)| (token, json!(id))).collect();
+        vocabulary(lm).into_iter().map(|(id, token)| (token, json!(id))).collect();
     let special = |id: u32, content: &str| {
         json!({"id": id, "content": content, "single_word": false, "lstrip": false,
                "rstrip": false, "normalized": false, "special": true})
     };
-    let (bos, eos) = special_ids(engine);
+    let (bos, eos) = special_ids(lm);
     let metaspace = json!({"type": "Metaspace", "replacement": SPACE.to_string(),
                            "prepend_scheme": "always", "split": true});
     let mut pre = vec![metaspace.clone(), json!({"type": "Punctuation", "behavior": "Isolated"})];
-    if engine.kind() == crate::engine::EngineKind::TransformersJs {
-        // The engine cuts a word of more than five characters after the fifth, once: a word's
+    if lm.kind() == crate::mock_lm::MockLmKind::TransformersJs {
+        // The mock model cuts a word of more than five characters after the fifth, once: a word's
         // first five characters, when more follow, are a token of their own.
         let head = format!("^{SPACE}?[^{SPACE}]{{5}}(?=[^{SPACE}])");
         pre.push(
@@ -238,8 +238,8 @@ fn tokenizer_json(engine: &dyn Engine) -> Value {
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": [special(unknown_id(engine), UNK), special(bos, BOS), special(eos, EOS)],
-        // The engine counts words between runs of whitespace: runs become one space, and the
+        "added_tokens": [special(unknown_id(lm), UNK), special(bos, BOS), special(eos, EOS)],
+        // The mock model counts words between runs of whitespace: runs become one space, and the
         // ends are trimmed, so "   " has no token and "a  b" two.
         "normalizer": {"type": "Sequence", "normalizers": [
             {"type": "Strip", "strip_left": true, "strip_right": true},

@@ -70,7 +70,7 @@ async fn concurrent_streams_share_the_device_per_stream_tpot_rises_aggregate_ris
     let memory = MemoryServer::start(config_with_pools(&serving::models::pool_split(&device))).await;
     let config = runtime_service::Config {
         device: device.clone(),
-        models: parse_models("[[models]]\nkey = \"llama-3.1-8b\"\nengine = \"webllm\"\npreload = true\n")
+        models: parse_models("[[models]]\nkey = \"llama-3.1-8b\"\nmock_lm = \"webllm\"\npreload = true\n")
             .expect("models"),
         ..runtime_config(memory.addr)
     };

@@ -50,7 +50,7 @@ fn a_config_file_preloading_more_than_the_device_holds_exits_64_with_the_numbers
     let dir = std::env::temp_dir().join(format!("same-device-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("runtime.toml");
-    std::fs::write(&path, "[[models]]\nkey = \"llama-3.1-8b\"\nengine = \"webllm\"\npreload = true\n")
+    std::fs::write(&path, "[[models]]\nkey = \"llama-3.1-8b\"\nmock_lm = \"webllm\"\npreload = true\n")
         .expect("write config");
     let mut child = Command::new(binary("runtime-service"))
         .args(["--device", "webgpu-laptop", "--listen", "127.0.0.1:0", "--admin-listen", "off"])

@@ -67,8 +67,8 @@ fn gib(bytes: u64) -> String {
 /// first word: the sweeps measure batching, not the prefix cache (identical prompts would all
 /// hit it after the first).
 fn words(n: u32, seed: u64) -> String {
-    let nouns = runtime_service::engine::text::NOUN;
-    let mut rng = runtime_service::engine::SplitMix64::new(seed);
+    let nouns = runtime_service::mock_lm::text::NOUN;
+    let mut rng = runtime_service::rng::SplitMix64::new(seed);
     (0..n).map(|_| nouns[(rng.next_u64() % nouns.len() as u64) as usize]).collect::<Vec<_>>().join(" ")
 }
 

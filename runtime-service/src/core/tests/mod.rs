@@ -17,9 +17,9 @@ use super::*;
 use serving::{arch::Arch, device::DeviceSpec};
 
 use crate::{
-    engine::{EngineKind, text::Sampling},
     executor::{Executor, Ticket},
     kv::{self, LeaserEnd},
+    mock_lm::{MockLmKind, text::Sampling},
     roofline::{Roofline, Work},
     scheduler::{KvReserve, StepLimits},
 };
@@ -131,16 +131,16 @@ impl Rig {
         let ticket = self.executor.register(name.into(), None).expect("unique id");
         let (tokens_tx, tokens) = mpsc::channel(TOKEN_BUFFER);
         let (outcome_tx, outcome) = oneshot::channel();
-        let engine = EngineKind::Webllm.engine();
+        let lm = MockLmKind::Webllm.lm();
         let guard = self
             .device
             .submit(Submission {
                 lane: 0,
                 received: Instant::now(),
-                prompt_tokens: engine.count_prompt_tokens(prompt),
+                prompt_tokens: lm.count_prompt_tokens(prompt),
                 prompt_ids: Arc::from([]),
                 max_tokens,
-                decoder: Decoder::new(engine, prompt, 7, GREEDY),
+                decoder: Decoder::new(lm, prompt, 7, GREEDY),
                 tokens: tokens_tx,
                 outcome: outcome_tx,
                 abort: ticket.flight().cancelled().child_token(),

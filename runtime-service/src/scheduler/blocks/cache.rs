@@ -33,7 +33,7 @@ fn block_hash(parent: BlockHash, ids: &[u32]) -> BlockHash {
     for byte in parent.to_le_bytes().into_iter().chain(ids.iter().flat_map(|id| id.to_le_bytes())) {
         h = (h ^ u64::from(byte)).wrapping_mul(PRIME);
     }
-    crate::engine::mix(h)
+    crate::rng::mix(h)
 }
 
 /// A change to the cache's content, for routers that track which engine holds which prefix

@@ -2,7 +2,7 @@
 //! pseudo-logits, sampled with temperature and top-p. It produces varied, readable sentences and is
 //! a pure function of (prompt, seed, knobs).
 
-use super::rng::{SplitMix64, mix};
+use crate::rng::{SplitMix64, mix};
 
 /// Word classes of the grammar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

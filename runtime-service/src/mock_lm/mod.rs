@@ -1,43 +1,43 @@
-//! Simulated inference engines: the seed's MockWebLLMEngine and MockTransformersJSEngine.
-//!
-//! An engine is a tokenizer (how text becomes tokens) and a sampling style; the words come from the
-//! shared [`text::LanguageModel`]. Timing comes from the device's roofline, not from here, so the
-//! same engine runs under tokio's paused clock in tests and in real time in production.
+//! The mock language models: what the seed called MockWebLLMEngine and MockTransformersJSEngine.
+//! They are not engines (the engine is [`crate::core`]): each is a tokenization (how text becomes
+//! tokens) over the shared word list and sampling of [`text::LanguageModel`]. Timing comes from
+//! the device's roofline, not from here, so the same words come out under tokio's paused clock in
+//! tests and in real time in production.
 
-mod rng;
 pub mod text;
 
 use std::{collections::VecDeque, fmt, sync::Arc};
 
 use tokenizers::Tokenizer;
 
-pub use self::rng::{SplitMix64, fnv1a, mix};
+use crate::rng::fnv1a;
+
 use self::text::{LanguageModel, Sampling, Word};
 
-/// Which simulated engine a model runs on.
+/// Which mock language model a model generates with (config key `mock_lm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum EngineKind {
+pub enum MockLmKind {
     /// WebLLM-like: WebGPU compute, whole-word tokens.
     Webllm,
     /// Transformers.js-like: WASM/WebGPU, sub-word tokens (long words split in pieces).
     TransformersJs,
 }
 
-impl EngineKind {
+impl MockLmKind {
     /// Name as shown in ListModels and config files.
     pub fn name(self) -> &'static str {
         match self {
-            EngineKind::Webllm => "webllm",
-            EngineKind::TransformersJs => "transformers-js",
+            MockLmKind::Webllm => "webllm",
+            MockLmKind::TransformersJs => "transformers-js",
         }
     }
 
-    /// The engine implementation.
-    pub fn engine(self) -> &'static dyn Engine {
+    /// The implementation.
+    pub fn lm(self) -> &'static dyn MockLm {
         match self {
-            EngineKind::Webllm => &WebLlm,
-            EngineKind::TransformersJs => &TransformersJs,
+            MockLmKind::Webllm => &WebLlm,
+            MockLmKind::TransformersJs => &TransformersJs,
         }
     }
 }
@@ -45,22 +45,22 @@ impl EngineKind {
 /// One generated token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenOut {
-    /// Id in the engine's vocabulary.
+    /// Id in the model's vocabulary.
     pub id: u32,
     /// Text, with its leading space if any.
     pub text: String,
 }
 
-/// A simulated engine: how it tokenizes.
-pub trait Engine: Send + Sync + fmt::Debug {
-    /// Which engine this is.
-    fn kind(&self) -> EngineKind;
+/// A mock language model: how it tokenizes.
+pub trait MockLm: Send + Sync + fmt::Debug {
+    /// Which one this is.
+    fn kind(&self) -> MockLmKind;
     /// Splits one word (with its leading space) into tokens.
     fn split(&self, id: u32, text: String, out: &mut VecDeque<TokenOut>);
-    /// Number of tokens `prompt` costs by the engine's own reading; prompts are counted with
+    /// Number of tokens `prompt` costs by the mock model's own reading; prompts are counted with
     /// the model's tokenizer (`tokenizer::Bundle`), which agrees, and this is its fallback.
     fn count_prompt_tokens(&self, prompt: &str) -> u32;
-    /// Ids the engine knows: its words, capitalised words (and pieces), then its three special
+    /// Ids the mock model knows: its words, capitalised words (and pieces), then its three special
     /// tokens: unknown, begin and end (see [`unknown_id`] and [`special_ids`]).
     fn vocab_size(&self) -> u32;
 }
@@ -68,8 +68,8 @@ pub trait Engine: Send + Sync + fmt::Debug {
 /// The (begin, end) of sequence ids: the last two of the vocabulary. Prompts may carry them;
 /// the model's end of sequence is a step that samples the end (see [`Stops`]), not a streamed
 /// token, so completions never contain it.
-pub fn special_ids(engine: &dyn Engine) -> (u32, u32) {
-    let size = engine.vocab_size();
+pub fn special_ids(lm: &dyn MockLm) -> (u32, u32) {
+    let size = lm.vocab_size();
     (size - 2, size - 1)
 }
 
@@ -81,17 +81,17 @@ pub fn hash_ids(ids: &[u32]) -> u64 {
 }
 
 /// The id a tokenizer gives a word it does not know: just below the begin and end ids.
-pub fn unknown_id(engine: &dyn Engine) -> u32 {
-    engine.vocab_size() - 3
+pub fn unknown_id(lm: &dyn MockLm) -> u32 {
+    lm.vocab_size() - 3
 }
 
-/// WebLLM-like engine: one token per word or punctuation mark.
+/// WebLLM-like: one token per word or punctuation mark.
 #[derive(Debug)]
 pub struct WebLlm;
 
-impl Engine for WebLlm {
-    fn kind(&self) -> EngineKind {
-        EngineKind::Webllm
+impl MockLm for WebLlm {
+    fn kind(&self) -> MockLmKind {
+        MockLmKind::Webllm
     }
 
     fn split(&self, id: u32, text: String, out: &mut VecDeque<TokenOut>) {
@@ -107,7 +107,7 @@ impl Engine for WebLlm {
     }
 }
 
-/// Transformers.js-like engine: sub-word tokens (words longer than five characters split after
+/// Transformers.js-like: sub-word tokens (words longer than five characters split after
 /// the fifth).
 #[derive(Debug)]
 pub struct TransformersJs;
@@ -117,9 +117,9 @@ pub const PIECE_BASE: u32 = 1 << 16;
 /// Distinct piece ids.
 const PIECES: u32 = 30_000;
 
-impl Engine for TransformersJs {
-    fn kind(&self) -> EngineKind {
-        EngineKind::TransformersJs
+impl MockLm for TransformersJs {
+    fn kind(&self) -> MockLmKind {
+        MockLmKind::TransformersJs
     }
 
     fn split(&self, id: u32, text: String, out: &mut VecDeque<TokenOut>) {
@@ -171,36 +171,36 @@ pub struct Stops {
     pub stop_token_ids: Vec<u32>,
 }
 
-/// Produces the tokens of one generation: words from the language model, split by the engine.
+/// Produces the tokens of one generation: words from the language model, split by the mock model's tokenization.
 #[derive(Debug)]
 pub struct Decoder {
-    engine: &'static dyn Engine,
+    lm: &'static dyn MockLm,
     model: LanguageModel,
     pending: VecDeque<TokenOut>,
     stops: Stops,
     emitted: u32,
     stopped_by_token: bool,
-    /// A user's tokenizer: words are cut into its tokens instead of the engine's.
+    /// A user's tokenizer: words are cut into its tokens instead of the mock model's.
     tokenizer: Option<Arc<Tokenizer>>,
 }
 
 impl Decoder {
     /// A decoder for `prompt` under `seed` and `sampling`, ending where the model ends.
-    pub fn new(engine: &'static dyn Engine, prompt: &str, seed: u64, sampling: Sampling) -> Self {
-        Self::primed(engine, fnv1a(prompt.as_bytes()), seed, sampling, Stops::default())
+    pub fn new(lm: &'static dyn MockLm, prompt: &str, seed: u64, sampling: Sampling) -> Self {
+        Self::primed(lm, fnv1a(prompt.as_bytes()), seed, sampling, Stops::default())
     }
 
     /// A decoder for a prompt hashed to `prompt_hash` (its text or its token ids: the same
     /// prompt always yields the same completion), under `seed`, `sampling` and `stops`.
     pub fn primed(
-        engine: &'static dyn Engine,
+        lm: &'static dyn MockLm,
         prompt_hash: u64,
         seed: u64,
         sampling: Sampling,
         stops: Stops,
     ) -> Self {
         Decoder {
-            engine,
+            lm,
             model: LanguageModel::new(prompt_hash, seed, sampling),
             pending: VecDeque::new(),
             stops,
@@ -220,7 +220,7 @@ impl Decoder {
     fn split(&mut self, id: u32, text: String) {
         let encoding = self.tokenizer.as_ref().and_then(|t| t.encode(text.as_str(), false).ok());
         let Some(encoding) = encoding.filter(|e| !e.is_empty()) else {
-            return self.engine.split(id, text, &mut self.pending);
+            return self.lm.split(id, text, &mut self.pending);
         };
         // Each token's text runs from the end of the previous one, so the leading space goes
         // with the first and the pieces spell the word exactly.
@@ -265,15 +265,15 @@ mod tests {
 
     const WARM: Sampling = Sampling { temperature: 0.7, top_p: 0.9, top_k: 0 };
 
-    fn tokens(kind: EngineKind, seed: u64, n: usize) -> Vec<TokenOut> {
-        let mut decoder = Decoder::new(kind.engine(), "Explain pipelining.", seed, WARM);
+    fn tokens(kind: MockLmKind, seed: u64, n: usize) -> Vec<TokenOut> {
+        let mut decoder = Decoder::new(kind.lm(), "Explain pipelining.", seed, WARM);
         std::iter::from_fn(|| decoder.next_token()).take(n).collect()
     }
 
     #[test]
-    fn engines_tokenize_differently_but_spell_the_same_text() {
-        let words: String = tokens(EngineKind::Webllm, 5, 30).iter().map(|t| t.text.as_str()).collect();
-        let pieces = tokens(EngineKind::TransformersJs, 5, 60);
+    fn mock_models_tokenize_differently_but_spell_the_same_text() {
+        let words: String = tokens(MockLmKind::Webllm, 5, 30).iter().map(|t| t.text.as_str()).collect();
+        let pieces = tokens(MockLmKind::TransformersJs, 5, 60);
         let joined: String = pieces.iter().map(|t| t.text.as_str()).collect();
         assert!(joined.starts_with(&words[..words.len().min(joined.len())]) || words.starts_with(&joined));
         assert!(pieces.iter().any(|t| t.id >= PIECE_BASE), "long words are split");
@@ -313,6 +313,6 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens() {
-        assert_eq!(tokens(EngineKind::TransformersJs, 9, 50), tokens(EngineKind::TransformersJs, 9, 50));
+        assert_eq!(tokens(MockLmKind::TransformersJs, 9, 50), tokens(MockLmKind::TransformersJs, 9, 50));
     }
 }
