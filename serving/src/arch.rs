@@ -26,6 +26,15 @@ pub struct Arch {
     pub dtype_bytes: u32,
     /// Longest context (prompt + completion) the model supports, tokens.
     pub context_length: u32,
+    /// Tokens in the vocabulary: the input embedding and the LM head are `vocab_size ×
+    /// hidden_size` each. 0 (the default for a hand-written table) prices every parameter as a
+    /// GEMM read every step, as if the model had no embeddings.
+    #[serde(default)]
+    pub vocab_size: u32,
+    /// Whether the LM head is the input embedding's matrix (Llama 3.2 1B, GPT-2): then that matrix
+    /// is read every step as the LM head; untied, the input embedding is only gathered.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
 }
 
 impl Arch {
@@ -43,6 +52,8 @@ impl Arch {
                 intermediate_size: 14336,
                 dtype_bytes: 2,
                 context_length: 131_072,
+                vocab_size: 128256,
+                tie_word_embeddings: false,
             },
             // meta-llama/Llama-3.2-1B: 16 layers, 2048 hidden, 32 heads of 64, 8 KV heads.
             "llama-3.2-1b" => Arch {
@@ -55,6 +66,8 @@ impl Arch {
                 intermediate_size: 8192,
                 dtype_bytes: 2,
                 context_length: 131_072,
+                vocab_size: 128256,
+                tie_word_embeddings: true,
             },
             // microsoft/Phi-3-mini-4k-instruct: 32 layers, 3072 hidden, 32 heads, no GQA.
             "phi-3-mini" => Arch {
@@ -67,6 +80,8 @@ impl Arch {
                 intermediate_size: 8192,
                 dtype_bytes: 2,
                 context_length: 4096,
+                vocab_size: 32064,
+                tie_word_embeddings: false,
             },
             // distilgpt2: 6 layers, 768 hidden, 12 heads; FP32 as Transformers.js runs it.
             "distilgpt2" => Arch {
@@ -79,6 +94,8 @@ impl Arch {
                 intermediate_size: 3072,
                 dtype_bytes: 4,
                 context_length: 1024,
+                vocab_size: 50257,
+                tie_word_embeddings: true,
             },
             _ => return None,
         };
@@ -125,9 +142,35 @@ impl Arch {
         (2 * u64::from(self.hidden_size) + u64::from(self.intermediate_size)) * u64::from(self.dtype_bytes)
     }
 
-    /// FLOPs of the weight matmuls per token: one multiply-add per parameter.
+    /// Parameters of one vocabulary-by-hidden matrix (the input embedding, or the LM head).
+    pub fn vocab_matrix_params(&self) -> u64 {
+        u64::from(self.vocab_size) * u64::from(self.hidden_size)
+    }
+
+    /// Parameters the transformer body multiplies every computed token by: all but the input
+    /// embedding (a gather, not a matmul) and the LM head (run only where a token is sampled).
+    fn body_params(&self) -> u64 {
+        let vocab = self.vocab_matrix_params();
+        let matrices = if self.tie_word_embeddings { vocab } else { 2 * vocab };
+        self.parameters.saturating_sub(matrices)
+    }
+
+    /// FLOPs of the weight matmuls per computed token: one multiply-add per body parameter.
     pub fn dense_flops_per_token(&self) -> f64 {
-        2.0 * self.parameters as f64
+        2.0 * self.body_params() as f64
+    }
+
+    /// FLOPs of the LM head per sampled token: a multiply-add per vocabulary-matrix parameter.
+    /// Engines compute logits only at the positions they sample (the last of a prompt, each decode).
+    pub fn lm_head_flops_per_sample(&self) -> f64 {
+        2.0 * self.vocab_matrix_params() as f64
+    }
+
+    /// Weight bytes one forward pass reads: all but an untied input embedding, of which it
+    /// gathers only the rows of its tokens (a few KiB).
+    pub fn step_weight_bytes(&self) -> u64 {
+        let gathered = if self.tie_word_embeddings { 0 } else { self.vocab_matrix_params() };
+        self.parameters.saturating_sub(gathered).saturating_mul(u64::from(self.dtype_bytes))
     }
 
     /// FLOPs of attention per (query token, context token) pair: QKᵀ and AV, a multiply-add each,
@@ -151,6 +194,16 @@ impl Arch {
             if v == 0 || v > 1 << 20 {
                 return Err(format!("{field} = {v} must be between 1 and 1048576"));
             }
+        }
+        let vocab_matrices =
+            if self.tie_word_embeddings { 1 } else { 2 } * u128::from(self.vocab_matrix_params());
+        if vocab_matrices >= u128::from(self.parameters) {
+            return Err(format!(
+                "vocab_size × hidden_size × {} ({vocab_matrices}) must be below parameters = {}: the \
+                 embeddings cannot hold every weight",
+                if self.tie_word_embeddings { 1 } else { 2 },
+                self.parameters
+            ));
         }
         if self.parameters == 0 || self.parameters > 10_000_000_000_000 {
             return Err(format!("parameters = {} must be between 1 and 10^13", self.parameters));
@@ -194,5 +247,26 @@ mod tests {
             Arch::preset(name).expect("listed").validate().expect("valid");
         }
         assert_eq!(Arch::preset("phi-3-mini").map(|a| a.kv_bytes_per_token()), Some(384 << 10));
+    }
+
+    #[test]
+    fn embeddings_are_gathered_and_logits_computed_only_where_sampled() {
+        let llama = Arch::preset("llama-3.1-8b").expect("preset");
+        // Untied: the 128256 × 4096 input embedding (1.05 GB in BF16) is gathered, not read whole
+        // (6.5% of the weights), and the body's GEMMs leave out both vocabulary matrices (13%).
+        assert_eq!(llama.step_weight_bytes(), 16_060_522_496 - 2 * 128_256 * 4096);
+        assert_eq!(llama.dense_flops_per_token(), 2.0 * (8_030_261_248u64 - 2 * 128_256 * 4096) as f64);
+        assert_eq!(llama.lm_head_flops_per_sample(), 2.0 * (128_256u64 * 4096) as f64);
+        // Tied (GPT-2): the one matrix is read every step as the LM head; 47% of distilgpt2's
+        // parameters are that matrix, priced per sample rather than per token.
+        let gpt2 = Arch::preset("distilgpt2").expect("preset");
+        assert_eq!(gpt2.step_weight_bytes(), gpt2.weight_bytes());
+        let share = gpt2.vocab_matrix_params() as f64 / gpt2.parameters as f64;
+        assert!((0.46..0.48).contains(&share), "{share}");
+        // A hand-written table without a vocabulary keeps the old pricing: every parameter a GEMM.
+        let bare = Arch { vocab_size: 0, ..llama.clone() };
+        assert_eq!(bare.dense_flops_per_token(), 2.0 * bare.parameters as f64);
+        assert_eq!(bare.step_weight_bytes(), bare.weight_bytes());
+        assert!(Arch { vocab_size: 1 << 20, ..llama }.validate().is_err());
     }
 }

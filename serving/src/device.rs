@@ -23,10 +23,19 @@ pub struct DeviceSpec {
     pub bandwidth_bytes_per_s: f64,
     /// Peak dense FLOP/s for the weights' data type (BF16 tensor cores on datacenter GPUs).
     pub flops_per_s: f64,
-    /// Fraction of the peak bandwidth a decode step achieves (0, 1].
+    /// Fraction of the peak bandwidth the weight reads of a step (the GEMMs and GEMVs of a
+    /// small batch) achieve, (0, 1].
     pub bandwidth_efficiency: f64,
-    /// Fraction of the peak FLOP/s a compute-bound (prefill) step achieves (0, 1].
+    /// Fraction of the peak FLOP/s the GEMMs of a large batch (prefill) achieve, (0, 1].
     pub flops_efficiency: f64,
+    /// Fraction of the peak bandwidth paged attention achieves reading the KV cache (scattered
+    /// blocks, shorter bursts than weight reads), (0, 1]. Default: `bandwidth_efficiency`.
+    #[serde(default)]
+    pub kv_bandwidth_efficiency: Option<f64>,
+    /// Fraction of the peak FLOP/s prefill attention (FlashAttention) achieves, (0, 1]. Default:
+    /// `flops_efficiency`.
+    #[serde(default)]
+    pub attention_flops_efficiency: Option<f64>,
     /// Fixed GPU cost of one step (kernel launches, synchronisation), seconds.
     pub launch_overhead_s: f64,
     /// CPU cost of one step whatever its size (scheduling, batch building), seconds.
@@ -53,6 +62,16 @@ impl DeviceSpec {
         self.memory_bytes - self.memory_bytes / 10
     }
 
+    /// Fraction of the peak bandwidth reading the KV cache achieves.
+    pub fn kv_bandwidth_efficiency(&self) -> f64 {
+        self.kv_bandwidth_efficiency.unwrap_or(self.bandwidth_efficiency)
+    }
+
+    /// Fraction of the peak FLOP/s prefill attention achieves.
+    pub fn attention_flops_efficiency(&self) -> f64 {
+        self.attention_flops_efficiency.unwrap_or(self.flops_efficiency)
+    }
+
     /// Checks that every number is usable; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
         // Floors well below any real device, so step times stay finite and in range.
@@ -63,9 +82,12 @@ impl DeviceSpec {
                 return Err(format!("device {:?}: {field} = {v} must be between 1e6 and 1e18", self.name));
             }
         }
-        for (field, v) in
-            [("bandwidth_efficiency", self.bandwidth_efficiency), ("flops_efficiency", self.flops_efficiency)]
-        {
+        for (field, v) in [
+            ("bandwidth_efficiency", self.bandwidth_efficiency),
+            ("flops_efficiency", self.flops_efficiency),
+            ("kv_bandwidth_efficiency", self.kv_bandwidth_efficiency()),
+            ("attention_flops_efficiency", self.attention_flops_efficiency()),
+        ] {
             if !(v.is_finite() && v > 0.0 && v <= 1.0) {
                 return Err(format!("device {:?}: {field} = {v} must be in (0, 1]", self.name));
             }
@@ -87,7 +109,8 @@ impl DeviceSpec {
 }
 
 /// The embedded presets. Bandwidth and FLOP/s are NVIDIA's datasheet figures (H100 SXM5: 3.35 TB/s
-/// HBM3, 989 TFLOP/s dense BF16; A100 40GB: 1.555 TB/s, 312 TFLOP/s; L4: 300 GB/s, 121 TFLOP/s);
+/// HBM3, 989 TFLOP/s dense BF16; A100 40GB: 1.555 TB/s, 312 TFLOP/s; A100 80GB SXM: 2.039 TB/s
+/// HBM2e, 312 TFLOP/s; L40S: 864 GB/s GDDR6, 362 TFLOP/s; L4: 300 GB/s, 121 TFLOP/s);
 /// the laptop is an integrated GPU as WebGPU sees it. CPU costs are what a Python engine spends per
 /// step and per sequence (vLLM's v0.6 notes put its CPU share near half of a small decode step
 /// before overlap); the browser engines pay more per step (JavaScript and WebGPU dispatch).
@@ -100,6 +123,8 @@ fn presets() -> Vec<DeviceSpec> {
             flops_per_s: 989e12,
             bandwidth_efficiency: 0.72,
             flops_efficiency: 0.6,
+            kv_bandwidth_efficiency: None,
+            attention_flops_efficiency: None,
             launch_overhead_s: 0.4e-3,
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
@@ -111,7 +136,36 @@ fn presets() -> Vec<DeviceSpec> {
             flops_per_s: 312e12,
             bandwidth_efficiency: 0.78,
             flops_efficiency: 0.6,
+            kv_bandwidth_efficiency: None,
+            attention_flops_efficiency: None,
             launch_overhead_s: 0.4e-3,
+            cpu_per_step_s: 1.0e-3,
+            cpu_per_seq_s: 25e-6,
+        },
+        DeviceSpec {
+            name: "a100-80gb".into(),
+            memory_bytes: 80 * GIB,
+            bandwidth_bytes_per_s: 2.039e12,
+            flops_per_s: 312e12,
+            bandwidth_efficiency: 0.78,
+            flops_efficiency: 0.6,
+            kv_bandwidth_efficiency: None,
+            attention_flops_efficiency: None,
+            launch_overhead_s: 0.4e-3,
+            cpu_per_step_s: 1.0e-3,
+            cpu_per_seq_s: 25e-6,
+        },
+        DeviceSpec {
+            name: "l40s".into(),
+            // 48 GB of GDDR6, of which the driver shows 46,068 MiB.
+            memory_bytes: 46_068 << 20,
+            bandwidth_bytes_per_s: 864e9,
+            flops_per_s: 362e12,
+            bandwidth_efficiency: 0.8,
+            flops_efficiency: 0.5,
+            kv_bandwidth_efficiency: None,
+            attention_flops_efficiency: None,
+            launch_overhead_s: 0.5e-3,
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
         },
@@ -122,6 +176,8 @@ fn presets() -> Vec<DeviceSpec> {
             flops_per_s: 121e12,
             bandwidth_efficiency: 0.8,
             flops_efficiency: 0.5,
+            kv_bandwidth_efficiency: None,
+            attention_flops_efficiency: None,
             launch_overhead_s: 0.5e-3,
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
@@ -133,6 +189,8 @@ fn presets() -> Vec<DeviceSpec> {
             flops_per_s: 4.5e12,
             bandwidth_efficiency: 0.6,
             flops_efficiency: 0.35,
+            kv_bandwidth_efficiency: None,
+            attention_flops_efficiency: None,
             launch_overhead_s: 2.0e-3,
             cpu_per_step_s: 3.0e-3,
             cpu_per_seq_s: 0.5e-3,

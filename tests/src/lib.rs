@@ -321,6 +321,8 @@ pub fn test_device() -> serving::device::DeviceSpec {
         flops_per_s: 1e12,
         bandwidth_efficiency: 1.0,
         flops_efficiency: 1.0,
+        kv_bandwidth_efficiency: None,
+        attention_flops_efficiency: None,
         launch_overhead_s: 0.002,
         cpu_per_step_s: 0.002,
         cpu_per_seq_s: 0.0,

@@ -14,7 +14,7 @@ use super::{Config, ConfigError, PoolSpec, pools_for_device};
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Overrides {
-    /// Sizes the three pools for a device preset (h100-sxm, a100-40gb, l4, webgpu-laptop) as a
+    /// Sizes the three pools for a device preset (h100-sxm, a100-80gb, a100-40gb, l40s, l4, webgpu-laptop) as a
     /// bare runtime-service on it loads: of 90% of its memory, uniforms for the weights of the
     /// default models that fit, activations for their step buffers, the rest (at least a
     /// quarter) kv-cache. Default: h100-sxm.

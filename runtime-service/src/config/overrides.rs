@@ -23,7 +23,7 @@ pub struct Overrides {
     #[arg(skip)]
     #[serde(default)]
     pub(super) devices: Vec<DeviceSpec>,
-    /// Simulated device: an embedded preset (h100-sxm, a100-40gb, l4, webgpu-laptop) or one
+    /// Simulated device: an embedded preset (h100-sxm, a100-80gb, a100-40gb, l40s, l4, webgpu-laptop) or one
     /// defined under [[devices]] in the config file.
     #[arg(long, env = "RUNTIME_DEVICE")]
     pub device: Option<String>,

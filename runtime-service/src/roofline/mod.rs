@@ -61,9 +61,12 @@ pub struct Roofline {
     weight_bytes: f64,
     kv_bytes_per_token: f64,
     dense_flops_per_token: f64,
+    lm_head_flops_per_sample: f64,
     attention_flops_per_pair: f64,
-    bandwidth: f64,
-    compute: f64,
+    weight_bandwidth: f64,
+    kv_bandwidth: f64,
+    gemm_compute: f64,
+    attention_compute: f64,
     launch: f64,
     cpu_per_step: f64,
     cpu_per_seq: f64,
@@ -73,22 +76,37 @@ impl Roofline {
     /// The roofline of `arch` on `device`, at the device's achievable fractions.
     pub fn new(device: &DeviceSpec, arch: &Arch) -> Self {
         Roofline {
-            weight_bytes: arch.weight_bytes() as f64,
+            weight_bytes: arch.step_weight_bytes() as f64,
             kv_bytes_per_token: arch.kv_bytes_per_token() as f64,
             dense_flops_per_token: arch.dense_flops_per_token(),
+            lm_head_flops_per_sample: arch.lm_head_flops_per_sample(),
             attention_flops_per_pair: arch.attention_flops_per_pair(),
-            bandwidth: device.bandwidth_bytes_per_s * device.bandwidth_efficiency,
-            compute: device.flops_per_s * device.flops_efficiency,
+            weight_bandwidth: device.bandwidth_bytes_per_s * device.bandwidth_efficiency,
+            kv_bandwidth: device.bandwidth_bytes_per_s * device.kv_bandwidth_efficiency(),
+            gemm_compute: device.flops_per_s * device.flops_efficiency,
+            attention_compute: device.flops_per_s * device.attention_flops_efficiency(),
             launch: device.launch_overhead_s,
             cpu_per_step: device.cpu_per_step_s,
             cpu_per_seq: device.cpu_per_seq_s,
         }
     }
 
-    /// The cost of one step over `batch`: GPU time is max(bytes / bandwidth, FLOPs / compute)
-    /// plus the launch overhead, where bytes are the weights (read once for the whole batch) plus
-    /// every sequence's KV cache, and FLOPs are the weight matmuls of every new token plus
-    /// attention over its context. CPU time is a per-step cost plus a per-sequence cost.
+    /// The cost of one step over `batch`, priced as the two kinds of kernel a forward pass
+    /// launches one after the other, each at its own roofline:
+    ///
+    /// - the GEMMs, over every new token of the batch at once: max(weights read ÷ weight
+    ///   bandwidth, FLOPs ÷ GEMM compute), where the weights are read once for the whole batch
+    ///   (the input embedding is gathered, not read) and the LM head runs once per sequence;
+    /// - attention, one kernel over every sequence (vLLM V1's unified attention): max(KV bytes ÷
+    ///   KV bandwidth, attention FLOPs ÷ attention compute);
+    ///
+    /// plus the launch overhead. A mixed step therefore pays its prefill's GEMMs and its decodes'
+    /// KV reads, where one roofline over the sums (the max of the two totals) would let the
+    /// decodes ride free inside the prefill. CPU time is a per-step cost plus a per-sequence cost.
+    ///
+    /// The LM head is charged once per sequence in the step: every decode samples, and a prompt
+    /// chunk samples when it ends the prompt; only a middle chunk of a prompt longer than the
+    /// token budget is overcharged, by one row of logits against thousands of tokens of GEMMs.
     pub fn step(&self, batch: impl IntoIterator<Item = Work>) -> StepCost {
         let (mut seqs, mut tokens, mut kv_tokens, mut pairs) = (0u32, 0f64, 0f64, 0f64);
         let (mut decodes, mut prefills) = (false, false);
@@ -105,10 +123,15 @@ impl Roofline {
                 prefills = true;
             }
         }
-        let bytes = self.weight_bytes + self.kv_bytes_per_token * kv_tokens;
-        let flops = self.dense_flops_per_token * tokens + self.attention_flops_per_pair * pairs;
-        let (memory_time, compute_time) = (bytes / self.bandwidth, flops / self.compute);
-        let gpu = memory_time.max(compute_time) + self.launch;
+        let gemm_flops =
+            self.dense_flops_per_token * tokens + self.lm_head_flops_per_sample * f64::from(seqs);
+        let kv_bytes = self.kv_bytes_per_token * kv_tokens;
+        let attention_flops = self.attention_flops_per_pair * pairs;
+        let (gemm_memory, gemm_compute) =
+            (self.weight_bytes / self.weight_bandwidth, gemm_flops / self.gemm_compute);
+        let (attention_memory, attention_compute) =
+            (kv_bytes / self.kv_bandwidth, attention_flops / self.attention_compute);
+        let gpu = gemm_memory.max(gemm_compute) + attention_memory.max(attention_compute) + self.launch;
         let cpu = self.cpu_per_step + self.cpu_per_seq * f64::from(seqs);
         let phase = match (decodes, prefills) {
             (true, false) => Phase::Decode,
@@ -118,16 +141,17 @@ impl Roofline {
         StepCost {
             cpu: Duration::from_secs_f64(cpu),
             gpu: Duration::from_secs_f64(gpu),
-            bytes,
-            flops,
-            memory_bound: memory_time >= compute_time,
+            bytes: self.weight_bytes + kv_bytes,
+            flops: gemm_flops + attention_flops,
+            memory_bound: gemm_memory + attention_memory >= gemm_compute + attention_compute,
             phase,
         }
     }
 
-    /// The physical floor of a decode step at batch 1: the weights read at the datasheet bandwidth.
+    /// The physical floor of a decode step at batch 1: the weights one step reads, at the
+    /// datasheet bandwidth.
     pub fn weights_floor(device: &DeviceSpec, arch: &Arch) -> Duration {
-        Duration::from_secs_f64(arch.weight_bytes() as f64 / device.bandwidth_bytes_per_s)
+        Duration::from_secs_f64(arch.step_weight_bytes() as f64 / device.bandwidth_bytes_per_s)
     }
 }
 
@@ -152,9 +176,62 @@ mod tests {
             assert_eq!(step.phase, Phase::Decode);
             assert!(step.memory_bound, "decode is memory-bound at batch {batch}");
         }
-        // Batch 1 on an H100: 16.06 GB / (3.35 TB/s × 0.72) + 0.4 ms ≈ 7.06 ms.
+        // Batch 1 on an H100: the weights but the gathered embedding, 15.01 GB / (3.35 TB/s ×
+        // 0.72), plus 1,025 tokens of KV (134 MB) at the same rate, plus 0.4 ms ≈ 6.68 ms.
         let one = roofline.step([Work { tokens: 1, context: 1024 }]).gpu.as_secs_f64() * 1e3;
-        assert!((6.9..7.2).contains(&one), "{one} ms");
+        assert!((6.6..6.8).contains(&one), "{one} ms");
+    }
+
+    #[test]
+    fn decode_time_grows_with_context_by_exactly_the_kv_bytes() {
+        let (device, arch, roofline) = h100_llama();
+        let kv_rate = device.bandwidth_bytes_per_s * device.kv_bandwidth_efficiency();
+        for batch in [1u32, 16, 128] {
+            let at = |context: u32| {
+                roofline.step((0..batch).map(|_| Work { tokens: 1, context })).gpu.as_secs_f64()
+            };
+            let grown = at(4096) - at(1024);
+            let expected = f64::from(batch) * 3072.0 * arch.kv_bytes_per_token() as f64 / kv_rate;
+            assert!((grown - expected).abs() < 1e-9, "batch {batch}: {grown} s vs {expected} s");
+        }
+    }
+
+    #[test]
+    fn prefill_cost_follows_the_formula_in_tokens_and_context() {
+        let (device, arch, roofline) = h100_llama();
+        let gemm = device.flops_per_s * device.flops_efficiency;
+        let attention = device.flops_per_s * device.attention_flops_efficiency();
+        let kv_rate = device.bandwidth_bytes_per_s * device.kv_bandwidth_efficiency();
+        let weights =
+            arch.step_weight_bytes() as f64 / (device.bandwidth_bytes_per_s * device.bandwidth_efficiency);
+        for (c, p) in [(512u32, 0u32), (2048, 0), (1024, 3072), (256, 8192)] {
+            let (cf, pf) = (f64::from(c), f64::from(p));
+            let flops = arch.dense_flops_per_token() * cf + arch.lm_head_flops_per_sample();
+            let pairs = cf * pf + cf * (cf + 1.0) / 2.0;
+            let kv = arch.kv_bytes_per_token() as f64 * (cf + pf);
+            let expected = weights.max(flops / gemm)
+                + (kv / kv_rate).max(pairs * arch.attention_flops_per_pair() / attention)
+                + device.launch_overhead_s;
+            let got = roofline.step([Work { tokens: c, context: p }]).gpu.as_secs_f64();
+            assert!((got - expected).abs() < 1e-9, "{c} tokens on {p}: {got} vs {expected}");
+        }
+        // Twice the tokens, about twice the time once compute-bound; context adds attention.
+        let t = |c: u32, p: u32| roofline.step([Work { tokens: c, context: p }]).gpu.as_secs_f64();
+        assert!((t(4096, 0) / t(2048, 0) - 2.0).abs() < 0.1);
+        assert!(t(1024, 8192) > t(1024, 0));
+    }
+
+    #[test]
+    fn a_mixed_step_pays_its_prefill_gemms_and_its_decodes_kv_reads() {
+        let (_, _, roofline) = h100_llama();
+        let prefill = [Work { tokens: 2048, context: 0 }];
+        let decodes = || (0..64).map(|_| Work { tokens: 1, context: 2048 });
+        let alone = roofline.step(prefill).gpu;
+        let mixed = roofline.step(prefill.into_iter().chain(decodes())).gpu;
+        // The decodes' 17 GB of KV (7.2 ms at the H100's KV rate) are read by the attention
+        // kernel whatever the GEMMs cost: 5 ms more at least, where one roofline over the sums
+        // hid them under the prefill's compute and charged only their 64 tokens of GEMMs (~2 ms).
+        assert!(mixed > alone + Duration::from_millis(5), "{mixed:?} vs {alone:?}");
     }
 
     #[test]

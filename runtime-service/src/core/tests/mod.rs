@@ -38,6 +38,8 @@ fn arch() -> Arch {
         intermediate_size: 8,
         dtype_bytes: 1,
         context_length: 4096,
+        vocab_size: 0,
+        tie_word_embeddings: false,
     }
 }
 
@@ -49,6 +51,8 @@ fn spec(cpu_ms: f64) -> DeviceSpec {
         flops_per_s: 1e12,
         bandwidth_efficiency: 1.0,
         flops_efficiency: 1.0,
+        kv_bandwidth_efficiency: None,
+        attention_flops_efficiency: None,
         launch_overhead_s: 2e-3,
         cpu_per_step_s: cpu_ms / 1e3,
         cpu_per_seq_s: 0.0,
