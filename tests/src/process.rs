@@ -47,6 +47,9 @@ pub struct Process {
     pub addr: String,
     /// Its admin (metrics) address, if it serves one.
     pub admin: Option<String>,
+    /// The thread copying its stderr into `logs`: joined by [`Process::stop`], so that every line
+    /// the process wrote before it exited is in `logs` when `stop` returns.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The value after `key=` (text logs) or `"key":"` (JSON logs) on a line.
@@ -86,7 +89,7 @@ impl Process {
         let (tx, rx) = std::sync::mpsc::channel();
         let logs = Arc::new(Mutex::new(Vec::new()));
         let keep = logs.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("metrics on /metrics") {
                     let _ = tx.send((true, field(&line, "addr").unwrap_or_default().to_owned()));
@@ -111,7 +114,7 @@ impl Process {
             };
             if is_admin { admin_addr = Some(found) } else { addr = Some(found) }
         }
-        Process { child, logs, addr: addr.unwrap_or_default(), admin: admin_addr }
+        Process { child, logs, addr: addr.unwrap_or_default(), admin: admin_addr, reader: Some(reader) }
     }
 
     /// SIGTERM, then wait; panics unless it exits cleanly.
@@ -120,6 +123,10 @@ impl Process {
         let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
         assert!(status.success());
         let exit = self.child.wait().expect("wait");
+        // The pipe ends with the process: the reader has every line once it returns.
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
         assert!(exit.success(), "{exit}");
     }
 
