@@ -164,7 +164,8 @@ impl DeviceLoop {
         let cost = lane.price(plan);
         let jitter = self.settings.jitter;
         let gpu = if jitter > 0.0 {
-            cost.gpu.mul_f64((1.0 + jitter * self.jitter.next_signed()).max(0.0))
+            // Log-normal, mean 1: real step times have a slow tail and a hard fast edge.
+            cost.gpu.mul_f64(self.jitter.next_lognormal(jitter))
         } else {
             cost.gpu
         };
