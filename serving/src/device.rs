@@ -42,6 +42,15 @@ pub struct DeviceSpec {
     pub cpu_per_step_s: f64,
     /// CPU cost per sequence in a step (sampling, detokenizing, streaming), seconds.
     pub cpu_per_seq_s: f64,
+    /// CPU cost per prompt token a step computes (input ids, positions and slot mappings built
+    /// and copied to the device), seconds. Default 0.
+    #[serde(default)]
+    pub cpu_per_prompt_token_s: f64,
+    /// Fixed cost of the serving front end per request, before the engine core sees it (the
+    /// API server's parsing, tokenization and request setup; vLLM runs it in another process,
+    /// so it delays the request without holding the device), seconds. Default 0.
+    #[serde(default)]
+    pub frontend_s: f64,
 }
 
 impl DeviceSpec {
@@ -96,6 +105,8 @@ impl DeviceSpec {
             ("launch_overhead_s", self.launch_overhead_s),
             ("cpu_per_step_s", self.cpu_per_step_s),
             ("cpu_per_seq_s", self.cpu_per_seq_s),
+            ("cpu_per_prompt_token_s", self.cpu_per_prompt_token_s),
+            ("frontend_s", self.frontend_s),
         ] {
             if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
                 return Err(format!("device {:?}: {field} = {v} must be between 0 and 1 s", self.name));
@@ -128,6 +139,8 @@ fn presets() -> Vec<DeviceSpec> {
             launch_overhead_s: 0.4e-3,
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
+            cpu_per_prompt_token_s: 0.0,
+            frontend_s: 0.0,
         },
         DeviceSpec {
             name: "a100-40gb".into(),
@@ -141,6 +154,8 @@ fn presets() -> Vec<DeviceSpec> {
             launch_overhead_s: 0.4e-3,
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
+            cpu_per_prompt_token_s: 0.0,
+            frontend_s: 0.0,
         },
         DeviceSpec {
             name: "a100-80gb".into(),
@@ -154,6 +169,8 @@ fn presets() -> Vec<DeviceSpec> {
             launch_overhead_s: 0.4e-3,
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
+            cpu_per_prompt_token_s: 0.0,
+            frontend_s: 0.0,
         },
         DeviceSpec {
             name: "l40s".into(),
@@ -168,6 +185,8 @@ fn presets() -> Vec<DeviceSpec> {
             launch_overhead_s: 0.5e-3,
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
+            cpu_per_prompt_token_s: 0.0,
+            frontend_s: 0.0,
         },
         DeviceSpec {
             name: "l4".into(),
@@ -181,6 +200,8 @@ fn presets() -> Vec<DeviceSpec> {
             launch_overhead_s: 0.5e-3,
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
+            cpu_per_prompt_token_s: 0.0,
+            frontend_s: 0.0,
         },
         DeviceSpec {
             name: "webgpu-laptop".into(),
@@ -194,6 +215,8 @@ fn presets() -> Vec<DeviceSpec> {
             launch_overhead_s: 2.0e-3,
             cpu_per_step_s: 3.0e-3,
             cpu_per_seq_s: 0.5e-3,
+            cpu_per_prompt_token_s: 0.0,
+            frontend_s: 0.0,
         },
     ]
 }

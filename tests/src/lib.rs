@@ -326,6 +326,8 @@ pub fn test_device() -> serving::device::DeviceSpec {
         launch_overhead_s: 0.002,
         cpu_per_step_s: 0.002,
         cpu_per_seq_s: 0.0,
+        cpu_per_prompt_token_s: 0.0,
+        frontend_s: 0.0,
     }
 }
 

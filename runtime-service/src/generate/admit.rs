@@ -70,6 +70,15 @@ impl Generation {
             .with_label_values(&[model])
             .observe(timings.memory_wait.as_secs_f64());
         loaded?;
+        // The serving front end's own time (vLLM's API server, another process): it delays this
+        // request without holding the device.
+        let frontend = Duration::from_secs_f64(self.shared.config.device.frontend_s);
+        if !frontend.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(frontend) => {}
+                () = flight.cancelled().cancelled() => return Err(flight.reason().into()),
+            }
+        }
         let (tokens_tx, tokens) = mpsc::channel(TOKEN_BUFFER);
         let (outcome_tx, outcome) = oneshot::channel();
         let plan = &self.plan;

@@ -70,6 +70,7 @@ pub struct Roofline {
     launch: f64,
     cpu_per_step: f64,
     cpu_per_seq: f64,
+    cpu_per_prompt_token: f64,
 }
 
 impl Roofline {
@@ -88,6 +89,7 @@ impl Roofline {
             launch: device.launch_overhead_s,
             cpu_per_step: device.cpu_per_step_s,
             cpu_per_seq: device.cpu_per_seq_s,
+            cpu_per_prompt_token: device.cpu_per_prompt_token_s,
         }
     }
 
@@ -102,13 +104,15 @@ impl Roofline {
     ///
     /// plus the launch overhead. A mixed step therefore pays its prefill's GEMMs and its decodes'
     /// KV reads, where one roofline over the sums (the max of the two totals) would let the
-    /// decodes ride free inside the prefill. CPU time is a per-step cost plus a per-sequence cost.
+    /// decodes ride free inside the prefill. CPU time is a per-step cost, a per-sequence cost
+    /// and a cost per prompt token the step computes.
     ///
     /// The LM head is charged once per sequence in the step: every decode samples, and a prompt
     /// chunk samples when it ends the prompt; only a middle chunk of a prompt longer than the
     /// token budget is overcharged, by one row of logits against thousands of tokens of GEMMs.
     pub fn step(&self, batch: impl IntoIterator<Item = Work>) -> StepCost {
         let (mut seqs, mut tokens, mut kv_tokens, mut pairs) = (0u32, 0f64, 0f64, 0f64);
+        let mut prompt_tokens = 0f64;
         let (mut decodes, mut prefills) = (false, false);
         for work in batch {
             let (c, p) = (f64::from(work.tokens), f64::from(work.context));
@@ -121,6 +125,7 @@ impl Roofline {
                 decodes = true;
             } else {
                 prefills = true;
+                prompt_tokens += c;
             }
         }
         let gemm_flops =
@@ -132,7 +137,9 @@ impl Roofline {
         let (attention_memory, attention_compute) =
             (kv_bytes / self.kv_bandwidth, attention_flops / self.attention_compute);
         let gpu = gemm_memory.max(gemm_compute) + attention_memory.max(attention_compute) + self.launch;
-        let cpu = self.cpu_per_step + self.cpu_per_seq * f64::from(seqs);
+        let cpu = self.cpu_per_step
+            + self.cpu_per_seq * f64::from(seqs)
+            + self.cpu_per_prompt_token * prompt_tokens;
         let phase = match (decodes, prefills) {
             (true, false) => Phase::Decode,
             (false, _) => Phase::Prefill,
@@ -245,5 +252,16 @@ mod tests {
         assert_eq!(prefill.phase, Phase::Prefill);
         let mixed = roofline.step([Work { tokens: 512, context: 0 }, Work { tokens: 1, context: 9 }]);
         assert_eq!(mixed.phase, Phase::Mixed);
+    }
+
+    #[test]
+    fn cpu_time_grows_with_the_prompt_tokens_a_step_computes() {
+        let (mut device, arch, _) = h100_llama();
+        device.cpu_per_prompt_token_s = 1e-6;
+        let roofline = Roofline::new(&device, &arch);
+        let cpu = |work: Work| roofline.step([work]).cpu.as_secs_f64();
+        let decode = cpu(Work { tokens: 1, context: 100 });
+        let prefill = cpu(Work { tokens: 2000, context: 0 });
+        assert!((prefill - decode - 2000e-6).abs() < 1e-9, "{prefill} vs {decode}");
     }
 }

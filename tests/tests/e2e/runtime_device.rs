@@ -262,3 +262,24 @@ async fn two_runtimes_each_needing_most_of_the_pool_take_turns_instead_of_waitin
     }
     memory.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_front_ends_fixed_cost_delays_the_first_token_by_exactly_that_much() {
+    let mut ttfts = Vec::new();
+    for frontend_s in [0.0, 0.25] {
+        let memory = memory_with_kv(64 << 20).await;
+        let device = DeviceSpec { frontend_s, ..e2e::test_device() };
+        let runtime =
+            RuntimeServer::start(runtime_service::Config { device, ..runtime_config(memory.addr) }).await;
+        runtime.ready().await;
+        let mut client = runtime.client().await;
+        let mut stream =
+            client.generate(request("test-webllm", 8, 4, 1)).await.expect("admitted").into_inner();
+        ttfts.push(secs(finish(&mut stream, 0).await.time_to_first_token));
+        runtime.stop().await;
+        memory.stop().await;
+    }
+    // The same run but for the front end: on the paused clock, the difference is the cost itself.
+    let added = ttfts[1] - ttfts[0];
+    assert!((added - 0.25).abs() < 0.005, "TTFTs {ttfts:?}");
+}

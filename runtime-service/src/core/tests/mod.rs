@@ -56,6 +56,8 @@ fn spec(cpu_ms: f64) -> DeviceSpec {
         launch_overhead_s: 2e-3,
         cpu_per_step_s: cpu_ms / 1e3,
         cpu_per_seq_s: 0.0,
+        cpu_per_prompt_token_s: 0.0,
+        frontend_s: 0.0,
     }
 }
 
