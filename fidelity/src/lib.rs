@@ -3,7 +3,10 @@
 //!
 //! The pieces, in the order a bench uses them:
 //! - [`WorkloadSpec`] reads a workload ([`WorkloadSpec::from_toml`], [`WorkloadSpec::from_jsonl`])
-//!   and [`WorkloadSpec::expand`]s it into a [`Plan`] for a model's vocabulary.
+//!   and [`WorkloadSpec::expand`]s it into a [`Plan`] for a model's vocabulary;
+//! - [`Target`] connects to runtime-service's engine dialect, reads the vocabulary
+//!   ([`Target::model_info`]) and [`Target::replay`]s a plan into a [`Run`] of [`RequestRecord`]s;
+//! - [`Report`] summarises a run (TTFT, TPOT, ITL, E2E; throughput).
 //!
 //! # Workload format (TOML)
 //!
@@ -54,8 +57,14 @@
 //! [`workload::MAX_TOTAL_PROMPT_TOKENS`] prompt tokens, so every replay loop is bounded.
 #![forbid(unsafe_code)]
 
+mod drive;
+mod record;
+mod report;
 pub mod workload;
 
+pub use drive::{DriveError, MAX_TIME_SCALE, MIN_TIME_SCALE, ReplayOptions, Run, Target};
+pub use record::{Chunk, Failure, RequestRecord};
+pub use report::{Report, Stats, percentile};
 pub use workload::{
     Arrival, Pacing, Plan, PlannedRequest, RequestClass, SharedPrefix, SpecError, Violation, WorkloadSpec,
 };
