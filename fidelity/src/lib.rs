@@ -6,7 +6,9 @@
 //!   and [`WorkloadSpec::expand`]s it into a [`Plan`] for a model's vocabulary;
 //! - [`Target`] connects to runtime-service's engine dialect, reads the vocabulary
 //!   ([`Target::model_info`]) and [`Target::replay`]s a plan into a [`Run`] of [`RequestRecord`]s;
-//! - [`Report`] summarises a run (TTFT, TPOT, ITL, E2E; throughput).
+//! - [`Report`] summarises a run (TTFT, TPOT, ITL, E2E; throughput);
+//! - [`published`] reads `published.toml`, turns each point into a [`published::Scenario`] (a
+//!   workload plus the runtime flags for that GPU) and compares a report with the point.
 //!
 //! # Workload format (TOML)
 //!
@@ -58,6 +60,7 @@
 #![forbid(unsafe_code)]
 
 mod drive;
+pub mod published;
 mod record;
 mod report;
 pub mod workload;
