@@ -73,8 +73,9 @@ fn points_on_a_gpu_without_a_preset_are_skipped_with_the_reason() {
             }
         }
     }
-    assert!(replayed.contains("h100-sxm") && replayed.contains("a100-40gb"), "{replayed:?}");
-    assert!(!replayed.contains("a100-80gb"));
+    for gpu in ["h100-sxm", "a100-40gb", "a100-80gb"] {
+        assert!(replayed.contains(gpu), "{gpu} not in {replayed:?}");
+    }
 }
 
 #[test]

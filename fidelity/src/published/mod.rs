@@ -15,7 +15,7 @@ pub use limits::{VllmLimits, vllm_limits};
 
 /// The device presets runtime-service has (`--device`); a point on another GPU is skipped. A
 /// test checks this list against serving's.
-pub const RUNTIME_PRESETS: [&str; 4] = ["h100-sxm", "a100-40gb", "l4", "webgpu-laptop"];
+pub const RUNTIME_PRESETS: [&str; 6] = ["h100-sxm", "a100-80gb", "a100-40gb", "l40s", "l4", "webgpu-laptop"];
 
 /// The runtime model that stands for the published one: Llama-3-8B and 3.1-8B share the
 /// architecture (32 layers, d = 4096, GQA 32/8, vocab 128,256); 3.1 changes only RoPE scaling.
