@@ -16,7 +16,7 @@ use std::time::Duration;
 pub use serving::config::ConfigError;
 
 pub use self::file::parse_models;
-pub use self::kinds::{KvReserve, SchedulerMode};
+pub use self::kinds::{KvReserve, SchedulerMode, TimeScale};
 pub use self::overrides::{Layered, Overrides, find_device, layered};
 use serving::{arch::Arch, device::DeviceSpec};
 
@@ -100,6 +100,8 @@ pub struct Config {
     pub jitter: f64,
     /// Seed of that jitter: the same seed repeats the same timings.
     pub jitter_seed: u64,
+    /// Simulated seconds per wall second of the device.
+    pub time_scale: TimeScale,
     /// Server-side wait for memory per Allocate (the seed's 500 ms deadlock detector).
     pub memory_wait: Duration,
     /// Budget to reach memory-service per call; past it the call fails UNAVAILABLE.
@@ -169,6 +171,7 @@ impl Default for Config {
             kv_events_buffer: 10_000,
             jitter: 0.02,
             jitter_seed: 0x5EED,
+            time_scale: TimeScale::REAL,
             memory_wait: Duration::from_millis(500),
             memory_timeout: Duration::from_secs(2),
             lease_ttl: Duration::from_secs(30),

@@ -136,6 +136,7 @@ impl Shared {
             jitter: config.jitter,
             jitter_seed: config.jitter_seed,
             kv_idle_release: config.kv_idle_release,
+            time_scale: config.time_scale,
         };
         // Admission bounds what is in flight to max_batch_size + queue_capacity; twice that leaves
         // room for the hand-overs of generations that already ended but are not yet swept.

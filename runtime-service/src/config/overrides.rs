@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serving::device::DeviceSpec;
 
 use super::file::{FileModel, models_of};
-use super::{Config, ConfigError, KvReserve, SchedulerMode};
+use super::{Config, ConfigError, KvReserve, SchedulerMode, TimeScale};
 
 /// Every field optional: `None` keeps what the layer below said.
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
@@ -89,6 +89,12 @@ pub struct Overrides {
     /// Longest stream, in milliseconds.
     #[arg(long, env = "RUNTIME_MAX_STREAM_LIFETIME_MS")]
     pub max_stream_lifetime_ms: Option<u64>,
+    /// How many times faster than real time the device runs (1 to 1000): step times are slept
+    /// that much shorter and every reported duration is simulated time. Lease TTLs, memory waits
+    /// and stream timeouts stay wall-clock. The host's timers tick every millisecond, so a single
+    /// event may be seen up to N ms (simulated) late; rates and means are not biased.
+    #[arg(long, env = "RUNTIME_TIME_SCALE")]
+    pub time_scale: Option<TimeScale>,
     /// Time given to streams and memory release at shutdown, in milliseconds.
     #[arg(long, env = "RUNTIME_GRACE_PERIOD_MS")]
     pub grace_period_ms: Option<u64>,
@@ -165,6 +171,7 @@ impl Overrides {
         config.idle_timeout = self.idle_timeout_ms.map_or(config.idle_timeout, ms);
         config.max_stream_lifetime = self.max_stream_lifetime_ms.map_or(config.max_stream_lifetime, ms);
         config.grace_period = self.grace_period_ms.map_or(config.grace_period, ms);
+        config.time_scale = self.time_scale.unwrap_or(config.time_scale);
         if let Some(transport) = self.transport {
             config.security.transport = transport;
         }

@@ -49,6 +49,8 @@ pub struct DeviceSettings {
     pub jitter_seed: u64,
     /// How long a model's idle slabs are kept after its last sequence leaves.
     pub kv_idle_release: Duration,
+    /// Simulated seconds per wall second: step times are slept divided by it.
+    pub time_scale: crate::config::TimeScale,
 }
 
 /// A sequence handed to the device.

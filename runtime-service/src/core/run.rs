@@ -12,7 +12,7 @@ use tracing::debug;
 use super::{
     DeviceSettings, LaneSpec, Reclaim, Signals, Submission,
     lane::Lane,
-    timeline::{Busy, Timeline},
+    timeline::{Busy, Slot, Timeline},
 };
 use crate::{error::Error, kv::Link, metrics::Metrics, rng::SplitMix64, scheduler::Step};
 
@@ -49,6 +49,7 @@ impl DeviceLoop {
         signals: Signals,
     ) -> Self {
         let Signals { shutdown, memory, reclaim } = signals;
+        let time_scale = settings.time_scale;
         DeviceLoop {
             memory,
             reclaim,
@@ -58,7 +59,7 @@ impl DeviceLoop {
             lanes: lanes
                 .into_iter()
                 .map(|(spec, link)| {
-                    let vllm = metrics.vllm.model(&spec.model);
+                    let vllm = metrics.vllm.model(&spec.model).in_time_scale(time_scale);
                     Lane::new(spec, link, vllm)
                 })
                 .collect(),
@@ -184,7 +185,10 @@ impl DeviceLoop {
             }
             return true;
         }
-        let slot = self.timeline.place(now, cost.cpu, gpu);
+        // The timeline is wall time: the device's simulated costs are slept divided by the time
+        // scale, and what the lane records of the slot is converted back.
+        let scale = self.settings.time_scale;
+        let slot = self.timeline.place(now, scale.to_wall(cost.cpu), scale.to_wall(gpu));
         if slot.gpu_done > Instant::now() {
             tokio::select! {
                 () = sleep_until(slot.gpu_done) => {}
@@ -197,7 +201,8 @@ impl DeviceLoop {
         let metrics = &self.metrics;
         metrics.batch_size.observe(plan.batch.len() as f64);
         metrics.step_seconds.with_label_values(&[cost.phase.name()]).observe(gpu.as_secs_f64());
-        let tokens = lane.complete(plan, slot, cost.cpu, gpu);
+        let simulated = Slot { gpu_waited: scale.to_simulated(slot.gpu_waited), ..slot };
+        let tokens = lane.complete(plan, simulated, cost.cpu, gpu);
         metrics.tokens.with_label_values(&[&lane.spec.model]).inc_by(u64::from(tokens));
         true
     }
@@ -276,12 +281,14 @@ impl DeviceLoop {
         }
         let busy = self.timeline.busy();
         let delta = |now: Duration, before: Duration| now.saturating_sub(before).as_secs_f64();
+        // Device seconds in simulated time; the host's lag stays wall time (it is the host's).
+        let factor = self.settings.time_scale.factor();
         let before = self.exported;
         for (stage, state, d) in [
-            ("cpu", "busy", delta(busy.cpu_busy, before.cpu_busy)),
-            ("gpu", "busy", delta(busy.gpu_busy, before.gpu_busy)),
-            ("gpu", "waiting_for_cpu", delta(busy.gpu_waiting_for_cpu, before.gpu_waiting_for_cpu)),
-            ("cpu", "waiting_for_gpu", delta(busy.cpu_waiting_for_gpu, before.cpu_waiting_for_gpu)),
+            ("cpu", "busy", factor * delta(busy.cpu_busy, before.cpu_busy)),
+            ("gpu", "busy", factor * delta(busy.gpu_busy, before.gpu_busy)),
+            ("gpu", "waiting_for_cpu", factor * delta(busy.gpu_waiting_for_cpu, before.gpu_waiting_for_cpu)),
+            ("cpu", "waiting_for_gpu", factor * delta(busy.cpu_waiting_for_gpu, before.cpu_waiting_for_gpu)),
         ] {
             if d > 0.0 {
                 m.device_seconds.with_label_values(&[stage, state]).inc_by(d);

@@ -9,6 +9,8 @@ use std::{
 use proto::vllm::grpc::engine as vllm;
 use tokio::time::Instant;
 
+use crate::config::TimeScale;
+
 use crate::{metrics::Metrics, models::Model, state::Shared, tokenizer};
 
 /// What vLLM calls its server type in GetServerInfo.
@@ -56,13 +58,13 @@ pub fn server_info(shared: &Shared, started: Instant, last_receive: f64) -> vllm
 pub struct Throughput(Mutex<Option<(Instant, u64)>>);
 
 impl Throughput {
-    /// Tokens per second since the previous call (0 on the first).
-    fn sample(&self, tokens: u64) -> f64 {
+    /// Tokens per simulated second since the previous call (0 on the first).
+    fn sample(&self, tokens: u64, scale: TimeScale) -> f64 {
         let now = Instant::now();
         let mut last = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let rate = match *last {
             Some((then, before)) if now > then => {
-                tokens.saturating_sub(before) as f64 / (now - then).as_secs_f64()
+                tokens.saturating_sub(before) as f64 / scale.simulated_secs(now - then)
             }
             _ => 0.0,
         };
@@ -92,7 +94,7 @@ pub fn loads(shared: &Shared, model: &Model, throughput: &Throughput) -> vllm::G
         num_used_tokens: clamp(used),
         max_total_num_tokens: clamp(capacity),
         token_usage: m.kv_utilization.with_label_values(&[key]).get(),
-        gen_throughput: throughput.sample(m.tokens.with_label_values(&[key]).get()),
+        gen_throughput: throughput.sample(m.tokens.with_label_values(&[key]).get(), shared.config.time_scale),
         // No prefix cache yet: nothing is ever a hit.
         cache_hit_rate: 0.0,
         // Batch occupancy: the share of max_num_seqs running.

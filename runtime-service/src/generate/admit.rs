@@ -72,7 +72,8 @@ impl Generation {
         loaded?;
         // The serving front end's own time (vLLM's API server, another process): it delays this
         // request without holding the device.
-        let frontend = Duration::from_secs_f64(self.shared.config.device.frontend_s);
+        let config = &self.shared.config;
+        let frontend = config.time_scale.to_wall(Duration::from_secs_f64(config.device.frontend_s));
         if !frontend.is_zero() {
             tokio::select! {
                 () = tokio::time::sleep(frontend) => {}

@@ -238,6 +238,7 @@ impl Generation {
         tokio::pin!(cancelled, lost, closed, watchdog);
         let metrics = &self.shared.metrics;
         let model = self.plan.model.spec.key.as_str();
+        let scale = self.shared.config.time_scale;
         loop {
             let next = tokio::select! {
                 biased;
@@ -274,18 +275,21 @@ impl Generation {
             memory.mark_unchanged();
             match timings.last_token {
                 None => {
-                    metrics.ttft.with_label_values(&[model]).observe((now - self.started).as_secs_f64());
+                    metrics
+                        .ttft
+                        .with_label_values(&[model])
+                        .observe(scale.simulated_secs(now - self.started));
                     timings.first_token = Some(now);
                     // From the time-to-first-token deadline to the (usually earlier) idle deadline.
                     watchdog.as_mut().reset(self.limits.next_token(Some(now)).0);
                 }
                 Some(last) => {
-                    metrics.inter_token.with_label_values(&[model]).observe((now - last).as_secs_f64())
+                    metrics.inter_token.with_label_values(&[model]).observe(scale.simulated_secs(now - last))
                 }
             }
             timings.last_token = Some(now);
             timings.tokens += 1;
-            let item = token(emitted, now - self.started);
+            let item = token(emitted, scale.to_simulated(now - self.started));
             // Fast path: room in the stream buffer. Otherwise the client is slower than the
             // device: wait for room (the device pauses the sequence meanwhile, keeping its KV
             // blocks), bounded by the idle-gap limit like any stall: a reader that stopped must

@@ -283,3 +283,31 @@ async fn the_front_ends_fixed_cost_delays_the_first_token_by_exactly_that_much()
     let added = ttfts[1] - ttfts[0];
     assert!((added - 0.25).abs() < 0.005, "TTFTs {ttfts:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_time_scaled_device_runs_faster_and_reports_the_same_simulated_times() {
+    let mut runs = Vec::new();
+    for factor in [1.0, 10.0] {
+        let memory = memory_with_kv(64 << 20).await;
+        let time_scale = runtime_service::config::TimeScale::new(factor).expect("in range");
+        let runtime =
+            RuntimeServer::start(runtime_service::Config { time_scale, ..runtime_config(memory.addr) }).await;
+        runtime.ready().await;
+        let mut client = runtime.client().await;
+        let started = Instant::now();
+        let mut stream =
+            client.generate(request("test-webllm", 64, 32, 3)).await.expect("admitted").into_inner();
+        let summary = finish(&mut stream, 0).await;
+        let wall = (Instant::now() - started).as_secs_f64();
+        runs.push((wall, secs(summary.time_to_first_token), secs(summary.time_per_output_token)));
+        runtime.stop().await;
+        memory.stop().await;
+    }
+    let [(wall1, ttft1, tpot1), (wall10, ttft10, tpot10)] = runs[..] else { unreachable!() };
+    // The same seeded device: the same simulated times, reached ten times sooner. The schedule
+    // keeps its ideal times (timer lateness never accumulates), so TPOT holds; one event alone
+    // may be seen up to a timer tick (1 ms of wall, 10 ms simulated here) late.
+    assert!((tpot10 / tpot1 - 1.0).abs() < 0.05, "{runs:?}");
+    assert!(ttft10 >= ttft1 - 1e-9 && ttft10 <= ttft1 + 0.010 + 1e-9, "{runs:?}");
+    assert!((wall1 / wall10 - 10.0).abs() < 1.0, "{runs:?}");
+}

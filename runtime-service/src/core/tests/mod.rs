@@ -99,8 +99,13 @@ fn rig_with_slabs(
         slab_blocks,
         kv_events: Arc::new(crate::kv_events::KvEventHub::new(64, 4)),
     };
-    let settings =
-        DeviceSettings { mode, jitter: 0.0, jitter_seed: 1, kv_idle_release: Duration::from_secs(3600) };
+    let settings = DeviceSettings {
+        mode,
+        jitter: 0.0,
+        jitter_seed: 1,
+        kv_idle_release: Duration::from_secs(3600),
+        time_scale: crate::config::TimeScale::REAL,
+    };
     let device = Device::spawn(
         settings,
         vec![(lane, link)],

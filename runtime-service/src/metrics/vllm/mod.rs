@@ -248,6 +248,7 @@ impl Vllm {
             queue: self.queue.with_label_values(&labels),
             prompt: self.prompt.with_label_values(&labels),
             generation: self.generation.with_label_values(&labels),
+            time_scale: crate::config::TimeScale::REAL,
         }
     }
 }

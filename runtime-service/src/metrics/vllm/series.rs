@@ -32,6 +32,8 @@ pub struct ModelSeries {
     pub(super) queue: Histogram,
     pub(super) prompt: Histogram,
     pub(super) generation: Histogram,
+    /// Durations are observed in simulated time: wall time × this.
+    pub(super) time_scale: crate::config::TimeScale,
 }
 
 /// One request's moments, as vLLM's `RequestStateStats` keeps them.
@@ -101,6 +103,12 @@ impl ModelSeries {
         self.cache_labels = Some((block_size, num_gpu_blocks));
     }
 
+    /// These series observe durations in simulated time at `scale`.
+    pub fn in_time_scale(mut self, scale: crate::config::TimeScale) -> Self {
+        self.time_scale = scale;
+        self
+    }
+
     /// A request was first scheduled with the prefix cache on: it looked up `queried` prompt
     /// tokens and found `hit` of them cached (vLLM counts both in tokens).
     pub fn prefix_cache(&self, queried: u32, hit: u32) {
@@ -118,11 +126,14 @@ impl ModelSeries {
     pub fn token(&self, request: &mut RequestStats, at: Instant) {
         match request.last_token {
             None => {
-                self.ttft.observe(at.saturating_duration_since(request.received).as_secs_f64());
+                self.ttft
+                    .observe(self.time_scale.simulated_secs(at.saturating_duration_since(request.received)));
                 self.prompt_tokens.inc_by(u64::from(request.prompt_tokens));
                 request.first_token = Some(at);
             }
-            Some(last) => self.itl.observe(at.saturating_duration_since(last).as_secs_f64()),
+            Some(last) => {
+                self.itl.observe(self.time_scale.simulated_secs(at.saturating_duration_since(last)))
+            }
         }
         request.last_token = Some(at);
         request.generated += 1;
@@ -133,7 +144,7 @@ impl ModelSeries {
     /// whole life waiting: that is its queue time.
     pub fn finished(&self, request: &RequestStats, reason: Finish, at: Instant) {
         self.success[reason as usize].inc();
-        let seconds = |d: Duration| d.as_secs_f64();
+        let seconds = |d: Duration| self.time_scale.simulated_secs(d);
         self.e2e.observe(seconds(at.saturating_duration_since(request.received)));
         let queue = request.queue_time().unwrap_or_else(|| at.saturating_duration_since(request.queued));
         self.queue.observe(seconds(queue));
