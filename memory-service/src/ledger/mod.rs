@@ -13,11 +13,13 @@ mod invariants;
 mod lease;
 mod lifecycle;
 mod limits;
+mod offers;
 mod pool;
 mod pools;
 mod reclaim;
 mod reclaim_ask;
 mod request;
+mod restore;
 mod scopes;
 mod waiters;
 mod waiting;
@@ -51,7 +53,7 @@ use self::{
     waiters::WaitQueue,
 };
 pub use self::{
-    durable::{Batch, Restored, Snapshot, StoredLease, StoredPool, StoredReplay},
+    durable::{Batch, StoredLease, StoredPool, StoredReplay},
     error::Error,
     error::Violations,
     events::{Event, EventKind, ResumeGap, Subscription},
@@ -62,6 +64,7 @@ pub use self::{
         DEFAULT_RECLAIM_TIMEOUT, MAX_OFFERED, OfferHandle, Offered, ReclaimId, ReclaimNotice, StreamId,
     },
     request::{AllocRequest, AllocateOutcome, Feasibility, Grant, PoolFit, Resolved},
+    restore::{Restored, Snapshot},
 };
 
 /// Largest pool: 4 EiB. Bounding capacity bounds every sum of live lease sizes, so the books
