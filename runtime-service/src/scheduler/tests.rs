@@ -1,28 +1,25 @@
 //! Scheduler tests: admission under the token budget and batch size, chunked prefill, preemption
-//! order, and a property test of block accounting over random histories.
-
-use std::sync::Arc;
-
-use proptest::prelude::*;
+//! order, and losing a slab. The prefix cache's are in `tests_cache`, the property test of block
+//! accounting in `tests_props`; both use the helpers here.
 
 use super::*;
 
-const PAGED: StepLimits =
+pub(super) const PAGED: StepLimits =
     StepLimits { max_batch: 8, token_budget: 64, reserve: KvReserve::Paged, prefix_caching: false };
 
-fn scheduler(blocks: u64, limits: StepLimits) -> Scheduler {
+pub(super) fn scheduler(blocks: u64, limits: StepLimits) -> Scheduler {
     let mut s = Scheduler::new(4, limits);
     s.pool_mut().add_slab(blocks);
     s
 }
 
 /// Runs one step: schedule, advance, sample every sequence that may, remove finished ones.
-fn step(s: &mut Scheduler) -> Step {
+pub(super) fn step(s: &mut Scheduler) -> Step {
     step_growing(s, false)
 }
 
 /// [`step`], saying whether more blocks may still come.
-fn step_growing(s: &mut Scheduler, can_grow: bool) -> Step {
+pub(super) fn step_growing(s: &mut Scheduler, can_grow: bool) -> Step {
     let plan = s.schedule(can_grow);
     for id in s.advance(&plan) {
         let seq = s.get_mut(id).expect("scheduled sequence exists");
@@ -197,218 +194,4 @@ fn losing_a_slab_names_the_sequences_that_used_it() {
     assert!(s.get(3).is_some_and(|q| q.blocks.is_empty()));
     s.remove(3);
     s.check().expect("consistent");
-}
-
-/// A prompt of `len` tokens whose first `shared` come from family `family` (prompts of one
-/// family share a prefix, so the cache has something to hit) and the rest from `unique`.
-fn prompt_ids(family: u32, shared: u32, len: u32, unique: u64) -> Arc<[u32]> {
-    (0..len).map(|i| if i < shared { family * 1000 + i } else { (unique as u32) * 7 + i + 100_000 }).collect()
-}
-
-/// A sequence with its prompt's ids and block hashes, as the device builds it with caching on.
-fn cached_seq(id: SeqId, ids: Arc<[u32]>, max: u32) -> SeqState {
-    let hashes = chain_hashes(7, &ids, 4);
-    SeqState::new(id, ids.len() as u32, max).with_prompt(ids, hashes)
-}
-
-/// Every cached block in a sequence's table holds exactly that sequence's tokens at that place
-/// (only full prompt blocks are ever cached).
-fn hits_hold_their_own_tokens(s: &Scheduler) -> Result<(), String> {
-    for id in s.ids() {
-        let seq = s.get(id).expect("listed");
-        for (i, &block) in seq.blocks.iter().enumerate() {
-            let Some(cached) = s.pool().cached_ids(block) else { continue };
-            let own = seq.prompt_ids.get(i * 4..(i + 1) * 4).filter(|_| i < seq.block_hashes.len());
-            if Some(cached) != own {
-                return Err(format!("sequence {id}'s block {i} ({block}) holds other tokens"));
-            }
-        }
-    }
-    Ok(())
-}
-
-#[test]
-fn a_second_prompt_with_the_same_prefix_computes_only_the_rest() {
-    let caching = StepLimits { prefix_caching: true, ..PAGED };
-    let mut s = scheduler(100, caching);
-    let first = prompt_ids(1, 32, 40, 1);
-    s.add(cached_seq(1, first, 2));
-    let plan = step(&mut s);
-    assert_eq!(plan.batch, vec![(1, Work { tokens: 40, context: 0 })]);
-    while !s.is_empty() {
-        step(&mut s);
-    }
-    assert_eq!((s.pool().used_blocks(), s.pool().cached_blocks()), (0, 10), "its 10 full blocks stay cached");
-    // Same 32-token prefix (8 blocks), another ending: the 8 blocks are shared.
-    s.add(cached_seq(2, prompt_ids(1, 32, 40, 2), 2));
-    let plan = step(&mut s);
-    assert_eq!(plan.batch, vec![(2, Work { tokens: 8, context: 32 })], "only the new tokens are computed");
-    assert_eq!(s.get(2).map(|q| q.cached_tokens), Some(Some(32)));
-    // The whole prompt cached: its last block is recomputed (the last token samples).
-    s.add(cached_seq(3, prompt_ids(1, 32, 32, 3), 2));
-    let plan = step(&mut s);
-    assert_eq!(plan.batch.last(), Some(&(3, Work { tokens: 4, context: 28 })));
-    hits_hold_their_own_tokens(&s).expect("hits are exact");
-    s.check().expect("consistent");
-}
-
-#[test]
-fn two_prompts_with_one_prefix_admitted_in_one_step_compute_it_once() {
-    let caching = StepLimits { prefix_caching: true, ..PAGED };
-    let mut s = scheduler(100, caching);
-    s.add(cached_seq(1, prompt_ids(1, 32, 36, 1), 2));
-    s.add(cached_seq(2, prompt_ids(1, 32, 36, 2), 2));
-    let plan = step(&mut s);
-    assert_eq!(
-        plan.batch,
-        vec![(1, Work { tokens: 36, context: 0 }), (2, Work { tokens: 4, context: 32 })],
-        "the second shares the 8 blocks the first computes in the same step"
-    );
-    assert_eq!(s.get(2).map(|q| q.cached_tokens), Some(Some(32)));
-    s.check().expect("consistent");
-}
-
-#[test]
-fn preemption_drops_references_not_the_cached_prefix() {
-    let caching = StepLimits { prefix_caching: true, max_batch: 8, token_budget: 64, ..PAGED };
-    // 12 blocks: sequence 1 takes 10 (prompt 36 + growth), then 2 needs more than the rest.
-    let mut s = scheduler(12, caching);
-    s.add(cached_seq(1, prompt_ids(1, 36, 36, 1), 8));
-    step(&mut s);
-    s.add(cached_seq(2, prompt_ids(2, 20, 20, 2), 8));
-    for _ in 0..6 {
-        step(&mut s);
-    }
-    s.check().expect("consistent");
-    hits_hold_their_own_tokens(&s).expect("hits are exact");
-    while !s.is_empty() {
-        let plan = step(&mut s);
-        if plan.batch.is_empty() && plan.shortfall > 0 {
-            s.pool_mut().add_slab(plan.shortfall);
-        }
-    }
-    assert_eq!(s.pool().used_blocks(), 0);
-    assert!(s.pool().cached_blocks() > 0, "what was cached stays cached after the preemptions");
-}
-
-#[derive(Debug, Clone)]
-enum Op {
-    Arrive { prompt: u32, max: u32 },
-    ArriveShared { family: u32, shared: u32, extra: u32, max: u32 },
-    Step(bool),
-    LoseSlab(usize),
-    Cancel(usize),
-    Pause(usize),
-    AddSlab(u64),
-    ReturnIdleSlab,
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        (1u32..40, 1u32..30).prop_map(|(prompt, max)| Op::Arrive { prompt, max }),
-        (0u32..3, 0u32..24, 1u32..12, 1u32..20).prop_map(|(family, shared, extra, max)| Op::ArriveShared {
-            family,
-            shared,
-            extra,
-            max
-        }),
-        any::<bool>().prop_map(Op::Step),
-        any::<bool>().prop_map(Op::Step),
-        any::<bool>().prop_map(Op::Step),
-        (0usize..8).prop_map(Op::LoseSlab),
-        (0usize..16).prop_map(Op::Cancel),
-        (0usize..16).prop_map(Op::Pause),
-        (1u64..12).prop_map(Op::AddSlab),
-        Just(Op::ReturnIdleSlab),
-    ]
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
-
-    /// Blocks in use equal the sum over sequences (a shared cached block once per sequence), no
-    /// block is in two states, the cache's index and LRU agree with the blocks, a cache hit never
-    /// hands a sequence a block holding other tokens, every block comes back when every
-    /// sequence is gone, and a sequence with blocks always runs to completion: under random
-    /// arrivals (some sharing prefixes), steps, hits, evictions, preemptions, cancels, slab loss.
-    #[test]
-    fn block_accounting_holds_under_any_history(
-        ops in proptest::collection::vec(op(), 1..120),
-        reserve in prop_oneof![Just(KvReserve::Paged), Just(KvReserve::Upfront)],
-        budget in 1u32..64,
-        prefix_caching in any::<bool>(),
-    ) {
-        let mut s = scheduler(4, StepLimits { max_batch: 4, token_budget: budget, reserve, prefix_caching });
-        let mut next = 0;
-        for op in ops {
-            match op {
-                Op::Arrive { prompt, max } => {
-                    // As the device does: refuse what the whole pool could never hold.
-                    if s.pool().blocks_for(prompt + max) <= s.pool().total_blocks() {
-                        s.add(SeqState::new(next, prompt, max));
-                        next += 1;
-                    }
-                }
-                Op::ArriveShared { family, shared, extra, max } => {
-                    let ids = prompt_ids(family, shared, shared + extra, next);
-                    if s.pool().blocks_for(ids.len() as u32 + max) <= s.pool().total_blocks() {
-                        s.add(cached_seq(next, ids, max));
-                        next += 1;
-                    }
-                }
-                Op::Step(can_grow) => { step_growing(&mut s, can_grow); }
-                Op::LoseSlab(i) => {
-                    // memory-service lost a slab: the device fails whoever held blocks in it.
-                    let slabs = s.pool().slab_ids();
-                    if !slabs.is_empty() {
-                        for id in s.lose_slab(slabs[i % slabs.len()]) {
-                            s.remove(id);
-                        }
-                    }
-                }
-                Op::Cancel(i) | Op::Pause(i) if s.is_empty() => { let _ = i; }
-                Op::Cancel(i) => {
-                    let ids: Vec<_> = s.ids().collect();
-                    s.remove(ids[i % ids.len()]);
-                }
-                Op::Pause(i) => {
-                    let ids: Vec<_> = s.ids().collect();
-                    let seq = s.get_mut(ids[i % ids.len()]).expect("listed");
-                    seq.paused = !seq.paused;
-                }
-                Op::AddSlab(n) => { s.pool_mut().add_slab(n); }
-                Op::ReturnIdleSlab => {
-                    let idle = s.pool().idle_slabs().next();
-                    if let Some((id, _)) = idle { prop_assert!(s.pool_mut().remove_slab(id)); }
-                    // Memory kept only as a cache gives way (a reclaim, or a starved lane).
-                    let cache_only = s.pool().cache_only_slabs().next();
-                    if let Some((id, _)) = cache_only { prop_assert!(s.pool_mut().evict_slab(id)); }
-                }
-            }
-            s.check().map_err(TestCaseError::fail)?;
-            hits_hold_their_own_tokens(&s).map_err(TestCaseError::fail)?;
-            let _ = s.pool_mut().take_events();
-        }
-        // Unpause everything and run to the end, leasing a slab whenever a step could run nothing
-        // for want of blocks (as the device's leaser does): every sequence finishes (no
-        // deadlock) and every block comes back.
-        let ids: Vec<_> = s.ids().collect();
-        for id in ids {
-            if let Some(seq) = s.get_mut(id) { seq.paused = false; }
-        }
-        for _ in 0..20_000 {
-            if s.is_empty() { break; }
-            let plan = step(&mut s);
-            if plan.batch.is_empty() && plan.shortfall > 0 {
-                s.pool_mut().add_slab(plan.shortfall);
-            }
-        }
-        prop_assert!(s.is_empty(), "sequences left: {}", s.waiting() + s.running());
-        prop_assert_eq!(s.pool().used_blocks(), 0);
-        prop_assert!(prefix_caching || s.pool().cached_blocks() == 0, "nothing cached with caching off");
-        for id in s.pool().slab_ids() {
-            prop_assert!(s.pool_mut().evict_slab(id), "no block is referenced once every sequence is gone");
-        }
-        prop_assert_eq!((s.pool().total_blocks(), s.pool().cached_blocks()), (0, 0));
-    }
 }
