@@ -160,5 +160,5 @@ async fn grant_revoke(mut grpc: Grpc<Channel>) -> Grpc<Channel> {
 /// Grant+revoke pairs for `round` from `concurrency` tasks on one connection; RPCs per second
 /// (two per pair, as Allocate+Free is counted).
 pub async fn grant_revoke_rate(channel: &Channel, concurrency: usize, round: Duration) -> f64 {
-    super::pair_rate(concurrency, round, || Grpc::new(channel.clone()), grant_revoke).await
+    super::load::pair_rate(concurrency, round, || Grpc::new(channel.clone()), grant_revoke).await
 }

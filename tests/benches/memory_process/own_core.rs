@@ -10,7 +10,11 @@ use std::process::{Command, Stdio};
 use e2e::{certs::TempDir, process::Process};
 use tokio::time::Instant;
 
-use super::{Kind, QUIET, ROUNDS, connect, cpu_per_call, etcd, measure, median, process_ticks};
+use super::{
+    Kind, QUIET, ROUNDS, connect,
+    cpu::{cpu_per_call, process_ticks},
+    etcd, measure, median,
+};
 
 /// The core the servers run on; the client runs on core 0.
 const SERVER_CPU: &str = "1";

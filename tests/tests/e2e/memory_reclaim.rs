@@ -2,16 +2,20 @@
 //! as a cache, offers them on its KeepAlive stream and goes idle; holder B's Allocate waits for
 //! room. A is asked for just what B lacks, and B is granted when A gives it back, or when A's
 //! silence costs it those leases; a decline or the end of A's stream costs A nothing.
+//!
+//! Here, the holders and the asks between them; refused offers are in `refusals`, reclaim across
+//! a restart in `durable`, both with the helpers here.
+
+mod durable;
+mod refusals;
 
 use std::time::Duration;
 
-use e2e::{
-    MemoryServer, alloc, certs::TempDir, config_with_pools, pb_duration, sample, stats, wait_for_waiters,
-};
+use e2e::{MemoryServer, alloc, config_with_pools, pb_duration, sample, stats, wait_for_waiters};
 use memory_service::Config;
 use proto::memory::v1::{
     AllocateResponse, EventKind, FreeRequest, KeepAliveRequest, KeepAliveResponse, ReclaimRequest,
-    ReclaimableSet, RenewLeaseRequest, WatchEventsRequest, memory_service_client::MemoryServiceClient,
+    ReclaimableSet, WatchEventsRequest, memory_service_client::MemoryServiceClient,
     watch_events_response::Item,
 };
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
@@ -256,96 +260,5 @@ async fn a_stream_that_ends_takes_its_offer_and_asks_with_it() {
     assert!(wait_for_waiters(&mut a, "kv-cache", 1).await);
     assert_eq!(stream.asked().await.lease_ids, leases[5..6]);
     drop(b);
-    server.stop().await;
-}
-
-#[tokio::test]
-async fn bad_reclaimable_sets_are_refused_with_every_violation() {
-    let (server, mut a, leases) = filled(Duration::from_secs(1)).await;
-    let mut stream = Holder::open(&mut a).await;
-    let mut ids = vec!["nope".to_owned(), leases[0].clone(), "ABC".to_owned()];
-    ids.extend(std::iter::repeat_n(leases[1].clone(), 1024));
-    stream
-        .tx
-        .send(KeepAliveRequest { reclaimable: Some(ReclaimableSet { lease_ids: ids }), ..Default::default() })
-        .await
-        .unwrap();
-    let err = stream.replies.message().await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(
-        e2e::bad_request_fields(&err),
-        ["reclaimable.lease_ids", "reclaimable.lease_ids[0]", "reclaimable.lease_ids[2]"]
-    );
-    // However many ids are malformed, the refusal fits in the trailers: the first 16 violations
-    // and a count of the rest.
-    let mut stream = Holder::open(&mut a).await;
-    let bad: Vec<String> = (0..1024).map(|i| format!("not-a-lease-{i}-{}", "x".repeat(64))).collect();
-    let set = ReclaimableSet { lease_ids: bad.clone() };
-    stream
-        .tx
-        .send(KeepAliveRequest { lease_ids: bad, reclaimable: Some(set), ..Default::default() })
-        .await
-        .unwrap();
-    let err = stream.replies.message().await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(e2e::bad_request_fields(&err).len(), 17);
-    assert!(err.message().contains("2032 more violation(s)"), "{}", err.message());
-    // An empty set is valid on its own, and unknown ids are reported, not offered.
-    let mut stream = Holder::open(&mut a).await;
-    assert_eq!(stream.offer(&[]).await.reclaimable_leases, 0);
-    let gone = "0".repeat(32);
-    let reply = stream.offer(&[leases[0].clone(), gone.clone()]).await;
-    assert_eq!((reply.reclaimable_leases, reply.not_found), (1, vec![gone]));
-    server.stop().await;
-}
-
-/// With `--state-dir`, a revocation is a change like an expiry: committed (its events released
-/// once on disk) and kept by a restart. Asks are not: a restart ends every stream, so an ask
-/// open at the time counts as declined, and its lease stays.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_a_state_dir_a_revocation_is_kept_and_an_open_ask_is_not() {
-    let dir = TempDir::new("memory-reclaim");
-    let durable = |timeout| Config { state_dir: Some(dir.path().to_path_buf()), ..pool_config(timeout) };
-    // First life: a short timeout, in real time (the committer is a thread of its own, which a
-    // paused clock would not wait for).
-    let (server, mut a, leases) = filled_with(durable(Duration::from_millis(200))).await;
-    let addr = server.addr;
-    let filter = WatchEventsRequest { kinds: vec![EventKind::Revoked.into()], ..Default::default() };
-    let mut events = a.watch_events(filter).await.expect("watch").into_inner();
-    let mut stream = Holder::open(&mut a).await;
-    stream.offer(&leases).await;
-    let b = b_waits(&server, 20, Duration::from_secs(10)).await;
-    assert_eq!(stream.asked().await.lease_ids, leases[..2]);
-    b.await.expect("B's task").expect("B granted by the revocation");
-    for lease_id in &leases[..2] {
-        let Some(Ok(reply)) = events.next().await else { panic!("event stream ended") };
-        let Some(Item::Event(event)) = reply.item else { panic!("expected an event") };
-        assert_eq!((event.kind(), &event.lease_id), (EventKind::Revoked, lease_id));
-    }
-    drop(stream);
-    server.stop().await;
-
-    // Second life: a long timeout; a restart comes while lease 2 is asked.
-    let server = MemoryServer::start_at(addr, durable(Duration::from_secs(60))).await;
-    let mut a = server.client().await;
-    let mut stream = Holder::open(&mut a).await;
-    stream.offer(&leases[2..]).await;
-    let b = b_waits(&server, 10, Duration::from_secs(10)).await;
-    assert_eq!(stream.asked().await.lease_ids, leases[2..3]);
-    // The stream ends with the server's drain (or, after a crash, with the process): either
-    // way the ask ends unanswered, and its lease is not revoked.
-    server.stop().await;
-    drop(stream);
-    assert_eq!(b.await.expect("B's task").unwrap_err().code(), Code::Unavailable);
-
-    // Third life: the revoked leases are gone, the asked one is still A's.
-    let server = MemoryServer::start_at(addr, durable(Duration::from_secs(60))).await;
-    let mut a = server.client().await;
-    let kv = stats(&mut a, "kv-cache").await;
-    assert_eq!((kv.used_bytes, kv.live_leases, kv.reclaimable_bytes, kv.reclaiming_bytes), (100, 9, 0, 0));
-    assert_eq!((kv.reclaim_asked_total, kv.revoked_total, kv.reclaim_declined_total), (3, 2, 1));
-    let renew = |lease_id: &String| RenewLeaseRequest { lease_id: lease_id.clone() };
-    assert_eq!(a.renew_lease(renew(&leases[0])).await.unwrap_err().code(), Code::NotFound);
-    a.renew_lease(renew(&leases[2])).await.expect("the lease asked at the restart is kept");
     server.stop().await;
 }

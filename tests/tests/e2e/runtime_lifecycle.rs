@@ -2,24 +2,24 @@
 //! deadline, shutdown; plus a small kv-cache pool, load shedding, and memory-service going away
 //! and coming back. A generation's KV blocks go back to the device at once; the device's slabs go
 //! back to memory-service as soon as the model falls idle (the tests' linger is zero).
+//!
+//! Here, the ways one generation ends and what load does; shutting the runtime down is in
+//! `shutdown`, memory-service going away in `memory_loss`, both with the helpers here.
+
+mod memory_loss;
+mod shutdown;
 
 use std::time::Duration;
 
 use e2e::{
     MemoryServer, RuntimeServer, TEST_BLOCK_BYTES, config_with_pools, runtime_config, stats, wait_for_used,
 };
-use proto::{
-    memory::v1::{EventKind, WatchEventsRequest, watch_events_response::Item as MemItem},
-    runtime::v1::{
-        CancelRequest, GenerateRequest, GenerateResponse, generate_response::Item,
-        runtime_service_client::RuntimeServiceClient,
-    },
+use proto::runtime::v1::{
+    CancelRequest, GenerateRequest, GenerateResponse, generate_response::Item,
+    runtime_service_client::RuntimeServiceClient,
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, Status, Streaming, transport::Channel};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
 use tonic_types::StatusExt;
 
 const POOLS: &[(&str, u64)] = &[("kv-cache", 64 << 20), ("activations", 64 << 20), ("uniforms", 64 << 20)];
@@ -112,52 +112,6 @@ async fn a_deadline_mid_stream_frees_its_memory() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_drain_lets_streams_in_flight_finish_refuses_new_ones_and_returns_all_memory() {
-    let (memory, mut runtime, mut client) = stack(|_| {}).await;
-    let mut stream = client.generate(request(400, "in-flight")).await.unwrap().into_inner();
-    read_tokens(&mut stream, 2).await;
-
-    runtime.begin_shutdown();
-    // Health says NOT_SERVING at once, so endpoints are removed ...
-    let mut health = HealthClient::new(runtime.channel().await);
-    let check = HealthCheckRequest { service: "runtime.v1.RuntimeService".into() };
-    let mut watch = health.watch(check).await.unwrap().into_inner();
-    while watch.next().await.unwrap().unwrap().status() != ServingStatus::NotServing {}
-    // ... a new generation is refused with UNAVAILABLE and a retry hint ...
-    let refused = client.generate(request(5, "too-late")).await.unwrap_err();
-    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-    assert!(refused.get_error_details().retry_info().is_some(), "{refused:?}");
-    // ... and the one in flight runs to its end (400 tokens of 3 ms, well inside the 10 s grace).
-    outcome(&mut stream).await.expect("finished during the drain");
-    runtime.join().await;
-    let mut pools = memory.client().await;
-    for pool in ["kv-cache", "activations", "uniforms"] {
-        let s = stats(&mut pools, pool).await;
-        assert_eq!((s.used_bytes, s.live_leases), (0, 0), "{pool} returned at shutdown: {s:?}");
-    }
-    memory.stop().await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_stream_longer_than_the_grace_period_is_cancelled_when_it_ends() {
-    let (memory, mut runtime, mut client) = stack(|c| c.grace_period = Duration::from_millis(300)).await;
-    let mut stream = client.generate(request(400, "too-long")).await.unwrap().into_inner();
-    read_tokens(&mut stream, 2).await;
-    let started = tokio::time::Instant::now();
-    runtime.begin_shutdown();
-    let err = outcome(&mut stream).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    let took = tokio::time::Instant::now() - started;
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(400), "{took:?}");
-    runtime.join().await;
-    let mut pools = memory.client().await;
-    for pool in ["kv-cache", "activations", "uniforms"] {
-        assert_eq!(stats(&mut pools, pool).await.used_bytes, 0, "{pool} returned");
-    }
-    memory.stop().await;
-}
-
-#[tokio::test(start_paused = true)]
 async fn twenty_generations_on_a_small_kv_pool_all_complete_by_waiting_for_blocks() {
     // kv-cache for two generations at a time: each reaches 7 + 19 tokens, two 16-token blocks.
     let memory = MemoryServer::start(config_with_pools(&[
@@ -246,58 +200,6 @@ async fn waiting_too_long_for_the_first_token_is_a_deadline() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn memory_service_down_is_unavailable_fast_and_service_resumes_when_it_returns() {
-    let mut memory = MemoryServer::start(config_with_pools(POOLS)).await;
-    let addr = memory.addr;
-    let runtime = RuntimeServer::start(runtime_config(addr)).await;
-    runtime.ready().await;
-    let mut client = runtime.client().await;
-    // One generation first: the runtime knows the pools, and its slab went back when it ended.
-    let mut stream = client.generate(request(5, "before")).await.unwrap().into_inner();
-    outcome(&mut stream).await.expect("served");
-    wait_for_used(&memory, "kv-cache", 0).await;
-
-    memory.begin_shutdown();
-    memory.join().await;
-    drop(memory);
-
-    let started = tokio::time::Instant::now();
-    let mut stream = client.generate(request(5, "while-down")).await.unwrap().into_inner();
-    let err = outcome(&mut stream).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    // The device needs a slab; the first failed lease fails the waiting sequence: no wait for
-    // its deadline.
-    assert!(tokio::time::Instant::now() - started < Duration::from_secs(1));
-
-    // memory-service comes back on the same address, empty (a new epoch).
-    let memory = MemoryServer::start_at(addr, config_with_pools(POOLS)).await;
-    let mut uniforms = memory
-        .client()
-        .await
-        .watch_events(WatchEventsRequest {
-            pools: vec!["uniforms".into()],
-            kinds: vec![EventKind::Allocated.into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut stream = client.generate(request(5, "after")).await.unwrap().into_inner();
-    outcome(&mut stream).await.expect("served again once memory-service is back");
-    // The runtime notices the restart and leases its model's uniforms again.
-    let Some(MemItem::Event(event)) = uniforms.next().await.unwrap().unwrap().item else { panic!("event") };
-    assert_eq!((event.size_bytes, event.holder.as_str()), (1_000_000, "test-runtime"));
-    runtime.ready().await;
-    // And keeps them: several renewal rounds later they are still held, exactly once.
-    tokio::time::sleep(Duration::from_secs(35)).await;
-    let mut pools = memory.client().await;
-    let held = stats(&mut pools, "uniforms").await;
-    assert_eq!((held.used_bytes, held.live_leases, held.expired_total), (1_000_000, 1, 0), "{held:?}");
-    runtime.stop().await;
-    memory.stop().await;
-}
-
-#[tokio::test(start_paused = true)]
 async fn a_stream_longer_than_the_first_token_limit_loses_no_token() {
     let (memory, runtime, mut client) = stack(|c| {
         c.ttft_timeout = Duration::from_millis(50);
@@ -316,27 +218,6 @@ async fn a_stream_longer_than_the_first_token_limit_loses_no_token() {
     }
     assert_eq!(indices, (0..100).collect::<Vec<_>>());
     runtime.stop().await;
-    memory.stop().await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn shutdown_is_bounded_even_if_a_client_stops_reading() {
-    let (memory, mut runtime, _) = stack(|c| c.grace_period = Duration::from_secs(3)).await;
-    // A client whose HTTP/2 window holds ~1 KiB: the generation soon blocks on it.
-    let tiny = runtime.tiny_window_channel().await;
-    let mut client = RuntimeServiceClient::new(tiny);
-    let mut stream = client.generate(request(400, "stuck")).await.unwrap().into_inner();
-    read_tokens(&mut stream, 1).await; // then never read again
-    tokio::time::sleep(Duration::from_millis(500)).await; // long enough to fill every buffer
-    let started = tokio::time::Instant::now();
-    runtime.begin_shutdown();
-    runtime.join().await;
-    assert!(tokio::time::Instant::now() - started <= Duration::from_secs(5), "grace + 2 s at most");
-    let mut pools = memory.client().await;
-    for pool in ["kv-cache", "activations", "uniforms"] {
-        assert_eq!(stats(&mut pools, pool).await.used_bytes, 0, "{pool} returned");
-    }
-    drop(stream);
     memory.stop().await;
 }
 
@@ -367,67 +248,6 @@ async fn a_stream_cut_while_its_client_was_not_reading_ends_with_its_error() {
     assert!(tokens < 400, "{tokens} tokens");
     let mut pools = memory.client().await;
     assert_eq!(stats(&mut pools, "kv-cache").await.used_bytes, 0, "its blocks returned");
-    runtime.stop().await;
-    memory.stop().await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_generation_whose_memory_is_lost_ends_unavailable() {
-    let mut memory = MemoryServer::start(config_with_pools(POOLS)).await;
-    let addr = memory.addr;
-    let mut config = runtime_config(addr);
-    config.lease_ttl = Duration::from_millis(300); // renewed every 100 ms
-    let runtime = RuntimeServer::start(config).await;
-    runtime.ready().await;
-    let mut client = runtime.client().await;
-    let mut stream = client.generate(request(400, "orphaned")).await.unwrap().into_inner();
-    read_tokens(&mut stream, 2).await;
-
-    // memory-service restarts: every lease of the old epoch is gone.
-    memory.begin_shutdown();
-    memory.join().await;
-    drop(memory);
-    let memory = MemoryServer::start_at(addr, config_with_pools(POOLS)).await;
-
-    let err = outcome(&mut stream).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("lost"), "{}", err.message());
-    // Nothing of the orphaned generation exists in the new epoch.
-    wait_for_used(&memory, "kv-cache", 0).await;
-    runtime.stop().await;
-    memory.stop().await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn losing_memory_service_turns_not_serving_within_a_second_and_ready_again_only_with_fresh_leases() {
-    let mut memory = MemoryServer::start(config_with_pools(POOLS)).await;
-    let addr = memory.addr;
-    let runtime = RuntimeServer::start(runtime_config(addr)).await;
-    runtime.ready().await;
-    let mut health = HealthClient::new(runtime.channel().await);
-    let check = HealthCheckRequest { service: "runtime.v1.RuntimeService".into() };
-    let mut watch = health.watch(check).await.unwrap().into_inner();
-    assert_eq!(watch.next().await.unwrap().unwrap().status(), ServingStatus::Serving);
-
-    // memory-service stops: its keep-alive stream ends, and that is the signal (the renewal
-    // interval is 10 s).
-    let lost = tokio::time::Instant::now();
-    memory.begin_shutdown();
-    memory.join().await;
-    drop(memory);
-    while watch.next().await.unwrap().unwrap().status() != ServingStatus::NotServing {}
-    assert!(tokio::time::Instant::now() - lost < Duration::from_secs(1), "NOT_SERVING within a second");
-
-    // It comes back empty (a new epoch): the runtime is ready again only once it holds its
-    // weights and activations in the new epoch.
-    let memory = MemoryServer::start_at(addr, config_with_pools(POOLS)).await;
-    while watch.next().await.unwrap().unwrap().status() != ServingStatus::Serving {}
-    let mut pools = memory.client().await;
-    assert_eq!(stats(&mut pools, "uniforms").await.used_bytes, 1_000_000, "weights leased again");
-    assert_eq!(stats(&mut pools, "activations").await.live_leases, 1, "activations leased again");
-    let mut client = runtime.client().await;
-    let mut stream = client.generate(request(5, "after")).await.unwrap().into_inner();
-    outcome(&mut stream).await.expect("served again");
     runtime.stop().await;
     memory.stop().await;
 }
