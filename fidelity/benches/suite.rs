@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use e2e::process::Process;
 use fidelity::{
-    ReplayOptions, Report, Target,
+    ReplayOptions, ReplayReport, Target,
     published::{self, Comparison, Mapping},
 };
 
@@ -69,7 +69,7 @@ async fn replay(scenario: &published::Scenario, time_scale: f64) -> Result<Vec<C
         ..ReplayOptions::default()
     };
     let run = target.replay(Arc::new(plan), &options).await.map_err(|e| e.to_string())?;
-    let report = Report::of_run(&run);
+    let report = ReplayReport::of_run(&run);
     runtime.stop();
     memory.stop();
     if report.failed > 0 {

@@ -1,4 +1,4 @@
-//! Replays a [`Plan`] against a live runtime-service over its engine dialect
+//! Replays a [`Schedule`] against a live runtime-service over its engine dialect
 //! (`vllm.grpc.engine.VllmEngine`), timing every streamed chunk on tokio's clock.
 
 use std::{
@@ -22,7 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     record::{Chunk, Failure, RequestRecord},
-    workload::{Pacing, Plan, PlannedRequest},
+    workload::{Pacing, PlannedRequest, Schedule},
 };
 
 /// The slowest time scale: a thousand times slower than real time. With the workload's bound on
@@ -132,7 +132,7 @@ impl Target {
     /// recorded in the run, never returned: only bad options stop a replay before it starts.
     pub async fn replay(
         &self,
-        plan: impl Into<Arc<Plan>>,
+        plan: impl Into<Arc<Schedule>>,
         options: &ReplayOptions,
     ) -> Result<Run, DriveError> {
         let scale = options.time_scale;

@@ -3,10 +3,10 @@
 //!
 //! The pieces, in the order a bench uses them:
 //! - [`WorkloadSpec`] reads a workload ([`WorkloadSpec::from_toml`], [`WorkloadSpec::from_jsonl`])
-//!   and [`WorkloadSpec::expand`]s it into a [`Plan`] for a model's vocabulary;
+//!   and [`WorkloadSpec::expand`]s it into a [`Schedule`] for a model's vocabulary;
 //! - [`Target`] connects to runtime-service's engine dialect, reads the vocabulary
 //!   ([`Target::model_info`]) and [`Target::replay`]s a plan into a [`Run`] of [`RequestRecord`]s;
-//! - [`Report`] summarises a run (TTFT, TPOT, ITL, E2E; throughput);
+//! - [`ReplayReport`] summarises a run (TTFT, TPOT, ITL, E2E; throughput);
 //! - [`published`] reads `published.toml`, turns each point into a [`published::Scenario`] (a
 //!   workload plus the runtime flags for that GPU) and compares a report with the point.
 //!
@@ -67,7 +67,7 @@ pub mod workload;
 
 pub use drive::{DriveError, MAX_TIME_SCALE, MIN_TIME_SCALE, ReplayOptions, Run, Target};
 pub use record::{Chunk, Failure, RequestRecord};
-pub use report::{Report, Stats, percentile};
+pub use report::{ReplayReport, Stats, percentile};
 pub use workload::{
-    Arrival, Pacing, Plan, PlannedRequest, RequestClass, SharedPrefix, SpecError, Violation, WorkloadSpec,
+    Arrival, Pacing, PlannedRequest, RequestClass, Schedule, SharedPrefix, SpecError, Violation, WorkloadSpec,
 };

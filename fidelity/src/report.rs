@@ -49,7 +49,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// What a replay measured.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Report {
+pub struct ReplayReport {
     /// Requests that completed.
     pub completed: usize,
     /// Requests that failed.
@@ -84,15 +84,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-impl Report {
+impl ReplayReport {
     /// The report of a run.
-    pub fn of_run(run: &Run) -> Report {
-        Report { max_in_flight: run.max_in_flight, ..Report::of_records(&run.records) }
+    pub fn of_run(run: &Run) -> ReplayReport {
+        ReplayReport { max_in_flight: run.max_in_flight, ..ReplayReport::of_records(&run.records) }
     }
 
     /// The report of `records`. Latencies count completed requests only; the run's duration
     /// spans every request, failed ones included, as vLLM's benchmark times the whole gather.
-    pub fn of_records(records: &[RequestRecord]) -> Report {
+    pub fn of_records(records: &[RequestRecord]) -> ReplayReport {
         let done: Vec<&RequestRecord> = records.iter().filter(|r| r.succeeded()).collect();
         let mut failures = BTreeMap::new();
         for failure in records.iter().filter_map(|r| r.failure.as_ref()) {
@@ -108,7 +108,7 @@ impl Report {
         let tpot: Vec<f64> = done.iter().filter_map(|r| r.tpot()).map(ms).collect();
         let itl: Vec<f64> = done.iter().flat_map(|r| r.itls()).map(ms).collect();
         let e2e: Vec<f64> = done.iter().map(|r| ms(r.e2e())).collect();
-        Report {
+        ReplayReport {
             completed: done.len(),
             failed: records.len() - done.len(),
             failures,
@@ -154,7 +154,7 @@ impl Report {
         [("ttft", self.ttft), ("tpot", self.tpot), ("itl", self.itl), ("e2e", self.e2e)]
     }
 
-    /// One line of `key=value` pairs (see [`Report::fields`]), then `failures.{reason}=n`:
+    /// One line of `key=value` pairs (see [`ReplayReport::fields`]), then `failures.{reason}=n`:
     /// for scripts to grep. Values print with Rust's shortest round-trip form.
     pub fn key_values(&self) -> String {
         let mut pairs: Vec<String> = self.fields().into_iter().map(|(k, v)| format!("{k}={v}")).collect();

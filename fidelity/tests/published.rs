@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use fidelity::{
-    Arrival, Report, Stats,
+    Arrival, ReplayReport, Stats,
     published::{self, Latency, Mapping, Metric, Point, RUNTIME_PRESETS, Stat},
 };
 
@@ -153,9 +153,9 @@ fn limits_follow_the_engine_generation_unless_the_source_states_them() {
     );
 }
 
-fn report(duration_s: f64, total_tok_s: f64, p50s: [f64; 4]) -> Report {
+fn report(duration_s: f64, total_tok_s: f64, p50s: [f64; 4]) -> ReplayReport {
     let stats = |p50: f64| Some(Stats { count: 1, mean: p50, p50, p90: p50, p99: p50 });
-    Report {
+    ReplayReport {
         completed: 1,
         failed: 0,
         failures: BTreeMap::new(),

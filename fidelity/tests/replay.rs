@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use e2e::{MemoryServer, RuntimeServer, config_with_pools, runtime_config};
-use fidelity::{DriveError, Failure, Pacing, Plan, ReplayOptions, Report, Run, Target, WorkloadSpec};
+use fidelity::{
+    DriveError, Failure, Pacing, ReplayOptions, ReplayReport, Run, Schedule, Target, WorkloadSpec,
+};
 
 const POOLS: &[(&str, u64)] = &[("kv-cache", 64 << 20), ("activations", 64 << 20), ("uniforms", 64 << 20)];
 
@@ -23,7 +25,7 @@ fn workload(arrival: &str) -> WorkloadSpec {
     .expect("valid workload")
 }
 
-async fn replay(target: &Target, spec: &WorkloadSpec, options: &ReplayOptions) -> (Plan, Run) {
+async fn replay(target: &Target, spec: &WorkloadSpec, options: &ReplayOptions) -> (Schedule, Run) {
     let vocab = target.model_info().await.expect("GetModelInfo").vocab_size;
     let plan = spec.expand(vocab).expect("expands");
     let run = target.replay(plan.clone(), options).await.expect("replays");
@@ -47,7 +49,7 @@ fn assert_all_exact(run: &Run, output_tokens: u32) {
         assert!(r.sent >= r.scheduled, "never sent before its arrival time");
         assert!(r.chunks.windows(2).all(|w| w[0].at <= w[1].at) && r.ended >= r.chunks[0].at);
     }
-    let report = Report::of_run(run);
+    let report = ReplayReport::of_run(run);
     eprintln!("{}", report.table());
     assert_eq!((report.completed, report.failed), (run.records.len(), 0));
     assert_eq!(report.output_tokens, u64::from(output_tokens) * run.records.len() as u64);
@@ -102,7 +104,7 @@ async fn refused_requests_are_counted_by_code_and_the_rest_complete() {
     )
     .expect("valid workload");
     let (_, run) = replay(&target, &spec, &ReplayOptions::default()).await;
-    let report = Report::of_run(&run);
+    let report = ReplayReport::of_run(&run);
     eprintln!("{}\n{}", report.table(), report.key_values());
     assert_eq!((report.completed, report.failed), (3, 2));
     assert_eq!(report.failures.get("InvalidArgument"), Some(&2));

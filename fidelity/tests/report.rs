@@ -1,8 +1,8 @@
-//! Report statistics on known inputs: numpy's percentiles and vLLM's TTFT/TPOT/ITL definitions.
+//! ReplayReport statistics on known inputs: numpy's percentiles and vLLM's TTFT/TPOT/ITL definitions.
 
 use std::time::Duration;
 
-use fidelity::{Chunk, Failure, Report, RequestRecord, Stats, percentile};
+use fidelity::{Chunk, Failure, ReplayReport, RequestRecord, Stats, percentile};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -78,7 +78,7 @@ fn the_report_counts_completed_requests_and_spans_the_whole_run() {
         failed,
         timed_out,
     ];
-    let report = Report::of_records(&records);
+    let report = ReplayReport::of_records(&records);
     assert_eq!((report.completed, report.failed), (3, 2));
     assert_eq!(
         report.failures.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>(),
@@ -112,9 +112,9 @@ fn the_report_counts_completed_requests_and_spans_the_whole_run() {
 fn a_run_where_nothing_completed_reports_no_latencies() {
     let mut lost = record(0, 0, &[]);
     lost.failure = Some(Failure::Incomplete);
-    let report = Report::of_records(&[lost]);
+    let report = ReplayReport::of_records(&[lost]);
     assert_eq!((report.completed, report.failed, report.ttft, report.e2e), (0, 1, None, None));
     assert_eq!(report.request_throughput, 0.0);
     assert!(!report.key_values().contains("ttft"));
-    assert_eq!(Report::of_records(&[]).duration_s, 0.0);
+    assert_eq!(ReplayReport::of_records(&[]).duration_s, 0.0);
 }

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use fidelity::{
-    ReplayOptions, Report, Target, WorkloadSpec,
+    ReplayOptions, ReplayReport, Target, WorkloadSpec,
     published::{self, Mapping},
 };
 
@@ -132,7 +132,7 @@ async fn run(args: Args) -> Result<ExitCode, (u8, String)> {
         ..ReplayOptions::default()
     };
     let run = target.replay(Arc::new(plan), &options).await.map_err(|e| usage(e.to_string()))?;
-    let report = Report::of_run(&run);
+    let report = ReplayReport::of_run(&run);
     match args.format {
         Format::Table => print(&report.table()),
         Format::Kv => print(&report.key_values()),

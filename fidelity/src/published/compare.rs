@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use super::{Point, limits::scheduler_steps};
-use crate::report::Report;
+use crate::report::ReplayReport;
 
 /// A metric a point may publish; its key in `published.toml` is [`Metric::key`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -70,7 +70,7 @@ impl Metric {
         all
     }
 
-    /// Its key in `published.toml` (and in [`Report::fields`]).
+    /// Its key in `published.toml` (and in [`ReplayReport::fields`]).
     pub fn key(self) -> String {
         let name = match self {
             Metric::BatchLatency => "batch_latency_s",
@@ -101,7 +101,7 @@ impl Metric {
     /// The same figure from a replay, in the same unit. An offline batch's latency is the run's
     /// span (all requests start together and the batch ends with the last), and so is the TTFT
     /// of a batch that generates one token each.
-    pub fn simulated(self, report: &Report) -> Option<f64> {
+    pub fn simulated(self, report: &ReplayReport) -> Option<f64> {
         let any = report.completed > 0;
         match self {
             Metric::BatchLatency | Metric::TtftBatch | Metric::Duration => any.then_some(report.duration_s),
@@ -153,7 +153,7 @@ impl Comparison {
 /// Every figure `point` publishes beside `report`'s. ITL is left out when vLLM ran multi-step
 /// scheduling: its chunks then carry several tokens while the runtime streams one per chunk, so
 /// the gaps do not measure the same thing (SOURCES.md: compare TPOT instead).
-pub fn compare(point: &Point, report: &Report) -> Vec<Comparison> {
+pub fn compare(point: &Point, report: &ReplayReport) -> Vec<Comparison> {
     let multi_step = scheduler_steps(point) > 1;
     Metric::all()
         .into_iter()

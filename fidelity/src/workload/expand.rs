@@ -8,12 +8,12 @@ use super::{Arrival, SpecError, Violations, WorkloadSpec, rng::SplitMix64};
 /// The expanded workload. Only [`WorkloadSpec::expand`] makes one, so its invariants hold for
 /// the replay: indices are `0..len` once each, offsets are within the spec's bounds.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Plan {
+pub struct Schedule {
     pacing: Pacing,
     requests: Vec<PlannedRequest>,
 }
 
-impl Plan {
+impl Schedule {
     /// Open loop (each request at its offset) or closed loop (offsets unused).
     pub fn pacing(&self) -> Pacing {
         self.pacing
@@ -59,7 +59,7 @@ impl WorkloadSpec {
     /// `vocab_size`). Ids are drawn from `0..vocab_size - 2`: the last two are the special
     /// begin/end ids, which would end a sequence or confuse a tokenizer. The same spec and
     /// vocabulary always give the same plan.
-    pub fn expand(&self, vocab_size: u32) -> Result<Plan, SpecError> {
+    pub fn expand(&self, vocab_size: u32) -> Result<Schedule, SpecError> {
         self.validate()?;
         if vocab_size < 3 {
             let mut bad = Violations::default();
@@ -104,7 +104,7 @@ impl WorkloadSpec {
             Arrival::ClosedLoop { clients } => Pacing::ClosedLoop { clients },
             _ => Pacing::Open,
         };
-        Ok(Plan { pacing, requests })
+        Ok(Schedule { pacing, requests })
     }
 }
 

@@ -8,7 +8,7 @@ mod rng;
 
 use std::fmt;
 
-pub use expand::{Pacing, Plan, PlannedRequest};
+pub use expand::{Pacing, PlannedRequest, Schedule};
 
 /// Requests in one workload at most: every replay loop is bounded by it, and the expanded plan
 /// stays in memory.
