@@ -1,12 +1,12 @@
 //! The runtime-service binary: flags and environment → validated [`Config`] → [`run`].
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
 use rand::{TryRng, rngs::SysRng};
 use runtime_service::{Config, config, run};
-use serving::launch::Launch;
 
+serving::launch_args!(LaunchArgs, "RUNTIME_", "127.0.0.1:50052", "127.0.0.1:9465");
 serving::security_args!(SecurityArgs, "RUNTIME_");
 
 /// Streams generated tokens over gRPC (runtime.v1.RuntimeService), with memory leased from
@@ -14,15 +14,8 @@ serving::security_args!(SecurityArgs, "RUNTIME_");
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address to serve gRPC on.
-    #[arg(long, env = "RUNTIME_LISTEN", default_value = "127.0.0.1:50052")]
-    listen: SocketAddr,
-    /// Address of the admin HTTP port (Prometheus metrics at /metrics), or "off".
-    #[arg(long, env = "RUNTIME_ADMIN_LISTEN", default_value = "127.0.0.1:9465")]
-    admin_listen: String,
-    /// Log format: "text" (human-readable) or "json" (one object per line).
-    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
-    log_format: serving::telemetry::LogFormat,
+    #[command(flatten)]
+    launch: LaunchArgs,
     /// memory-service endpoint.
     #[arg(long, env = "RUNTIME_MEMORY_ADDR", default_value = "http://127.0.0.1:50051")]
     memory_addr: String,
@@ -94,27 +87,14 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     if args.print_memory {
-        return print_memory(args);
+        return serving::launch::print_config(args.into_config(), memory_json);
     }
-    let launch = Launch {
-        service: "runtime-service",
-        listen: args.listen,
-        admin_listen: args.admin_listen.clone(),
-        log_format: args.log_format,
-    };
+    let launch = args.launch.launch("runtime-service");
     serving::launch::launch(launch, move || args.into_config(), run).await
 }
 
-/// `--print-memory`: the validated configuration's memory needs, as one JSON object.
-#[allow(clippy::print_stdout, clippy::print_stderr)] // the output is the point
-fn print_memory(args: Args) -> ExitCode {
-    let config = match args.into_config() {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("invalid configuration: {err}");
-            return ExitCode::from(serving::EXIT_CONFIG as u8);
-        }
-    };
+/// `--print-memory`: what the configuration needs from memory-service, as one JSON object.
+fn memory_json(config: &Config) -> String {
     let models: Vec<String> = config
         .models
         .iter()
@@ -128,12 +108,11 @@ fn print_memory(args: Args) -> ExitCode {
         })
         .collect();
     let preload: u64 = config.models.iter().filter(|m| m.preload).map(|m| m.arch.weight_bytes()).sum();
-    println!(
+    format!(
         r#"{{"device":"{}","activation_bytes":{},"preload_weight_bytes":{},"models":[{}]}}"#,
         config.device.name,
         config.activation_bytes(),
         preload,
         models.join(",")
-    );
-    ExitCode::SUCCESS
+    )
 }

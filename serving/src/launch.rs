@@ -17,6 +17,55 @@ pub fn parse_args<A: clap::Parser>() -> Result<A, ExitCode> {
     })
 }
 
+/// The flags every service has, with its environment prefix and default ports: the gRPC and
+/// admin addresses and the log format. `$name::launch(service)` turns them into a [`Launch`].
+#[macro_export]
+macro_rules! launch_args {
+    ($name:ident, $prefix:literal, $listen:literal, $admin:literal) => {
+        /// Where the service listens and how it logs.
+        #[derive(Debug, Clone, clap::Args)]
+        pub struct $name {
+            /// Address to serve gRPC on.
+            #[arg(long, env = concat!($prefix, "LISTEN"), default_value = $listen)]
+            pub listen: std::net::SocketAddr,
+            /// Address of the admin HTTP port (Prometheus metrics at /metrics), or "off".
+            #[arg(long, env = concat!($prefix, "ADMIN_LISTEN"), default_value = $admin)]
+            pub admin_listen: String,
+            /// Log format: "text" (human-readable) or "json" (one object per line).
+            #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+            pub log_format: $crate::telemetry::LogFormat,
+        }
+
+        impl $name {
+            /// What [`$crate::launch::launch`] needs to start `service`.
+            pub fn launch(&self, service: &'static str) -> $crate::launch::Launch {
+                $crate::launch::Launch {
+                    service,
+                    listen: self.listen,
+                    admin_listen: self.admin_listen.clone(),
+                    log_format: self.log_format,
+                }
+            }
+        }
+    };
+}
+
+/// A `--print-*` flag: prints `render` of the validated configuration on stdout and exits 0,
+/// or the configuration's error on stderr and exits 64, without binding anything.
+#[allow(clippy::print_stdout, clippy::print_stderr)] // the output is the point
+pub fn print_config<C>(config: Result<C, String>, render: impl FnOnce(&C) -> String) -> ExitCode {
+    match config {
+        Ok(config) => {
+            println!("{}", render(&config));
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("invalid configuration: {err}");
+            ExitCode::from(crate::EXIT_CONFIG as u8)
+        }
+    }
+}
+
 /// What every service's command line has in common.
 #[derive(Debug, Clone)]
 pub struct Launch {
