@@ -1,12 +1,16 @@
 //! The fidelity suite: every published point that can be replayed, each against its own
-//! memory-service and runtime-service (release binaries as child processes on loopback, started
-//! with the flags a user would give them for that GPU: vLLM's defaults for the card), then the
-//! error of every figure and the MAPE by metric, by GPU and overall.
+//! memory-service and runtime-service configured as a user would for that GPU (vLLM's defaults
+//! for the card), then the error of every figure and the MAPE by metric, by GPU and overall.
 //!
-//! `cargo bench -p fidelity --bench suite` runs all of it in real time (about ten minutes);
-//! `-- --time-scale 20` runs the device 20× faster than real time; `-- ID ...` (or a prefix such
-//! as `lambda-`) runs only those points; `-- --max-mape ttft=20,tpot=10,...` exits 1 when a
-//! metric's MAPE passes its bound (the CI subset uses it).
+//! `cargo bench -p fidelity --bench suite` runs every point on a virtual clock (in-process
+//! services on tokio's paused clock: the same engine core, step times measured exactly, the
+//! whole suite in well under a minute). `-- --live` runs the release binaries as child
+//! processes in real time instead (about ten minutes; `--time-scale N` to run the device N×
+//! faster), which adds the host's own costs. `-- ID ...` (or a prefix such as `lambda-`) runs
+//! only those points; `-- --max-mape ttft=20,tpot=10` exits 1 when a metric passes its bound.
+
+#[path = "../tests/virtual_stack/mod.rs"]
+mod virtual_stack;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -18,16 +22,18 @@ use fidelity::{
 
 struct Args {
     filters: Vec<String>,
+    live: bool,
     time_scale: f64,
     bounds: BTreeMap<String, f64>,
 }
 
 fn args() -> Args {
-    let mut args = Args { filters: Vec::new(), time_scale: 1.0, bounds: BTreeMap::new() };
+    let mut args = Args { filters: Vec::new(), live: false, time_scale: 1.0, bounds: BTreeMap::new() };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--bench" => {}
+            "--live" => args.live = true,
             "--time-scale" => {
                 args.time_scale = it.next().and_then(|v| v.parse().ok()).expect("--time-scale N");
             }
@@ -48,8 +54,8 @@ fn print(text: &str) {
     println!("{}", text.trim_end());
 }
 
-/// Replays one point against fresh services; its comparisons, or why it could not run.
-async fn replay(scenario: &published::Scenario, time_scale: f64) -> Result<Vec<Comparison>, String> {
+/// Replays one point against fresh child processes in real time (or `time_scale` faster).
+async fn replay_live(scenario: &published::Scenario, time_scale: f64) -> Result<Vec<Comparison>, String> {
     let device = scenario.runtime.device.as_str();
     let memory = Process::start("memory-service", &["--device", device], &[], false);
     let mut flags = scenario.runtime.flags();
@@ -78,9 +84,18 @@ async fn replay(scenario: &published::Scenario, time_scale: f64) -> Result<Vec<C
     Ok(published::compare(&scenario.point, &report))
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let args = args();
+    // The virtual clock: the paused clock of a current-thread runtime, as the tests run.
+    let runtime = if args.live {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build()
+    };
+    runtime.expect("a tokio runtime").block_on(suite(args))
+}
+
+async fn suite(args: Args) -> std::process::ExitCode {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/published.toml")).expect("data");
     let points = published::parse(&text).expect("published.toml parses");
     let wanted =
@@ -90,10 +105,22 @@ async fn main() -> std::process::ExitCode {
         match mapping {
             Mapping::Replay(scenario) if wanted(&scenario.point.id) => {
                 let started = tokio::time::Instant::now();
-                match replay(&scenario, args.time_scale).await {
+                let replayed = if args.live {
+                    replay_live(&scenario, args.time_scale).await
+                } else {
+                    let report = virtual_stack::replay(&scenario).await;
+                    if report.failed > 0 {
+                        Err(format!("{} requests failed", report.failed))
+                    } else {
+                        Ok(published::compare(&scenario.point, &report))
+                    }
+                };
+                match replayed {
                     Ok(comparisons) => {
                         print(&published::comparison_table(&comparisons));
-                        print(&format!("  ({:.1} s)", started.elapsed().as_secs_f64()));
+                        if args.live {
+                            print(&format!("  ({:.1} s)", started.elapsed().as_secs_f64()));
+                        }
                         all.extend(comparisons);
                     }
                     Err(why) => print(&format!("{}: not measured: {why}", scenario.point.id)),

@@ -119,6 +119,13 @@ impl DeviceSpec {
     }
 }
 
+/// The serving front end's cost per request on the datacenter presets: fitted to the Lambda
+/// vLLM 0.6.0 server runs in `fidelity/published.toml` (a burst of ten ShareGPT prompts: the
+/// first tokens came about 25–30 ms after one prefill step of them all, on the H100 and the
+/// A100-80GB alike). vLLM V1's front end is lighter; set `frontend_s` in a `[[devices]]` table
+/// to match a measurement of your own (docs/fidelity.md).
+const FRONTEND_S: f64 = 0.025;
+
 /// The embedded presets. Bandwidth and FLOP/s are NVIDIA's datasheet figures (H100 SXM5: 3.35 TB/s
 /// HBM3, 989 TFLOP/s dense BF16; A100 40GB: 1.555 TB/s, 312 TFLOP/s; A100 80GB SXM: 2.039 TB/s
 /// HBM2e, 312 TFLOP/s; L40S: 864 GB/s GDDR6, 362 TFLOP/s; L4: 300 GB/s, 121 TFLOP/s);
@@ -140,7 +147,7 @@ fn presets() -> Vec<DeviceSpec> {
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
             cpu_per_prompt_token_s: 0.0,
-            frontend_s: 0.0,
+            frontend_s: FRONTEND_S,
         },
         DeviceSpec {
             name: "a100-40gb".into(),
@@ -155,7 +162,7 @@ fn presets() -> Vec<DeviceSpec> {
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
             cpu_per_prompt_token_s: 0.0,
-            frontend_s: 0.0,
+            frontend_s: FRONTEND_S,
         },
         DeviceSpec {
             name: "a100-80gb".into(),
@@ -170,7 +177,7 @@ fn presets() -> Vec<DeviceSpec> {
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
             cpu_per_prompt_token_s: 0.0,
-            frontend_s: 0.0,
+            frontend_s: FRONTEND_S,
         },
         DeviceSpec {
             name: "l40s".into(),
@@ -186,7 +193,7 @@ fn presets() -> Vec<DeviceSpec> {
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
             cpu_per_prompt_token_s: 0.0,
-            frontend_s: 0.0,
+            frontend_s: FRONTEND_S,
         },
         DeviceSpec {
             name: "l4".into(),
@@ -201,7 +208,7 @@ fn presets() -> Vec<DeviceSpec> {
             cpu_per_step_s: 1.0e-3,
             cpu_per_seq_s: 25e-6,
             cpu_per_prompt_token_s: 0.0,
-            frontend_s: 0.0,
+            frontend_s: FRONTEND_S,
         },
         DeviceSpec {
             name: "webgpu-laptop".into(),

@@ -41,6 +41,11 @@ fn engine_version(engine: &str) -> Option<(u32, u32)> {
     Some((parts.next()??, parts.next()??))
 }
 
+/// Whether the point ran vLLM's V1 engine (0.8 and later); an unstated version is taken as older.
+pub(super) fn is_v1(point: &Point) -> bool {
+    engine_version(&point.engine).is_some_and(|v| v >= (0, 8))
+}
+
 /// `--num-scheduler-steps` (vLLM 0.6 multi-step scheduling): tokens streamed per chunk.
 pub(super) fn scheduler_steps(point: &Point) -> u32 {
     flag_value(&point.engine_note, &["--num-scheduler-steps", "--num_scheduler_steps"]).unwrap_or(1)
@@ -49,7 +54,7 @@ pub(super) fn scheduler_steps(point: &Point) -> u32 {
 /// The point's `max_num_seqs` / `max_num_batched_tokens`: as stated if the point states them,
 /// else vLLM's defaults for its engine generation, GPU and API.
 pub fn vllm_limits(point: &Point) -> VllmLimits {
-    let v1 = engine_version(&point.engine).is_some_and(|v| v >= (0, 8));
+    let v1 = is_v1(point);
     let (seqs, tokens, rule) = if v1 {
         // EngineArgs defaults: ≥ 70 GiB and not an A100 gets the large table.
         let large = point.gpu.starts_with("h100");

@@ -148,6 +148,10 @@ pub struct RuntimeSettings {
     /// `--queue-capacity`, when the burst is larger than a full batch plus the default queue
     /// (vLLM queues without limit).
     pub queue_capacity: Option<u32>,
+    /// `--scheduler`: "sequential" for vLLM before V1, whose CPU work between steps (scheduling,
+    /// sampling, output processing) stalls the GPU, multi-step scheduling included (it spreads
+    /// the scheduling over N steps, not the sampling); "overlapped" from V1 on.
+    pub scheduler: &'static str,
 }
 
 /// runtime-service's default `--queue-capacity`.
@@ -167,6 +171,8 @@ impl RuntimeSettings {
             self.limits.max_num_batched_tokens.to_string(),
             "--prefix-caching".to_owned(),
             if self.limits.prefix_caching { "on" } else { "off" }.to_owned(),
+            "--scheduler".to_owned(),
+            self.scheduler.to_owned(),
         ];
         if let Some(capacity) = self.queue_capacity {
             flags.extend(["--queue-capacity".to_owned(), capacity.to_string()]);
@@ -243,6 +249,7 @@ fn scenario(point: &Point) -> Result<Scenario, String> {
             engine_model: model.into(),
             limits,
             queue_capacity,
+            scheduler: if limits::is_v1(point) { "overlapped" } else { "sequential" },
         },
     })
 }

@@ -200,6 +200,7 @@ mod tests {
         let path = dir.join("runtime.toml");
         let mut tiny = DeviceSpec::preset("l4").expect("preset");
         tiny.name = "tiny".into();
+        tiny.frontend_s = 0.0; // the file leaves it at its default
         std::fs::write(
             &path,
             "max_batch_size = 512\njitter_seed = 7\nkv_reserve = \"upfront\"\n[[devices]]\nname = \"tiny\"\n\
