@@ -110,7 +110,7 @@ async fn suite(args: Args) -> std::process::ExitCode {
                 } else {
                     let report = virtual_stack::replay(&scenario).await;
                     if report.failed > 0 {
-                        Err(format!("{} requests failed", report.failed))
+                        Err(format!("{} requests failed: {:?}", report.failed, report.failures))
                     } else {
                         Ok(published::compare(&scenario.point, &report))
                     }

@@ -154,6 +154,10 @@ pub struct RuntimeSettings {
     pub scheduler: &'static str,
 }
 
+/// The runtime's TTFT, idle-gap and stream-lifetime limits in a replay: an hour, past any
+/// published run (a preempted sequence waits between two tokens as long as it takes).
+pub const SUITE_TIME_LIMIT_MS: u64 = 3_600_000;
+
 /// runtime-service's default `--queue-capacity`.
 const RUNTIME_QUEUE_CAPACITY: u32 = 1024;
 
@@ -173,6 +177,14 @@ impl RuntimeSettings {
             if self.limits.prefix_caching { "on" } else { "off" }.to_owned(),
             "--scheduler".to_owned(),
             self.scheduler.to_owned(),
+            // vLLM has no time limits of its own: a burst larger than the KV cache waits and is
+            // preempted for minutes before it finishes, and must not be cut off for it.
+            "--ttft-timeout-ms".to_owned(),
+            SUITE_TIME_LIMIT_MS.to_string(),
+            "--idle-timeout-ms".to_owned(),
+            SUITE_TIME_LIMIT_MS.to_string(),
+            "--max-stream-lifetime-ms".to_owned(),
+            SUITE_TIME_LIMIT_MS.to_string(),
         ];
         if let Some(capacity) = self.queue_capacity {
             flags.extend(["--queue-capacity".to_owned(), capacity.to_string()]);

@@ -21,6 +21,9 @@ pub fn runtime_config(scenario: &Scenario, memory: std::net::SocketAddr) -> runt
     flags.prefix_caching = Some(settings.limits.prefix_caching);
     flags.queue_capacity = settings.queue_capacity.map(|c| c as usize);
     flags.scheduler = Some(settings.scheduler.parse().expect("a scheduler mode"));
+    flags.ttft_timeout_ms = Some(fidelity::published::SUITE_TIME_LIMIT_MS);
+    flags.idle_timeout_ms = Some(fidelity::published::SUITE_TIME_LIMIT_MS);
+    flags.max_stream_lifetime_ms = Some(fidelity::published::SUITE_TIME_LIMIT_MS);
     let mut config = layered(None, flags).expect("the suite's flags are valid").config;
     config.memory_addr = format!("http://{memory}");
     config.instance = "fidelity".into();
