@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 
 use super::{
     lease::{Lease, LeaseId},
-    pool::Pool,
+    pool_account::Pool,
 };
 
 /// What happened.

@@ -12,7 +12,7 @@ use std::{
 use rand::{Rng, SeedableRng, rngs::StdRng, rngs::SysRng};
 use tokio::time::Instant;
 
-use super::{error::Error, pool::PoolId};
+use super::{error::Error, pool_account::PoolId};
 
 /// Opaque lease id, rendered as 32 lowercase hexadecimal characters.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

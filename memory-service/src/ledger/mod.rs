@@ -14,14 +14,14 @@ mod lease;
 mod lifecycle;
 mod limits;
 mod offers;
-mod pool;
+mod pool_account;
 mod pools;
 mod reclaim;
 mod reclaim_ask;
 mod request;
 mod restore;
 mod scopes;
-mod waiters;
+mod wait_queue;
 mod waiting;
 
 #[cfg(test)]
@@ -47,10 +47,10 @@ use self::{
     events::{Change, EventBus},
     expiry::ExpiryQueue,
     limits::PerHolder,
-    pool::Pool,
+    pool_account::Pool,
     reclaim::Reclaim,
     request::{PoolBytes, Replay},
-    waiters::WaitQueue,
+    wait_queue::WaitQueue,
 };
 pub use self::{
     durable::{Batch, StoredLease, StoredPool, StoredReplay},
@@ -59,7 +59,7 @@ pub use self::{
     events::{Event, EventKind, ResumeGap, Subscription},
     lease::{IdGen, Lease, LeaseId, LeaseMap, LeaseSet},
     limits::Limits,
-    pool::{Counters, PoolId, PoolStats, Release},
+    pool_account::{Counters, PoolId, PoolStats, Release},
     reclaim::{
         DEFAULT_RECLAIM_TIMEOUT, MAX_OFFERED, OfferHandle, Offered, ReclaimId, ReclaimNotice, StreamId,
     },

@@ -64,7 +64,7 @@ impl Ledger {
         for pool in &snapshot.pools {
             // Restored pools are not new: bypass the pool bound, which may have been lowered.
             let id = self.pools.len();
-            self.pools.push(super::pool::Pool::new(pool.name.clone(), pool.capacity));
+            self.pools.push(super::pool_account::Pool::new(pool.name.clone(), pool.capacity));
             self.pool_index.insert(pool.name.clone(), id);
         }
         let to_mono = |at: SystemTime| match at.duration_since(wall) {
