@@ -126,6 +126,34 @@ impl DeviceSpec {
 /// to match a measurement of your own (docs/fidelity.md).
 const FRONTEND_S: f64 = 0.025;
 
+/// A datacenter GPU as vLLM drives it: its datasheet memory, bandwidth and dense BF16 FLOP/s,
+/// the (weight bandwidth, GEMM FLOP/s) fractions it achieves, its launch overhead, and the CPU
+/// and front-end costs of the Python engine, which are the same on every card.
+fn datacenter(
+    name: &str,
+    memory_bytes: u64,
+    bandwidth_bytes_per_s: f64,
+    flops_per_s: f64,
+    (bandwidth_efficiency, flops_efficiency): (f64, f64),
+    launch_overhead_s: f64,
+) -> DeviceSpec {
+    DeviceSpec {
+        name: name.into(),
+        memory_bytes,
+        bandwidth_bytes_per_s,
+        flops_per_s,
+        bandwidth_efficiency,
+        flops_efficiency,
+        kv_bandwidth_efficiency: None,
+        attention_flops_efficiency: None,
+        launch_overhead_s,
+        cpu_per_step_s: 1.0e-3,
+        cpu_per_seq_s: 25e-6,
+        cpu_per_prompt_token_s: 0.0,
+        frontend_s: FRONTEND_S,
+    }
+}
+
 /// The embedded presets. Bandwidth and FLOP/s are NVIDIA's datasheet figures (H100 SXM5: 3.35 TB/s
 /// HBM3, 989 TFLOP/s dense BF16; A100 40GB: 1.555 TB/s, 312 TFLOP/s; A100 80GB SXM: 2.039 TB/s
 /// HBM2e, 312 TFLOP/s; L40S: 864 GB/s GDDR6, 362 TFLOP/s; L4: 300 GB/s, 121 TFLOP/s);
@@ -134,82 +162,12 @@ const FRONTEND_S: f64 = 0.025;
 /// before overlap); the browser engines pay more per step (JavaScript and WebGPU dispatch).
 fn presets() -> Vec<DeviceSpec> {
     vec![
-        DeviceSpec {
-            name: "h100-sxm".into(),
-            memory_bytes: 80 * GIB,
-            bandwidth_bytes_per_s: 3.35e12,
-            flops_per_s: 989e12,
-            bandwidth_efficiency: 0.72,
-            flops_efficiency: 0.6,
-            kv_bandwidth_efficiency: None,
-            attention_flops_efficiency: None,
-            launch_overhead_s: 0.4e-3,
-            cpu_per_step_s: 1.0e-3,
-            cpu_per_seq_s: 25e-6,
-            cpu_per_prompt_token_s: 0.0,
-            frontend_s: FRONTEND_S,
-        },
-        DeviceSpec {
-            name: "a100-40gb".into(),
-            memory_bytes: 40 * GIB,
-            bandwidth_bytes_per_s: 1.555e12,
-            flops_per_s: 312e12,
-            bandwidth_efficiency: 0.78,
-            flops_efficiency: 0.6,
-            kv_bandwidth_efficiency: None,
-            attention_flops_efficiency: None,
-            launch_overhead_s: 0.4e-3,
-            cpu_per_step_s: 1.0e-3,
-            cpu_per_seq_s: 25e-6,
-            cpu_per_prompt_token_s: 0.0,
-            frontend_s: FRONTEND_S,
-        },
-        DeviceSpec {
-            name: "a100-80gb".into(),
-            memory_bytes: 80 * GIB,
-            bandwidth_bytes_per_s: 2.039e12,
-            flops_per_s: 312e12,
-            bandwidth_efficiency: 0.78,
-            flops_efficiency: 0.6,
-            kv_bandwidth_efficiency: None,
-            attention_flops_efficiency: None,
-            launch_overhead_s: 0.4e-3,
-            cpu_per_step_s: 1.0e-3,
-            cpu_per_seq_s: 25e-6,
-            cpu_per_prompt_token_s: 0.0,
-            frontend_s: FRONTEND_S,
-        },
-        DeviceSpec {
-            name: "l40s".into(),
-            // 48 GB of GDDR6, of which the driver shows 46,068 MiB.
-            memory_bytes: 46_068 << 20,
-            bandwidth_bytes_per_s: 864e9,
-            flops_per_s: 362e12,
-            bandwidth_efficiency: 0.8,
-            flops_efficiency: 0.5,
-            kv_bandwidth_efficiency: None,
-            attention_flops_efficiency: None,
-            launch_overhead_s: 0.5e-3,
-            cpu_per_step_s: 1.0e-3,
-            cpu_per_seq_s: 25e-6,
-            cpu_per_prompt_token_s: 0.0,
-            frontend_s: FRONTEND_S,
-        },
-        DeviceSpec {
-            name: "l4".into(),
-            memory_bytes: 24 * GIB,
-            bandwidth_bytes_per_s: 300e9,
-            flops_per_s: 121e12,
-            bandwidth_efficiency: 0.8,
-            flops_efficiency: 0.5,
-            kv_bandwidth_efficiency: None,
-            attention_flops_efficiency: None,
-            launch_overhead_s: 0.5e-3,
-            cpu_per_step_s: 1.0e-3,
-            cpu_per_seq_s: 25e-6,
-            cpu_per_prompt_token_s: 0.0,
-            frontend_s: FRONTEND_S,
-        },
+        datacenter("h100-sxm", 80 * GIB, 3.35e12, 989e12, (0.72, 0.6), 0.4e-3),
+        datacenter("a100-80gb", 80 * GIB, 2.039e12, 312e12, (0.78, 0.6), 0.4e-3),
+        datacenter("a100-40gb", 40 * GIB, 1.555e12, 312e12, (0.78, 0.6), 0.4e-3),
+        // 48 GB of GDDR6, of which the driver shows 46,068 MiB.
+        datacenter("l40s", 46_068 << 20, 864e9, 362e12, (0.8, 0.5), 0.5e-3),
+        datacenter("l4", 24 * GIB, 300e9, 121e12, (0.8, 0.5), 0.5e-3),
         DeviceSpec {
             name: "webgpu-laptop".into(),
             memory_bytes: 8 * GIB,
