@@ -94,7 +94,7 @@ fn per_request_lengths_are_replayed_request_by_request() {
     assert_eq!(
         s.runtime.flags().join(" "),
         "--device h100-sxm --engine-model llama-3.1-8b --max-batch-size 256 --max-batched-tokens 2048 \
-         --prefix-caching off --scheduler sequential --ttft-timeout-ms 3600000 \
+         --prefix-caching off --scheduler sequential --chunked-prefill off --decode-steps 10 --ttft-timeout-ms 3600000 \
          --idle-timeout-ms 3600000 --max-stream-lifetime-ms 3600000"
     );
     assert!(s.notes.iter().any(|n| n.contains("ITL not compared")), "{:?}", s.notes);
@@ -117,7 +117,7 @@ fn an_offline_batch_is_a_burst_on_its_gpu_with_vllm_v0_limits() {
     assert_eq!(
         burst.runtime.flags().join(" "),
         "--device h100-sxm --engine-model llama-3.1-8b --max-batch-size 256 --max-batched-tokens 8192 \
-         --prefix-caching off --scheduler sequential --ttft-timeout-ms 3600000 \
+         --prefix-caching off --scheduler sequential --chunked-prefill off --decode-steps 1 --ttft-timeout-ms 3600000 \
          --idle-timeout-ms 3600000 --max-stream-lifetime-ms 3600000"
     );
     assert!(burst.runtime.limits.basis.starts_with("inferred"), "{}", burst.runtime.limits.basis);

@@ -74,6 +74,12 @@ pub struct Config {
     pub kv_reserve: KvReserve,
     /// Whether full prompt blocks stay cached for later sequences (vLLM V1's default: on).
     pub prefix_caching: bool,
+    /// Whether prompts are chunked to the token budget and mixed with decodes (vLLM V1's and
+    /// SGLang's way); off, a step prefills whole prompts or decodes, as vLLM V0 did by default.
+    pub chunked_prefill: bool,
+    /// Decode steps run back to back per schedule, admitting nobody in between (vLLM 0.6's
+    /// multi-step scheduling); 1, the default, schedules every step.
+    pub decode_steps: u32,
     /// Prefix-cache event batches kept per model for subscribers that resume (vLLM's
     /// `buffer_steps`).
     pub kv_events_buffer: usize,
@@ -153,6 +159,8 @@ impl Default for Config {
             jitter: 0.02,
             jitter_seed: 0x5EED,
             time_scale: TimeScale::REAL,
+            chunked_prefill: true,
+            decode_steps: 1,
             memory_wait: Duration::from_millis(500),
             memory_timeout: Duration::from_secs(2),
             lease_ttl: Duration::from_secs(30),
@@ -244,6 +252,18 @@ impl Config {
             return invalid(format!(
                 "with --memory-tls-ca the memory address must be https://, got {:?}",
                 self.memory_addr
+            ));
+        }
+        if !(1..=64).contains(&self.decode_steps) {
+            return invalid(format!("decode steps {} must be between 1 and 64", self.decode_steps));
+        }
+        if !self.chunked_prefill
+            && let Some(m) = self.models.iter().find(|m| m.max_prompt_tokens > self.max_batched_tokens)
+        {
+            return invalid(format!(
+                "with chunked prefill off a prompt is computed in one step: model {:?} accepts prompts of {} \
+                 tokens but --max-batched-tokens is {}; raise it or lower the model's max_prompt_tokens",
+                m.key, m.max_prompt_tokens, self.max_batched_tokens
             ));
         }
         self.security.transport.validate().map_err(ConfigError::Invalid)?;

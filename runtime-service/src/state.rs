@@ -108,6 +108,8 @@ impl Shared {
             token_budget: config.max_batched_tokens,
             reserve: config.kv_reserve,
             prefix_caching: config.prefix_caching,
+            chunked_prefill: config.chunked_prefill,
+            decode_steps: config.decode_steps,
         };
         let mut lanes = Vec::with_capacity(config.models.len());
         let mut kv_events = Vec::with_capacity(config.models.len());

@@ -28,6 +28,9 @@ fn bad_configuration_is_refused_before_binding() {
         (&["--config", "/nonexistent/runtime.toml"], "cannot read"),
         (&["--instance", ""], "instance name"),
         (&["--grace-period-ms", "soon"], "invalid value"),
+        (&["--decode-steps", "0"], "decode steps"),
+        (&["--chunked-prefill", "maybe"], "\"on\" or \"off\""),
+        (&["--time-scale", "0.5"], "time scale"),
     ];
     for (args, needle) in cases {
         let mut all = vec!["--listen", listen.as_str()];

@@ -12,6 +12,8 @@ pub struct VllmLimits {
     pub max_num_batched_tokens: u32,
     /// Automatic prefix caching (off by default before V1).
     pub prefix_caching: bool,
+    /// Chunked prefill: always in V1; before, only above 32K of context without multi-step.
+    pub chunked_prefill: bool,
     /// Where the numbers come from: "stated" or the rule that inferred them.
     pub basis: String,
 }
@@ -55,6 +57,7 @@ pub(super) fn scheduler_steps(point: &Point) -> u32 {
 /// else vLLM's defaults for its engine generation, GPU and API.
 pub fn vllm_limits(point: &Point) -> VllmLimits {
     let v1 = is_v1(point);
+    let mut chunked_prefill = true;
     let (seqs, tokens, rule) = if v1 {
         // EngineArgs defaults: ≥ 70 GiB and not an A100 gets the large table.
         let large = point.gpu.starts_with("h100");
@@ -75,6 +78,7 @@ pub fn vllm_limits(point: &Point) -> VllmLimits {
             .or_else(|| flag_value(&point.engine_note, &["--max_model_len", "--max-model-len"]))
             .unwrap_or_else(|| native_context(&point.model));
         let chunked = max_model_len > 32_768 && scheduler_steps(point) == 1;
+        chunked_prefill = chunked;
         let tokens = if chunked { 512 } else { max_model_len.max(2048) };
         (256, tokens, "inferred: vLLM V0 defaults for the point's max_model_len")
     };
@@ -85,6 +89,7 @@ pub fn vllm_limits(point: &Point) -> VllmLimits {
         max_num_seqs: point.max_num_seqs.unwrap_or(seqs).min(tokens),
         max_num_batched_tokens: tokens,
         prefix_caching: v1,
+        chunked_prefill,
         basis: if stated { "stated by the source".into() } else { rule.into() },
     }
 }

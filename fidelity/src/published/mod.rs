@@ -152,6 +152,8 @@ pub struct RuntimeSettings {
     /// sampling, output processing) stalls the GPU, multi-step scheduling included (it spreads
     /// the scheduling over N steps, not the sampling); "overlapped" from V1 on.
     pub scheduler: &'static str,
+    /// `--decode-steps`: vLLM 0.6's `--num-scheduler-steps` (decode steps per schedule).
+    pub decode_steps: u32,
 }
 
 /// The runtime's TTFT, idle-gap and stream-lifetime limits in a replay: an hour, past any
@@ -177,6 +179,10 @@ impl RuntimeSettings {
             if self.limits.prefix_caching { "on" } else { "off" }.to_owned(),
             "--scheduler".to_owned(),
             self.scheduler.to_owned(),
+            "--chunked-prefill".to_owned(),
+            if self.limits.chunked_prefill { "on" } else { "off" }.to_owned(),
+            "--decode-steps".to_owned(),
+            self.decode_steps.to_string(),
             // vLLM has no time limits of its own: a burst larger than the KV cache waits and is
             // preempted for minutes before it finishes, and must not be cut off for it.
             "--ttft-timeout-ms".to_owned(),
@@ -262,6 +268,7 @@ fn scenario(point: &Point) -> Result<Scenario, String> {
             limits,
             queue_capacity,
             scheduler: if limits::is_v1(point) { "overlapped" } else { "sequential" },
+            decode_steps: steps,
         },
     })
 }

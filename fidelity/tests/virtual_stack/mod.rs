@@ -19,6 +19,8 @@ pub fn runtime_config(scenario: &Scenario, memory: std::net::SocketAddr) -> runt
     flags.max_batch_size = Some(settings.limits.max_num_seqs as usize);
     flags.max_batched_tokens = Some(settings.limits.max_num_batched_tokens);
     flags.prefix_caching = Some(settings.limits.prefix_caching);
+    flags.chunked_prefill = Some(settings.limits.chunked_prefill);
+    flags.decode_steps = Some(settings.decode_steps);
     flags.queue_capacity = settings.queue_capacity.map(|c| c as usize);
     flags.scheduler = Some(settings.scheduler.parse().expect("a scheduler mode"));
     flags.ttft_timeout_ms = Some(fidelity::published::SUITE_TIME_LIMIT_MS);

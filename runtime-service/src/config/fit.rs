@@ -15,6 +15,7 @@ impl Config {
         let fit = serving::models::fit(&self.device, &pairs, self.max_batched_tokens);
         let chosen = fit.chosen.iter().filter_map(|&i| models.get(i).cloned()).collect();
         self.models = chosen;
+        self.fit_prompts_to_one_step();
         if self.models.is_empty() {
             return Err(ConfigError::Invalid(format!(
                 "no default model fits device {:?} ({} usable bytes); list models under [[models]] in --config",
@@ -23,6 +24,17 @@ impl Config {
             )));
         }
         Ok(fit.left_out)
+    }
+
+    /// With chunked prefill off a whole prompt is computed in one step: each model's longest
+    /// prompt is capped at the token budget, as vLLM V0 keeps max_model_len within
+    /// max_num_batched_tokens. With it on, nothing changes.
+    pub fn fit_prompts_to_one_step(&mut self) {
+        if !self.chunked_prefill {
+            for model in &mut self.models {
+                model.max_prompt_tokens = model.max_prompt_tokens.min(self.max_batched_tokens);
+            }
+        }
     }
 
     /// Refuses models a config file preloads that the device cannot hold: their weights and the

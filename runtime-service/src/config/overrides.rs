@@ -64,6 +64,15 @@ pub struct Overrides {
     /// prompt blocks stay cached and later prompts that start the same way compute only the rest.
     #[arg(long, env = "RUNTIME_PREFIX_CACHING", value_parser = on_off)]
     pub prefix_caching: Option<bool>,
+    /// Chunked prefill, "on" (the default, as vLLM V1 and SGLang) or "off" (vLLM V0's default): off,
+    /// a step either prefills whole prompts, waiting ones first, or decodes, and each model's
+    /// longest prompt is capped at --max-batched-tokens, as vLLM caps max_model_len.
+    #[arg(long, env = "RUNTIME_CHUNKED_PREFILL", value_parser = on_off)]
+    pub chunked_prefill: Option<bool>,
+    /// Decode steps run back to back per schedule, admitting nobody in between, 1 to 64 (vLLM
+    /// 0.6's --num-scheduler-steps: fewer schedules, later admissions). Default 1.
+    #[arg(long, env = "RUNTIME_DECODE_STEPS")]
+    pub decode_steps: Option<u32>,
     /// Prefix-cache event batches kept per model, so a router that reconnects resumes without a
     /// gap (SubscribeKvEvents' start_sequence_number).
     #[arg(long, env = "RUNTIME_KV_EVENTS_BUFFER")]
@@ -131,7 +140,8 @@ pub fn layered(file: Option<&Path>, flags: Overrides) -> Result<Layered, ConfigE
     let lists_models = !from_file.models.is_empty();
     let defined = from_file.devices.clone();
     let config = from_file.apply(Config::default(), &[])?;
-    let config = flags.apply(config, &defined)?;
+    let mut config = flags.apply(config, &defined)?;
+    config.fit_prompts_to_one_step();
     Ok(Layered { config, lists_models })
 }
 
@@ -162,6 +172,8 @@ impl Overrides {
         config.kv_idle_release = self.kv_idle_release_ms.map_or(config.kv_idle_release, ms);
         config.kv_reserve = self.kv_reserve.unwrap_or(config.kv_reserve);
         config.prefix_caching = self.prefix_caching.unwrap_or(config.prefix_caching);
+        config.chunked_prefill = self.chunked_prefill.unwrap_or(config.chunked_prefill);
+        config.decode_steps = self.decode_steps.unwrap_or(config.decode_steps);
         config.kv_events_buffer = self.kv_events_buffer.unwrap_or(config.kv_events_buffer);
         config.jitter = self.jitter.unwrap_or(config.jitter);
         config.jitter_seed = self.jitter_seed.unwrap_or(config.jitter_seed);

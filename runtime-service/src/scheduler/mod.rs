@@ -48,6 +48,12 @@ pub struct StepLimits {
     pub reserve: KvReserve,
     /// Whether full prompt blocks are cached and reused across sequences.
     pub prefix_caching: bool,
+    /// Whether prompts are chunked to fit the token budget and mixed with decodes (vLLM V1,
+    /// SGLang); off, a step either prefills whole prompts or decodes (vLLM V0's default).
+    pub chunked_prefill: bool,
+    /// Decode steps run back to back per schedule, admitting nobody in between (vLLM 0.6's
+    /// `--num-scheduler-steps`); 1 schedules every step.
+    pub decode_steps: u32,
 }
 
 /// The outcome of [`Scheduler::schedule`].
@@ -69,6 +75,8 @@ pub struct Scheduler {
     seqs: HashMap<SeqId, SeqState>,
     waiting: VecDeque<SeqId>,
     running: Vec<SeqId>,
+    /// Decode steps left in the current multi-step run (see [`StepLimits::decode_steps`]).
+    decode_run_left: u32,
 }
 
 impl Scheduler {
@@ -80,6 +88,7 @@ impl Scheduler {
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            decode_run_left: 0,
         }
     }
 

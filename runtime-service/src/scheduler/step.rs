@@ -75,6 +75,19 @@ impl Scheduler {
     /// this step out and waits for the slab; only when they cannot come is someone preempted.
     pub fn schedule(&mut self, can_grow: bool) -> Step {
         let mut plan = Step::default();
+        // Inside a multi-step run the batch only decodes: nobody is admitted until it ends.
+        let in_run = self.decode_run_left > 0;
+        if in_run {
+            self.decode_run_left -= 1;
+        }
+        if !self.limits.chunked_prefill && !in_run {
+            // vLLM V0 without chunked prefill: waiting prompts first, whole, in a prefill-only
+            // step; the running sequences decode only in steps that admit nobody.
+            self.admit(&mut plan, self.limits.token_budget, can_grow);
+            if !plan.batch.is_empty() {
+                return plan;
+            }
+        }
         let mut budget = self.limits.token_budget;
         let mut waiting_for_slab = false;
         let mut i = 0;
@@ -121,14 +134,20 @@ impl Scheduler {
         }
         // Nobody overtakes a running sequence that lost its turn: no admission in a step that
         // preempted or that left a running sequence waiting for a slab.
-        if plan.preempted.is_empty() && !waiting_for_slab {
+        if plan.preempted.is_empty() && !waiting_for_slab && self.limits.chunked_prefill && !in_run {
             self.admit(&mut plan, budget, can_grow);
+        }
+        let decodes_only =
+            !plan.batch.is_empty() && plan.batch.iter().all(|(_, w)| w.tokens == 1 && w.context > 0);
+        if !in_run && decodes_only {
+            self.decode_run_left = self.limits.decode_steps.saturating_sub(1);
         }
         plan
     }
 
     /// Admits waiting sequences in order (skipping paused ones) while they fit: in free blocks
-    /// while more may come (`can_grow`), else in free and evictable ones.
+    /// while more may come (`can_grow`), else in free and evictable ones; chunked to the budget,
+    /// or whole when prefill is not chunked.
     fn admit(&mut self, plan: &mut Step, mut budget: u32, can_grow: bool) {
         let mut skipped = VecDeque::new();
         while budget > 0 && self.running.len() < self.limits.max_batch {
@@ -140,6 +159,14 @@ impl Scheduler {
             }
             let hits = self.cache_hits(seq);
             let hit_tokens = hits.len() as u32 * self.pool.block_tokens();
+            let whole = seq.tokens() - hit_tokens;
+            if !self.limits.chunked_prefill && whole > budget && whole <= self.limits.token_budget {
+                // Whole prompts only: this one waits for the next prefill step, and nobody
+                // overtakes it. (Config::validate makes every prompt fit a step; a preempted
+                // sequence recomputing more than a whole step's budget is chunked all the same.)
+                self.waiting.push_front(id);
+                break;
+            }
             let tokens = (seq.tokens() - hit_tokens).min(budget);
             let wanted =
                 self.pool.blocks_for(self.upto(seq, hit_tokens + tokens)).saturating_sub(hits.len() as u64);

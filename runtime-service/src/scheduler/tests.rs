@@ -4,8 +4,14 @@
 
 use super::*;
 
-pub(super) const PAGED: StepLimits =
-    StepLimits { max_batch: 8, token_budget: 64, reserve: KvReserve::Paged, prefix_caching: false };
+pub(super) const PAGED: StepLimits = StepLimits {
+    max_batch: 8,
+    token_budget: 64,
+    reserve: KvReserve::Paged,
+    prefix_caching: false,
+    chunked_prefill: true,
+    decode_steps: 1,
+};
 
 pub(super) fn scheduler(blocks: u64, limits: StepLimits) -> Scheduler {
     let mut s = Scheduler::new(4, limits);
@@ -194,4 +200,34 @@ fn losing_a_slab_names_the_sequences_that_used_it() {
     assert!(s.get(3).is_some_and(|q| q.blocks.is_empty()));
     s.remove(3);
     s.check().expect("consistent");
+}
+
+#[test]
+fn without_chunked_prefill_a_step_prefills_whole_prompts_or_decodes() {
+    let mut s = scheduler(100, StepLimits { chunked_prefill: false, ..PAGED });
+    s.add(SeqState::new(1, 40, 4));
+    s.add(SeqState::new(2, 40, 4));
+    // 40 + 40 > 64: the second prompt is not chunked in; it waits for the next prefill step.
+    assert_eq!(step(&mut s).batch, vec![(1, Work { tokens: 40, context: 0 })]);
+    // A waiting prompt goes before the running sequence's decode, in a step of its own.
+    assert_eq!(step(&mut s).batch, vec![(2, Work { tokens: 40, context: 0 })]);
+    // Nobody waits: both decode together.
+    assert_eq!(
+        step(&mut s).batch,
+        vec![(1, Work { tokens: 1, context: 40 }), (2, Work { tokens: 1, context: 40 })]
+    );
+}
+
+#[test]
+fn a_multi_step_run_decodes_back_to_back_and_admits_only_after_it() {
+    let limits = StepLimits { chunked_prefill: false, decode_steps: 3, ..PAGED };
+    let mut s = scheduler(100, limits);
+    s.add(SeqState::new(1, 8, 16));
+    assert_eq!(step(&mut s).batch, vec![(1, Work { tokens: 8, context: 0 })]);
+    assert_eq!(step(&mut s).batch, vec![(1, Work { tokens: 1, context: 8 })], "a run of 3 starts");
+    s.add(SeqState::new(2, 8, 16));
+    for context in [9, 10] {
+        assert_eq!(step(&mut s).batch, vec![(1, Work { tokens: 1, context })], "2 waits for the run's end");
+    }
+    assert_eq!(step(&mut s).batch, vec![(2, Work { tokens: 8, context: 0 })]);
 }

@@ -56,8 +56,12 @@ proptest! {
         reserve in prop_oneof![Just(KvReserve::Paged), Just(KvReserve::Upfront)],
         budget in 1u32..64,
         prefix_caching in any::<bool>(),
+        chunked_prefill in any::<bool>(),
+        decode_steps in 1u32..4,
     ) {
-        let mut s = scheduler(4, StepLimits { max_batch: 4, token_budget: budget, reserve, prefix_caching });
+        let limits =
+            StepLimits { max_batch: 4, token_budget: budget, reserve, prefix_caching, chunked_prefill, decode_steps };
+        let mut s = scheduler(4, limits);
         let mut next = 0;
         for op in ops {
             match op {

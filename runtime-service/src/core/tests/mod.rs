@@ -126,8 +126,14 @@ fn rig_with_slabs(
     }
 }
 
-const LIMITS: StepLimits =
-    StepLimits { max_batch: 16, token_budget: 256, reserve: KvReserve::Paged, prefix_caching: false };
+const LIMITS: StepLimits = StepLimits {
+    max_batch: 16,
+    token_budget: 256,
+    reserve: KvReserve::Paged,
+    prefix_caching: false,
+    chunked_prefill: true,
+    decode_steps: 1,
+};
 
 /// A sequence on the device, as its generation task sees it.
 struct Seq {
