@@ -42,7 +42,8 @@ pub async fn run() {
     for name in ["h100-sxm", "a100-40gb"] {
         let device = DeviceSpec::preset(name).expect("preset");
         let memory = load::memory(&["--device", name]);
-        let (runtime, client) = load::runtime(&memory, &["--device", name, "--config", &models]).await;
+        let (runtime, client) =
+            load::runtime(&memory, &["--device", name, "--config", &models, "--prefix-caching", "off"]).await;
         load::level(&client, vec![request(MODEL, 16, 8, 0.0, 0)]).await; // first slabs, warm caches
         println!(
             "\n== sweep: {MODEL} on {name}, {PROMPT}-token prompts, {OUTPUT} output tokens, {ROUNDS} requests per client =="
