@@ -75,11 +75,11 @@ impl Scheduler {
     /// this step out and waits for the slab; only when they cannot come is someone preempted.
     pub fn schedule(&mut self, can_grow: bool) -> Step {
         let mut plan = Step::default();
-        // Inside a multi-step run the batch only decodes: nobody is admitted until it ends.
-        let in_run = self.decode_run_left > 0;
-        if in_run {
-            self.decode_run_left -= 1;
-        }
+        // Inside a multi-step run the batch only decodes: nobody is admitted until it ends. A run
+        // ends early when nothing is left to decode (every sequence finished or paused), or a
+        // waiting one would sit behind an empty device.
+        let in_run = self.decode_run_left > 0 && self.running.iter().any(|id| !self.seqs[id].paused);
+        self.decode_run_left = if in_run { self.decode_run_left - 1 } else { 0 };
         if !self.limits.chunked_prefill && !in_run {
             // vLLM V0 without chunked prefill: waiting prompts first, whole, in a prefill-only
             // step; the running sequences decode only in steps that admit nobody.

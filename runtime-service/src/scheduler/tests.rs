@@ -231,3 +231,15 @@ fn a_multi_step_run_decodes_back_to_back_and_admits_only_after_it() {
     }
     assert_eq!(step(&mut s).batch, vec![(2, Work { tokens: 8, context: 0 })]);
 }
+
+#[test]
+fn a_multi_step_run_ends_when_nothing_is_left_to_decode() {
+    let limits = StepLimits { chunked_prefill: false, decode_steps: 8, ..PAGED };
+    let mut s = scheduler(100, limits);
+    s.add(SeqState::new(1, 8, 2));
+    step(&mut s); // prefill, the first token
+    step(&mut s); // the second and last token: a run of 8 starts, and its sequence is done
+    s.add(SeqState::new(2, 8, 2));
+    // Nobody is left to decode: the run ends rather than keep the newcomer out of an idle device.
+    assert_eq!(step(&mut s).batch, vec![(2, Work { tokens: 8, context: 0 })]);
+}
