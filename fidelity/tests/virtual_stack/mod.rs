@@ -9,23 +9,20 @@ use fidelity::{ReplayOptions, ReplayReport, Target, published::Scenario};
 use runtime_service::config::{Overrides, layered};
 use serving::device::DeviceSpec;
 
+/// The runtime-service command line the live suite gives a point ([`RuntimeSettings::flags`]),
+/// parsed as the binary parses it: the virtual clock runs what `--live` runs, from one source.
+///
+/// [`RuntimeSettings::flags`]: fidelity::published::RuntimeSettings::flags
+#[derive(clap::Parser)]
+struct Flags {
+    #[command(flatten)]
+    settings: Overrides,
+}
+
 /// The runtime configuration the suite's flags stand for.
 pub fn runtime_config(scenario: &Scenario, memory: std::net::SocketAddr) -> runtime_service::Config {
-    let settings = &scenario.runtime;
-    // Field by field: the file-only fields of Overrides are not the flags' to set.
-    let mut flags = Overrides::default();
-    flags.device = Some(settings.device.clone());
-    flags.engine_model = Some(settings.engine_model.clone());
-    flags.max_batch_size = Some(settings.limits.max_num_seqs as usize);
-    flags.max_batched_tokens = Some(settings.limits.max_num_batched_tokens);
-    flags.prefix_caching = Some(settings.limits.prefix_caching);
-    flags.chunked_prefill = Some(settings.limits.chunked_prefill);
-    flags.decode_steps = Some(settings.decode_steps);
-    flags.queue_capacity = settings.queue_capacity.map(|c| c as usize);
-    flags.scheduler = Some(settings.scheduler.parse().expect("a scheduler mode"));
-    flags.ttft_timeout_ms = Some(fidelity::published::SUITE_TIME_LIMIT_MS);
-    flags.idle_timeout_ms = Some(fidelity::published::SUITE_TIME_LIMIT_MS);
-    flags.max_stream_lifetime_ms = Some(fidelity::published::SUITE_TIME_LIMIT_MS);
+    let argv = std::iter::once("runtime-service".to_owned()).chain(scenario.runtime.flags());
+    let flags = <Flags as clap::Parser>::try_parse_from(argv).expect("the suite's flags parse").settings;
     let mut config = layered(None, flags).expect("the suite's flags are valid").config;
     config.memory_addr = format!("http://{memory}");
     config.instance = "fidelity".into();
