@@ -16,6 +16,13 @@ pub struct Work {
     pub context: u32,
 }
 
+impl Work {
+    /// One new token on top of a cache: a decode (a prompt's first chunk or a recompute is not).
+    pub fn is_decode(self) -> bool {
+        self.tokens == 1 && self.context > 0
+    }
+}
+
 /// What a step is doing, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -121,7 +128,7 @@ impl Roofline {
             kv_tokens += p + c;
             // Query i of the chunk attends to the p cached tokens and to itself and those before it.
             pairs += c * p + c * (c + 1.0) / 2.0;
-            if work.tokens == 1 && work.context > 0 {
+            if work.is_decode() {
                 decodes = true;
             } else {
                 prefills = true;

@@ -137,8 +137,7 @@ impl Scheduler {
         if plan.preempted.is_empty() && !waiting_for_slab && self.limits.chunked_prefill && !in_run {
             self.admit(&mut plan, budget, can_grow);
         }
-        let decodes_only =
-            !plan.batch.is_empty() && plan.batch.iter().all(|(_, w)| w.tokens == 1 && w.context > 0);
+        let decodes_only = !plan.batch.is_empty() && plan.batch.iter().all(|(_, w)| w.is_decode());
         if !in_run && decodes_only {
             self.decode_run_left = self.limits.decode_steps.saturating_sub(1);
         }
