@@ -6,7 +6,8 @@
 //! services on tokio's paused clock: the same engine core, step times measured exactly, the
 //! whole suite in well under a minute). `-- --live` runs the release binaries as child
 //! processes in real time instead (about ten minutes; `--time-scale N` to run the device N×
-//! faster), which adds the host's own costs. `-- ID ...` (or a prefix such as `lambda-`) runs
+//! faster), which adds the host's own costs. `-- --offline` runs every point on the offline
+//! simulator (the same device with no network; a second or so for the whole suite). `-- ID ...` (or a prefix such as `lambda-`) runs
 //! only those points; `-- --max-mape ttft=20,tpot=10` exits 1 when a metric passes its bound.
 
 #[path = "../tests/virtual_stack/mod.rs"]
@@ -23,17 +24,20 @@ use fidelity::{
 struct Args {
     filters: Vec<String>,
     live: bool,
+    offline: bool,
     time_scale: f64,
     bounds: BTreeMap<String, f64>,
 }
 
 fn args() -> Args {
-    let mut args = Args { filters: Vec::new(), live: false, time_scale: 1.0, bounds: BTreeMap::new() };
+    let mut args =
+        Args { filters: Vec::new(), live: false, offline: false, time_scale: 1.0, bounds: BTreeMap::new() };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--bench" => {}
             "--live" => args.live = true,
+            "--offline" => args.offline = true,
             "--time-scale" => {
                 args.time_scale = it.next().and_then(|v| v.parse().ok()).expect("--time-scale N");
             }
@@ -95,12 +99,19 @@ fn main() -> std::process::ExitCode {
     runtime.expect("a tokio runtime").block_on(suite(args))
 }
 
+/// The host's own clock: on the virtual clock, tokio's time is simulated.
+#[allow(clippy::disallowed_types)]
+fn wall_clock() -> std::time::Instant {
+    std::time::Instant::now()
+}
+
 async fn suite(args: Args) -> std::process::ExitCode {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/published.toml")).expect("data");
     let points = published::parse(&text).expect("published.toml parses");
     let wanted =
         |id: &str| args.filters.is_empty() || args.filters.iter().any(|f| id.starts_with(f.as_str()));
     let mut all = Vec::new();
+    let wall = wall_clock();
     for mapping in points.iter().map(published::map_point) {
         match mapping {
             Mapping::Replay(scenario) if wanted(&scenario.point.id) => {
@@ -108,7 +119,12 @@ async fn suite(args: Args) -> std::process::ExitCode {
                 let replayed = if args.live {
                     replay_live(&scenario, args.time_scale).await
                 } else {
-                    let report = virtual_stack::replay(&scenario).await;
+                    let report = if args.offline {
+                        let config = virtual_stack::runtime_config(&scenario);
+                        ReplayReport::of_run(&virtual_stack::replay_offline(config, &scenario.workload).await)
+                    } else {
+                        virtual_stack::replay(&scenario).await
+                    };
                     if report.failed > 0 {
                         Err(format!("{} requests failed: {:?}", report.failed, report.failures))
                     } else {
@@ -131,6 +147,7 @@ async fn suite(args: Args) -> std::process::ExitCode {
             Mapping::Skip { .. } => {}
         }
     }
+    print(&format!("(all points in {:.1} s of wall time)", wall.elapsed().as_secs_f64()));
     let mape = published::mape(&all);
     print("\nMAPE (mean absolute percentage error), by metric, by GPU, overall:");
     for row in mape.by_metric.iter().chain(&mape.by_gpu).chain([&mape.overall]) {

@@ -1,5 +1,5 @@
-//! Replays a [`Schedule`] against a live runtime-service over its engine dialect
-//! (`vllm.grpc.engine.VllmEngine`), timing every streamed chunk on tokio's clock.
+//! Replays a [`Schedule`] against a runtime's engine, a live runtime-service's engine dialect
+//! (`vllm.grpc.engine.VllmEngine`) or the offline simulator, timing every token on tokio's clock.
 
 use std::{
     fmt,
@@ -10,10 +10,8 @@ use std::{
     time::Duration,
 };
 
-use proto::vllm::grpc::engine::{
-    GenerateRequest, GetModelInfoRequest, GetModelInfoResponse, SamplingParams, TokenizedInput,
-    generate_request::Input, generate_response::Response, vllm_engine_client::VllmEngineClient,
-};
+use proto::vllm::grpc::engine::{GetModelInfoResponse, vllm_engine_client::VllmEngineClient};
+use runtime_service::offline::Offline;
 use tokio::{
     task::JoinSet,
     time::{Instant, sleep_until, timeout},
@@ -21,7 +19,8 @@ use tokio::{
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    record::{Chunk, Failure, RequestRecord},
+    door::Door,
+    record::{Failure, RequestRecord},
     workload::{Pacing, PlannedRequest, Schedule},
 };
 
@@ -89,10 +88,11 @@ impl fmt::Display for DriveError {
 
 impl std::error::Error for DriveError {}
 
-/// A runtime-service's engine dialect, over one or more HTTP/2 connections used in turn.
+/// A runtime's engine: a runtime-service's engine dialect over one or more HTTP/2 connections
+/// used in turn, or the offline simulator.
 #[derive(Debug, Clone)]
 pub struct Target {
-    clients: Vec<VllmEngineClient<Channel>>,
+    door: Door,
 }
 
 impl Target {
@@ -118,14 +118,18 @@ impl Target {
         if channels.is_empty() {
             return Err(DriveError::InvalidTarget("at least one channel is needed".into()));
         }
-        Ok(Target { clients: channels.into_iter().map(VllmEngineClient::new).collect() })
+        Ok(Target { door: Door::Grpc(channels.into_iter().map(VllmEngineClient::new).collect()) })
+    }
+
+    /// The offline simulator's device, with no network: run the replay on tokio's paused clock
+    /// and it takes as long as the host needs to price the steps.
+    pub fn offline(offline: Arc<Offline>) -> Target {
+        Target { door: Door::Offline(offline) }
     }
 
     /// The served model: `vocab_size` bounds the prompt token ids a plan may hold.
     pub async fn model_info(&self) -> Result<GetModelInfoResponse, DriveError> {
-        let mut client = self.clients[0].clone();
-        let reply = client.get_model_info(GetModelInfoRequest {}).await.map_err(DriveError::ModelInfo)?;
-        Ok(reply.into_inner())
+        self.door.model_info().await
     }
 
     /// Sends every request of `plan` as it paces them and waits for all to end. Failures are
@@ -154,21 +158,20 @@ impl Target {
                 for (n, planned) in plan.requests().iter().enumerate() {
                     // Arrival pacing: the plan's instant, not a wait for anything to be ready.
                     sleep_until(shared.start + planned.at.div_f64(options.time_scale)).await;
-                    let client = self.clients[n % self.clients.len()].clone();
-                    let (plan, shared) = (plan.clone(), shared.clone());
-                    tasks.spawn(async move { vec![send(client, &plan.requests()[n], &shared).await] });
+                    let (door, plan, shared) = (self.door.clone(), plan.clone(), shared.clone());
+                    tasks.spawn(async move { vec![send(&door, n, &plan.requests()[n], &shared).await] });
                 }
             }
             Pacing::ClosedLoop { clients } => {
                 let next = Arc::new(AtomicUsize::new(0));
                 for c in 0..clients as usize {
-                    let client = self.clients[c % self.clients.len()].clone();
-                    let (plan, shared, next) = (plan.clone(), shared.clone(), next.clone());
+                    let (door, plan, shared, next) =
+                        (self.door.clone(), plan.clone(), shared.clone(), next.clone());
                     tasks.spawn(async move {
                         let mut records = Vec::new();
                         // Bounded by the plan: each turn takes a distinct index.
                         while let Some(planned) = plan.requests().get(next.fetch_add(1, Ordering::Relaxed)) {
-                            records.push(send(client.clone(), planned, &shared).await);
+                            records.push(send(&door, c, planned, &shared).await);
                         }
                         records
                     });
@@ -218,16 +221,16 @@ fn chain(err: &dyn std::error::Error) -> String {
 
 /// What every request task reads.
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     start: Instant,
-    options: ReplayOptions,
+    pub(crate) options: ReplayOptions,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
 }
 
 impl Shared {
     /// Simulated time since the start.
-    fn now(&self) -> Duration {
+    pub(crate) fn now(&self) -> Duration {
         self.start.elapsed().mul_f64(self.options.time_scale)
     }
 }
@@ -269,68 +272,17 @@ impl RequestRecord {
     }
 }
 
-/// Sends one request and records its stream.
-async fn send(
-    mut client: VllmEngineClient<Channel>,
-    planned: &PlannedRequest,
-    shared: &Shared,
-) -> RequestRecord {
+/// Sends one request (the `n`th sent) and records its tokens.
+async fn send(door: &Door, n: usize, planned: &PlannedRequest, shared: &Shared) -> RequestRecord {
     let mut record = RequestRecord::planned(planned);
-    let message = GenerateRequest {
-        request_id: format!("{}{}", shared.options.request_id_prefix, planned.index),
-        input: Some(Input::Tokenized(TokenizedInput {
-            original_text: String::new(),
-            input_ids: planned.prompt.clone(),
-        })),
-        sampling_params: Some(SamplingParams {
-            max_tokens: Some(planned.max_tokens),
-            ignore_eos: planned.ignore_eos,
-            // Greedy, as vLLM's benchmark_serving.py sends: lengths then depend on ignore_eos only.
-            temperature: Some(0.0),
-            ..SamplingParams::default()
-        }),
-        stream: true,
-        ..GenerateRequest::default()
-    };
     let _counted = InFlight::enter(shared);
     record.sent = shared.now();
+    let exchange = door.exchange(n, planned, &mut record, shared);
     let outcome = match shared.options.request_timeout {
-        Some(limit) => timeout(limit, exchange(&mut client, message, &mut record, shared))
-            .await
-            .unwrap_or(Err(Failure::Timeout)),
-        None => exchange(&mut client, message, &mut record, shared).await,
+        Some(limit) => timeout(limit, exchange).await.unwrap_or(Err(Failure::Timeout)),
+        None => exchange.await,
     };
     record.ended = shared.now();
     record.failure = outcome.err();
     record
-}
-
-/// Reads the stream to its GenerateComplete, timing each chunk as it arrives.
-async fn exchange(
-    client: &mut VllmEngineClient<Channel>,
-    message: GenerateRequest,
-    record: &mut RequestRecord,
-    shared: &Shared,
-) -> Result<(), Failure> {
-    let mut stream = client.generate(message).await?.into_inner();
-    while let Some(reply) = stream.message().await? {
-        match reply.response {
-            // A chunk without tokens says nothing about token timing (vLLM's benchmark skips
-            // empty deltas too).
-            Some(Response::Chunk(chunk)) if !chunk.token_ids.is_empty() => {
-                let tokens = chunk.token_ids.len() as u32;
-                record.chunks.push(Chunk { at: shared.now(), tokens });
-                record.output_tokens += tokens;
-            }
-            Some(Response::Complete(done)) => {
-                record.completion_tokens = Some(done.completion_tokens);
-                record.cached_tokens = done.cached_tokens;
-                let aborted = done.finish_reason == "abort";
-                record.finish_reason = Some(done.finish_reason);
-                return if aborted { Err(Failure::Aborted) } else { Ok(()) };
-            }
-            Some(Response::Chunk(_)) | None => {}
-        }
-    }
-    Err(Failure::Incomplete)
 }

@@ -7,6 +7,7 @@
 //! - [`Target`] connects to runtime-service's engine dialect, reads the vocabulary
 //!   ([`Target::model_info`]) and [`Target::replay`]s a plan into a [`Run`] of [`RequestRecord`]s;
 //! - [`ReplayReport`] summarises a run (TTFT, TPOT, ITL, E2E; throughput);
+//! - [`simulate`] runs the same replay on the offline simulator's device, with no network;
 //! - [`published`] reads `published.toml`, turns each point into a [`published::Scenario`] (a
 //!   workload plus the runtime flags for that GPU) and compares a report with the point.
 //!
@@ -59,10 +60,12 @@
 //! [`workload::MAX_TOTAL_PROMPT_TOKENS`] prompt tokens, so every replay loop is bounded.
 #![forbid(unsafe_code)]
 
+mod door;
 mod drive;
 pub mod published;
 mod record;
 mod report;
+pub mod simulate;
 pub mod workload;
 
 pub use drive::{DriveError, MAX_TIME_SCALE, MIN_TIME_SCALE, ReplayOptions, Run, Target};

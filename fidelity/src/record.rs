@@ -124,3 +124,24 @@ impl RequestRecord {
         self.chunks.windows(2).map(|w| w[1].at.saturating_sub(w[0].at))
     }
 }
+
+impl RequestRecord {
+    /// One JSON object on one line: the request's index and lengths, its send time, TTFT, TPOT
+    /// and E2E in milliseconds (`null` where undefined), and its failure if any.
+    pub fn json_line(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        serde_json::json!({
+            "index": self.index,
+            "class": self.class,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "cached_tokens": self.cached_tokens,
+            "sent_ms": ms(self.sent),
+            "ttft_ms": self.ttft().map(ms),
+            "tpot_ms": self.tpot().map(ms),
+            "e2e_ms": ms(self.e2e()),
+            "failure": self.failure.as_ref().map(ToString::to_string),
+        })
+        .to_string()
+    }
+}

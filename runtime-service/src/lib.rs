@@ -22,6 +22,7 @@ pub mod memory;
 pub mod metrics;
 pub mod mock_lm;
 pub mod models;
+pub mod offline;
 pub mod rng;
 pub mod roofline;
 pub mod scheduler;

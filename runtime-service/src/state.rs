@@ -8,16 +8,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::Config,
-    core::{Device, DeviceSettings, LaneSpec},
+    core::{Device, DeviceSettings},
     error::Error,
     executor::Executor,
-    kv::{self, SlabShape},
+    kv,
     kv_events::{KvEventHub, MAX_SUBSCRIBERS, SubscriberSlot},
     memory::{DeviceMemory, Loader, MemoryClient, PoolCapacity, Renewer, Standing},
     metrics::Metrics,
     models::{ACTIVATIONS, KV_CACHE, Models},
-    roofline::Roofline,
-    scheduler::StepLimits,
 };
 
 /// Everything a generation needs, built once at start-up.
@@ -103,43 +101,14 @@ impl Shared {
             device_memory: device_memory.clone(),
         };
         let wake = Arc::new(Notify::new());
-        let limits = StepLimits {
-            max_batch: config.max_batch_size,
-            token_budget: config.max_batched_tokens,
-            reserve: config.kv_reserve,
-            prefix_caching: config.prefix_caching,
-            chunked_prefill: config.chunked_prefill,
-            decode_steps: config.decode_steps,
-        };
         let mut lanes = Vec::with_capacity(config.models.len());
         let mut kv_events = Vec::with_capacity(config.models.len());
-        for spec in &config.models {
-            let (link, end) = kv::link(wake.clone());
-            let plan = SlabShape {
-                model: spec.key.clone(),
-                block_bytes: spec.block_bytes(config.kv_block_tokens),
-                slab_blocks: config.kv_slab_blocks,
-            };
-            kv::spawn(end, plan, loader.clone(), shutdown.clone());
-            let lane = LaneSpec {
-                model: spec.key.clone(),
-                roofline: Roofline::new(&config.device, &spec.arch),
-                block_tokens: config.kv_block_tokens,
-                limits,
-                low_watermark: config.kv_low_watermark_blocks,
-                slab_blocks: config.kv_slab_blocks,
-                kv_events: Arc::new(KvEventHub::new(config.kv_events_buffer, config.kv_block_tokens)),
-            };
-            kv_events.push(lane.kv_events.clone());
-            lanes.push((lane, link));
+        for parts in crate::core::lanes(&config, &wake) {
+            kv::spawn(parts.leaser, parts.slabs, loader.clone(), shutdown.clone());
+            kv_events.push(parts.lane.kv_events.clone());
+            lanes.push((parts.lane, parts.link));
         }
-        let settings = DeviceSettings {
-            mode: config.scheduler,
-            jitter: config.jitter,
-            jitter_seed: config.jitter_seed,
-            kv_idle_release: config.kv_idle_release,
-            time_scale: config.time_scale,
-        };
+        let settings = DeviceSettings::of(&config);
         // Admission bounds what is in flight to max_batch_size + queue_capacity; twice that leaves
         // room for the hand-overs of generations that already ended but are not yet swept.
         let inbox = config.max_batch_size.saturating_add(config.queue_capacity).saturating_mul(2);

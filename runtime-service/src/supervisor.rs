@@ -53,6 +53,9 @@ async fn become_ready(shared: &Shared) -> bool {
             for model in shared.models.iter().filter(|m| m.spec.preload) {
                 model.ensure_loaded(&loader).await?;
             }
+            // Learned now rather than by the first Generate: a request then reaches the device
+            // with no memory-service round trip on its way (a burst's requests arrive together).
+            shared.kv_capacity().await?;
             // Unary calls working is not enough: leases that cannot be renewed expire and their
             // memory goes to others. Ready only while the keep-alive rounds succeed.
             if !shared.renewer.is_healthy() {

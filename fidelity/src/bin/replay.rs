@@ -4,10 +4,7 @@
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, ValueEnum};
-use fidelity::{
-    ReplayOptions, ReplayReport, Target, WorkloadSpec,
-    published::{self, Mapping},
-};
+use fidelity::{ReplayOptions, ReplayReport, Target, WorkloadSpec, published};
 
 /// Bad flags, workload or published file (EX_USAGE, as the services exit on bad configuration).
 const EXIT_USAGE: u8 = 64;
@@ -78,40 +75,16 @@ fn print(text: &str) {
 
 async fn run(args: Args) -> Result<ExitCode, (u8, String)> {
     let usage = |message: String| (EXIT_USAGE, message);
-    let mappings = || -> Result<Vec<Mapping>, (u8, String)> {
-        let text = std::fs::read_to_string(&args.published)
-            .map_err(|e| usage(format!("{}: {e}", args.published.display())))?;
-        let points =
-            published::parse(&text).map_err(|e| usage(format!("{}: {e}", args.published.display())))?;
-        Ok(points.iter().map(published::map_point).collect())
-    };
     if args.list_points {
-        for mapping in mappings()? {
-            match mapping {
-                Mapping::Replay(s) => {
-                    print(&format!("{}\treplay\t{}", s.point.id, s.runtime.flags().join(" ")))
-                }
-                Mapping::Skip { id, reason, .. } => print(&format!("{id}\tskip\t{reason}")),
-            }
-        }
+        print(&published::list(&published::read_mappings(&args.published).map_err(usage)?));
         return Ok(ExitCode::SUCCESS);
     }
     let (workload, scenario) = match (&args.workload, &args.point) {
-        (Some(path), _) => {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| usage(format!("{}: {e}", path.display())))?;
-            let spec = if path.extension().is_some_and(|e| e == "jsonl") {
-                WorkloadSpec::from_jsonl(&text)
-            } else {
-                WorkloadSpec::from_toml(&text)
-            };
-            (spec.map_err(|e| usage(format!("{}: {e}", path.display())))?, None)
-        }
+        (Some(path), _) => (WorkloadSpec::read(path).map_err(usage)?, None),
         (None, Some(id)) => {
-            match mappings()?.into_iter().find(|m| matches!(m, Mapping::Replay(s) if &s.point.id == id)) {
-                Some(Mapping::Replay(scenario)) => (scenario.workload.clone(), Some(scenario)),
-                _ => return Err(usage(format!("no replayable point {id:?} (see --list-points)"))),
-            }
+            let mappings = published::read_mappings(&args.published).map_err(usage)?;
+            let scenario = published::find_scenario(mappings, id).map_err(usage)?;
+            (scenario.workload.clone(), Some(scenario))
         }
         (None, None) => return Err(usage("a workload file, --point or --list-points is needed".into())),
     };

@@ -3,6 +3,7 @@
 
 mod compare;
 mod limits;
+mod read;
 
 use std::collections::BTreeMap;
 
@@ -12,6 +13,7 @@ use crate::workload::{Arrival, RequestClass, WorkloadSpec};
 
 pub use compare::{Comparison, Latency, Mape, MapeRow, Metric, Stat, compare, comparison_table, mape};
 pub use limits::{VllmLimits, vllm_limits};
+pub use read::{find_scenario, list, read_mappings};
 
 /// The device presets runtime-service has (`--device`); a point on another GPU is skipped. A
 /// test checks this list against serving's.

@@ -169,6 +169,17 @@ impl Violations {
 }
 
 impl WorkloadSpec {
+    /// Reads a workload file: a JSONL trace when its name ends in `.jsonl`, else TOML.
+    pub fn read(path: &std::path::Path) -> Result<WorkloadSpec, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let spec = if path.extension().is_some_and(|e| e == "jsonl") {
+            WorkloadSpec::from_jsonl(&text)
+        } else {
+            WorkloadSpec::from_toml(&text)
+        };
+        spec.map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     /// Reads a workload from TOML (see the crate docs) and validates it.
     pub fn from_toml(text: &str) -> Result<WorkloadSpec, SpecError> {
         parse::from_toml(text)

@@ -12,6 +12,7 @@
 mod lane;
 mod reclaim;
 mod run;
+mod setup;
 #[cfg(test)]
 mod tests;
 pub mod timeline;
@@ -24,6 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 pub use self::{
     lane::LaneSpec,
     reclaim::Reclaim,
+    setup::{LaneParts, lanes},
     timeline::{Busy, SchedulerMode},
 };
 use crate::{

@@ -5,10 +5,10 @@
 //! ids per identity, limits, scheduler, KV blocks, leases, traces, metrics), and its answer
 //! translated back. Nothing here decides anything the core does not.
 
-mod info;
+pub(crate) mod info;
 mod kv_events;
 mod reply;
-mod request;
+pub(crate) mod request;
 
 use std::sync::{
     Arc,

@@ -3,19 +3,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{
-    sync::{mpsc, oneshot},
-    time::{Instant, sleep_until},
-};
+use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
 use super::{Generation, OnDevice, Stop, Timings};
-use crate::{
-    core::{Submission, TOKEN_BUFFER},
-    error::Error,
-    executor::Flight,
-    mock_lm::Decoder,
-};
+use crate::{error::Error, executor::Flight};
 
 /// Attempts at loading a model's memory while memory-service is unreachable, 50 ms apart and
 /// doubling: a reconnect is waited out, an outage answered within half a second.
@@ -80,60 +72,16 @@ impl Generation {
                 () = flight.cancelled().cancelled() => return Err(flight.reason().into()),
             }
         }
-        let (tokens_tx, tokens) = mpsc::channel(TOKEN_BUFFER);
-        let (outcome_tx, outcome) = oneshot::channel();
-        let plan = &self.plan;
-        let submission = Submission {
-            lane: plan.model.lane,
-            received: self.started,
-            prompt_tokens: plan.prompt_tokens,
-            prompt_ids: plan.prompt_ids.clone(),
-            max_tokens: plan.max_tokens,
-            decoder: Decoder::primed(
-                plan.model.lm,
-                plan.prompt_hash,
-                plan.seed,
-                plan.sampling,
-                plan.stops.clone(),
-            )
-            .with_tokenizer(plan.model.bundle.foreign()),
-            tokens: tokens_tx,
-            outcome: outcome_tx,
-            abort: flight.cancelled().child_token(),
-            flight: flight.clone(),
-            span: tracing::Span::current(),
-        };
-        let guard = self.shared.device.submit(submission)?;
-        Ok(OnDevice { tokens, outcome, guard })
+        let handover = self.plan.hand_over(self.started, flight);
+        let guard = self.shared.device.submit(handover.submission)?;
+        Ok(OnDevice { tokens: handover.tokens, outcome: handover.outcome, guard })
     }
 
-    /// A sequence whose prompt and completion need more KV blocks than memory-service's whole
-    /// kv-cache pool holds, or than the device has room for beside its weights and activations,
-    /// could never finish: refuse it now rather than preempt it forever.
+    /// A sequence that could never finish is refused now rather than preempted forever.
     async fn check_fits(&self) -> Result<(), Error> {
         let config = &self.shared.config;
-        let spec = &self.plan.model.spec;
-        let block_bytes = spec.block_bytes(config.kv_block_tokens);
-        let tokens = self.plan.prompt_tokens + self.plan.max_tokens;
-        let needed = u64::from(tokens).div_ceil(u64::from(config.kv_block_tokens)) * block_bytes;
-        let capacity = self.shared.kv_capacity().await?;
-        // Whole blocks only: a pool is carved into blocks of this size.
-        let usable = capacity / block_bytes * block_bytes;
-        if needed > usable {
-            return Err(Error::Unservable(format!(
-                "{tokens} tokens of {} need {needed} bytes of kv-cache but the pool holds {capacity} bytes; \
-                 lower max_tokens or shorten the prompt",
-                spec.key
-            )));
-        }
+        let pool = self.shared.kv_capacity().await?;
         let room = self.shared.device_memory.kv_room();
-        if needed > room / block_bytes * block_bytes {
-            return Err(Error::Unservable(format!(
-                "{tokens} tokens of {} need {needed} bytes of kv-cache but the device {} has room for {room} \
-                 beside its weights and activations; lower max_tokens or shorten the prompt",
-                spec.key, config.device.name
-            )));
-        }
-        Ok(())
+        self.plan.check_fits(config.kv_block_tokens, pool, &config.device.name, room)
     }
 }

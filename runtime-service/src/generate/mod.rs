@@ -3,6 +3,7 @@
 //! frees them the moment the sequence ends, whichever way it ends.
 
 mod admit;
+mod handover;
 mod limits;
 mod plan;
 mod stream;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::Instrument;
 
+pub use self::handover::HandOver;
 pub use self::plan::{
     MAX_PROMPT_BYTES, Plan, Violations, is_valid_request_id, new_request_id, request_id_rule,
 };

@@ -28,6 +28,8 @@ const FAILURES_BEFORE_GIVING_UP: u32 = 3;
 struct Demand {
     want_free: u64,
     free: u64,
+    /// Blocks the device holds, free or not (the slabs it absorbed and has not returned).
+    held: u64,
     /// Granted by the leaser, not yet absorbed by the device.
     inflight: u64,
     /// The span of a sequence waiting for the blocks: the lease joins its trace, so one trace
@@ -99,6 +101,17 @@ impl LeaserEnd {
         lock(&self.demand).missing()
     }
 
+    /// Blocks the device holds (absorbed and not returned), as of its last publication; with
+    /// [`LeaserEnd::in_flight`], what a leaser without memory-service counts as taken.
+    pub fn held(&self) -> u64 {
+        lock(&self.demand).held
+    }
+
+    /// Blocks granted and not yet absorbed by the device.
+    pub fn in_flight(&self) -> u64 {
+        lock(&self.demand).inflight
+    }
+
     /// Whether the device asks for a starved lane's whole need in one lease (see [`Link::set`]).
     pub fn whole(&self) -> bool {
         lock(&self.demand).whole
@@ -143,9 +156,9 @@ pub fn link(wake: Arc<Notify>) -> (Link, LeaserEnd) {
 }
 
 impl Link {
-    /// Publishes the device's wish and holding, and the span of a sequence waiting for it; wakes
-    /// the leaser if blocks are missing.
-    pub fn set(&self, want_free: u64, free: u64, cause: Option<&tracing::Span>, whole: bool) {
+    /// Publishes the device's wish (`want_free`), its free and `held` blocks, and the span of a
+    /// sequence waiting for it; wakes the leaser if blocks are missing.
+    pub fn set(&self, want_free: u64, free: u64, held: u64, cause: Option<&tracing::Span>, whole: bool) {
         let missing = {
             let mut demand = lock(&self.demand);
             if demand.missing() == 0 && want_free > free + demand.inflight {
@@ -156,6 +169,7 @@ impl Link {
             }
             demand.want_free = want_free;
             demand.free = free;
+            demand.held = held;
             demand.whole = whole;
             let missing = demand.missing();
             demand.cause = if missing > 0 { cause.cloned() } else { None };

@@ -49,6 +49,7 @@ impl Lane {
             self.wanted_free()
         };
         let free = self.scheduler.pool().free_blocks();
+        let held = self.scheduler.pool().total_blocks();
         // The lease joins the trace of a sequence waiting for it (the queue's head, else a running
         // one about to grow).
         let cause = if want > free {
@@ -57,7 +58,7 @@ impl Lane {
         } else {
             None
         };
-        self.link.set(want, free, cause.map(|live| &live.span), starved);
+        self.link.set(want, free, held, cause.map(|live| &live.span), starved);
     }
 
     /// Free blocks a busy lane wants: what its next steps need and the low watermark.
