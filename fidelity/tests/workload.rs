@@ -273,3 +273,17 @@ fn a_jsonl_trace_is_one_request_per_line() {
     assert!(matches!(&err, SpecError::Syntax(m) if m.starts_with("line 1:")), "{err}");
     assert_eq!(WorkloadSpec::from_jsonl("\n\n").unwrap_err().fields(), ["requests"]);
 }
+
+/// The example workloads shipped in `fidelity/workloads/` (docs/fidelity.md runs them) are valid.
+#[test]
+fn the_shipped_workloads_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads");
+    let mut read = 0;
+    for entry in std::fs::read_dir(&dir).expect("fidelity/workloads exists") {
+        let path = entry.expect("an entry").path();
+        let spec = fidelity::WorkloadSpec::read(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!spec.expand(128_000).expect("expands").requests().is_empty(), "{}", path.display());
+        read += 1;
+    }
+    assert!(read > 0, "no workload in {}", dir.display());
+}
