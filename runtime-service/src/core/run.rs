@@ -12,7 +12,7 @@ use tracing::debug;
 use super::{
     DeviceSettings, LaneSpec, Reclaim, Signals, Submission,
     lane::Lane,
-    timeline::{Busy, Slot, Timeline},
+    timeline::{Busy, SchedulerMode, Slot, Timeline},
 };
 use crate::{error::Error, kv::Link, metrics::Metrics, rng::SplitMix64, scheduler::Step};
 
@@ -79,7 +79,12 @@ impl DeviceLoop {
             if self.shutdown.is_cancelled() {
                 break;
             }
-            inbox_open &= self.intake();
+            // Overlapped, the CPU formed this step while the last one ran: what arrived since
+            // could not be in it. Real overlap schedulers (SGLang's, vLLM's async scheduling)
+            // charge an arrival that step; those arrivals join their lanes after the pick.
+            let defer = self.timeline.mode() == SchedulerMode::Overlapped && self.timeline.is_busy();
+            let (open, held) = self.intake(defer);
+            inbox_open &= open;
             for lane in &mut self.lanes {
                 lane.absorb_grants();
                 lane.sweep();
@@ -90,6 +95,10 @@ impl DeviceLoop {
             let fence = *self.memory.borrow_and_update();
             let now = Instant::now();
             let picked = if fence.is_some_and(|until| now < until) { self.pick() } else { None };
+            let arrived = !held.is_empty();
+            for (id, submission) in held {
+                self.lanes[submission.lane].add(id, submission, now);
+            }
             for lane in &mut self.lanes {
                 lane.return_slabs(now, self.settings.kv_idle_release);
                 lane.publish_demand();
@@ -100,6 +109,12 @@ impl DeviceLoop {
             self.export_gauges();
             let Some((li, plan)) = picked else {
                 self.timeline.idle();
+                // Nothing to overlap them with: arrivals run now, and stopped sequences have no
+                // next step to stay for.
+                let retired = self.lanes.iter_mut().fold(false, |any, lane| lane.retire_ghosts() | any);
+                if arrived || retired {
+                    continue;
+                }
                 if !inbox_open && self.lanes.iter().all(|l| l.scheduler.is_empty()) {
                     break;
                 }
@@ -117,20 +132,25 @@ impl DeviceLoop {
         // Dropping the lanes drops their slab leases: each is freed in the background (tracked).
     }
 
-    /// Takes every submission waiting in the inbox; false once the inbox is closed.
-    fn intake(&mut self) -> bool {
+    /// Takes every submission waiting in the inbox into its lane, or, if `defer`, returns them
+    /// (numbered) for the caller to add after this step's pick; false once the inbox is closed.
+    fn intake(&mut self, defer: bool) -> (bool, Vec<(u64, Submission)>) {
         let now = Instant::now();
+        let mut held = Vec::new();
         loop {
             match self.inbox.try_recv() {
-                Ok(submission) => {
+                Ok(submission) if submission.lane < self.lanes.len() => {
                     let id = self.next_id;
                     self.next_id += 1;
-                    if let Some(lane) = self.lanes.get_mut(submission.lane) {
-                        lane.add(id, submission, now);
+                    if defer {
+                        held.push((id, submission));
+                    } else {
+                        self.lanes[submission.lane].add(id, submission, now);
                     }
                 }
-                Err(mpsc::error::TryRecvError::Empty) => return true,
-                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+                Ok(_) => {} // no such lane: its generation was checked against the models
+                Err(mpsc::error::TryRecvError::Empty) => return (true, held),
+                Err(mpsc::error::TryRecvError::Disconnected) => return (false, held),
             }
         }
     }
@@ -202,7 +222,8 @@ impl DeviceLoop {
         metrics.batch_size.observe(plan.batch.len() as f64);
         metrics.step_seconds.with_label_values(&[cost.phase.name()]).observe(gpu.as_secs_f64());
         let simulated = Slot { gpu_waited: scale.to_simulated(slot.gpu_waited), ..slot };
-        let tokens = lane.complete(plan, simulated, cost.cpu, gpu);
+        let late_stops = self.timeline.mode() == SchedulerMode::Overlapped;
+        let tokens = lane.complete(plan, simulated, cost.cpu, gpu, late_stops);
         metrics.tokens.with_label_values(&[&lane.spec.model]).inc_by(u64::from(tokens));
         true
     }

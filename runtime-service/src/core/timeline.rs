@@ -69,6 +69,11 @@ impl Timeline {
         self.busy
     }
 
+    /// Whether a step was just placed (the device has not gone idle since).
+    pub fn is_busy(&self) -> bool {
+        self.last.is_some()
+    }
+
     /// The device ran out of work: the next step starts from scratch (its CPU work cannot have
     /// overlapped anything).
     pub fn idle(&mut self) {

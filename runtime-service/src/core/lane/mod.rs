@@ -78,6 +78,11 @@ pub(super) struct Lane {
     cache_salt: u64,
     /// Cached blocks given back to memory-service on request, not yet exported.
     pub(super) reclaimed_blocks: u64,
+    /// Sequences a stop token ended in the last step, overlapped: their callers have their
+    /// outcome, but an overlap scheduler formed the next step before it saw the stop (SGLang's
+    /// overlap loop, vLLM's async scheduling), so they keep their batch slot and blocks through
+    /// it and leave after it. A length finish is known ahead and leaves at once.
+    ghosts: Vec<SeqId>,
 }
 
 impl Lane {
@@ -93,6 +98,7 @@ impl Lane {
             vllm,
             cache_salt,
             reclaimed_blocks: 0,
+            ghosts: Vec::new(),
         }
     }
 
@@ -160,7 +166,16 @@ impl Lane {
 
     /// Records that `plan` ran in `slot` at `cost` (with `gpu` after jitter): advances every
     /// sequence, streams the tokens sampled, and ends the sequences that are done.
-    pub(super) fn complete(&mut self, plan: &Step, slot: Slot, cpu: Duration, gpu: Duration) -> u32 {
+    /// With `late_stops` (overlapped), a sequence a stop token ends stays for one more step.
+    pub(super) fn complete(
+        &mut self,
+        plan: &Step,
+        slot: Slot,
+        cpu: Duration,
+        gpu: Duration,
+        late_stops: bool,
+    ) -> u32 {
+        let previous = std::mem::take(&mut self.ghosts);
         for &(id, _) in &plan.batch {
             if let Some(live) = self.live.get_mut(&id) {
                 if live.stats.schedule(slot.gpu_start) {
@@ -182,7 +197,7 @@ impl Lane {
                 continue;
             };
             let Some(token) = live.decoder.next_token() else {
-                self.end(id, Ok(true));
+                self.stop(id, late_stops);
                 continue;
             };
             let index = seq.generated;
@@ -198,10 +213,40 @@ impl Lane {
             if done {
                 self.end(id, Ok(false));
             } else if live.decoder.stopped_by_token() {
-                self.end(id, Ok(true));
+                self.stop(id, late_stops);
             }
         }
+        // The step after their stop is done: what they held goes now.
+        for id in previous {
+            self.scheduler.remove(id);
+        }
         tokens
+    }
+
+    /// Ends sequence `id`, stopped by a token: at once, or, if `late`, for its caller now and
+    /// on the device after the next step (see `ghosts`).
+    fn stop(&mut self, id: SeqId, late: bool) {
+        if !late {
+            return self.end(id, Ok(true));
+        }
+        let (Some(live), Some(seq)) = (self.live.remove(&id), self.scheduler.get(id)) else {
+            return self.end(id, Ok(true));
+        };
+        self.vllm.finished(&live.stats, Finish::of(&Ok::<bool, Error>(true)), Instant::now());
+        let report = report(seq, &live, true);
+        drop(live.tokens);
+        let _ = live.outcome.send(Ok(report));
+        self.ghosts.push(id);
+    }
+
+    /// Takes the sequences a stop ended off the device now (it has no next step to run them
+    /// through); whether there were any.
+    pub(super) fn retire_ghosts(&mut self) -> bool {
+        let ghosts = std::mem::take(&mut self.ghosts);
+        for &id in &ghosts {
+            self.scheduler.remove(id);
+        }
+        !ghosts.is_empty()
     }
 
     /// Ends sequence `id`: frees its blocks at once, then tells its task (`Ok(stopped)` or why it
@@ -210,22 +255,7 @@ impl Lane {
         let (seq, Some(live)) = self.retire(id, Finish::of(&outcome)) else { return };
         let outcome = match outcome {
             Err(err) => Err(err),
-            Ok(stopped) => {
-                let seq = seq.unwrap_or_else(|| SeqState::new(id, 0, 0));
-                Ok(Report {
-                    stopped,
-                    generated: seq.generated,
-                    preemptions: seq.preemptions,
-                    peak_blocks: seq.peak_blocks,
-                    steps: seq.steps,
-                    cached_tokens: seq.cached_tokens.unwrap_or(0),
-                    batch_sum: seq.batch_sum,
-                    queue_time: live.stats.queue_time().unwrap_or_default(),
-                    cpu_busy: live.cpu_busy,
-                    gpu_busy: live.gpu_busy,
-                    gpu_waiting_for_cpu: live.gpu_waiting_for_cpu,
-                })
-            }
+            Ok(stopped) => Ok(report(&seq.unwrap_or_else(|| SeqState::new(id, 0, 0)), &live, stopped)),
         };
         // The token sender goes first, so the task reads every token before the outcome.
         drop(live.tokens);
@@ -255,6 +285,23 @@ impl Lane {
     pub(super) fn publish_kv_events(&mut self) {
         let events = self.scheduler.pool_mut().take_events();
         self.spec.kv_events.publish(events);
+    }
+}
+
+/// How sequence `seq` went, as its caller is told.
+fn report(seq: &SeqState, live: &Live, stopped: bool) -> Report {
+    Report {
+        stopped,
+        generated: seq.generated,
+        preemptions: seq.preemptions,
+        peak_blocks: seq.peak_blocks,
+        steps: seq.steps,
+        cached_tokens: seq.cached_tokens.unwrap_or(0),
+        batch_sum: seq.batch_sum,
+        queue_time: live.stats.queue_time().unwrap_or_default(),
+        cpu_busy: live.cpu_busy,
+        gpu_busy: live.gpu_busy,
+        gpu_waiting_for_cpu: live.gpu_waiting_for_cpu,
     }
 }
 

@@ -145,6 +145,17 @@ struct Seq {
 
 impl Rig {
     fn submit(&self, name: &str, prompt: &str, max_tokens: u32) -> Seq {
+        self.submit_stopping(name, prompt, max_tokens, crate::mock_lm::Stops::default())
+    }
+
+    /// [`Rig::submit`] with stop conditions.
+    fn submit_stopping(
+        &self,
+        name: &str,
+        prompt: &str,
+        max_tokens: u32,
+        stops: crate::mock_lm::Stops,
+    ) -> Seq {
         let ticket = self.executor.register(name.into(), None).expect("unique id");
         let (tokens_tx, tokens) = mpsc::channel(TOKEN_BUFFER);
         let (outcome_tx, outcome) = oneshot::channel();
@@ -157,7 +168,7 @@ impl Rig {
                 prompt_tokens: lm.count_prompt_tokens(prompt),
                 prompt_ids: Arc::from([]),
                 max_tokens,
-                decoder: Decoder::new(lm, prompt, 7, GREEDY),
+                decoder: Decoder::primed(lm, crate::rng::fnv1a(prompt.as_bytes()), 7, GREEDY, stops),
                 tokens: tokens_tx,
                 outcome: outcome_tx,
                 abort: ticket.flight().cancelled().child_token(),

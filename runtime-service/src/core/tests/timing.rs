@@ -201,3 +201,72 @@ async fn a_prompt_arriving_mid_stream_shares_a_mixed_step_priced_as_both() {
     assert_eq!(steps("mixed"), 1, "the prompt rode along with a decode");
     rig.stop().await;
 }
+
+/// Overlapped, step N+1 is formed while step N runs, so a sequence that arrives during step N
+/// waits for step N+2 (a step more than sequential), as SGLang's and vLLM's overlap schedulers
+/// charge it; an idle device takes an arrival at once in both modes.
+#[tokio::test(start_paused = true)]
+async fn overlap_charges_an_arrival_during_a_step_one_more_step() {
+    let mut waited = Vec::new();
+    for mode in [SchedulerMode::Sequential, SchedulerMode::Overlapped] {
+        let rig = rig(mode, 1.0, LIMITS);
+        rig.slabs.give(64).await;
+        let mut a = rig.submit("a", "one", 20);
+        let mut a_at = Vec::new();
+        // Three of A's tokens, then B arrives: the device is in the middle of A's next step.
+        for _ in 0..3 {
+            let emitted = a.tokens.recv().await.expect("a token");
+            a_at.push((emitted.index, Instant::now()));
+        }
+        let mut b = rig.submit("b", "two", 2);
+        let ((a_rest, _), (b_at, outcome)) = tokio::join!(drain(&mut a), drain(&mut b));
+        a_at.extend(a_rest);
+        outcome.expect("b finished");
+        // B shares its steps with A: its first token comes with one of A's.
+        let first = b_at[0].1;
+        let with =
+            a_at.iter().position(|&(_, at)| at == first).expect("B's first token comes with one of A's");
+        waited.push(with - 2); // steps after the one that produced A's third token
+        rig.stop().await;
+    }
+    assert_eq!(waited, [2, 3], "sequential: the step after the one running; overlapped: one more");
+
+    // Idle: no step to overlap with, so the first arrival runs at once in either mode.
+    let rig = rig(SchedulerMode::Overlapped, 1.0, LIMITS);
+    rig.slabs.give(64).await;
+    let start = Instant::now();
+    let mut a = rig.submit("a", "four words of prompt", 1);
+    let (seen, _) = drain(&mut a).await;
+    let want = expected(&rig, SchedulerMode::Overlapped, Duration::from_millis(1), 4, 1, start);
+    assert!(within_a_tick(seen[0].1, want[0]), "{:?} vs {:?}", seen[0].1 - start, want[0] - start);
+    rig.stop().await;
+}
+
+/// Overlapped, a sequence a stop token ends keeps its batch slot through the step already formed
+/// (the scheduler had not seen the stop), so with room for one sequence the next one waits a
+/// step more than sequential; its caller gets the outcome at once either way.
+#[tokio::test(start_paused = true)]
+async fn overlap_sees_a_stop_token_one_step_late() {
+    let lm = MockLmKind::Webllm.lm();
+    let first = Decoder::new(lm, "one", 7, GREEDY).next_token().expect("a first token").id;
+    let stops = crate::mock_lm::Stops { stop_token_ids: vec![first], ..Default::default() };
+    let mut gaps = Vec::new();
+    for mode in [SchedulerMode::Sequential, SchedulerMode::Overlapped] {
+        let rig = rig(mode, 1.0, StepLimits { max_batch: 1, ..LIMITS });
+        rig.slabs.give(64).await;
+        let mut a = rig.submit_stopping("a", "one", 8, stops.clone());
+        let mut b = rig.submit("b", "two", 1);
+        let ((a_at, a_outcome), (b_at, _)) = tokio::join!(drain(&mut a), drain(&mut b));
+        let report = a_outcome.expect("a finished");
+        assert!(report.stopped && report.generated == 1, "{mode:?}: a stops at its first token");
+        gaps.push(b_at[0].1 - a_at[0].1);
+        rig.stop().await;
+    }
+    // Sequential: B's step (1 ms of CPU, then its GPU time) right after A's. Overlapped, the CPU
+    // is hidden, but the decode step A kept its slot for comes first: two GPU steps.
+    let step =
+        rig(SchedulerMode::Overlapped, 1.0, LIMITS).roofline.step([Work { tokens: 1, context: 0 }]).gpu;
+    let tick = Duration::from_millis(1);
+    assert!(gaps[0] >= step && gaps[0] <= step + tick * 2, "sequential {:?}, step {step:?}", gaps[0]);
+    assert!(gaps[1] + tick >= step * 2 && gaps[1] <= step * 2 + tick * 2, "overlapped {:?}", gaps[1]);
+}
