@@ -81,29 +81,39 @@ impl Timeline {
     }
 
     /// Places a step costing `cpu` then `gpu` after the previous one, as of `now`.
+    ///
+    /// The host hands over its outputs and forms the step after the simulated GPU is free: its
+    /// own time is not the device's (the device's CPU stage is `cpu`). So the step goes where the
+    /// schedule puts it, even if that began a moment ago, as long as it still ends by `now` +
+    /// [`SLACK`]: the host caught up within the step, and the device's clock did not slip. Only a
+    /// host later than that (more work per step than a step lasts) restarts the schedule from
+    /// `now`, and what it lost is counted as lag.
     pub fn place(&mut self, now: Instant, cpu: Duration, gpu: Duration) -> Slot {
-        let (mut cpu_start, mut gpu_free) = match self.last {
+        let (cpu_start, gpu_free) = match self.last {
             None => (now, now),
             Some(last) => match self.mode {
                 SchedulerMode::Overlapped => (last.gpu_start, last.gpu_done),
                 SchedulerMode::Sequential => (last.gpu_done, last.gpu_done),
             },
         };
-        if now > gpu_free + SLACK {
+        let mut slot = Self::slot(cpu_start, gpu_free, cpu, gpu);
+        if now > slot.gpu_done + SLACK {
             // The host was late (too many streams for its cores, or a stall): the simulated device
             // cannot have run while nobody fed it. Count it, and restart the schedule from now.
             self.busy.lag += now - gpu_free;
-            (cpu_start, gpu_free) = (now, now);
+            slot = Self::slot(now, now, cpu, gpu);
         }
-        let cpu_ready = cpu_start + cpu;
-        let gpu_start = cpu_ready.max(gpu_free);
-        let slot = Slot { cpu_start, gpu_start, gpu_done: gpu_start + gpu, gpu_waited: gpu_start - gpu_free };
         self.busy.cpu_busy += cpu;
         self.busy.gpu_busy += gpu;
-        self.busy.gpu_waiting_for_cpu += gpu_start - gpu_free;
-        self.busy.cpu_waiting_for_gpu += gpu_start - cpu_ready;
+        self.busy.gpu_waiting_for_cpu += slot.gpu_waited;
+        self.busy.cpu_waiting_for_gpu += slot.gpu_start - (slot.cpu_start + cpu);
         self.last = Some(slot);
         slot
+    }
+
+    fn slot(cpu_start: Instant, gpu_free: Instant, cpu: Duration, gpu: Duration) -> Slot {
+        let gpu_start = (cpu_start + cpu).max(gpu_free);
+        Slot { cpu_start, gpu_start, gpu_done: gpu_start + gpu, gpu_waited: gpu_start - gpu_free }
     }
 }
 
@@ -153,5 +163,25 @@ mod tests {
         let second = timeline.place(late, ms(1), ms(4));
         assert_eq!(timeline.busy().lag, ms(10));
         assert_eq!(second.gpu_done, late + ms(5));
+    }
+
+    #[test]
+    fn a_host_late_by_less_than_a_step_costs_the_device_nothing() {
+        let ms = Duration::from_millis;
+        for mode in [SchedulerMode::Overlapped, SchedulerMode::Sequential] {
+            let start = Instant::now();
+            let mut timeline = Timeline::new(mode);
+            let first = timeline.place(start, ms(1), ms(10));
+            // The host formed the next step 6 ms after the GPU was free: it still ends in the
+            // future, placed where the schedule puts it.
+            let second = timeline.place(first.gpu_done + ms(6), ms(1), ms(10));
+            let on_time = Timeline::new(mode).place(start, ms(1), ms(10));
+            let expected = match mode {
+                SchedulerMode::Overlapped => first.gpu_done + ms(10),
+                SchedulerMode::Sequential => first.gpu_done + ms(11),
+            };
+            assert_eq!((second.gpu_done, timeline.busy().lag), (expected, Duration::ZERO), "{mode:?}");
+            assert_eq!(first, on_time);
+        }
     }
 }

@@ -240,6 +240,9 @@ impl Generation {
         tokio::pin!(cancelled, lost, closed, watchdog);
         let metrics = &self.shared.metrics;
         let model = self.plan.model.spec.key.as_str();
+        // Looked up once: a labelled series' lookup (hash and lock) per token would cost more
+        // than the observation.
+        let inter_token = metrics.inter_token.with_label_values(&[model]);
         let scale = self.shared.config.time_scale;
         loop {
             let next = tokio::select! {
@@ -285,9 +288,7 @@ impl Generation {
                     // From the time-to-first-token deadline to the (usually earlier) idle deadline.
                     watchdog.as_mut().reset(self.limits.next_token(Some(now)).0);
                 }
-                Some(last) => {
-                    metrics.inter_token.with_label_values(&[model]).observe(scale.simulated_secs(now - last))
-                }
+                Some(last) => inter_token.observe(scale.simulated_secs(now - last)),
             }
             timings.last_token = Some(now);
             timings.tokens += 1;

@@ -10,8 +10,8 @@
 //! 3. `paged`: paged KV against up-front reservation on one kv-cache pool: sequences held at once
 //!    and throughput on the same workload.
 //! 4. `elastic`: two runtimes on one memory-service under shifting load against static halves.
-//! 5. `keepup`: 256 concurrent streams on this machine: how far the simulated device's clock falls
-//!    behind real time.
+//!
+//! How many streams one runtime keeps up with is the `stream` bench (`benches/stream`).
 //!
 //! Run: `cargo bench -p e2e --bench runtime` (all), or name some:
 //! `cargo bench -p e2e --bench runtime -- sweep overlap`.
@@ -41,9 +41,6 @@ fn main() {
         }
         if wanted("elastic") {
             sharing::elastic().await;
-        }
-        if wanted("keepup") {
-            sweep::keep_up().await;
         }
     });
     println!("\nall done in {:.0} s", started.elapsed().as_secs_f64());

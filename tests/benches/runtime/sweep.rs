@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serving::{arch::Arch, device::DeviceSpec};
 
-use crate::load::{self, Scratch, counter, ms, pct, request};
+use crate::load::{self, Scratch, ms, pct, request};
 
 const MODEL: &str = "llama-3.1-8b";
 const PROMPT: u32 = 1024;
@@ -76,37 +76,4 @@ pub async fn run() {
         runtime.stop();
         memory.stop();
     }
-}
-
-/// 256 concurrent streams on one runtime: the simulated device's clock against real time. The
-/// device loop counts every moment the host was late for a step (runtime_device_lag_seconds).
-pub async fn keep_up() {
-    const STREAMS: usize = 256;
-    let scratch = Scratch::new("keepup");
-    let models = scratch.file("models.toml", MODELS);
-    let memory = load::memory(&["--device", "h100-sxm"]);
-    let (runtime, client) = load::runtime(&memory, &["--device", "h100-sxm", "--config", &models]).await;
-    load::level(&client, vec![request(MODEL, 16, 8, 0.0, 0)]).await;
-    println!("\n== keep-up: {STREAMS} concurrent streams of {MODEL} on h100-sxm, 128 + 128 tokens ==");
-    for streams in [64, STREAMS] {
-        let lag_before = counter(&runtime, "runtime_device_lag_seconds_total", &[]);
-        let gpu = [r#"stage="gpu""#, r#"state="busy""#];
-        let gpu_before = counter(&runtime, "runtime_device_seconds_total", &gpu);
-        let requests = (0..streams).map(|i| request(MODEL, 128, 128, 0.0, i as u64)).collect();
-        let (done, wall) = load::level(&client, requests).await;
-        let lag = counter(&runtime, "runtime_device_lag_seconds_total", &[]) - lag_before;
-        let gpu = counter(&runtime, "runtime_device_seconds_total", &gpu) - gpu_before;
-        let tokens: u32 = done.iter().map(|s| s.tokens).sum();
-        println!(
-            "{streams:>4} streams: {:>7.0} tok/s delivered, wall {:.2} s, simulated GPU busy {:.2} s, \
-             device clock behind real time {:.3} s ({:.1}% of the run)",
-            f64::from(tokens) / wall.as_secs_f64(),
-            wall.as_secs_f64(),
-            gpu,
-            lag,
-            100.0 * lag / wall.as_secs_f64(),
-        );
-    }
-    runtime.stop();
-    memory.stop();
 }

@@ -1,0 +1,175 @@
+//! A no-op `runtime.v1.RuntimeService` for the stream benchmark: the production binary's tonic
+//! server stack (its transport limits, TCP_NODELAY) with a Generate that does no engine work. One
+//! ticker plays the device: every `--step-us` it gives each live stream its next token, all of a
+//! step's tokens together, the Token messages the production server sends (same fields, same
+//! sizes), then a Summary. What the production binary costs per token beyond this is the engine.
+//!
+//! Flags: `--listen ADDR` (default 127.0.0.1:0), `--step-us N` (default 10,000); other flags are
+//! ignored. Logs `listening addr=…` on stderr, as the services do, and after each busy spell
+//! `idle lag_s=… steps=… tokens=…`: how far the ticker fell behind its schedule.
+
+#![allow(clippy::print_stderr)]
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use proto::runtime::v1::{
+    self as pb,
+    generate_response::Item,
+    runtime_service_server::{RuntimeService, RuntimeServiceServer},
+};
+use tokio::{net::TcpListener, sync::mpsc, time::Instant};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// Tokens buffered per stream, as the production server's stream buffer.
+const STREAM_BUFFER: usize = 16;
+/// Behind schedule by more than this, the ticker counts lag (the runtime's SLACK).
+const SLACK: Duration = Duration::from_millis(2);
+
+type Reply = Result<pb::GenerateResponse, Status>;
+
+struct Live {
+    tx: mpsc::Sender<Reply>,
+    next: u32,
+    max_tokens: u32,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct Device {
+    live: Mutex<Vec<Live>>,
+    wake: tokio::sync::Notify,
+}
+
+/// A token as the production server words it: a word of text, its id, its times.
+fn token(index: u32, elapsed: Duration, step: Duration) -> pb::GenerateResponse {
+    const WORDS: [&str; 4] = [" memory", " device", " kernel", " stream"];
+    pb::GenerateResponse {
+        item: Some(Item::Token(pb::Token {
+            index,
+            text: WORDS[index as usize % WORDS.len()].to_owned(),
+            token_id: 1000 + index,
+            elapsed: prost_types::Duration::try_from(elapsed).ok(),
+            gpu_time: prost_types::Duration::try_from(step).ok(),
+        })),
+    }
+}
+
+fn summary(live: &Live, now: Instant) -> pb::GenerateResponse {
+    let duration = |d: Duration| prost_types::Duration::try_from(d).ok();
+    pb::GenerateResponse {
+        item: Some(Item::Summary(pb::Summary {
+            finish_reason: pb::FinishReason::Length.into(),
+            completion_tokens: live.max_tokens,
+            total_time: duration(now - live.started),
+            request_id: "gen-0123456789abcdef".into(),
+            scheduler: "overlapped".into(),
+            ..pb::Summary::default()
+        })),
+    }
+}
+
+/// The device: a step every `step` while any stream is live.
+async fn tick(device: Arc<Device>, step: Duration) {
+    loop {
+        while device.live.lock().expect("lock").is_empty() {
+            device.wake.notified().await;
+        }
+        let (mut at, mut lag, mut steps, mut tokens) = (Instant::now(), Duration::ZERO, 0u64, 0u64);
+        loop {
+            at += step;
+            tokio::time::sleep_until(at).await;
+            let now = Instant::now();
+            if now > at + SLACK {
+                lag += now - at;
+                at = now;
+            }
+            let mut live = device.live.lock().expect("lock");
+            live.retain_mut(|s| {
+                if s.next == s.max_tokens {
+                    let _ = s.tx.try_send(Ok(summary(s, now)));
+                    return false;
+                }
+                // The device never waits for a reader: a full buffer skips the step.
+                if s.tx.try_send(Ok(token(s.next, now - s.started, step))).is_ok() {
+                    s.next += 1;
+                    tokens += 1;
+                }
+                !s.tx.is_closed()
+            });
+            steps += 1;
+            if live.is_empty() {
+                eprintln!("noop-runtime idle lag_s={:.6} steps={steps} tokens={tokens}", lag.as_secs_f64());
+                break;
+            }
+        }
+    }
+}
+
+struct Noop {
+    device: Arc<Device>,
+}
+
+#[tonic::async_trait]
+impl RuntimeService for Noop {
+    type GenerateStream = ReceiverStream<Reply>;
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let max_tokens = request.into_inner().max_tokens.max(1);
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        self.device.live.lock().expect("lock").push(Live {
+            tx,
+            next: 0,
+            max_tokens,
+            started: Instant::now(),
+        });
+        self.device.wake.notify_one();
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        Ok(Response::new(pb::ListModelsResponse::default()))
+    }
+    async fn cancel(&self, _: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
+        Err(Status::unimplemented("no-op"))
+    }
+    type WatchKvEventsStream = ReceiverStream<Result<pb::WatchKvEventsResponse, Status>>;
+    async fn watch_kv_events(
+        &self,
+        _: Request<pb::WatchKvEventsRequest>,
+    ) -> Result<Response<Self::WatchKvEventsStream>, Status> {
+        Err(Status::unimplemented("no-op"))
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
+    let listen = flag("--listen").unwrap_or_else(|| "127.0.0.1:0".into());
+    let step_us: u64 = flag("--step-us").and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let listener = TcpListener::bind(&listen).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    eprintln!("noop-runtime listening addr={addr}");
+    let device = Arc::new(Device::default());
+    tokio::spawn(tick(device.clone(), Duration::from_micros(step_us.max(1))));
+    let transport = serving::transport::Transport::default();
+    transport
+        .server()
+        .add_service(RuntimeServiceServer::new(Noop { device }))
+        .serve_with_incoming_shutdown(transport.incoming(listener), async {
+            // Exit 0 on SIGTERM, as the services do (the benchmark stops it so).
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal");
+            term.recv().await;
+        })
+        .await
+        .expect("serve");
+}
