@@ -176,6 +176,12 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The serving front end's own time per request (vLLM's API server, another process), in
+    /// wall time: it delays a request without holding the device.
+    pub fn frontend_delay(&self) -> Duration {
+        self.time_scale.to_wall(Duration::from_secs_f64(self.device.frontend_s))
+    }
+
     /// Activation bytes the device reserves: one buffer per step for the largest batch of the
     /// hungriest model, twice (double buffering: step N+1 is built while step N runs). The same
     /// formula memory-service sizes its `activations` pool with.

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
-    config::{Config, ModelSpec},
+    config::{Config, ConfigError, ModelSpec},
     error::Error,
     memory::{Loader, Lost, Standing},
     mock_lm::{MockLm, hash_ids},
@@ -109,6 +109,15 @@ impl Models {
     /// The model with `key`.
     pub fn get(&self, key: &str) -> Result<&Arc<Model>, Error> {
         self.by_key.get(key).ok_or_else(|| Error::ModelNotFound(serving::echo::echo(key)))
+    }
+
+    /// The model the engine dialect serves (`config.engine_model()`).
+    pub fn engine_model(&self, config: &Config) -> Result<Arc<Model>, ConfigError> {
+        config
+            .engine_model()
+            .and_then(|spec| self.get(&spec.key).ok())
+            .cloned()
+            .ok_or_else(|| ConfigError::Invalid("no model for the engine dialect".into()))
     }
 
     /// All models, sorted by key.

@@ -46,20 +46,13 @@ pub async fn run(
     }
     let grace = config.grace_period;
     let token = CancellationToken::new();
-    let keys: Vec<&str> = config.models.iter().map(|m| m.key.as_str()).collect();
-    let max_model_len = config.models.iter().map(|m| m.max_model_len()).max().unwrap_or(1);
-    let metrics = Metrics::new(&keys, max_model_len)?;
+    let metrics = Metrics::for_config(&config)?;
     let security = config.security.prepare("runtime-service", Box::new(RuntimePolicy))?;
     let transport = config.security.transport;
     let config_reload = config.security.tls_reload;
     let shared = Shared::new(config, token.clone(), metrics.clone())
         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-    let engine_model = shared
-        .config
-        .engine_model()
-        .and_then(|spec| shared.models.get(&spec.key).ok())
-        .cloned()
-        .ok_or_else(|| ConfigError::Invalid("no model for the engine dialect".into()))?;
+    let engine_model = shared.models.engine_model(&shared.config)?;
 
     // Two front doors onto one device: reflection lists both, health covers both.
     let (health, router) = serving::grpc::base_for(

@@ -109,9 +109,7 @@ impl Shared {
             lanes.push((parts.lane, parts.link));
         }
         let settings = DeviceSettings::of(&config);
-        // Admission bounds what is in flight to max_batch_size + queue_capacity; twice that leaves
-        // room for the hand-overs of generations that already ended but are not yet swept.
-        let inbox = config.max_batch_size.saturating_add(config.queue_capacity).saturating_mul(2);
+        let inbox = crate::core::inbox_capacity(&config);
         let device = Device::spawn(
             settings,
             lanes,

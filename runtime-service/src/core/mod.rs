@@ -25,7 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 pub use self::{
     lane::LaneSpec,
     reclaim::Reclaim,
-    setup::{LaneParts, lanes},
+    setup::{LaneParts, inbox_capacity, lanes},
     timeline::{Busy, SchedulerMode},
 };
 use crate::{

@@ -40,6 +40,13 @@ impl DeviceSettings {
     }
 }
 
+/// Sequences handed to the device but not yet taken: admission bounds what is in flight to
+/// max_batch_size + queue_capacity; twice that leaves room for the hand-overs of generations
+/// that already ended but are not yet swept.
+pub fn inbox_capacity(config: &Config) -> usize {
+    config.max_batch_size.saturating_add(config.queue_capacity).saturating_mul(2)
+}
+
 /// The lanes of `config`'s models, in order (a model's lane index is its position); slab grants
 /// wake the device through `wake`.
 pub fn lanes(config: &Config, wake: &Arc<Notify>) -> Vec<LaneParts> {

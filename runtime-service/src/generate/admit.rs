@@ -65,7 +65,7 @@ impl Generation {
         // The serving front end's own time (vLLM's API server, another process): it delays this
         // request without holding the device.
         let config = &self.shared.config;
-        let frontend = config.time_scale.to_wall(Duration::from_secs_f64(config.device.frontend_s));
+        let frontend = config.frontend_delay();
         if !frontend.is_zero() {
             tokio::select! {
                 () = tokio::time::sleep(frontend) => {}

@@ -57,15 +57,9 @@ impl Offline {
     /// a tokio runtime; on a paused clock it runs faster than real time.
     pub fn start(config: Config, pool_bytes: Option<u64>) -> Result<Self, ConfigError> {
         config.validate()?;
-        let keys: Vec<&str> = config.models.iter().map(|m| m.key.as_str()).collect();
-        let max_model_len = config.models.iter().map(|m| m.max_model_len()).max().unwrap_or(1);
-        let metrics = Metrics::new(&keys, max_model_len).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let metrics = Metrics::for_config(&config).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let models = Models::new(&config);
-        let engine_model = config
-            .engine_model()
-            .and_then(|spec| models.get(&spec.key).ok())
-            .cloned()
-            .ok_or_else(|| ConfigError::Invalid("no model for the engine dialect".into()))?;
+        let engine_model = models.engine_model(&config)?;
         let weights: u64 = config.models.iter().map(|m| m.arch.weight_bytes()).sum();
         let standing = weights.saturating_add(config.activation_bytes());
         let room = config.device.usable_bytes().checked_sub(standing).ok_or_else(|| {
@@ -86,11 +80,10 @@ impl Offline {
         }
         leaser::spawn(leasers, pool_bytes, &shutdown, &tracker);
         let (fence, memory) = watch::channel(Some(Instant::now() + FOREVER));
-        let inbox = config.max_batch_size.saturating_add(config.queue_capacity).saturating_mul(2);
         let device = Device::spawn(
             DeviceSettings::of(&config),
             lanes,
-            inbox,
+            crate::core::inbox_capacity(&config),
             wake,
             metrics.clone(),
             Signals { shutdown: shutdown.clone(), memory, reclaim: None },
@@ -147,8 +140,7 @@ impl Offline {
         let config = &self.config;
         plan.check_fits(config.kv_block_tokens, self.pool_bytes, &config.device.name, self.room)?;
         // The serving front end's own time, as a live Generate pays it (see generate::admit).
-        let frontend = config.time_scale.to_wall(Duration::from_secs_f64(config.device.frontend_s));
-        tokio::time::sleep(frontend).await;
+        tokio::time::sleep(config.frontend_delay()).await;
         let handover = plan.hand_over(received, ticket.flight());
         let guard = self.device.submit(handover.submission)?;
         let mut tokens = handover.tokens;

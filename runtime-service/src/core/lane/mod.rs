@@ -234,8 +234,7 @@ impl Lane {
         };
         self.vllm.finished(&live.stats, Finish::of(&Ok::<bool, Error>(true)), Instant::now());
         let report = report(seq, &live, true);
-        drop(live.tokens);
-        let _ = live.outcome.send(Ok(report));
+        tell(live, Ok(report));
         self.ghosts.push(id);
     }
 
@@ -257,9 +256,7 @@ impl Lane {
             Err(err) => Err(err),
             Ok(stopped) => Ok(report(&seq.unwrap_or_else(|| SeqState::new(id, 0, 0)), &live, stopped)),
         };
-        // The token sender goes first, so the task reads every token before the outcome.
-        drop(live.tokens);
-        let _ = live.outcome.send(outcome);
+        tell(live, outcome);
     }
 
     /// Takes sequence `id` off the device, its blocks freed, and counts it as finished for
@@ -286,6 +283,13 @@ impl Lane {
         let events = self.scheduler.pool_mut().take_events();
         self.spec.kv_events.publish(events);
     }
+}
+
+/// Tells a sequence's task how it ended. The token sender goes first, so the task reads every
+/// token before the outcome.
+fn tell(live: Live, outcome: Outcome) {
+    drop(live.tokens);
+    let _ = live.outcome.send(outcome);
 }
 
 /// How sequence `seq` went, as its caller is told.
