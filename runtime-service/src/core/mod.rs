@@ -17,15 +17,19 @@ mod setup;
 mod tests;
 pub mod timeline;
 
+mod signals;
+
 use std::{sync::Arc, time::Duration};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use self::signals::SeqSignals;
 pub use self::{
     lane::LaneSpec,
     reclaim::Reclaim,
     setup::{LaneParts, inbox_capacity, lanes},
+    signals::{RoomSignal, SeqGuard},
     timeline::{Busy, SchedulerMode},
 };
 use crate::{
@@ -36,8 +40,9 @@ use crate::{
     mock_lm::{Decoder, TokenOut},
 };
 
-/// Tokens buffered per sequence between the device and its generation task. The device never
-/// waits on a reader: a sequence whose buffer is full sits out steps until it drains.
+/// Tokens buffered per sequence between the device and its reader (the client's HTTP/2 stream).
+/// The device never waits on a reader: a sequence whose buffer is full sits out steps until it
+/// drains.
 pub const TOKEN_BUFFER: usize = 32;
 
 /// Device-wide settings.
@@ -71,17 +76,18 @@ pub struct Submission {
     pub max_tokens: u32,
     /// Produces its tokens.
     pub decoder: Decoder,
-    /// Where its tokens go.
+    /// Where its tokens go: straight to its reader, one hop. Its capacity is [`TOKEN_BUFFER`].
     pub tokens: mpsc::Sender<Emitted>,
     /// Where its outcome goes, once, after its last token (the token sender is dropped first).
     pub outcome: oneshot::Sender<Outcome>,
-    /// Cancelled when its generation task ends for any reason.
-    pub abort: CancellationToken,
     /// Marked running when first scheduled (Cancel reports whether it was still queued).
     pub flight: Arc<Flight>,
     /// Its generation's span: KV leases it waits for join its trace.
     pub span: tracing::Span,
 }
+
+/// A submission as the device takes it, with the state its guard shares.
+type Handed = (Submission, Arc<SeqSignals>);
 
 /// A token out of the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +98,8 @@ pub struct Emitted {
     pub token: TokenOut,
     /// GPU time of the step that produced it.
     pub gpu_time: Duration,
+    /// When the device emitted it (the step's end, or later if the host fell behind).
+    pub at: tokio::time::Instant,
 }
 
 /// How a sequence went, sent once at its end.
@@ -140,31 +148,9 @@ pub struct Signals {
 /// The handle the rest of the service holds on the device.
 #[derive(Debug, Clone)]
 pub struct Device {
-    inbox: mpsc::Sender<Submission>,
+    inbox: mpsc::Sender<Handed>,
     wake: Arc<Notify>,
     stopped: CancellationToken,
-}
-
-/// Cancels its sequence on the device when dropped: whichever way a generation task ends, the
-/// device frees the sequence's blocks at its next step.
-#[derive(Debug)]
-pub struct SeqGuard {
-    abort: CancellationToken,
-    wake: Arc<Notify>,
-}
-
-impl SeqGuard {
-    /// Tells the device the reader made room (it may have paused the sequence).
-    pub fn drained(&self) {
-        self.wake.notify_one();
-    }
-}
-
-impl Drop for SeqGuard {
-    fn drop(&mut self) {
-        self.abort.cancel();
-        self.wake.notify_one();
-    }
 }
 
 impl Device {
@@ -193,16 +179,23 @@ impl Device {
         Device { inbox: tx, wake, stopped }
     }
 
+    /// What a reader of its sequences' tokens pokes when it made room (see [`RoomSignal::took`]).
+    pub fn room_signal(&self) -> RoomSignal {
+        RoomSignal::new(self.wake.clone())
+    }
+
     /// Cancelled once the device loop has ended (at shutdown, or if it failed).
     pub fn stopped(&self) -> &CancellationToken {
         &self.stopped
     }
 
-    /// Hands `submission` to the device. The caller sizes admission so the inbox has room; a full
-    /// inbox is answered as overload all the same.
+    /// Hands `submission` to the device; the sequence lives there until the guard returned is
+    /// dropped, its reader hangs up, or it ends. The caller sizes admission so the inbox has room;
+    /// a full inbox is answered as overload all the same.
     pub fn submit(&self, submission: Submission) -> Result<SeqGuard, Error> {
-        let guard = SeqGuard { abort: submission.abort.clone(), wake: self.wake.clone() };
-        match self.inbox.try_send(submission) {
+        let signals = Arc::new(SeqSignals::default());
+        let guard = SeqGuard::new(signals.clone(), self.wake.clone(), submission.received);
+        match self.inbox.try_send((submission, signals)) {
             Ok(()) => Ok(guard),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 Err(Error::Overloaded { queued: self.inbox.max_capacity(), limit: self.inbox.max_capacity() })

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{
-    DeviceSettings, LaneSpec, Reclaim, Signals, Submission,
+    DeviceSettings, Handed, LaneSpec, Reclaim, Signals,
     lane::Lane,
     timeline::{Busy, SchedulerMode, Slot, Timeline},
 };
@@ -20,7 +20,7 @@ pub(super) struct DeviceLoop {
     settings: DeviceSettings,
     lanes: Vec<Lane>,
     timeline: Timeline,
-    inbox: mpsc::Receiver<Submission>,
+    inbox: mpsc::Receiver<Handed>,
     wake: Arc<Notify>,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -43,7 +43,7 @@ impl DeviceLoop {
     pub(super) fn new(
         settings: DeviceSettings,
         lanes: Vec<(LaneSpec, Link)>,
-        inbox: mpsc::Receiver<Submission>,
+        inbox: mpsc::Receiver<Handed>,
         wake: Arc<Notify>,
         metrics: Metrics,
         signals: Signals,
@@ -59,7 +59,12 @@ impl DeviceLoop {
             lanes: lanes
                 .into_iter()
                 .map(|(spec, link)| {
-                    let vllm = metrics.vllm.model(&spec.model).in_time_scale(time_scale);
+                    let model = [spec.model.as_str()];
+                    let vllm =
+                        metrics.vllm.model(&spec.model).in_time_scale(time_scale).with_runtime_latency(
+                            metrics.ttft.with_label_values(&model),
+                            metrics.inter_token.with_label_values(&model),
+                        );
                     Lane::new(spec, link, vllm)
                 })
                 .collect(),
@@ -96,8 +101,8 @@ impl DeviceLoop {
             let now = Instant::now();
             let picked = if fence.is_some_and(|until| now < until) { self.pick() } else { None };
             let arrived = !held.is_empty();
-            for (id, submission) in held {
-                self.lanes[submission.lane].add(id, submission, now);
+            for (id, handed) in held {
+                self.lanes[handed.0.lane].add(id, handed, now);
             }
             for lane in &mut self.lanes {
                 lane.return_slabs(now, self.settings.kv_idle_release);
@@ -134,18 +139,18 @@ impl DeviceLoop {
 
     /// Takes every submission waiting in the inbox into its lane, or, if `defer`, returns them
     /// (numbered) for the caller to add after this step's pick; false once the inbox is closed.
-    fn intake(&mut self, defer: bool) -> (bool, Vec<(u64, Submission)>) {
+    fn intake(&mut self, defer: bool) -> (bool, Vec<(u64, Handed)>) {
         let now = Instant::now();
         let mut held = Vec::new();
         loop {
             match self.inbox.try_recv() {
-                Ok(submission) if submission.lane < self.lanes.len() => {
+                Ok(handed) if handed.0.lane < self.lanes.len() => {
                     let id = self.next_id;
                     self.next_id += 1;
                     if defer {
-                        held.push((id, submission));
+                        held.push((id, handed));
                     } else {
-                        self.lanes[submission.lane].add(id, submission, now);
+                        self.lanes[handed.0.lane].add(id, handed, now);
                     }
                 }
                 Ok(_) => {} // no such lane: its generation was checked against the models
@@ -262,11 +267,11 @@ impl DeviceLoop {
             // Memory confirmed again (or doubted): look again. (A closed signal never fires.)
             () = async { if memory.changed().await.is_err() { std::future::pending::<()>().await } } => {}
             received = self.inbox.recv(), if inbox_open => {
-                if let Some(submission) = received {
+                if let Some(handed) = received {
                     let id = self.next_id;
                     self.next_id += 1;
-                    if let Some(lane) = self.lanes.get_mut(submission.lane) {
-                        lane.add(id, submission, Instant::now());
+                    if let Some(lane) = self.lanes.get_mut(handed.0.lane) {
+                        lane.add(id, handed, Instant::now());
                     }
                 }
             }

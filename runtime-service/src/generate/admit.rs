@@ -72,9 +72,9 @@ impl Generation {
                 () = flight.cancelled().cancelled() => return Err(flight.reason().into()),
             }
         }
-        let handover = self.plan.hand_over(self.started, flight);
+        let handover = self.plan.hand_over(self.started, flight, self.tx.clone());
         let guard = self.shared.device.submit(handover.submission)?;
-        Ok(OnDevice { tokens: handover.tokens, outcome: handover.outcome, guard })
+        Ok(OnDevice { outcome: handover.outcome, guard })
     }
 
     /// A sequence that could never finish is refused now rather than preempted forever.

@@ -10,28 +10,31 @@ use tokio::{
 
 use super::Plan;
 use crate::{
-    core::{Emitted, Outcome, Submission, TOKEN_BUFFER},
+    core::{Emitted, Outcome, Submission},
     error::Error,
     executor::Flight,
     mock_lm::Decoder,
 };
 
-/// A submission and the generation's ends of its channels.
+/// A submission and the generation's end of its outcome.
 #[derive(Debug)]
 pub struct HandOver {
     /// For [`Device::submit`](crate::core::Device::submit).
     pub submission: Submission,
-    /// The sequence's tokens, as the device emits them.
-    pub tokens: mpsc::Receiver<Emitted>,
     /// Its outcome, after its last token.
     pub outcome: oneshot::Receiver<Outcome>,
 }
 
 impl Plan {
     /// The device's view of this plan: a submission received at `received` (time to first token
-    /// counts from there), cancelled with `flight`, in the current span's trace.
-    pub fn hand_over(&self, received: Instant, flight: &Arc<Flight>) -> HandOver {
-        let (tokens_tx, tokens) = mpsc::channel(TOKEN_BUFFER);
+    /// counts from there), marked running in `flight`, in the current span's trace, whose tokens
+    /// go to `tokens` (a channel of [`TOKEN_BUFFER`](crate::core::TOKEN_BUFFER) tokens).
+    pub fn hand_over(
+        &self,
+        received: Instant,
+        flight: &Arc<Flight>,
+        tokens: mpsc::Sender<Emitted>,
+    ) -> HandOver {
         let (outcome_tx, outcome) = oneshot::channel();
         let submission = Submission {
             lane: self.model.lane,
@@ -47,13 +50,12 @@ impl Plan {
                 self.stops.clone(),
             )
             .with_tokenizer(self.model.bundle.foreign()),
-            tokens: tokens_tx,
+            tokens,
             outcome: outcome_tx,
-            abort: flight.cancelled().child_token(),
             flight: flight.clone(),
             span: tracing::Span::current(),
         };
-        HandOver { submission, tokens, outcome }
+        HandOver { submission, outcome }
     }
 
     /// Refuses a sequence whose prompt and completion need more KV blocks of `block_tokens`

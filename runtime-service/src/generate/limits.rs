@@ -41,6 +41,13 @@ impl TimeLimits {
         }
     }
 
+    /// When to look again for progress: the next token's deadline as `last` sets it, or an
+    /// idle gap from `now` if sooner (before the first token: a first token may come and bring
+    /// the deadline forward to its own idle gap).
+    pub(super) fn recheck(&self, last: Option<Instant>, now: Instant) -> Instant {
+        self.next_token(last).0.min(now + self.idle)
+    }
+
     /// Why no token came by `until`, `why` being what the limit says. The device runs no step
     /// while memory-service does not confirm its leases (`memory`, see `core::run`), so a limit
     /// of ours (first token, idle gap) that runs out during, or right after, an outage was

@@ -17,20 +17,16 @@ use tokio::{
     time::{Instant, sleep_until},
 };
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 use tracing::Instrument;
 
 pub use self::handover::HandOver;
+use self::limits::{END, TimeLimits};
 pub use self::plan::{
     MAX_PROMPT_BYTES, Plan, Violations, is_valid_request_id, new_request_id, request_id_rule,
 };
 pub use self::stream::GenerateStream;
-use self::{
-    limits::{END, TimeLimits},
-    summary::token,
-};
 use crate::{
-    core::{Emitted, Outcome, Report, SeqGuard, TOKEN_BUFFER},
+    core::{Emitted, Outcome, Report, SeqGuard},
     error::Error,
     executor::{Admission, Flight, Ticket},
     memory::Lost,
@@ -39,9 +35,6 @@ use crate::{
 
 /// Why a stream whose client stopped reading was cut.
 const STALLED_READER: &str = "the client did not read the stream within the idle-gap limit";
-
-/// Tokens buffered between the generation and the client's HTTP/2 stream.
-const STREAM_BUFFER: usize = 16;
 
 /// Admits `plan` (validated by its front door), then streams it from a tracked task. A duplicate
 /// request id and load shedding are answered here, as the call's own status.
@@ -54,7 +47,7 @@ pub fn start(
     let started = Instant::now();
     let ticket = shared.executor.register(plan.request_id.clone(), owner)?;
     let admission = shared.executor.admit()?;
-    let (sink, stream) = stream::channel(STREAM_BUFFER);
+    let (sink, stream) = stream::channel(shared.device.room_signal(), started, shared.config.time_scale);
     let limits = TimeLimits::new(&shared.config, started, grpc_timeout);
     // A child of the call's server span, so model load (and the memory-service calls it makes)
     // and decoding land in the caller's trace; none where no trace is recorded.
@@ -113,12 +106,11 @@ struct Timings {
     memory_wait: Duration,
     first_token: Option<Instant>,
     last_token: Option<Instant>,
-    tokens: u32,
 }
 
-/// The device side of a generation, once handed over.
+/// The device side of a generation, once handed over. Its tokens go straight to the client's
+/// stream; the generation sees only how far the device got (through the guard) and the outcome.
 struct OnDevice {
-    tokens: mpsc::Receiver<Emitted>,
     outcome: oneshot::Receiver<Outcome>,
     /// Dropped last: cancels the sequence on the device if the task ends early.
     guard: SeqGuard,
@@ -128,7 +120,9 @@ struct Generation {
     shared: Arc<Shared>,
     plan: Plan,
     ticket: Ticket,
-    tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    /// A clone of the device's sender to the client's stream: to notice a client that hung up,
+    /// and to hand the device its own clone. The stream ends once both are dropped.
+    tx: mpsc::Sender<Emitted>,
     limits: TimeLimits,
     started: Instant,
 }
@@ -183,14 +177,15 @@ impl Generation {
             )
         };
         let lost = self.memory_lost();
-        let streamed =
-            self.stream(&mut on_device, flight, &lost, &mut timings).instrument(decode.clone()).await;
+        let streamed = self.stream(&mut on_device, flight, &lost).instrument(decode.clone()).await;
         lost.cancel(); // ends the watcher tasks
-        decode.record("tokens", timings.tokens);
+        let guard = &on_device.guard;
+        (timings.first_token, timings.last_token) = (guard.first_token(), guard.last_token());
+        decode.record("tokens", guard.tokens());
         if let Some(first) = timings.first_token {
             decode.record("ttft_ms", (first - self.started).as_millis() as u64);
         }
-        tracing::Span::current().record("completion_tokens", timings.tokens);
+        tracing::Span::current().record("completion_tokens", guard.tokens());
         let report = streamed?;
         decode.record("preemptions", report.preemptions);
         drop(on_device.guard);
@@ -217,104 +212,67 @@ impl Generation {
         lost
     }
 
-    /// Moves tokens from the device to the client until the device reports the end or something
-    /// stops the generation. The stop conditions are futures created once and polled in every
-    /// select: re-creating timers and cancellation waiters per token would cost more than the token.
+    /// Watches the sequence on the device until it reports the end or something stops the
+    /// generation: a Cancel, lost memory, a client gone, or a time limit. The device sends the
+    /// tokens to the client itself; this task wakes only for those events and for a watchdog,
+    /// never per token. The stop conditions are futures created once and polled in every select.
     async fn stream(
         &self,
         on_device: &mut OnDevice,
         flight: &Flight,
         lost: &CancellationToken,
-        timings: &mut Timings,
     ) -> Result<Report, Stop> {
         let cancelled = flight.cancelled().cancelled();
         let lost = lost.cancelled();
         let closed = self.tx.closed();
-        // Whether memory-service confirms this runtime's leases; marked seen at each token, so
-        // a change means an outage touched the current gap (see `no_token`).
+        // Whether memory-service confirms this runtime's leases; marked seen whenever the
+        // watchdog finds the device has made progress, so a change means an outage touched the
+        // current gap (see `no_token`).
         let mut memory = self.shared.renewer.healthy();
         memory.mark_unchanged();
-        // A watchdog, not a per-token timer: it fires at a possibly stale deadline, then re-arms
-        // to the current one (which only moves later as tokens arrive).
-        let watchdog = sleep_until(self.limits.next_token(None).0);
+        let mut seen = 0;
+        // A watchdog, not a per-token timer: it wakes at the next deadline the progress seen so
+        // far allows, or an idle gap from now if sooner, and re-arms from what the device did.
+        let watchdog = sleep_until(self.limits.recheck(None, Instant::now()));
         tokio::pin!(cancelled, lost, closed, watchdog);
-        let metrics = &self.shared.metrics;
-        let model = self.plan.model.spec.key.as_str();
-        // Looked up once: a labelled series' lookup (hash and lock) per token would cost more
-        // than the observation.
-        let inter_token = metrics.inter_token.with_label_values(&[model]);
-        let scale = self.shared.config.time_scale;
         loop {
-            let next = tokio::select! {
+            tokio::select! {
                 biased;
-                next = on_device.tokens.recv() => next,
-                () = &mut cancelled => return Err(flight.reason().into()),
-                () = &mut lost => return Err(Error::MemoryLost.into()),
-                () = &mut closed => return Err(Stop::ClientGone),
-                () = &mut watchdog => {
-                    let (until, why) = self.limits.next_token(timings.last_token);
-                    if Instant::now() >= until {
-                        let fenced = self.shared.renewer.is_fenced(Instant::now());
-                        return Err(self.limits.no_token(until, why, &memory, fenced).into());
-                    }
-                    watchdog.as_mut().reset(until);
-                    continue;
-                }
-            };
-            let Some(emitted) = next else {
-                // The device dropped the token channel: the outcome follows at once. Without one,
-                // the device dropped the sequence: because it was cancelled (Cancel, deadline,
-                // shutdown: the flight says which), or because the device stopped.
-                return match (&mut on_device.outcome).await {
+                // The device drops its token sender first, so the client reads every token before
+                // the outcome. Without one, the device dropped the sequence: because it was
+                // cancelled (Cancel, deadline, shutdown: the flight says which), or because the
+                // device stopped.
+                outcome = &mut on_device.outcome => return match outcome {
                     Ok(Ok(report)) => Ok(report),
                     Ok(Err(err)) => Err(err.into()),
                     Err(_) if flight.cancelled().is_cancelled() => Err(flight.reason().into()),
                     Err(_) => Err(Error::ShuttingDown.into()),
-                };
-            };
-            // The device pauses a sequence whose buffer is full; tell it there is room again.
-            if on_device.tokens.len() + 1 == TOKEN_BUFFER {
-                on_device.guard.drained();
-            }
-            let now = Instant::now();
-            memory.mark_unchanged();
-            match timings.last_token {
-                None => {
-                    metrics
-                        .ttft
-                        .with_label_values(&[model])
-                        .observe(scale.simulated_secs(now - self.started));
-                    timings.first_token = Some(now);
-                    // From the time-to-first-token deadline to the (usually earlier) idle deadline.
-                    watchdog.as_mut().reset(self.limits.next_token(Some(now)).0);
-                }
-                Some(last) => inter_token.observe(scale.simulated_secs(now - last)),
-            }
-            timings.last_token = Some(now);
-            timings.tokens += 1;
-            let item = token(emitted, scale.to_simulated(now - self.started));
-            // Fast path: room in the stream buffer. Otherwise the client is slower than the
-            // device: wait for room (the device pauses the sequence meanwhile, keeping its KV
-            // blocks), bounded by the idle-gap limit like any stall: a reader that stopped must
-            // not pin device memory until the stream's end.
-            let item = match self.tx.try_send(Ok(item)) {
-                Ok(()) => continue,
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Stop::ClientGone),
-                Err(mpsc::error::TrySendError::Full(item)) => item,
-            };
-            let (until, _) = self.limits.next_token(Some(now));
-            watchdog.as_mut().reset(until);
-            tokio::select! {
-                biased;
+                },
                 () = &mut cancelled => return Err(flight.reason().into()),
                 () = &mut lost => return Err(Error::MemoryLost.into()),
-                () = &mut watchdog => {
-                    let why = if until < self.limits.end { STALLED_READER } else { END };
-                    return Err(Error::DeadlineExceeded(why.into()).into());
-                }
-                sent = self.tx.send(item) => sent.map_err(|_| Stop::ClientGone)?,
+                () = &mut closed => return Err(Stop::ClientGone),
+                () = &mut watchdog => {}
             }
-            watchdog.as_mut().reset(self.limits.next_token(timings.last_token).0);
+            let now = Instant::now();
+            let tokens = on_device.guard.tokens();
+            if tokens != seen {
+                seen = tokens;
+                memory.mark_unchanged();
+            }
+            let last = on_device.guard.last_token();
+            let (until, why) = self.limits.next_token(last);
+            if now < until {
+                watchdog.as_mut().reset(self.limits.recheck(last, now));
+                continue;
+            }
+            // A full buffer: the device paused the sequence for its reader, who stopped reading.
+            // A reader that stopped must not pin device memory until the stream's end.
+            if self.tx.capacity() == 0 {
+                let why = if until < self.limits.end { STALLED_READER } else { END };
+                return Err(Error::DeadlineExceeded(why.into()).into());
+            }
+            let fenced = self.shared.renewer.is_fenced(now);
+            return Err(self.limits.no_token(until, why, &memory, fenced).into());
         }
     }
 }

@@ -1,11 +1,11 @@
-//! What a finished generation reports: its summary, and each token as the stream carries it.
+//! What a finished generation reports: its summary.
 
 use std::time::Duration;
 
-use proto::runtime::v1::{self as pb, generate_response::Item};
+use proto::runtime::v1 as pb;
 
 use super::{Generation, Timings};
-use crate::core::{Emitted, Report, SchedulerMode};
+use crate::core::{Report, SchedulerMode};
 
 impl Generation {
     pub(super) fn summary(&self, report: &Report, timings: &Timings) -> pb::Summary {
@@ -59,17 +59,5 @@ impl Generation {
             kv_block_tokens: config.kv_block_tokens,
             scheduler: config.scheduler.name().to_owned(),
         }
-    }
-}
-
-pub(super) fn token(emitted: Emitted, elapsed: Duration) -> pb::GenerateResponse {
-    pb::GenerateResponse {
-        item: Some(Item::Token(pb::Token {
-            index: emitted.index,
-            text: emitted.token.text,
-            token_id: emitted.token.id,
-            elapsed: prost_types::Duration::try_from(elapsed).ok(),
-            gpu_time: prost_types::Duration::try_from(emitted.gpu_time).ok(),
-        })),
     }
 }

@@ -141,14 +141,12 @@ impl Offline {
         plan.check_fits(config.kv_block_tokens, self.pool_bytes, &config.device.name, self.room)?;
         // The serving front end's own time, as a live Generate pays it (see generate::admit).
         tokio::time::sleep(config.frontend_delay()).await;
-        let handover = plan.hand_over(received, ticket.flight());
+        let (tokens_tx, mut tokens) = tokio::sync::mpsc::channel(TOKEN_BUFFER);
+        let handover = plan.hand_over(received, ticket.flight(), tokens_tx);
         let guard = self.device.submit(handover.submission)?;
-        let mut tokens = handover.tokens;
+        let room = self.device.room_signal();
         while let Some(emitted) = tokens.recv().await {
-            // The device pauses a sequence whose buffer is full; tell it there is room again.
-            if tokens.len() + 1 == TOKEN_BUFFER {
-                guard.drained();
-            }
+            room.took(&tokens);
             on_token(&emitted);
         }
         let outcome = match handover.outcome.await {

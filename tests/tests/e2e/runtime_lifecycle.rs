@@ -251,3 +251,29 @@ async fn a_stream_cut_while_its_client_was_not_reading_ends_with_its_error() {
     runtime.stop().await;
     memory.stop().await;
 }
+
+/// A client that stops reading holds device memory no longer than the idle-gap limit: the device
+/// pauses its sequence once its buffer is full, the gap runs out, and the stream ends with
+/// DEADLINE_EXCEEDED saying the reader stalled (not the device), its blocks returned.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_is_cut_after_the_idle_gap_and_told_why() {
+    let (memory, runtime, _) = stack(|c| c.idle_timeout = Duration::from_secs(1)).await;
+    let tiny = runtime.tiny_window_channel().await;
+    let mut client = RuntimeServiceClient::new(tiny);
+    let mut stream = client.generate(request(400, "stopped-reading")).await.unwrap().into_inner();
+    read_tokens(&mut stream, 1).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut pools = memory.client().await;
+    assert_eq!(stats(&mut pools, "kv-cache").await.used_bytes, 0, "its blocks returned while unread");
+    let end = loop {
+        match stream.next().await {
+            Some(Ok(_)) => {}
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended OK"),
+        }
+    };
+    assert_eq!(end.code(), Code::DeadlineExceeded, "{end:?}");
+    assert!(end.message().contains("did not read the stream"), "{}", end.message());
+    runtime.stop().await;
+    memory.stop().await;
+}

@@ -6,13 +6,7 @@ mod slabs;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use tokio::{
-    sync::{mpsc, oneshot},
-    time::Instant,
-};
-use tokio_util::sync::CancellationToken;
-
-use super::{Emitted, Outcome, Report, Submission, TOKEN_BUFFER, timeline::Slot};
+use super::{Emitted, Handed, Outcome, Report, TOKEN_BUFFER, signals::SeqSignals, timeline::Slot};
 use crate::{
     error::Error,
     executor::Flight,
@@ -23,6 +17,10 @@ use crate::{
     mock_lm::Decoder,
     roofline::{Roofline, StepCost, Work},
     scheduler::{Scheduler, SeqId, SeqState, SlabId, Step, StepLimits, chain_hashes},
+};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
 };
 
 /// What a lane is made of.
@@ -51,7 +49,9 @@ struct Live {
     decoder: Decoder,
     tokens: mpsc::Sender<Emitted>,
     outcome: oneshot::Sender<Outcome>,
-    abort: CancellationToken,
+    /// Shared with its guard: the owner's abort, the device's progress.
+    signals: Arc<SeqSignals>,
+    received: Instant,
     flight: Arc<Flight>,
     span: tracing::Span,
     /// Its moments, for vLLM's series.
@@ -102,7 +102,7 @@ impl Lane {
         }
     }
 
-    pub(super) fn add(&mut self, id: SeqId, submission: Submission, now: Instant) {
+    pub(super) fn add(&mut self, id: SeqId, (submission, signals): Handed, now: Instant) {
         let mut seq = SeqState::new(id, submission.prompt_tokens, submission.max_tokens);
         if self.spec.limits.prefix_caching && submission.prompt_ids.len() == submission.prompt_tokens as usize
         {
@@ -117,7 +117,8 @@ impl Lane {
                 decoder: submission.decoder,
                 tokens: submission.tokens,
                 outcome: submission.outcome,
-                abort: submission.abort,
+                signals,
+                received: submission.received,
                 flight: submission.flight,
                 span: submission.span,
                 stats: RequestStats::new(submission.received, now, submission.prompt_tokens),
@@ -128,13 +129,14 @@ impl Lane {
         );
     }
 
-    /// Drops sequences whose caller left, pauses those whose reader is behind, and fails those
-    /// whose KV memory memory-service lost.
+    /// Drops sequences whose owner or reader left, pauses those whose reader is behind, and
+    /// fails those whose KV memory memory-service lost. Lock-free: an atomic and the channel's
+    /// own state per sequence.
     pub(super) fn sweep(&mut self) {
         let ids: Vec<SeqId> = self.scheduler.ids().collect();
         for id in ids {
             let Some(live) = self.live.get(&id) else { continue };
-            if live.abort.is_cancelled() || live.tokens.is_closed() {
+            if live.signals.is_aborted() || live.tokens.is_closed() {
                 // Its task knows why (and may be gone): no outcome to send.
                 self.retire(id, Finish::Abort);
                 continue;
@@ -205,7 +207,8 @@ impl Lane {
             let done = seq.is_done();
             // Room was checked before the step (the sequence was not paused) and only this loop
             // sends, so this cannot fail for want of room; a closed channel is swept next step.
-            let _ = live.tokens.try_send(Emitted { index, token, gpu_time: gpu });
+            let _ = live.tokens.try_send(Emitted { index, token, gpu_time: gpu, at: now });
+            live.signals.emitted(now.saturating_duration_since(live.received));
             self.vllm.token(&mut live.stats, now);
             tokens += 1;
             // Length first, as vLLM's check_stop: a stop token that is also the last allowed

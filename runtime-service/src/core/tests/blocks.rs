@@ -105,9 +105,11 @@ async fn cancel_and_hang_up_return_blocks_and_shutdown_fails_the_rest() {
     let mut survivor = rig.submit("s", "shut down", 500);
     cancelled.tokens.recv().await.expect("a first token");
     assert!(rig.used_blocks() > 0);
+    // Cancel ends its generation task, which drops its guard; the other's reader hangs up.
     rig.executor.cancel("c", None, false).expect("in flight");
-    let Seq { tokens, outcome, guard, _ticket } = hung_up;
-    drop((tokens, outcome, guard));
+    drop(cancelled.guard);
+    let Seq { tokens, outcome, guard: _owner_still_there, .. } = hung_up;
+    drop((tokens, outcome));
     // Both are swept at the next step; the survivor keeps streaming.
     for _ in 0..3 {
         survivor.tokens.recv().await.expect("still streaming");

@@ -140,6 +140,7 @@ struct Seq {
     tokens: mpsc::Receiver<Emitted>,
     outcome: oneshot::Receiver<Outcome>,
     guard: SeqGuard,
+    room: RoomSignal,
     _ticket: Ticket,
 }
 
@@ -171,12 +172,11 @@ impl Rig {
                 decoder: Decoder::primed(lm, crate::rng::fnv1a(prompt.as_bytes()), 7, GREEDY, stops),
                 tokens: tokens_tx,
                 outcome: outcome_tx,
-                abort: ticket.flight().cancelled().child_token(),
                 flight: ticket.flight().clone(),
                 span: tracing::Span::none(),
             })
             .expect("room in the inbox");
-        Seq { tokens, outcome, guard, _ticket: ticket }
+        Seq { tokens, outcome, guard, room: self.device.room_signal(), _ticket: ticket }
     }
 
     /// Plays a leaser that never gets more memory: every ask is answered "no room".
@@ -271,7 +271,7 @@ async fn drain(seq: &mut Seq) -> (Vec<(u32, Instant)>, Outcome) {
     let mut seen = Vec::new();
     while let Some(emitted) = seq.tokens.recv().await {
         seen.push((emitted.index, Instant::now()));
-        seq.guard.drained();
+        seq.room.took(&seq.tokens);
     }
     let outcome = (&mut seq.outcome).await.expect("the device reports an outcome");
     (seen, outcome)

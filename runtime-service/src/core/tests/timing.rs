@@ -179,7 +179,7 @@ async fn a_prompt_arriving_mid_stream_shares_a_mixed_step_priced_as_both() {
         let mut third = Some(third);
         while let Some(emitted) = first.tokens.recv().await {
             seen.push(Instant::now());
-            first.guard.drained();
+            first.room.took(&first.tokens);
             if emitted.index == 2 {
                 let _ = third.take().map(|t| t.send(()));
             }

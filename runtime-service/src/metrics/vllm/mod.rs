@@ -249,6 +249,7 @@ impl Vllm {
             prompt: self.prompt.with_label_values(&labels),
             generation: self.generation.with_label_values(&labels),
             time_scale: crate::config::TimeScale::REAL,
+            runtime_latency: None,
         }
     }
 }

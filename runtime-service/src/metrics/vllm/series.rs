@@ -34,6 +34,8 @@ pub struct ModelSeries {
     pub(super) generation: Histogram,
     /// Durations are observed in simulated time: wall time × this.
     pub(super) time_scale: crate::config::TimeScale,
+    /// The runtime's own time-to-first-token and inter-token series, observed alike.
+    pub(super) runtime_latency: Option<[Histogram; 2]>,
 }
 
 /// One request's moments, as vLLM's `RequestStateStats` keeps them.
@@ -109,6 +111,13 @@ impl ModelSeries {
         self
     }
 
+    /// Every token also lands in `ttft` (a first token) or `inter_token` (the next): the
+    /// runtime's own series, measured at the same instant as vLLM's.
+    pub fn with_runtime_latency(mut self, ttft: Histogram, inter_token: Histogram) -> Self {
+        self.runtime_latency = Some([ttft, inter_token]);
+        self
+    }
+
     /// A request was first scheduled with the prefix cache on: it looked up `queried` prompt
     /// tokens and found `hit` of them cached (vLLM counts both in tokens).
     pub fn prefix_cache(&self, queried: u32, hit: u32) {
@@ -124,16 +133,18 @@ impl ModelSeries {
     /// The request produced a token at `at`: its first (TTFT, and its prompt counts as
     /// processed) or the next (an inter-token gap).
     pub fn token(&self, request: &mut RequestStats, at: Instant) {
-        match request.last_token {
+        let (series, seconds) = match request.last_token {
             None => {
-                self.ttft
-                    .observe(self.time_scale.simulated_secs(at.saturating_duration_since(request.received)));
                 self.prompt_tokens.inc_by(u64::from(request.prompt_tokens));
                 request.first_token = Some(at);
+                (0, at.saturating_duration_since(request.received))
             }
-            Some(last) => {
-                self.itl.observe(self.time_scale.simulated_secs(at.saturating_duration_since(last)))
-            }
+            Some(last) => (1, at.saturating_duration_since(last)),
+        };
+        let seconds = self.time_scale.simulated_secs(seconds);
+        [&self.ttft, &self.itl][series].observe(seconds);
+        if let Some(runtime) = &self.runtime_latency {
+            runtime[series].observe(seconds);
         }
         request.last_token = Some(at);
         request.generated += 1;
