@@ -13,7 +13,12 @@
 //! both: tokens per second delivered, how far the device (or the ticker) fell behind real time,
 //! and CPU per token of the server process (and of this client) from /proc.
 //!
-//! Run: `cargo bench -p e2e --bench stream` (about two minutes), or `-- 1024`.
+//! `--door engine` speaks the engine dialect (`vllm.grpc.engine.VllmEngine`, what a gateway
+//! sends: token ids in, one `GenerateStreamChunk` per token out) to both servers instead of
+//! `runtime.v1`.
+//!
+//! Run: `cargo bench -p e2e --bench stream` (about six minutes), `-- 1024`, `-- --door engine`,
+//! `-- --time-scale 4`.
 #![allow(clippy::print_stdout)] // a benchmark's report is its output
 
 #[path = "../memory_process/cpu.rs"]
@@ -23,8 +28,12 @@ mod cpu;
 use std::time::Duration;
 
 use e2e::{process::Process, sample};
-use proto::runtime::v1::{
-    GenerateRequest, generate_response::Item, runtime_service_client::RuntimeServiceClient,
+use proto::{
+    runtime::v1::{GenerateRequest, generate_response::Item, runtime_service_client::RuntimeServiceClient},
+    vllm::grpc::engine::{
+        self as vllm, SamplingParams, TokenizedInput, generate_request::Input,
+        generate_response::Response as EngineMessage, vllm_engine_client::VllmEngineClient,
+    },
 };
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
@@ -63,39 +72,78 @@ fn prompt() -> String {
     (0..PROMPT_WORDS).map(|i| WORDS[i % WORDS.len()]).collect::<Vec<_>>().join(" ")
 }
 
-/// Runs one stream to its end; the tokens it carried.
-async fn stream(mut client: RuntimeServiceClient<Channel>, request: GenerateRequest) -> u64 {
-    let mut responses = client.generate(request).await.expect("generate").into_inner();
-    let mut tokens = 0;
-    while let Some(item) = responses.next().await {
-        match item.expect("stream item").item {
-            Some(Item::Token(_)) => tokens += 1,
-            Some(Item::Summary(_)) => return tokens,
-            None => {}
+/// Which front door the client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Door {
+    /// `runtime.v1.RuntimeService`: a prompt in, Token messages out.
+    V1,
+    /// `vllm.grpc.engine.VllmEngine`: token ids in, a chunk per token out.
+    Engine,
+}
+
+/// Runs one stream to its end through `door`; the tokens it carried.
+async fn stream(channel: Channel, door: Door, id: usize) -> u64 {
+    match door {
+        Door::V1 => {
+            let request = GenerateRequest {
+                model: MODEL.into(),
+                prompt: prompt(),
+                max_tokens: OUTPUT,
+                seed: id as u64,
+                ..GenerateRequest::default()
+            };
+            let mut client = RuntimeServiceClient::new(channel);
+            let mut responses = client.generate(request).await.expect("generate").into_inner();
+            let mut tokens = 0;
+            while let Some(item) = responses.next().await {
+                match item.expect("stream item").item {
+                    Some(Item::Token(_)) => tokens += 1,
+                    Some(Item::Summary(_)) => return tokens,
+                    None => {}
+                }
+            }
+        }
+        Door::Engine => {
+            let request = vllm::GenerateRequest {
+                request_id: format!("stream-bench-{id}"),
+                input: Some(Input::Tokenized(TokenizedInput {
+                    original_text: String::new(),
+                    input_ids: (0..PROMPT_WORDS as u32).map(|i| 100 + i * 7 % 90).collect(),
+                })),
+                sampling_params: Some(SamplingParams {
+                    max_tokens: Some(OUTPUT),
+                    ignore_eos: true,
+                    seed: Some(id as i32),
+                    ..SamplingParams::default()
+                }),
+                stream: true,
+                ..vllm::GenerateRequest::default()
+            };
+            let mut client = VllmEngineClient::new(channel);
+            let mut responses = client.generate(request).await.expect("generate").into_inner();
+            let mut tokens = 0;
+            while let Some(message) = responses.next().await {
+                match message.expect("stream item").response {
+                    Some(EngineMessage::Chunk(chunk)) => tokens += chunk.token_ids.len() as u64,
+                    Some(EngineMessage::Complete(_)) => return tokens,
+                    None => {}
+                }
+            }
         }
     }
-    panic!("stream ended without a summary")
+    panic!("stream ended without its last message")
 }
 
 /// `streams` clients, each running [`ROUNDS`] requests one after the other; tokens and wall time.
-async fn closed_loop(clients: &[RuntimeServiceClient<Channel>], streams: usize) -> (u64, Duration) {
+async fn closed_loop(channels: &[Channel], streams: usize, door: Door) -> (u64, Duration) {
     let started = Instant::now();
-    let prompt = prompt();
     let tasks: Vec<_> = (0..streams)
         .map(|w| {
-            let client = clients[w % clients.len()].clone();
-            let prompt = prompt.clone();
+            let channel = channels[w % channels.len()].clone();
             tokio::spawn(async move {
                 let mut tokens = 0;
                 for round in 0..ROUNDS {
-                    let request = GenerateRequest {
-                        model: MODEL.into(),
-                        prompt: prompt.clone(),
-                        max_tokens: OUTPUT,
-                        seed: (w * ROUNDS + round) as u64,
-                        ..GenerateRequest::default()
-                    };
-                    tokens += stream(client.clone(), request).await;
+                    tokens += stream(channel.clone(), door, w * ROUNDS + round).await;
                 }
                 tokens
             })
@@ -109,20 +157,20 @@ async fn closed_loop(clients: &[RuntimeServiceClient<Channel>], streams: usize) 
 }
 
 /// Connections enough for `streams` at [`STREAMS_PER_CONNECTION`] each.
-async fn clients(process: &Process, streams: usize) -> Vec<RuntimeServiceClient<Channel>> {
-    let mut clients = Vec::new();
+async fn channels(process: &Process, streams: usize) -> Vec<Channel> {
+    let mut channels = Vec::new();
     for _ in 0..streams.div_ceil(STREAMS_PER_CONNECTION) {
-        clients.push(RuntimeServiceClient::new(process.channel().await));
+        channels.push(process.channel().await);
     }
-    clients
+    channels
 }
 
 /// Measures a closed loop of `streams` against `server`; `lag` reads its lag counter (seconds).
-async fn measure(server: &Process, streams: usize, lag: impl Fn() -> f64) -> Measured {
-    let clients = clients(server, streams).await;
+async fn measure(server: &Process, streams: usize, door: Door, lag: impl Fn() -> f64) -> Measured {
+    let channels = channels(server, streams).await;
     let (lag_before, server_before, client_before) =
         (lag(), cpu::process_ticks(server.pid()), cpu::process_ticks(std::process::id()));
-    let (tokens, wall) = closed_loop(&clients, streams).await;
+    let (tokens, wall) = closed_loop(&channels, streams, door).await;
     let per_token = |ticks: u64| ticks as f64 * TICK_US / tokens.max(1) as f64;
     Measured {
         tokens,
@@ -143,6 +191,15 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // `--time-scale N`: the device runs N× faster than real time, so it asks N× the tokens.
     let scale = args.windows(2).find(|w| w[0] == "--time-scale").map_or("1".to_owned(), |w| w[1].clone());
+    let door = match args.windows(2).find(|w| w[0] == "--door").map(|w| w[1].as_str()) {
+        None | Some("v1") => Door::V1,
+        Some("engine") => Door::Engine,
+        Some(other) => panic!("--door {other}: expected v1 or engine"),
+    };
+    let service = match door {
+        Door::V1 => "runtime.v1.RuntimeService",
+        Door::Engine => "vllm.grpc.engine.VllmEngine",
+    };
     let filters: Vec<usize> =
         args.iter().filter_map(|a| a.parse().ok()).filter(|l| LEVELS.contains(l)).collect();
     let levels: Vec<usize> =
@@ -157,25 +214,25 @@ fn main() {
             "--max-stream-lifetime-ms", "3600000", "--time-scale", &scale,
         ];
         let engine = Process::start("runtime-service", &flags, ENV, true);
-        engine.serving("runtime.v1.RuntimeService").await;
+        engine.serving(service).await;
         let scrape = |name: &str| sample(&engine.scrape(), name, &[]).unwrap_or(0.0);
         // Warm: the model loaded, the connections' windows grown.
-        measure(&engine, 8, || 0.0).await;
+        measure(&engine, 8, door, || 0.0).await;
         println!(
             "\n== token stream ceiling: {MODEL} on h100-sxm at {scale}× real time, {PROMPT_WORDS} + {OUTPUT} tokens, \
-             N streams at once =="
+             N streams at once, through {service} =="
         );
         println!(
             "{:>6} | {:>10} {:>6} {:>9} {:>9} | {:>10} {:>6} {:>9} {:>9} | {:>6}",
             "N", "engine/s", "lag", "srv µs/t", "cli µs/t", "no-op/s", "lag", "srv µs/t", "cli µs/t", "ratio"
         );
         for streams in levels {
-            let engine_run = measure(&engine, streams, || scrape("runtime_device_lag_seconds_total")).await;
+            let engine_run = measure(&engine, streams, door, || scrape("runtime_device_lag_seconds_total")).await;
             // The no-op streams at the engine's delivered rate: a token per stream every step.
             let step = engine_run.wall.mul_f64(streams as f64 / engine_run.tokens.max(1) as f64);
             let step_us = step.as_micros().max(1).to_string();
             let noop = Process::start("noop-runtime", &["--step-us", &step_us], &[], false);
-            let noop_run = measure(&noop, streams, || noop_lag(&noop)).await;
+            let noop_run = measure(&noop, streams, door, || noop_lag(&noop)).await;
             noop.stop();
             let pct = |m: &Measured| 100.0 * m.lag / m.wall.as_secs_f64();
             println!(

@@ -1,14 +1,18 @@
-//! A no-op `runtime.v1.RuntimeService` for the stream benchmark: the production binary's tonic
-//! server stack (its transport limits, TCP_NODELAY) with a Generate that does no engine work. One
+//! A no-op runtime for the stream benchmark: the production binary's tonic server stack (its
+//! transport limits, TCP_NODELAY) serving `runtime.v1.RuntimeService` and the engine dialect's
+//! `vllm.grpc.engine.VllmEngine` (see `engine`), with a Generate that does no engine work. One
 //! ticker plays the device: every `--step-us` it gives each live stream its next token, all of a
-//! step's tokens together, the Token messages the production server sends (same fields, same
-//! sizes), then a Summary. What the production binary costs per token beyond this is the engine.
+//! step's tokens together, the messages the production server sends (same fields, same sizes),
+//! then the last one (a Summary, or a GenerateComplete). What the production binary costs per
+//! token beyond this is the engine.
 //!
 //! Flags: `--listen ADDR` (default 127.0.0.1:0), `--step-us N` (default 10,000); other flags are
 //! ignored. Logs `listening addr=…` on stderr, as the services do, and after each busy spell
 //! `idle lag_s=… steps=… tokens=…`: how far the ticker fell behind its schedule.
 
 #![allow(clippy::print_stderr)]
+
+mod engine;
 
 use std::{
     sync::{Arc, Mutex},
@@ -24,15 +28,21 @@ use tokio::{net::TcpListener, sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-/// Tokens buffered per stream, as the production server's stream buffer.
-const STREAM_BUFFER: usize = 16;
+/// Tokens buffered per stream, as the production server's (`TOKEN_BUFFER`).
+const STREAM_BUFFER: usize = 32;
 /// Behind schedule by more than this, the ticker counts lag (the runtime's SLACK).
 const SLACK: Duration = Duration::from_millis(2);
 
 type Reply = Result<pb::GenerateResponse, Status>;
 
+/// Where a stream's messages go, in its front door's words.
+enum Out {
+    V1(mpsc::Sender<Reply>),
+    Engine(mpsc::Sender<engine::Reply>),
+}
+
 struct Live {
-    tx: mpsc::Sender<Reply>,
+    out: Out,
     next: u32,
     max_tokens: u32,
     started: Instant,
@@ -90,15 +100,25 @@ async fn tick(device: Arc<Device>, step: Duration) {
             let mut live = device.live.lock().expect("lock");
             live.retain_mut(|s| {
                 if s.next == s.max_tokens {
-                    let _ = s.tx.try_send(Ok(summary(s, now)));
+                    let _ = match &s.out {
+                        Out::V1(tx) => tx.try_send(Ok(summary(s, now))).is_ok(),
+                        Out::Engine(tx) => tx.try_send(Ok(engine::complete(s.max_tokens))).is_ok(),
+                    };
                     return false;
                 }
                 // The device never waits for a reader: a full buffer skips the step.
-                if s.tx.try_send(Ok(token(s.next, now - s.started, step))).is_ok() {
+                let sent = match &s.out {
+                    Out::V1(tx) => tx.try_send(Ok(token(s.next, now - s.started, step))).is_ok(),
+                    Out::Engine(tx) => tx.try_send(Ok(engine::chunk(s.next))).is_ok(),
+                };
+                if sent {
                     s.next += 1;
                     tokens += 1;
                 }
-                !s.tx.is_closed()
+                !match &s.out {
+                    Out::V1(tx) => tx.is_closed(),
+                    Out::Engine(tx) => tx.is_closed(),
+                }
             });
             steps += 1;
             if live.is_empty() {
@@ -109,8 +129,18 @@ async fn tick(device: Arc<Device>, step: Duration) {
     }
 }
 
+#[derive(Clone)]
 struct Noop {
     device: Arc<Device>,
+}
+
+impl Noop {
+    /// Puts a stream of `max_tokens` on the device.
+    fn start(&self, out: Out, max_tokens: u32) {
+        let live = Live { out, next: 0, max_tokens: max_tokens.max(1), started: Instant::now() };
+        self.device.live.lock().expect("lock").push(live);
+        self.device.wake.notify_one();
+    }
 }
 
 #[tonic::async_trait]
@@ -120,15 +150,8 @@ impl RuntimeService for Noop {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let max_tokens = request.into_inner().max_tokens.max(1);
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        self.device.live.lock().expect("lock").push(Live {
-            tx,
-            next: 0,
-            max_tokens,
-            started: Instant::now(),
-        });
-        self.device.wake.notify_one();
+        self.start(Out::V1(tx), request.into_inner().max_tokens);
         Ok(Response::new(ReceiverStream::new(rx)))
     }
     async fn list_models(
@@ -163,7 +186,8 @@ async fn main() {
     let transport = serving::transport::Transport::default();
     transport
         .server()
-        .add_service(RuntimeServiceServer::new(Noop { device }))
+        .add_service(RuntimeServiceServer::new(Noop { device: device.clone() }))
+        .add_service(engine::server(Noop { device }))
         .serve_with_incoming_shutdown(transport.incoming(listener), async {
             // Exit 0 on SIGTERM, as the services do (the benchmark stops it so).
             let mut term =
