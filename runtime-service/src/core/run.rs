@@ -195,9 +195,14 @@ impl DeviceLoop {
         } else {
             cost.gpu
         };
+        // The timeline is wall time: the device's simulated costs are slept divided by the time
+        // scale, and what the lane records of the slot is converted back. The step is placed
+        // once, on a copy kept only if the step runs: the fence is wall time too.
+        let scale = self.settings.time_scale;
         let now = Instant::now();
-        let ends = self.timeline.clone().place(now, cost.cpu, gpu).gpu_done;
-        if fence.is_none_or(|until| ends > until) {
+        let mut timeline = self.timeline.clone();
+        let slot = timeline.place(now, scale.to_wall(cost.cpu), scale.to_wall(gpu));
+        if fence.is_none_or(|until| slot.gpu_done > until) {
             // It would run past what the leases are known to cover: not run. Its blocks stay
             // with its sequences and nothing advanced, so the next schedule forms it again
             // once a renewal moves the fence (or the leases are lost and its sequences end).
@@ -210,10 +215,7 @@ impl DeviceLoop {
             }
             return true;
         }
-        // The timeline is wall time: the device's simulated costs are slept divided by the time
-        // scale, and what the lane records of the slot is converted back.
-        let scale = self.settings.time_scale;
-        let slot = self.timeline.place(now, scale.to_wall(cost.cpu), scale.to_wall(gpu));
+        self.timeline = timeline;
         if slot.gpu_done > Instant::now() {
             tokio::select! {
                 () = sleep_until(slot.gpu_done) => {}

@@ -84,6 +84,31 @@ fn rig_with_slabs(
     low_watermark: u64,
     slab_blocks: u64,
 ) -> Rig {
+    rig_with(mode, cpu_ms, limits, Extras { low_watermark, slab_blocks, ..Extras::default() })
+}
+
+/// What a rig may set beyond its mode, CPU cost and limits.
+struct Extras {
+    low_watermark: u64,
+    slab_blocks: u64,
+    time_scale: crate::config::TimeScale,
+    /// Until when the memory is confirmed (see [`Signals::memory`]).
+    memory: tokio::sync::watch::Receiver<Option<Instant>>,
+}
+
+impl Default for Extras {
+    fn default() -> Self {
+        Extras {
+            low_watermark: 0,
+            slab_blocks: 1024,
+            time_scale: crate::config::TimeScale::REAL,
+            memory: confirmed(),
+        }
+    }
+}
+
+fn rig_with(mode: SchedulerMode, cpu_ms: f64, limits: StepLimits, extras: Extras) -> Rig {
+    let Extras { low_watermark, slab_blocks, time_scale, memory } = extras;
     let metrics = Metrics::new(&["m"], 1024).expect("metrics");
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -104,7 +129,7 @@ fn rig_with_slabs(
         jitter: 0.0,
         jitter_seed: 1,
         kv_idle_release: Duration::from_secs(3600),
-        time_scale: crate::config::TimeScale::REAL,
+        time_scale,
     };
     let device = Device::spawn(
         settings,
@@ -112,7 +137,7 @@ fn rig_with_slabs(
         64,
         wake,
         metrics.clone(),
-        Signals { shutdown: shutdown.clone(), memory: confirmed(), reclaim: None },
+        Signals { shutdown: shutdown.clone(), memory, reclaim: None },
         &tracker,
     );
     Rig {

@@ -270,3 +270,29 @@ async fn overlap_sees_a_stop_token_one_step_late() {
     assert!(gaps[0] >= step && gaps[0] <= step + tick * 2, "sequential {:?}, step {step:?}", gaps[0]);
     assert!(gaps[1] + tick >= step * 2 && gaps[1] <= step * 2 + tick * 2, "overlapped {:?}", gaps[1]);
 }
+
+/// At `--time-scale` 10 a step takes a tenth of its simulated time in wall time, and the lease
+/// fence (the renewer's local lease timer) is wall time too: a step that ends before the fence in
+/// wall time runs, though its simulated duration would reach past it.
+#[tokio::test(start_paused = true)]
+async fn at_a_time_scale_steps_are_fenced_by_their_wall_duration() {
+    // A decode step here is 1 ms of CPU and just over 3 ms of GPU: 0.4 ms of wall time at 10×.
+    let fence = Instant::now() + Duration::from_millis(2);
+    let extras = Extras {
+        time_scale: crate::config::TimeScale::new(10.0).expect("a valid scale"),
+        memory: tokio::sync::watch::channel(Some(fence)).1,
+        ..Extras::default()
+    };
+    let rig = rig_with(SchedulerMode::Sequential, 1.0, LIMITS, extras);
+    rig.slabs.give(64).await;
+    let mut seq = rig.submit("a", "four words of prompt", 100);
+    let mut tokens = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), seq.tokens.recv()).await {
+        tokens += 1;
+        seq.room.took(&seq.tokens);
+    }
+    // Some steps fit before the fence (each 4 ms simulated, more than the whole 2 ms); then the
+    // fence, which no renewal moves here, holds the rest.
+    assert!((1..100).contains(&tokens), "{tokens} tokens before the fence");
+    rig.stop().await;
+}
