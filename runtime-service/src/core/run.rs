@@ -208,9 +208,12 @@ impl DeviceLoop {
             // once a renewal moves the fence (or the leases are lost and its sequences end).
             self.metrics.fenced_steps.inc();
             debug!(?fence, "step held: it would end past the lease timer");
+            // A wake-up (a sequence's owner left, a reader drained) loops too: the sweep lets
+            // go of what was cancelled while the memory is in doubt.
             let mut memory = self.memory.clone();
             tokio::select! {
                 changed = memory.changed() => if changed.is_err() { return false },
+                () = self.wake.notified() => {}
                 () = self.shutdown.cancelled() => return false,
             }
             return true;

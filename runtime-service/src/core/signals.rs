@@ -80,10 +80,18 @@ impl SeqGuard {
     }
 }
 
-impl Drop for SeqGuard {
-    fn drop(&mut self) {
+impl SeqGuard {
+    /// Asks the device to drop the sequence now, as dropping the guard does, keeping the guard
+    /// to read the progress made until then.
+    pub fn abort(&self) {
         self.signals.aborted.store(true, Ordering::Release);
         self.wake.notify_one();
+    }
+}
+
+impl Drop for SeqGuard {
+    fn drop(&mut self) {
+        self.abort();
     }
 }
 

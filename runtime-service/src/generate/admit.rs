@@ -74,7 +74,7 @@ impl Generation {
         }
         let handover = self.plan.hand_over(self.started, flight, self.tx.clone());
         let guard = self.shared.device.submit(handover.submission)?;
-        Ok(OnDevice { outcome: handover.outcome, guard })
+        Ok(OnDevice { outcome: handover.outcome, released: false, guard })
     }
 
     /// A sequence that could never finish is refused now rather than preempted forever.

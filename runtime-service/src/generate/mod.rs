@@ -112,6 +112,8 @@ struct Timings {
 /// stream; the generation sees only how far the device got (through the guard) and the outcome.
 struct OnDevice {
     outcome: oneshot::Receiver<Outcome>,
+    /// Whether the outcome came: the device has let go of the sequence.
+    released: bool,
     /// Dropped last: cancels the sequence on the device if the task ends early.
     guard: SeqGuard,
 }
@@ -179,6 +181,14 @@ impl Generation {
         let lost = self.memory_lost();
         let streamed = self.stream(&mut on_device, flight, &lost).instrument(decode.clone()).await;
         lost.cancel(); // ends the watcher tasks
+        if !on_device.released {
+            // Stopped here (Cancel, a limit, lost memory, a client gone): the outcome goes out
+            // only once the device has let go of the sequence, its blocks back in the pool. It
+            // does at its next sweep (within the step running, if any) and drops its end of the
+            // outcome channel then; a device that stops drops it too.
+            on_device.guard.abort();
+            let _ = (&mut on_device.outcome).await;
+        }
         let guard = &on_device.guard;
         (timings.first_token, timings.last_token) = (guard.first_token(), guard.last_token());
         decode.record("tokens", guard.tokens());
@@ -239,15 +249,19 @@ impl Generation {
             tokio::select! {
                 biased;
                 // The device drops its token sender first, so the client reads every token before
-                // the outcome. Without one, the device dropped the sequence: because it was
-                // cancelled (Cancel, deadline, shutdown: the flight says which), or because the
-                // device stopped.
-                outcome = &mut on_device.outcome => return match outcome {
-                    Ok(Ok(report)) => Ok(report),
-                    Ok(Err(err)) => Err(err.into()),
-                    Err(_) if flight.cancelled().is_cancelled() => Err(flight.reason().into()),
-                    Err(_) => Err(Error::ShuttingDown.into()),
-                },
+                // the outcome. Without one, the device dropped the sequence: because its client
+                // hung up, because it was cancelled (Cancel, deadline, shutdown: the flight says
+                // which), or because the device stopped.
+                outcome = &mut on_device.outcome => {
+                    on_device.released = true;
+                    return match outcome {
+                        Ok(Ok(report)) => Ok(report),
+                        Ok(Err(err)) => Err(err.into()),
+                        Err(_) if self.tx.is_closed() => Err(Stop::ClientGone),
+                        Err(_) if flight.cancelled().is_cancelled() => Err(flight.reason().into()),
+                        Err(_) => Err(Error::ShuttingDown.into()),
+                    };
+                }
                 () = &mut cancelled => return Err(flight.reason().into()),
                 () = &mut lost => return Err(Error::MemoryLost.into()),
                 () = &mut closed => return Err(Stop::ClientGone),

@@ -12,7 +12,8 @@ mod shutdown;
 use std::time::Duration;
 
 use e2e::{
-    MemoryServer, RuntimeServer, TEST_BLOCK_BYTES, config_with_pools, runtime_config, stats, wait_for_used,
+    MemoryServer, RuntimeServer, TEST_BLOCK_BYTES, config_with_pools, runtime_config, sample, stats,
+    wait_for_used,
 };
 use proto::runtime::v1::{
     CancelRequest, GenerateRequest, GenerateResponse, generate_response::Item,
@@ -79,6 +80,9 @@ async fn cancel_mid_stream_ends_it_and_frees_its_memory() {
     let reply = client.cancel(CancelRequest { request_id: "to-cancel".into() }).await.unwrap().into_inner();
     assert!(!reply.was_queued);
     assert_eq!(outcome(&mut stream).await.unwrap_err().code(), Code::Cancelled);
+    // Its blocks were back in the device's pool before the status reached the client.
+    let used = [r#"model="test-webllm""#, r#"state="used""#];
+    assert_eq!(sample(&runtime.scrape().await, "runtime_kv_blocks", &used), Some(0.0));
     assert_generation_memory_returned(&memory).await;
     // The id is free again once the generation is gone.
     let again = client.cancel(CancelRequest { request_id: "to-cancel".into() }).await.unwrap_err();
@@ -106,6 +110,8 @@ async fn a_deadline_mid_stream_frees_its_memory() {
     let mut stream = client.generate(req).await.unwrap().into_inner();
     let err = outcome(&mut stream).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let used = [r#"model="test-webllm""#, r#"state="used""#];
+    assert_eq!(sample(&runtime.scrape().await, "runtime_kv_blocks", &used), Some(0.0));
     assert_generation_memory_returned(&memory).await;
     runtime.stop().await;
     memory.stop().await;

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use e2e::{MemoryServer, RuntimeServer, config_with_pools, runtime_config, stats, wait_for_used};
+use e2e::{MemoryServer, RuntimeServer, config_with_pools, runtime_config, sample, stats, wait_for_used};
 use proto::memory::v1::{EventKind, WatchEventsRequest, watch_events_response::Item as MemItem};
+use proto::runtime::v1::CancelRequest;
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::{
@@ -125,4 +126,35 @@ async fn losing_memory_service_turns_not_serving_within_a_second_and_ready_again
     outcome(&mut stream).await.expect("served again");
     runtime.stop().await;
     memory.stop().await;
+}
+
+/// A Cancel while the device runs no step (memory-service gone, its leases in doubt): the device
+/// still lets go of the sequence at once, its blocks back in the device's pool by the time the
+/// client has the CANCELLED status, not after the outage.
+#[tokio::test(start_paused = true)]
+async fn a_cancel_while_the_memory_is_in_doubt_returns_the_blocks_at_once() {
+    let mut memory = MemoryServer::start(config_with_pools(POOLS)).await;
+    let runtime = RuntimeServer::start(runtime_config(memory.addr)).await;
+    runtime.ready().await;
+    let mut client = runtime.client().await;
+    let mut stream = client.generate(request(400, "in-doubt")).await.unwrap().into_inner();
+    read_tokens(&mut stream, 2).await;
+    memory.begin_shutdown();
+    memory.join().await;
+    drop(memory);
+    // The device runs no step while its memory is in doubt: the stream pauses (a second of
+    // virtual time without a token, where a step takes milliseconds).
+    while let Ok(next) = tokio::time::timeout(Duration::from_secs(1), stream.next()).await {
+        next.expect("still open").expect("no error while paused");
+    }
+    let used = [r#"model="test-webllm""#, r#"state="used""#];
+    assert!(sample(&runtime.scrape().await, "runtime_kv_blocks", &used).unwrap() > 0.0, "held while paused");
+    client.cancel(CancelRequest { request_id: "in-doubt".into() }).await.expect("in flight");
+    assert_eq!(outcome(&mut stream).await.unwrap_err().code(), Code::Cancelled);
+    assert_eq!(
+        sample(&runtime.scrape().await, "runtime_kv_blocks", &used),
+        Some(0.0),
+        "back before the status"
+    );
+    runtime.stop().await;
 }
