@@ -182,10 +182,11 @@ impl Generation {
         let streamed = self.stream(&mut on_device, flight, &lost).instrument(decode.clone()).await;
         lost.cancel(); // ends the watcher tasks
         if !on_device.released {
-            // Stopped here (Cancel, a limit, lost memory, a client gone): the outcome goes out
-            // only once the device has let go of the sequence, its blocks back in the pool. It
-            // does at its next sweep (within the step running, if any) and drops its end of the
-            // outcome channel then; a device that stops drops it too.
+            // Stopped here (Cancel, a limit, lost memory, a client gone): the device lets go of
+            // the sequence at its next sweep (after the step running, if any), its blocks back
+            // in the pool, and drops its ends of the channels then (a device that stops drops
+            // them too). The client's stream cannot end before: the device's token sender holds
+            // it open. Waiting here as well keeps the call's admission place until then.
             on_device.guard.abort();
             let _ = (&mut on_device.outcome).await;
         }

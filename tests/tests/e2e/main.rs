@@ -19,6 +19,7 @@ mod memory_stress;
 mod memory_time;
 mod metrics;
 mod metrics_vllm;
+mod runtime_cancel;
 mod runtime_crash;
 mod runtime_device;
 mod runtime_device_memory;
