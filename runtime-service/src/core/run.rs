@@ -37,6 +37,8 @@ pub(super) struct DeviceLoop {
     memory: watch::Receiver<Option<Instant>>,
     /// Offers cache-only slabs to memory-service and gives them back when asked.
     reclaim: Option<Reclaim>,
+    /// Whether the step last formed was held at the fence and none has run since.
+    held: bool,
 }
 
 impl DeviceLoop {
@@ -75,6 +77,7 @@ impl DeviceLoop {
             next_lane: 0,
             next_id: 0,
             exported: Busy::default(),
+            held: false,
         }
     }
 
@@ -206,8 +209,12 @@ impl DeviceLoop {
             // It would run past what the leases are known to cover: not run. Its blocks stay
             // with its sequences and nothing advanced, so the next schedule forms it again
             // once a renewal moves the fence (or the leases are lost and its sequences end).
-            self.metrics.fenced_steps.inc();
-            debug!(?fence, "step held: it would end past the lease timer");
+            // Counted once per hold: a wake-up during it forms the step again, the same step.
+            if !self.held {
+                self.held = true;
+                self.metrics.fenced_steps.inc();
+                debug!(?fence, "step held: it would end past the lease timer");
+            }
             // A wake-up (a sequence's owner left, a reader drained) loops too: the sweep lets
             // go of what was cancelled while the memory is in doubt.
             let mut memory = self.memory.clone();
@@ -219,6 +226,7 @@ impl DeviceLoop {
             return true;
         }
         self.timeline = timeline;
+        self.held = false;
         if slot.gpu_done > Instant::now() {
             tokio::select! {
                 () = sleep_until(slot.gpu_done) => {}

@@ -31,14 +31,16 @@ impl SeqSignals {
         self.aborted.load(Ordering::Acquire)
     }
 
-    /// Records a token emitted `since` its receipt. Release: an owner that sees the outcome sees
-    /// every token counted.
+    /// Records a token emitted `since` its receipt. Only the device writes, so the times are
+    /// stored before the count is released: an owner that reads the count (or the outcome)
+    /// reads times at least as recent.
     pub(super) fn emitted(&self, since: std::time::Duration) {
         let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX - 1) + 1;
-        if self.tokens.fetch_add(1, Ordering::Release) == 0 {
-            self.first_token.store(nanos, Ordering::Release);
+        if self.first_token.load(Ordering::Relaxed) == 0 {
+            self.first_token.store(nanos, Ordering::Relaxed);
         }
-        self.last_token.store(nanos, Ordering::Release);
+        self.last_token.store(nanos, Ordering::Relaxed);
+        self.tokens.fetch_add(1, Ordering::Release);
     }
 }
 

@@ -49,20 +49,11 @@ impl TimeLimits {
     }
 
     /// Why no token came by `until`, `why` being what the limit says. The device runs no step
-    /// while memory-service does not confirm its leases (`memory`, see `core::run`), so a limit
-    /// of ours (first token, idle gap) that runs out during, or right after, an outage was
-    /// cut short by the memory authority, not by the model or the client: UNAVAILABLE, with
-    /// a retry hint. The caller's own deadline, or the lifetime limit, stays DEADLINE_EXCEEDED.
-    pub(super) fn no_token(
-        &self,
-        until: Instant,
-        why: &str,
-        memory: &watch::Receiver<bool>,
-        fenced: bool,
-    ) -> Error {
-        // Also an outage: renewals still answer but too late, so the local lease timer holds
-        // the device's steps (`fenced`) though health has not turned yet.
-        let outage = !*memory.borrow() || memory.has_changed().unwrap_or(false) || fenced;
+    /// while memory-service does not confirm its leases (see `core::run`), so a limit of ours
+    /// (first token, idle gap) that runs out while an `outage` touched the gap was cut short by
+    /// the memory authority, not by the model or the client: UNAVAILABLE, with a retry hint. The
+    /// caller's own deadline, or the lifetime limit, stays DEADLINE_EXCEEDED.
+    pub(super) fn no_token(&self, until: Instant, why: &str, outage: bool) -> Error {
         if until < self.end && outage {
             return Error::MemoryUnavailable(format!(
                 "{why}: the device paused its steps because lease renewals with memory-service were failing \
@@ -73,8 +64,51 @@ impl TimeLimits {
     }
 }
 
+/// What a stream knows of memory-service's health: whether it confirms the leases now, and when
+/// that last changed.
+#[derive(Debug)]
+pub(super) struct Health {
+    healthy: watch::Receiver<bool>,
+    /// When a change was last seen; `None` since the stream started.
+    changed_at: Option<Instant>,
+    /// False once the renewer is gone: nothing more will change.
+    open: bool,
+}
+
+impl Health {
+    pub(super) fn new(mut healthy: watch::Receiver<bool>) -> Self {
+        healthy.mark_unchanged();
+        Health { healthy, changed_at: None, open: true }
+    }
+
+    /// Resolves at the next change of health (never once the renewer is gone), noting when.
+    pub(super) async fn changed(&mut self) {
+        if !self.open {
+            return std::future::pending().await;
+        }
+        match self.healthy.changed().await {
+            Ok(()) => self.changed_at = Some(Instant::now()),
+            Err(_) => self.open = false,
+        }
+    }
+
+    /// Whether an outage touched the gap since `last` (the last token; `None`: since the start):
+    /// memory-service is down now, or its health changed since (an outage that began, or ended,
+    /// within the gap).
+    pub(super) fn touched(&self, last: Option<Instant>) -> bool {
+        let changed = match (self.changed_at, last) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(at), Some(last)) => at >= last,
+        };
+        !*self.healthy.borrow() || changed
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -82,21 +116,41 @@ mod tests {
         let config = crate::config::Config::default();
         let started = Instant::now();
         let limits = TimeLimits::new(&config, started, Some(Duration::from_secs(60)));
-        let last = Some(started);
-        let (idle, why) = limits.next_token(last);
+        let (idle, why) = limits.next_token(Some(started));
         assert_eq!(why, "no token within the idle-gap limit");
-        let (health, memory) = watch::channel(true);
-        assert!(matches!(limits.no_token(idle, why, &memory, false), Error::DeadlineExceeded(_)));
-        health.send_replace(false);
-        let down = limits.no_token(idle, why, &memory, false);
+        assert!(matches!(limits.no_token(idle, why, false), Error::DeadlineExceeded(_)));
+        let down = limits.no_token(idle, why, true);
         assert!(matches!(&down, Error::MemoryUnavailable(m) if m.contains("idle-gap")), "{down:?}");
-        // Back by the time the limit ran out: the outage still took the gap.
-        health.send_replace(true);
-        assert!(matches!(limits.no_token(idle, why, &memory, false), Error::MemoryUnavailable(_)));
         // The caller's deadline is the caller's, outage or not.
-        assert!(matches!(limits.no_token(limits.end, END, &memory, true), Error::DeadlineExceeded(_)));
-        // Healthy, but the lease timer ran out (renewals answered too late): an outage too.
-        let (_, memory) = watch::channel(true);
-        assert!(matches!(limits.no_token(idle, why, &memory, true), Error::MemoryUnavailable(_)));
+        assert!(matches!(limits.no_token(limits.end, END, true), Error::DeadlineExceeded(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_touches_the_gap_it_falls_in_and_not_an_earlier_one() {
+        let (health, healthy) = watch::channel(true);
+        let mut memory = Health::new(healthy);
+        let start = Instant::now();
+        assert!(!memory.touched(None), "healthy throughout");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let before_outage = Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        health.send_replace(false);
+        memory.changed().await;
+        assert!(memory.touched(Some(before_outage)), "down now");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        health.send_replace(true);
+        memory.changed().await;
+        // Back by the time the limit ran out: the outage still took a gap that began before it,
+        assert!(memory.touched(Some(before_outage)));
+        assert!(memory.touched(None));
+        // but not a gap that began after it ended.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(!memory.touched(Some(Instant::now())));
+        assert!(start < before_outage);
+        // The renewer gone: nothing changes any more, and waiting for a change never ends.
+        drop(health);
+        memory.changed().await;
+        let never = tokio::time::timeout(Duration::from_secs(1), memory.changed()).await;
+        assert!(never.is_err());
     }
 }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use self::handover::HandOver;
-use self::limits::{END, TimeLimits};
+use self::limits::{END, Health, TimeLimits};
 pub use self::plan::{
     MAX_PROMPT_BYTES, Plan, Violations, is_valid_request_id, new_request_id, request_id_rule,
 };
@@ -236,12 +236,10 @@ impl Generation {
         let cancelled = flight.cancelled().cancelled();
         let lost = lost.cancelled();
         let closed = self.tx.closed();
-        // Whether memory-service confirms this runtime's leases; marked seen whenever the
-        // watchdog finds the device has made progress, so a change means an outage touched the
-        // current gap (see `no_token`).
-        let mut memory = self.shared.renewer.healthy();
-        memory.mark_unchanged();
-        let mut seen = 0;
+        // Whether memory-service confirms this runtime's leases, and when that last changed: an
+        // outage that touched the gap since the last token changes what a cut stream is told
+        // (see `no_token`). Changes are rare (an outage's start and end): watched, not polled.
+        let mut memory = Health::new(self.shared.renewer.healthy());
         // A watchdog, not a per-token timer: it wakes at the next deadline the progress seen so
         // far allows, or an idle gap from now if sooner, and re-arms from what the device did.
         let watchdog = sleep_until(self.limits.recheck(None, Instant::now()));
@@ -266,14 +264,10 @@ impl Generation {
                 () = &mut cancelled => return Err(flight.reason().into()),
                 () = &mut lost => return Err(Error::MemoryLost.into()),
                 () = &mut closed => return Err(Stop::ClientGone),
+                () = memory.changed() => continue,
                 () = &mut watchdog => {}
             }
             let now = Instant::now();
-            let tokens = on_device.guard.tokens();
-            if tokens != seen {
-                seen = tokens;
-                memory.mark_unchanged();
-            }
             let last = on_device.guard.last_token();
             let (until, why) = self.limits.next_token(last);
             if now < until {
@@ -286,8 +280,10 @@ impl Generation {
                 let why = if until < self.limits.end { STALLED_READER } else { END };
                 return Err(Error::DeadlineExceeded(why.into()).into());
             }
-            let fenced = self.shared.renewer.is_fenced(now);
-            return Err(self.limits.no_token(until, why, &memory, fenced).into());
+            // Also an outage: renewals still answer but too late, so the local lease timer holds
+            // the device's steps though health has not turned yet.
+            let outage = memory.touched(last) || self.shared.renewer.is_fenced(now);
+            return Err(self.limits.no_token(until, why, outage).into());
         }
     }
 }

@@ -92,12 +92,12 @@ impl Metrics {
             )?,
             ttft: seconds(
                 "runtime_time_to_first_token_seconds",
-                "From the call to its first token.",
+                "From the call to its first token, as the device emits it.",
                 latency.clone(),
             )?,
             inter_token: seconds(
                 "runtime_inter_token_seconds",
-                "Time between consecutive tokens of a stream.",
+                "Time between consecutive tokens of a stream, as the device emits them.",
                 vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0],
             )?,
             tokens: IntCounterVec::new(

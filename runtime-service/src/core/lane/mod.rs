@@ -198,6 +198,11 @@ impl Lane {
             let (Some(live), Some(seq)) = (self.live.get_mut(&id), self.scheduler.get_mut(id)) else {
                 continue;
             };
+            if live.signals.is_aborted() {
+                // Its owner gave up during the step (Cancel, a limit): no token after that; the
+                // next sweep takes it off the device.
+                continue;
+            }
             let Some(token) = live.decoder.next_token() else {
                 self.stop(id, late_stops);
                 continue;
@@ -205,10 +210,12 @@ impl Lane {
             let index = seq.generated;
             seq.sampled();
             let done = seq.is_done();
-            // Room was checked before the step (the sequence was not paused) and only this loop
-            // sends, so this cannot fail for want of room; a closed channel is swept next step.
-            let _ = live.tokens.try_send(Emitted { index, token, gpu_time: gpu, at: now });
+            // Progress first: whoever sees the token (its client) can count on its owner seeing
+            // it too. Room was checked before the step (the sequence was not paused) and only
+            // this loop sends, so the send cannot fail for want of room; a closed channel is
+            // swept next step.
             live.signals.emitted(now.saturating_duration_since(live.received));
+            let _ = live.tokens.try_send(Emitted { index, token, gpu_time: gpu, at: now });
             self.vllm.token(&mut live.stats, now);
             tokens += 1;
             // Length first, as vLLM's check_stop: a stop token that is also the last allowed

@@ -149,3 +149,24 @@ async fn sequences_waiting_for_blocks_fail_fast_once_memory_service_is_unreachab
     assert!(Instant::now() - started < Duration::from_secs(1), "no wait for a deadline");
     rig.stop().await;
 }
+
+/// An owner that gives up mid-step (Cancel, a limit) gets no token from that step: the device
+/// checks the abort before it samples, and the next sweep takes the sequence off.
+#[tokio::test(start_paused = true)]
+async fn no_token_follows_an_abort() {
+    let rig = rig(SchedulerMode::Overlapped, 1.0, LIMITS);
+    rig.slabs.give(64).await;
+    let mut seq = rig.submit("a", "abort me", 500);
+    seq.tokens.recv().await.expect("a first token");
+    // The device is now in its next step; whatever sits in the buffer was sent before.
+    let buffered = seq.tokens.len();
+    seq.guard.abort();
+    let mut after = 0;
+    while seq.tokens.recv().await.is_some() {
+        after += 1;
+    }
+    assert_eq!(after, buffered, "tokens sent after the abort");
+    assert!((&mut seq.outcome).await.is_err(), "its owner knows why: no outcome");
+    assert_eq!(rig.used_blocks(), 0);
+    rig.stop().await;
+}

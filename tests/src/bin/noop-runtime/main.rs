@@ -24,7 +24,11 @@ use proto::runtime::v1::{
     generate_response::Item,
     runtime_service_server::{RuntimeService, RuntimeServiceServer},
 };
-use tokio::{net::TcpListener, sync::mpsc, time::Instant};
+use tokio::{
+    net::TcpListener,
+    sync::mpsc::{self, error::TrySendError},
+    time::Instant,
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -100,11 +104,17 @@ async fn tick(device: Arc<Device>, step: Duration) {
             let mut live = device.live.lock().expect("lock");
             live.retain_mut(|s| {
                 if s.next == s.max_tokens {
-                    let _ = match &s.out {
-                        Out::V1(tx) => tx.try_send(Ok(summary(s, now))).is_ok(),
-                        Out::Engine(tx) => tx.try_send(Ok(engine::complete(s.max_tokens))).is_ok(),
+                    // The last message waits for room like a token (a reader behind keeps its
+                    // stream), and the stream leaves once it is out or nobody reads.
+                    let sent = match &s.out {
+                        Out::V1(tx) => {
+                            tx.try_send(Ok(summary(s, now))).map_err(|e| matches!(e, TrySendError::Closed(_)))
+                        }
+                        Out::Engine(tx) => tx
+                            .try_send(Ok(engine::complete(s.max_tokens)))
+                            .map_err(|e| matches!(e, TrySendError::Closed(_))),
                     };
-                    return false;
+                    return sent == Err(false);
                 }
                 // The device never waits for a reader: a full buffer skips the step.
                 let sent = match &s.out {
