@@ -13,11 +13,10 @@ mod lane;
 mod reclaim;
 mod run;
 mod setup;
+mod signals;
 #[cfg(test)]
 mod tests;
 pub mod timeline;
-
-mod signals;
 
 use std::{sync::Arc, time::Duration};
 

@@ -80,9 +80,7 @@ impl SeqGuard {
             n => Some(self.received + std::time::Duration::from_nanos(n - 1)),
         }
     }
-}
 
-impl SeqGuard {
     /// Asks the device to drop the sequence now, as dropping the guard does, keeping the guard
     /// to read the progress made until then.
     pub fn abort(&self) {

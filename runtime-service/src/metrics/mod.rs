@@ -68,7 +68,6 @@ fn seconds(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<Hist
 }
 
 impl Metrics {
-    /// A registry with every instrument registered, and every series of `models` at zero.
     /// The metrics of `config`'s models, bucketed for the longest sequence any of them serves.
     pub fn for_config(config: &crate::config::Config) -> prometheus::Result<Self> {
         let keys: Vec<&str> = config.models.iter().map(|m| m.key.as_str()).collect();
@@ -76,6 +75,7 @@ impl Metrics {
         Self::new(&keys, max_model_len)
     }
 
+    /// A registry with every instrument registered, and every series of `models` at zero.
     /// `max_model_len` is the longest sequence any model serves (vLLM's token-count buckets).
     pub fn new(models: &[&str], max_model_len: u32) -> prometheus::Result<Self> {
         let registry = Registry::new();

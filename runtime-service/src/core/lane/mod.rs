@@ -6,6 +6,11 @@ mod slabs;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+
 use super::{Emitted, Handed, Outcome, Report, TOKEN_BUFFER, signals::SeqSignals, timeline::Slot};
 use crate::{
     error::Error,
@@ -17,10 +22,6 @@ use crate::{
     mock_lm::Decoder,
     roofline::{Roofline, StepCost, Work},
     scheduler::{Scheduler, SeqId, SeqState, SlabId, Step, StepLimits, chain_hashes},
-};
-use tokio::{
-    sync::{mpsc, oneshot},
-    time::Instant,
 };
 
 /// What a lane is made of.
@@ -51,7 +52,6 @@ struct Live {
     outcome: oneshot::Sender<Outcome>,
     /// Shared with its guard: the owner's abort, the device's progress.
     signals: Arc<SeqSignals>,
-    received: Instant,
     flight: Arc<Flight>,
     span: tracing::Span,
     /// Its moments, for vLLM's series.
@@ -118,7 +118,6 @@ impl Lane {
                 tokens: submission.tokens,
                 outcome: submission.outcome,
                 signals,
-                received: submission.received,
                 flight: submission.flight,
                 span: submission.span,
                 stats: RequestStats::new(submission.received, now, submission.prompt_tokens),
@@ -214,7 +213,7 @@ impl Lane {
             // it too. Room was checked before the step (the sequence was not paused) and only
             // this loop sends, so the send cannot fail for want of room; a closed channel is
             // swept next step.
-            live.signals.emitted(now.saturating_duration_since(live.received));
+            live.signals.emitted(now.saturating_duration_since(live.stats.received()));
             let _ = live.tokens.try_send(Emitted { index, token, gpu_time: gpu, at: now });
             self.vllm.token(&mut live.stats, now);
             tokens += 1;

@@ -68,6 +68,11 @@ impl RequestStats {
         }
     }
 
+    /// When its front door received it.
+    pub fn received(&self) -> Instant {
+        self.received
+    }
+
     /// Marks its first step, started at `at`; true the first time only.
     pub fn schedule(&mut self, at: Instant) -> bool {
         let first = self.scheduled.is_none();

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{Noop, Out, STREAM_BUFFER};
+use super::{Noop, Out, STREAM_BUFFER, not_served};
 
 pub type Reply = Result<vllm::GenerateResponse, Status>;
 
@@ -52,10 +52,6 @@ pub fn complete(tokens: u32) -> vllm::GenerateResponse {
 
 pub fn server(noop: Noop) -> VllmEngineServer<Noop> {
     VllmEngineServer::new(noop)
-}
-
-fn not_served<T>() -> Result<T, Status> {
-    Err(Status::unimplemented("no-op"))
 }
 
 #[tonic::async_trait]

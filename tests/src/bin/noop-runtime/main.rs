@@ -52,6 +52,35 @@ struct Live {
     started: Instant,
 }
 
+impl Live {
+    /// Sends its next message: its next token, or its last message once every token is out.
+    fn send_next(&self, now: Instant, step: Duration) -> Result<(), TrySendError<()>> {
+        fn unit<T>(e: TrySendError<T>) -> TrySendError<()> {
+            match e {
+                TrySendError::Full(_) => TrySendError::Full(()),
+                TrySendError::Closed(_) => TrySendError::Closed(()),
+            }
+        }
+        let last = self.next == self.max_tokens;
+        match &self.out {
+            Out::V1(tx) => {
+                let message =
+                    if last { summary(self, now) } else { token(self.next, now - self.started, step) };
+                tx.try_send(Ok(message)).map_err(unit)
+            }
+            Out::Engine(tx) => {
+                let message = if last { engine::complete(self.max_tokens) } else { engine::chunk(self.next) };
+                tx.try_send(Ok(message)).map_err(unit)
+            }
+        }
+    }
+}
+
+/// What the no-op answers a call it does not serve.
+fn not_served<T>() -> Result<T, Status> {
+    Err(Status::unimplemented("no-op"))
+}
+
 #[derive(Default)]
 struct Device {
     live: Mutex<Vec<Live>>,
@@ -103,31 +132,18 @@ async fn tick(device: Arc<Device>, step: Duration) {
             }
             let mut live = device.live.lock().expect("lock");
             live.retain_mut(|s| {
-                if s.next == s.max_tokens {
-                    // The last message waits for room like a token (a reader behind keeps its
-                    // stream), and the stream leaves once it is out or nobody reads.
-                    let sent = match &s.out {
-                        Out::V1(tx) => {
-                            tx.try_send(Ok(summary(s, now))).map_err(|e| matches!(e, TrySendError::Closed(_)))
-                        }
-                        Out::Engine(tx) => tx
-                            .try_send(Ok(engine::complete(s.max_tokens)))
-                            .map_err(|e| matches!(e, TrySendError::Closed(_))),
-                    };
-                    return sent == Err(false);
-                }
-                // The device never waits for a reader: a full buffer skips the step.
-                let sent = match &s.out {
-                    Out::V1(tx) => tx.try_send(Ok(token(s.next, now - s.started, step))).is_ok(),
-                    Out::Engine(tx) => tx.try_send(Ok(engine::chunk(s.next))).is_ok(),
-                };
-                if sent {
-                    s.next += 1;
-                    tokens += 1;
-                }
-                !match &s.out {
-                    Out::V1(tx) => tx.is_closed(),
-                    Out::Engine(tx) => tx.is_closed(),
+                let last = s.next == s.max_tokens;
+                match s.send_next(now, step) {
+                    Ok(()) if last => false,
+                    Ok(()) => {
+                        s.next += 1;
+                        tokens += 1;
+                        true
+                    }
+                    // The device never waits for a reader: a full buffer skips the step (the last
+                    // message too: a reader behind keeps its stream).
+                    Err(TrySendError::Full(())) => true,
+                    Err(TrySendError::Closed(())) => false,
                 }
             });
             steps += 1;
@@ -171,14 +187,14 @@ impl RuntimeService for Noop {
         Ok(Response::new(pb::ListModelsResponse::default()))
     }
     async fn cancel(&self, _: Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
-        Err(Status::unimplemented("no-op"))
+        not_served()
     }
     type WatchKvEventsStream = ReceiverStream<Result<pb::WatchKvEventsResponse, Status>>;
     async fn watch_kv_events(
         &self,
         _: Request<pb::WatchKvEventsRequest>,
     ) -> Result<Response<Self::WatchKvEventsStream>, Status> {
-        Err(Status::unimplemented("no-op"))
+        not_served()
     }
 }
 
